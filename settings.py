@@ -1,0 +1,115 @@
+"""Every peertrain setting, read from the environment in this one place.
+
+Each setting has a default that works on a laptop with nothing else running (the embedded mode):
+an in-memory broker and result backend, an in-process mock of MongoDB and a local storage directory.
+Point the URLs at real services and the same code runs distributed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+DEVELOPMENT = "development"
+PRODUCTION = "production"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One environment variable: its name, default and meaning (the README table is built from these)."""
+
+    env: str
+    default: str | int | float
+    help: str
+
+    def parse(self, raw: str) -> str | int | float:
+        """Convert `raw` to the default's type, naming the variable when that fails."""
+        kind = type(self.default)
+        try:
+            return kind(raw.strip())
+        except ValueError:
+            raise ValueError(f"{self.env} must be {kind.__name__}, got {raw!r}") from None
+
+
+def _opt(env: str, default, help: str):
+    # The Option travels in the dataclass field's metadata; its default is also the field's.
+    return field(default=default, metadata={"option": Option(env, default, help)})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Typed view of the environment; build with `Settings.from_env()`."""
+
+    env: str = _opt("PEERTRAIN_ENV", DEVELOPMENT, "`development` or `production`; production needs a JWT secret")
+    host: str = _opt("HOST", "127.0.0.1", "address the API listens on")
+    port: int = _opt("PORT", 8000, "port the API listens on")
+    broker_url: str = _opt("BROKER_URL", "memory://", "Celery broker, e.g. `amqp://guest:guest@127.0.0.1:5672//`")
+    result_backend: str = _opt(
+        "RESULT_BACKEND", "cache+memory://", "Celery result backend; must support chords, e.g. `redis://127.0.0.1:6379/0`"
+    )
+    mongodb_uri: str = _opt(
+        "MONGODB_URI", "mongomock://localhost/peertrain", "MongoDB URI; `mongomock://` keeps it inside one process"
+    )
+    storage_url: str = _opt(
+        "STORAGE_URL", str(ROOT / "var" / "storage"), "where datasets and weights go: a directory or `s3://bucket/prefix`"
+    )
+    s3_endpoint_url: str = _opt("S3_ENDPOINT_URL", "", "S3-compatible endpoint (MinIO, moto); empty means AWS")
+    s3_region: str = _opt("S3_REGION", "us-east-1", "S3 region (credentials come from the usual `AWS_*` variables)")
+    jwt_secret_key: str = _opt("JWT_SECRET_KEY", "", "secret that signs access tokens; required in production")
+    jwt_expires_seconds: int = _opt("JWT_EXPIRES_SECONDS", 3600, "lifetime of an access token")
+    bcrypt_rounds: int = _opt("BCRYPT_ROUNDS", 12, "bcrypt cost factor for password hashes")
+    max_upload_mb: int = _opt("MAX_UPLOAD_MB", 200, "largest accepted dataset upload, in MiB (bigger: 413)")
+    coordinator_queue: str = _opt("COORDINATOR_QUEUE", "coordinator", "queue the coordinator worker consumes")
+    monitor_queue: str = _opt(
+        "MONITOR_QUEUE", "peertrain.monitor", "durable queue the monitor reads Celery events from"
+    )
+    peer_threads: int = _opt(
+        "PEER_THREADS", 1, "torch CPU threads per training; keep peers × threads ≤ cores (oversubscription costs 20×)"
+    )
+    peer_timeout_seconds: float = _opt(
+        "PEER_TIMEOUT_SECONDS", 10.0, "a peer silent this long is OFFLINE (workers beat every 2 s)"
+    )
+    train_time_limit: int = _opt("TRAIN_TIME_LIMIT", 3600, "seconds a training task may run before it is killed")
+    local_peers: int = _opt("LOCAL_PEERS", 3, "in-process peers started by `make run`")
+    log_level: str = _opt("LOG_LEVEL", "INFO", "logging level of every process")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """Read every option from `environ` (default: the process environment)."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            option: Option = f.metadata["option"]
+            raw = environ.get(option.env)
+            values[f.name] = option.default if raw is None else option.parse(raw)
+        return cls(**values)
+
+    @property
+    def development(self) -> bool:
+        return self.env == DEVELOPMENT
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True when the broker lives inside this process, so every worker must too."""
+        return self.broker_url.startswith("memory://")
+
+
+def options() -> list[Option]:
+    """Every option, in declaration order."""
+    return [f.metadata["option"] for f in fields(Settings)]
+
+
+def markdown_table() -> str:
+    """The README's settings table."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for option in options():
+        default = str(option.default).replace(str(ROOT), ".") if option.default != "" else "(empty)"
+        lines.append(f"| `{option.env}` | `{default}` | {option.help} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
