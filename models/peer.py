@@ -1,0 +1,91 @@
+"""Peers: the worker machines that train, and the atomic claim that hands them to one session."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from bson import ObjectId
+from mongoengine import DateTimeField, Document, ObjectIdField, StringField
+
+from models.db import utcnow
+
+ONLINE = "ONLINE"
+TRAINING = "TRAINING"
+OFFLINE = "OFFLINE"
+STATUSES = (ONLINE, TRAINING, OFFLINE)
+
+
+class Peer(Document):
+    """One peer worker, known from the events its Celery worker sends."""
+
+    name = StringField(required=True, unique=True)
+    status = StringField(required=True, choices=STATUSES, default=OFFLINE)
+    hostname = StringField()
+    session_id = ObjectIdField()
+    last_seen = DateTimeField()
+    online_since = DateTimeField()
+
+    meta = {"collection": "peers", "indexes": ["status", "session_id"]}
+
+    @property
+    def queue(self) -> str:
+        return queue_for(self.name)
+
+
+def queue_for(name: str) -> str:
+    """The queue a peer's worker consumes: `peer.<name>`."""
+    return f"peer.{name}"
+
+
+def seen(name: str, hostname: str, at: datetime | None = None) -> None:
+    """Record a sign of life; an OFFLINE (or new) peer becomes ONLINE, a TRAINING one stays TRAINING."""
+    at = at or utcnow()
+    Peer.objects(name=name).update_one(
+        upsert=True, set__hostname=hostname, set__last_seen=at, set_on_insert__status=OFFLINE
+    )
+    Peer.objects(name=name, status=OFFLINE).update_one(set__status=ONLINE, set__online_since=at)
+
+
+def gone(name: str) -> Peer | None:
+    """Mark a peer OFFLINE (its worker shut down or fell silent); returns it as it was before."""
+    return Peer.objects(name=name, status__ne=OFFLINE).modify(set__status=OFFLINE, new=False)
+
+
+def silent_since(cutoff: datetime) -> list[Peer]:
+    """Peers not OFFLINE whose last sign of life is older than `cutoff`."""
+    return list(Peer.objects(status__ne=OFFLINE, last_seen__lt=cutoff))
+
+
+def online_count() -> int:
+    return Peer.objects(status=ONLINE).count()
+
+
+def claim(session_id: ObjectId, count: int, stale_after: timedelta | None = None) -> list[str]:
+    """Atomically move `count` ONLINE peers to TRAINING for `session_id`; all of them or none.
+
+    Each peer is taken with a conditional update (ONLINE → TRAINING), so two sessions claiming at
+    once never share a peer; if fewer than `count` can be taken, the ones taken are given back.
+    """
+    query = Peer.objects(status=ONLINE)
+    if stale_after is not None:
+        query = query.filter(last_seen__gte=utcnow() - stale_after)
+    claimed: list[str] = []
+    # Freshest first: a peer that beat recently is the likeliest to be there when its task arrives.
+    for name in query.order_by("-last_seen").scalar("name"):
+        taken = Peer.objects(name=name, status=ONLINE).update_one(set__status=TRAINING, set__session_id=session_id)
+        if taken:
+            claimed.append(name)
+            if len(claimed) == count:
+                return claimed
+    release(session_id, claimed)
+    return []
+
+
+def release(session_id: ObjectId, names: list[str] | None = None) -> int:
+    """Give a session's peers back (TRAINING → ONLINE); peers that went OFFLINE meanwhile stay so."""
+    query = Peer.objects(session_id=session_id)
+    if names is not None:
+        query = query.filter(name__in=names)
+    released = query.filter(status=TRAINING).update(set__status=ONLINE, unset__session_id=True)
+    query.update(unset__session_id=True)
+    return released

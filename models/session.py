@@ -1,0 +1,178 @@
+"""Training sessions: what a user asked for, what each peer did, and how it ended."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bson import ObjectId
+from mongoengine import (
+    DateTimeField,
+    DictField,
+    Document,
+    EmbeddedDocument,
+    EmbeddedDocumentField,
+    EmbeddedDocumentListField,
+    FloatField,
+    IntField,
+    ListField,
+    ObjectIdField,
+    StringField,
+    ValidationError,
+)
+
+from models.db import utcnow
+
+PENDING = "PENDING"
+RUNNING = "RUNNING"
+COMPLETED = "COMPLETED"
+FAILED = "FAILED"
+CANCELLED = "CANCELLED"
+STATUSES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED)
+ACTIVE = (PENDING, RUNNING)
+
+SWEEP = "sweep"
+FEDERATED = "federated"
+MODES = (SWEEP, FEDERATED)
+
+
+class Dataset(EmbeddedDocument):
+    """The uploaded CSV as stored, and what validating it found."""
+
+    filename = StringField(required=True)
+    url = StringField(required=True)
+    bytes = IntField(required=True, min_value=0)
+    sha256 = StringField(required=True)
+    rows = IntField(required=True, min_value=1)
+    columns = IntField(required=True, min_value=1)
+    classes = ListField(StringField(), default=None)
+
+
+class PeerRun(EmbeddedDocument):
+    """One peer's part in a session: its settings, live progress and final result."""
+
+    name = StringField(required=True)
+    status = StringField(choices=STATUSES, default=PENDING)
+    hyperparameters = DictField()
+    task_id = StringField()
+    round = IntField(default=0)
+    epoch = IntField(default=0)
+    epochs = IntField()
+    loss = FloatField()
+    accuracy = FloatField()
+    val_loss = FloatField()
+    val_accuracy = FloatField()
+    val_r2 = FloatField()
+    samples_per_sec = FloatField()
+    updated_at = DateTimeField()
+    final = DictField()
+    samples = IntField()
+    bytes_fetched = IntField(default=0)
+    weights_url = StringField()
+    error = StringField()
+
+
+class Round(EmbeddedDocument):
+    """One federated round as the coordinator aggregated it."""
+
+    round = IntField(required=True)
+    metrics = DictField()
+    peers = ListField(StringField())
+    rejected = DictField()
+    finished_at = DateTimeField(default=utcnow)
+
+
+class TrainingSession(Document):
+    """A user's request to train, from upload to result."""
+
+    owner_id = ObjectIdField(required=True)
+    status = StringField(required=True, choices=STATUSES, default=PENDING)
+    mode = StringField(required=True, choices=MODES, default=SWEEP)
+    task = StringField(required=True, choices=("classification", "regression"), default="classification")
+    target = StringField(required=True)
+    features = ListField(StringField())
+    seed = IntField(default=0)
+    dataset = EmbeddedDocumentField(Dataset, required=True)
+    peers = EmbeddedDocumentListField(PeerRun)
+    federated = DictField()
+    rounds = EmbeddedDocumentListField(Round)
+    results = DictField()
+    model_url = StringField()
+    reason = StringField()
+    created_at = DateTimeField(default=utcnow)
+    started_at = DateTimeField()
+    finished_at = DateTimeField()
+
+    meta = {
+        "collection": "sessions",
+        "indexes": [("owner_id", "-created_at"), "status", "peers.task_id"],
+        "ordering": ["-created_at"],
+    }
+
+    def clean(self) -> None:
+        names = [p.name for p in self.peers]
+        if len(set(names)) != len(names):
+            raise ValidationError("a peer appears twice in one session")
+
+    def peer(self, name: str) -> PeerRun:
+        """This session's run on peer `name`."""
+        for run in self.peers:
+            if run.name == name:
+                return run
+        raise KeyError(name)
+
+    @property
+    def finished(self) -> bool:
+        return self.status not in ACTIVE
+
+
+def for_owner(owner_id: ObjectId) -> Any:
+    """A user's sessions, newest first."""
+    return TrainingSession.objects(owner_id=owner_id).order_by("-created_at")
+
+
+def get_owned(session_id: str, owner_id: ObjectId) -> TrainingSession | None:
+    """The session if it exists and belongs to `owner_id`; None otherwise (so callers answer 404 to both)."""
+    if not ObjectId.is_valid(session_id):
+        return None
+    return TrainingSession.objects(id=session_id, owner_id=owner_id).first()
+
+
+def start_running(session_id: ObjectId, task_ids: dict[str, str]) -> bool:
+    """PENDING → RUNNING, recording each peer's task id; False if the session is no longer pending."""
+    updates = {f"set__peers__{i}__task_id": task_id for i, task_id in enumerate(task_ids.values())}
+    updates.update({f"set__peers__{i}__status": RUNNING for i in range(len(task_ids))})
+    return bool(
+        TrainingSession.objects(id=session_id, status=PENDING).update_one(
+            set__status=RUNNING, set__started_at=utcnow(), **updates
+        )
+    )
+
+
+def finish(session_id: ObjectId, status: str, reason: str | None = None, **fields: Any) -> bool:
+    """Move an active session to a final status once; False if it had already ended."""
+    assert status in (COMPLETED, FAILED, CANCELLED)
+    updates = {f"set__{name}": value for name, value in fields.items()}
+    if reason is not None:
+        updates["set__reason"] = reason
+    return bool(
+        TrainingSession.objects(id=session_id, status__in=ACTIVE).update_one(
+            set__status=status, set__finished_at=utcnow(), **updates
+        )
+    )
+
+
+def by_task_id(task_id: str) -> TrainingSession | None:
+    """The session one of whose peers runs task `task_id`."""
+    return TrainingSession.objects(peers__task_id=task_id).first()
+
+
+def record_progress(session_id: ObjectId, peer: str, fields: dict[str, Any]) -> None:
+    """Set a peer's latest progress (from its newest heartbeat) on the session."""
+    updates = {f"set__peers__S__{name}": value for name, value in fields.items()}
+    TrainingSession.objects(id=session_id, peers__name=peer).update_one(**updates)
+
+
+def record_peer_result(session_id: ObjectId, peer: str, status: str, **fields: Any) -> None:
+    """Record how a peer's run ended."""
+    updates = {f"set__peers__S__{name}": value for name, value in fields.items()}
+    TrainingSession.objects(id=session_id, peers__name=peer).update_one(set__peers__S__status=status, **updates)

@@ -1,0 +1,88 @@
+"""Peer liveness and the atomic claim."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+from bson import ObjectId
+
+from models import Peer, utcnow
+from models import peer as peers
+from models.peer import OFFLINE, ONLINE, TRAINING
+
+
+def test_a_peer_seen_for_the_first_time_is_online(db):
+    peers.seen("a", "peer.a@host1")
+    peer = Peer.objects.get(name="a")
+    assert peer.status == ONLINE and peer.hostname == "peer.a@host1" and peer.queue == "peer.a"
+    assert peer.last_seen is not None
+
+
+def test_seen_keeps_a_training_peer_training(db):
+    peers.seen("a", "peer.a@h")
+    session = ObjectId()
+    assert peers.claim(session, 1) == ["a"]
+    peers.seen("a", "peer.a@h")
+    assert Peer.objects.get(name="a").status == TRAINING
+
+
+def test_gone_then_seen_comes_back_online(db):
+    peers.seen("a", "peer.a@h")
+    before = peers.gone("a")
+    assert before.status == ONLINE
+    assert Peer.objects.get(name="a").status == OFFLINE
+    assert peers.gone("a") is None
+    peers.seen("a", "peer.a@h")
+    assert Peer.objects.get(name="a").status == ONLINE
+
+
+def test_silent_peers_are_found_by_their_last_beat(db):
+    peers.seen("fresh", "peer.fresh@h")
+    peers.seen("old", "peer.old@h", at=utcnow() - timedelta(minutes=1))
+    assert [p.name for p in peers.silent_since(utcnow() - timedelta(seconds=10))] == ["old"]
+
+
+def test_claim_is_all_or_nothing(db):
+    for name in "abc":
+        peers.seen(name, f"peer.{name}@h")
+    assert peers.claim(ObjectId(), 4) == []
+    assert Peer.objects(status=ONLINE).count() == 3
+    got = peers.claim(ObjectId(), 2)
+    assert len(got) == 2 and Peer.objects(status=TRAINING).count() == 2
+
+
+def test_release_frees_only_that_sessions_peers_and_leaves_offline_ones_offline(db):
+    for name in "abcd":
+        peers.seen(name, f"peer.{name}@h")
+    first, second = ObjectId(), ObjectId()
+    mine = peers.claim(first, 2)
+    theirs = peers.claim(second, 2)
+    peers.gone(mine[0])
+    assert peers.release(first) == 1
+    assert Peer.objects.get(name=mine[0]).status == OFFLINE
+    assert Peer.objects.get(name=mine[0]).session_id is None
+    assert Peer.objects.get(name=mine[1]).status == ONLINE
+    assert {p.name for p in Peer.objects(status=TRAINING)} == set(theirs)
+
+
+def test_racing_claims_never_share_a_peer(db):
+    for i in range(10):
+        peers.seen(f"p{i}", f"peer.p{i}@h")
+    results: dict[int, list[str]] = {}
+    barrier = threading.Barrier(12)
+
+    def claim(i: int) -> None:
+        barrier.wait()
+        results[i] = peers.claim(ObjectId(), 3)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    taken = [name for names in results.values() for name in names]
+    assert len(taken) == len(set(taken))
+    assert Peer.objects(status=TRAINING).count() == len(taken)
+    assert 1 <= len([n for n in results.values() if n]) <= 3
+    assert all(len(n) in (0, 3) for n in results.values())

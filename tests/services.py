@@ -1,0 +1,37 @@
+"""Which real services the tests can reach; absent ones skip a test locally and fail it on CI."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def reachable(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def rabbitmq_up() -> bool:
+    return reachable("127.0.0.1", 5672)
+
+
+def redis_up() -> bool:
+    return reachable("127.0.0.1", 6379)
+
+
+def require(available: bool, what: str) -> None:
+    """Skip (locally) or fail (on CI) the calling test when `what` is not available."""
+    if available:
+        return
+    if ON_CI:
+        pytest.fail(f"{what} is required on CI but is not available")
+    pytest.skip(f"{what} is not available")
