@@ -1,0 +1,228 @@
+"""Object storage for datasets, shards and weights: S3 (or any S3-compatible server) or a local directory.
+
+Objects are named by URL, `s3://bucket/key` or `file:///path`, so a URL recorded on a session is all a
+peer needs to fetch it. Reads and writes stream through file objects; nothing is held twice in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+from urllib.parse import urlsplit
+
+CHUNK = 1 << 20
+
+
+class StorageError(RuntimeError):
+    """An object could not be read or written."""
+
+
+class Storage(Protocol):
+    """What the API and the tasks need from object storage."""
+
+    def url(self, key: str) -> str: ...
+    def put(self, key: str, stream: BinaryIO) -> str: ...
+    def put_bytes(self, key: str, data: bytes) -> str: ...
+    def download(self, url: str, path: str | os.PathLike) -> int: ...
+    def get_bytes(self, url: str) -> bytes: ...
+    def iter_chunks(self, url: str) -> Iterator[bytes]: ...
+    def delete_prefix(self, key: str) -> None: ...
+    def ping(self) -> None: ...
+
+
+class LocalStorage:
+    """Objects as files under one directory (the embedded default)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).resolve()
+
+    def url(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root):
+            raise StorageError(f"key {key!r} leaves the storage directory")
+        return path
+
+    def _path_of(self, url: str) -> Path:
+        parts = urlsplit(url)
+        if parts.scheme != "file":
+            raise StorageError(f"{url!r} is not in local storage {self.root}")
+        path = Path(parts.path).resolve()
+        if not path.is_relative_to(self.root):
+            raise StorageError(f"{url!r} is outside local storage {self.root}")
+        return path
+
+    def put(self, key: str, stream: BinaryIO) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside the target and rename, so a reader never sees half an object.
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+            shutil.copyfileobj(stream, tmp, CHUNK)
+        os.replace(tmp.name, path)
+        return path.as_uri()
+
+    def put_bytes(self, key: str, data: bytes) -> str:
+        return self.put(key, io.BytesIO(data))
+
+    def download(self, url: str, path: str | os.PathLike) -> int:
+        source = self._path_of(url)
+        try:
+            shutil.copyfile(source, path)
+        except FileNotFoundError:
+            raise StorageError(f"no object at {url}") from None
+        return os.path.getsize(path)
+
+    def get_bytes(self, url: str) -> bytes:
+        try:
+            return self._path_of(url).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"no object at {url}") from None
+
+    def iter_chunks(self, url: str) -> Iterator[bytes]:
+        path = self._path_of(url)
+        if not path.exists():
+            raise StorageError(f"no object at {url}")
+
+        def chunks() -> Iterator[bytes]:
+            with path.open("rb") as f:
+                while chunk := f.read(CHUNK):
+                    yield chunk
+
+        return chunks()
+
+    def delete_prefix(self, key: str) -> None:
+        shutil.rmtree(self._path(key), ignore_errors=True)
+
+    def ping(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"{self.root} is not writable")
+
+
+class S3Storage:
+    """Objects in an S3 bucket (AWS, MinIO, moto, …) under an optional key prefix."""
+
+    def __init__(self, bucket: str, prefix: str = "", client=None, endpoint_url: str | None = None,
+                 region: str | None = None) -> None:
+        if client is None:
+            import boto3
+
+            client = boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region or None)
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def _locate(self, url: str) -> tuple[str, str]:
+        parts = urlsplit(url)
+        if parts.scheme != "s3":
+            raise StorageError(f"{url!r} is not an s3:// URL")
+        return parts.netloc, parts.path.lstrip("/")
+
+    def put(self, key: str, stream: BinaryIO) -> str:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            # upload_fileobj streams in parts (multipart above 8 MiB) instead of reading it all.
+            self.client.upload_fileobj(stream, self.bucket, self._key(key))
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not write {self.url(key)}: {exc}") from exc
+        return self.url(key)
+
+    def put_bytes(self, key: str, data: bytes) -> str:
+        return self.put(key, io.BytesIO(data))
+
+    def download(self, url: str, path: str | os.PathLike) -> int:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = self._locate(url)
+        try:
+            self.client.download_file(bucket, key, os.fspath(path))
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not read {url}: {exc}") from exc
+        return os.path.getsize(path)
+
+    def _body(self, url: str):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = self._locate(url)
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"]
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not read {url}: {exc}") from exc
+
+    def get_bytes(self, url: str) -> bytes:
+        return self._body(url).read()
+
+    def iter_chunks(self, url: str) -> Iterator[bytes]:
+        return self._body(url).iter_chunks(CHUNK)
+
+    def delete_prefix(self, key: str) -> None:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(key).rstrip("/") + "/"):
+            objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if objects:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects})
+
+    def ping(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"bucket {self.bucket} does not answer: {exc}") from exc
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (MinIO and moto start empty)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
+
+
+def open_storage(url: str, endpoint_url: str = "", region: str = "") -> LocalStorage | S3Storage:
+    """Storage for `url`: `s3://bucket[/prefix]`, `file:///dir` or a plain directory path."""
+    parts = urlsplit(url)
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise ValueError(f"STORAGE_URL {url!r} names no bucket")
+        return S3Storage(parts.netloc, parts.path, endpoint_url=endpoint_url, region=region)
+    if parts.scheme == "file":
+        return LocalStorage(parts.path)
+    if parts.scheme:
+        raise ValueError(f"STORAGE_URL {url!r}: use s3://bucket/prefix, file:///dir or a directory")
+    return LocalStorage(url)
+
+
+class HashingReader:
+    """Wraps a binary stream, counting and hashing what is read through it (one pass over an upload)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.bytes = 0
+        self._sha = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.bytes += len(data)
+        self._sha.update(data)
+        return data
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
