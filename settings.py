@@ -46,7 +46,7 @@ class Settings:
     env: str = _opt("PEERTRAIN_ENV", DEVELOPMENT, "`development` or `production`; production needs a JWT secret")
     host: str = _opt("HOST", "127.0.0.1", "address the API listens on")
     port: int = _opt("PORT", 8000, "port the API listens on")
-    broker_url: str = _opt("BROKER_URL", "memory://", "Celery broker, e.g. `amqp://guest:guest@127.0.0.1:5672//`")
+    broker_url: str = _opt("BROKER_URL", "memory://localhost/", "Celery broker, e.g. `amqp://guest:guest@127.0.0.1:5672//`")
     result_backend: str = _opt(
         "RESULT_BACKEND", "cache+memory://", "Celery result backend; must support chords, e.g. `redis://127.0.0.1:6379/0`"
     )
@@ -73,6 +73,9 @@ class Settings:
         "PEER_TIMEOUT_SECONDS", 10.0, "a peer silent this long is OFFLINE (workers beat every 2 s)"
     )
     train_time_limit: int = _opt("TRAIN_TIME_LIMIT", 3600, "seconds a training task may run before it is killed")
+    session_start_timeout: int = _opt(
+        "SESSION_START_TIMEOUT", 600, "a session no coordinator has started after this many seconds fails"
+    )
     local_peers: int = _opt("LOCAL_PEERS", 3, "in-process peers started by `make run`")
     log_level: str = _opt("LOG_LEVEL", "INFO", "logging level of every process")
 

@@ -1,0 +1,137 @@
+"""Shared fixtures: a fresh database per test, the app and its client, users, peers and datasets."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import services
+
+# Celery reads its settings when `tasks` is first imported, so the test run's broker, backend and
+# queue names are chosen here, before any test module imports it. Queue names are unique to this
+# run so messages left by another run (or a `make run` on the same broker) never reach our workers.
+RUN_ID = uuid.uuid4().hex[:8]
+if services.rabbitmq_up() and services.redis_up():
+    os.environ.setdefault("BROKER_URL", services.RABBITMQ_URL)
+    os.environ.setdefault("RESULT_BACKEND", services.REDIS_URL)
+os.environ.setdefault("COORDINATOR_QUEUE", f"test-{RUN_ID}.coordinator")
+os.environ.setdefault("MONITOR_QUEUE", f"test-{RUN_ID}.monitor")
+os.environ.setdefault("PEERTRAIN_ENV", "development")
+os.environ.setdefault("JWT_SECRET_KEY", "test-secret-that-is-long-enough-for-hs256")
+os.environ.setdefault("BCRYPT_ROUNDS", "4")
+
+import models  # noqa: E402
+from models import Peer  # noqa: E402
+from models.peer import ONLINE  # noqa: E402
+from settings import Settings  # noqa: E402
+
+REAL_MONGODB_URI = os.environ.get("MONGODB_URI", "")
+if REAL_MONGODB_URI.startswith(models.db.MOCK_SCHEME):
+    REAL_MONGODB_URI = ""
+
+
+def database_uri(name: str) -> str:
+    """A fresh database: on the server named by MONGODB_URI when set, else in mongomock."""
+    if REAL_MONGODB_URI:
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(REAL_MONGODB_URI)
+        return urlunsplit(parts._replace(path=f"/{name}"))
+    return f"mongomock://localhost/{name}"
+
+
+@pytest.fixture
+def db() -> Iterator[str]:
+    """Connect the documents to a database of their own for this test, dropped afterwards."""
+    name = f"peertrain-test-{uuid.uuid4().hex[:12]}"
+    uri = database_uri(name)
+    models.connect(uri)
+    try:
+        yield uri
+    finally:
+        import mongoengine
+
+        mongoengine.get_connection().drop_database(name)
+        models.disconnect()
+
+
+BROKER_QUEUES: list[str] = [os.environ["COORDINATOR_QUEUE"], os.environ["MONITOR_QUEUE"]]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _broker_cleanup() -> Iterator[None]:
+    """Delete this run's queues from a real broker afterwards (tests append the peer queues they make)."""
+    yield
+    from tasks.celery import app as celery_app
+
+    if celery_app.conf.broker_url.startswith("memory://"):
+        return
+    with celery_app.connection_for_write() as conn:
+        channel = conn.default_channel
+        for name in BROKER_QUEUES:
+            try:
+                channel.queue_delete(name)
+            except conn.channel_errors:
+                channel = conn.channel()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings.from_env()
+
+
+@pytest.fixture
+def storage_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "storage"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def app(db: str, storage_dir: Path):
+    from webapp import create_app
+
+    return create_app({"TESTING": True, "MONGODB_URI": db, "STORAGE_URL": str(storage_dir), "BCRYPT_ROUNDS": 4})
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def signup(client):
+    """Create an account and return its Authorization header."""
+
+    def make(username: str = "ann", email: str | None = None, password: str = "correct horse") -> dict[str, str]:
+        email = email or f"{username}@example.com"
+        response = client.post("/auth/signup", json={"username": username, "email": email, "password": password})
+        assert response.status_code == 201, response.json
+        response = client.post("/auth/signin", json={"email": email, "password": password})
+        assert response.status_code == 200, response.json
+        return {"Authorization": f"Bearer {response.json['access_token']}"}
+
+    return make
+
+
+@pytest.fixture
+def auth(signup) -> dict[str, str]:
+    return signup()
+
+
+@pytest.fixture
+def online_peers(db):
+    """Register `n` peers as ONLINE, as the monitor does when their workers beat."""
+
+    def make(n: int, prefix: str = "p") -> list[str]:
+        names = [f"{prefix}{i}" for i in range(n)]
+        for name in names:
+            models.peer.seen(name, f"peer.{name}@test")
+        assert Peer.objects(name__in=names, status=ONLINE).count() == n
+        return names
+
+    return make

@@ -1,0 +1,52 @@
+"""The API's self-description, health and error shape."""
+
+from __future__ import annotations
+
+
+def test_openapi_document_describes_every_route(client):
+    spec = client.get("/openapi.json").json
+    assert spec["openapi"].startswith("3.")
+    paths = set(spec["paths"])
+    assert {"/auth/signup", "/auth/signin", "/peers", "/sessions/start", "/sessions", "/sessions/training-status",
+            "/sessions/{session_id}", "/sessions/{session_id}/heartbeats", "/healthz"} <= paths
+    start = spec["paths"]["/sessions/start"]["post"]
+    form = start["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"file", "num_peers", "hyperparameters"} <= set(_properties(spec, form))
+    assert "400" in start["responses"] and "202" in start["responses"]
+
+
+def _properties(spec, schema):
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        schema = spec["components"]["schemas"][name]
+    props = dict(schema.get("properties", {}))
+    for part in schema.get("allOf", []):
+        props.update(_properties(spec, part))
+    return props
+
+
+def test_docs_page_is_served(client):
+    response = client.get("/docs")
+    assert response.status_code == 200
+    assert b"swagger" in response.data.lower()
+
+
+def test_health_reports_each_service(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json == {"ok": True, "checks": {"database": "ok", "broker": "ok", "storage": "ok"}}
+
+
+def test_unknown_routes_and_methods_use_the_error_shape(client):
+    response = client.get("/nowhere")
+    assert response.status_code == 404
+    assert set(response.json) == {"code", "status", "message"}
+    response = client.delete("/auth/signup")
+    assert response.status_code == 405
+    assert response.json["status"] == "Method Not Allowed"
+
+
+def test_a_malformed_json_body_is_400(client):
+    response = client.post("/auth/signup", data="{", content_type="application/json")
+    assert response.status_code == 400
+    assert response.json["code"] == 400

@@ -1,0 +1,110 @@
+"""Accounts and tokens through HTTP."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from models import User
+
+
+def test_signup_returns_the_user_without_secrets(client):
+    response = client.post("/auth/signup", json={"username": "ann", "email": "Ann@Example.com", "password": "pw-123456"})
+    assert response.status_code == 201
+    body = response.json
+    assert body["username"] == "ann"
+    assert body["email"] == "ann@example.com"
+    assert "password" not in body and "password_hash" not in body
+    stored = User.objects.get(username="ann")
+    assert stored.password_hash.startswith("$2") and "pw-123456" not in stored.password_hash
+
+
+@pytest.mark.parametrize(
+    ("second", "field"),
+    [
+        ({"username": "ann", "email": "other@example.com"}, "username"),
+        ({"username": "bob", "email": "ANN@example.com"}, "email"),
+    ],
+)
+def test_duplicate_username_or_email_is_409(client, second, field):
+    assert client.post("/auth/signup", json={"username": "ann", "email": "ann@example.com", "password": "pw-123456"}).status_code == 201
+    response = client.post("/auth/signup", json={**second, "password": "pw-123456"})
+    assert response.status_code == 409
+    assert response.json["status"] == "Conflict"
+    assert field in response.json["errors"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"username": "ann", "email": "not-an-email", "password": "pw-123456"}, "email"),
+        ({"username": "ann", "email": "ann@example.com", "password": "short"}, "password"),
+        ({"email": "ann@example.com", "password": "pw-123456"}, "username"),
+        ({"username": "a b", "email": "ann@example.com", "password": "pw-123456"}, "username"),
+    ],
+)
+def test_bad_signup_is_400_naming_the_field(client, body, field):
+    response = client.post("/auth/signup", json=body)
+    assert response.status_code == 400
+    assert list(response.json["errors"]) == [field]
+    assert field in response.json["message"]
+
+
+def test_signin_returns_a_bearer_token(client, signup):
+    signup("ann", password="pw-123456")
+    response = client.post("/auth/signin", json={"email": "ann@example.com", "password": "pw-123456"})
+    assert response.status_code == 200
+    assert response.json["token_type"] == "bearer"
+    assert response.json["username"] == "ann"
+    assert response.json["expires_in"] == 3600
+    token = response.json["access_token"]
+    assert client.get("/peers", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_wrong_password_and_unknown_email_answer_alike(client, signup):
+    signup("ann", password="pw-123456")
+    wrong = client.post("/auth/signin", json={"email": "ann@example.com", "password": "pw-654321"})
+    unknown = client.post("/auth/signin", json={"email": "nobody@example.com", "password": "pw-123456"})
+    assert wrong.status_code == unknown.status_code == 401
+    assert wrong.json == unknown.json
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "Bearer", "Bearer not.a.jwt", "Token abc", "Bearer eyJhbGciOiJIUzI1NiJ9.e30.c2lnbmF0dXJl"],
+)
+def test_missing_or_malformed_token_is_401(client, header):
+    headers = {"Authorization": header} if header else {}
+    response = client.get("/sessions", headers=headers)
+    assert response.status_code == 401
+    assert response.json["code"] == 401 and response.json["message"]
+
+
+def test_expired_token_is_401(client, app, signup):
+    from flask_jwt_extended import create_access_token
+
+    signup("ann")
+    user = User.objects.get(username="ann")
+    with app.app_context():
+        token = create_access_token(identity=user, expires_delta=timedelta(seconds=-1))
+    response = client.get("/sessions", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 401
+    assert "expired" in response.json["message"]
+
+
+def test_token_signed_with_another_secret_is_401(client, app, signup):
+    import jwt as pyjwt
+
+    signup("ann")
+    user = User.objects.get(username="ann")
+    forged = pyjwt.encode({"sub": str(user.id), "type": "access", "fresh": False}, "another-secret-that-is-long-enough-for-hs256", "HS256")
+    assert client.get("/sessions", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+
+
+def test_production_refuses_to_start_without_a_jwt_secret(db):
+    from webapp import create_app
+
+    with pytest.raises(RuntimeError, match="JWT_SECRET_KEY"):
+        create_app({"PEERTRAIN_ENV": "production", "JWT_SECRET_KEY": "", "MONGODB_URI": db})
+    assert create_app({"PEERTRAIN_ENV": "production", "JWT_SECRET_KEY": "s" * 32, "MONGODB_URI": db})

@@ -1,0 +1,285 @@
+"""Starting and reading sessions through HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from models import Heartbeat, Peer, TrainingSession, User
+from models.heartbeat import insert_many
+from models.peer import ONLINE, TRAINING
+from tests.datasets import blobs_csv
+
+
+@pytest.fixture
+def csv_path(tmp_path: Path) -> Path:
+    return blobs_csv(tmp_path / "blobs.csv", rows=120, features=4, classes=3)
+
+
+def start(client, headers, path: Path, **form):
+    data = {"num_peers": "2", **{k: v if isinstance(v, str) else json.dumps(v) for k, v in form.items()}}
+    with path.open("rb") as f:
+        data["file"] = (f, path.name)
+        return client.post("/sessions/start", headers=headers, data=data, content_type="multipart/form-data")
+
+
+def test_start_claims_peers_stores_the_csv_and_creates_a_pending_session(client, auth, online_peers, csv_path,
+                                                                         storage_dir):
+    online_peers(3)
+    response = start(client, auth, csv_path, hyperparameters=[{"learning_rate": 0.01}, {"learning_rate": 0.1, "epochs": 3}])
+    assert response.status_code == 202, response.json
+    body = response.json
+    assert body["status"] == "PENDING"
+    assert len(body["assigned_peers"]) == 2
+    assert {p.name for p in Peer.objects(status=TRAINING)} == set(body["assigned_peers"])
+    assert Peer.objects(status=ONLINE).count() == 1
+
+    session = TrainingSession.objects.get(id=body["session_id"])
+    content = csv_path.read_bytes()
+    assert session.dataset.bytes == len(content)
+    assert session.dataset.sha256 == hashlib.sha256(content).hexdigest()
+    assert session.dataset.rows == 120 and session.dataset.columns == 5
+    assert session.dataset.classes == ["0", "1", "2"]
+    user = User.objects.get(username="ann")
+    stored = storage_dir / "users" / str(user.id) / "sessions" / body["session_id"] / "dataset.csv"
+    assert stored.read_bytes() == content
+    assert [p.hyperparameters["learning_rate"] for p in session.peers] == [0.01, 0.1]
+    assert [p.epochs for p in session.peers] == [10, 3]
+
+    detail = client.get(f"/sessions/{body['session_id']}", headers=auth).json
+    assert detail["dataset"]["filename"] == "blobs.csv"
+    assert detail["target"] == "label" and detail["features"] == ["f0", "f1", "f2", "f3"]
+    assert [p["name"] for p in detail["peers"]] == body["assigned_peers"]
+    assert detail["peers"][1]["hyperparameters"] == {
+        "batch_size": 64, "epochs": 3, "learning_rate": 0.1, "hidden": [128, 64], "optimizer": "adam", "dropout": 0.0,
+    }
+
+
+def test_start_enqueues_the_coordinator_task_by_name(client, auth, online_peers, csv_path, settings):
+    from tasks.celery import app as celery_app
+
+    online_peers(2)
+    response = start(client, auth, csv_path)
+    assert response.status_code == 202
+    session_id = response.json["session_id"]
+    # Other tests' starts share the queue: take messages until ours (or the deadline).
+    with celery_app.connection_for_read() as conn:
+        queue = conn.SimpleQueue(settings.coordinator_queue)
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                message = queue.get(timeout=max(0.1, deadline - time.monotonic()))
+                message.ack()
+                if session_id in message.headers["argsrepr"]:
+                    break
+        finally:
+            queue.close()
+    assert message.headers["task"] == "peertrain.run_session"
+    assert message.headers["argsrepr"] in (repr([session_id]), repr((session_id,)))
+
+
+@pytest.mark.parametrize(
+    ("form", "field"),
+    [
+        ({"num_peers": "0"}, "num_peers"),
+        ({"num_peers": "two"}, "num_peers"),
+        ({"hyperparameters": "{not json"}, "hyperparameters"),
+        ({"hyperparameters": [{"epochs": 2}]}, "hyperparameters"),
+        ({"hyperparameters": {"learning_rate": -1}}, "hyperparameters"),
+        ({"hyperparameters": {"optimizer": "rmsprop"}}, "hyperparameters"),
+        ({"hyperparameters": {"batch": 5}}, "hyperparameters"),
+        ({"mode": "swarm"}, "mode"),
+    ],
+)
+def test_bad_fields_are_400_and_claim_nothing(client, auth, online_peers, csv_path, form, field):
+    online_peers(2)
+    response = start(client, auth, csv_path, **form)
+    assert response.status_code == 400, response.json
+    assert field in response.json["errors"]
+    assert Peer.objects(status=TRAINING).count() == 0
+    assert TrainingSession.objects.count() == 0
+
+
+def test_missing_file_is_400(client, auth, online_peers):
+    online_peers(2)
+    response = client.post("/sessions/start", headers=auth, data={"num_peers": "1"}, content_type="multipart/form-data")
+    assert response.status_code == 400
+    assert "file" in response.json["errors"]
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"", "empty"),
+        (b"a,b,label\n1,2,x\n", "rows"),
+        (b"a,b,label\n1,oops,0\n2,3,1\n", "oops"),
+        (b"a,b\n1,2\n3,4\n", "label"),
+    ],
+)
+def test_a_bad_dataset_is_400_with_the_readers_message(client, auth, online_peers, tmp_path, content, words):
+    online_peers(2)
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    response = start(client, auth, path)
+    assert response.status_code == 400, response.json
+    assert words in response.json["message"]
+    assert "file" in response.json["errors"]
+    assert Peer.objects(status=TRAINING).count() == 0
+
+
+def test_features_and_target_are_checked_against_the_file(client, auth, online_peers, csv_path):
+    online_peers(2)
+    response = start(client, auth, csv_path, target="kind")
+    assert response.status_code == 400
+    assert "kind" in response.json["message"] and "f0" in response.json["message"]
+    response = start(client, auth, csv_path, features="f0,f9")
+    assert response.status_code == 400
+    assert "f9" in response.json["message"]
+    response = start(client, auth, csv_path, features="f0,f2")
+    assert response.status_code == 202
+    assert TrainingSession.objects.get(id=response.json["session_id"]).features == ["f0", "f2"]
+
+
+def test_not_enough_peers_is_400_saying_how_many_are_online(client, auth, online_peers, csv_path):
+    online_peers(1)
+    response = start(client, auth, csv_path, num_peers="3")
+    assert response.status_code == 400
+    assert "1 online" in response.json["message"]
+    assert Peer.objects(status=TRAINING).count() == 0
+    assert TrainingSession.objects.count() == 0
+
+
+def test_silent_peers_are_not_claimed(client, auth, online_peers, csv_path):
+    from datetime import timedelta
+
+    from models import utcnow
+
+    online_peers(2)
+    Peer.objects(name="p1").update_one(set__last_seen=utcnow() - timedelta(minutes=5))
+    assert start(client, auth, csv_path, num_peers="2").status_code == 400
+    assert start(client, auth, csv_path, num_peers="1").json["assigned_peers"] == ["p0"]
+
+
+def test_an_upload_over_the_cap_is_413(app, auth, online_peers, tmp_path):
+    online_peers(2)
+    app.config["MAX_CONTENT_LENGTH"] = 4096
+    path = blobs_csv(tmp_path / "big.csv", rows=400)
+    response = start(app.test_client(), auth, path)
+    assert response.status_code == 413
+    assert response.json["code"] == 413 and "larger" in response.json["message"]
+    assert Peer.objects(status=TRAINING).count() == 0
+
+
+def test_a_token_whose_user_is_gone_is_404(client, auth, online_peers, csv_path):
+    online_peers(2)
+    User.objects(username="ann").delete()
+    response = start(client, auth, csv_path)
+    assert response.status_code == 404
+    assert "no longer exists" in response.json["message"]
+
+
+def test_when_the_coordinator_cannot_be_reached_peers_are_released(app, auth, online_peers, csv_path):
+    from celery import Celery
+
+    from webapp.extensions import DISPATCHER, Dispatcher
+
+    # A real broker connection to a port nothing listens on.
+    unreachable = Celery("unreachable", broker="amqp://guest:guest@127.0.0.1:1//")
+    unreachable.conf.broker_connection_retry = False
+    unreachable.conf.broker_connection_timeout = 1
+    unreachable.conf.task_publish_retry = False
+    app.extensions[DISPATCHER] = Dispatcher(unreachable, "coordinator")
+    online_peers(2)
+    response = start(app.test_client(), auth, csv_path)
+    assert response.status_code == 503
+    assert Peer.objects(status=TRAINING).count() == 0
+    assert Peer.objects(status=ONLINE).count() == 2
+    session = TrainingSession.objects.get()
+    assert session.status == "FAILED" and "coordinator" in session.reason
+
+
+def test_concurrent_starts_never_share_a_peer(app, signup, online_peers, csv_path):
+    online_peers(5)
+    headers = [signup(f"user{i}") for i in range(8)]
+    results: list = [None] * len(headers)
+
+    def run(i: int) -> None:
+        results[i] = start(app.test_client(), headers[i], csv_path, num_peers="2")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(headers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    codes = sorted(r.status_code for r in results)
+    assert codes == [202, 202] + [400] * 6
+    claimed = [name for r in results if r.status_code == 202 for name in r.json["assigned_peers"]]
+    assert len(claimed) == len(set(claimed)) == 4
+    assert {p.name for p in Peer.objects(status=TRAINING)} == set(claimed)
+    assert Peer.objects(status=ONLINE).count() == 1
+    for r in results:
+        if r.status_code == 202:
+            owner = TrainingSession.objects.get(id=r.json["session_id"])
+            assert {p.session_id for p in Peer.objects(name__in=r.json["assigned_peers"])} == {owner.id}
+
+
+def test_sessions_list_newest_first_and_training_status_is_the_latest(client, auth, online_peers, csv_path):
+    online_peers(4)
+    assert client.get("/sessions/training-status", headers=auth).status_code == 404
+    first = start(client, auth, csv_path, num_peers="1").json["session_id"]
+    second = start(client, auth, csv_path, num_peers="1").json["session_id"]
+    listing = client.get("/sessions", headers=auth).json
+    assert [s["id"] for s in listing["items"]] == [second, first]
+    assert listing["total"] == 2
+    status = client.get("/sessions/training-status", headers=auth).json
+    assert status == {"session_id": second, "status": "PENDING", "reason": None}
+
+
+def test_another_users_session_is_404_on_every_route(client, signup, online_peers, csv_path):
+    online_peers(2)
+    ann, bob = signup("ann"), signup("bob")
+    session_id = start(client, ann, csv_path, num_peers="1").json["session_id"]
+    for suffix in ("", "/heartbeats", "/rounds", "/model"):
+        assert client.get(f"/sessions/{session_id}{suffix}", headers=bob).status_code == 404, suffix
+        assert client.get(f"/sessions/{session_id}{suffix}", headers=ann).status_code in (200, 409), suffix
+    assert client.post(f"/sessions/{session_id}/cancel", headers=bob).status_code == 404
+    assert client.get("/sessions", headers=bob).json["items"] == []
+    assert client.get("/sessions/training-status", headers=bob).status_code == 404
+    assert client.get("/sessions/not-an-id", headers=ann).status_code == 404
+
+
+def test_heartbeats_are_paged_and_filtered(client, auth, online_peers, csv_path):
+    online_peers(2)
+    body = start(client, auth, csv_path).json
+    session = TrainingSession.objects.get(id=body["session_id"])
+    a, b = body["assigned_peers"]
+    insert_many(
+        {"session_id": session.id, "peer": peer, "round": 0, "epoch": epoch, "epochs": 5, "loss": 1 / epoch}
+        for peer in (a, b)
+        for epoch in range(1, 6)
+    )
+    url = f"/sessions/{body['session_id']}/heartbeats"
+    page = client.get(url, query_string={"page_size": 4}, headers=auth).json
+    assert page["total"] == 10 and len(page["items"]) == 4
+    first, second = sorted((a, b))
+    assert [(h["epoch"], h["peer"]) for h in page["items"]] == [(1, first), (1, second), (2, first), (2, second)]
+    last = client.get(url, query_string={"page_size": 4, "page": 3}, headers=auth).json
+    assert len(last["items"]) == 2
+    only_a = client.get(url, query_string={"peer": a}, headers=auth).json
+    assert only_a["total"] == 5 and {h["peer"] for h in only_a["items"]} == {a}
+    assert [h["epoch"] for h in only_a["items"]] == [1, 2, 3, 4, 5]
+    assert client.get(url, query_string={"page": 0}, headers=auth).status_code == 400
+    assert Heartbeat.objects.count() == 10
+
+
+def test_model_is_409_until_there_is_one(client, auth, online_peers, csv_path):
+    online_peers(1)
+    session_id = start(client, auth, csv_path, num_peers="1").json["session_id"]
+    response = client.get(f"/sessions/{session_id}/model", headers=auth)
+    assert response.status_code == 409
+    assert "no model" in response.json["message"]

@@ -1,0 +1,125 @@
+"""Every error the API returns, in one JSON shape: {"code", "status", "message", "errors"?}."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+import flask_smorest
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from webapp.extensions import jwt
+
+log = logging.getLogger(__name__)
+
+# Where webargs found a field; a user only needs the field.
+LOCATIONS = ("json", "form", "files", "query", "multipart")
+
+
+def payload(code: int, message: str, errors: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The error body for status `code`."""
+    body: dict[str, Any] = {"code": code, "status": HTTPStatus(code).phrase, "message": message}
+    if errors:
+        body["errors"] = errors
+    return body
+
+
+def _flatten(errors: Any, prefix: str = "") -> list[str]:
+    # {"form": {"num_peers": ["Missing data."]}} -> ["num_peers: Missing data."]: the location is noise to a user.
+    if isinstance(errors, dict):
+        out: list[str] = []
+        for key, value in errors.items():
+            name = "" if key in LOCATIONS and not prefix else f"{prefix}{key}"
+            out.extend(_flatten(value, f"{name}." if name else ""))
+        return out
+    if isinstance(errors, list) and all(isinstance(e, str) for e in errors):
+        return [f"{prefix.rstrip('.')}: {' '.join(errors)}" if prefix else " ".join(errors)]
+    if isinstance(errors, list):
+        return [m for e in errors for m in _flatten(e, prefix)]
+    return [f"{prefix.rstrip('.')}: {errors}" if prefix else str(errors)]
+
+
+def handle_http_exception(error: HTTPException):
+    code = error.code or 500
+    data = getattr(error, "data", None) or {}
+    errors = data.get("errors") or data.get("messages")
+    if isinstance(error, InternalServerError):
+        original = getattr(error, "original_exception", None)
+        if original is not None:
+            log.error("unhandled error", exc_info=original)
+        # Never a stack trace, nor an exception's text, to a client.
+        message = "internal error; it has been logged"
+    elif "message" in data:
+        message = data["message"]
+    elif errors:
+        message = "invalid request: " + "; ".join(_flatten(errors))
+    else:
+        message = error.description or HTTPStatus(code).phrase
+    if code == 413:
+        message = "the upload is larger than this server accepts"
+    response = jsonify(payload(code, message, _strip_locations(errors) if errors else None))
+    response.status_code = code
+    for name, value in (data.get("headers") or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _strip_locations(errors: dict[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for key, value in errors.items():
+        if key in LOCATIONS and isinstance(value, dict):
+            merged.update(value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _unauthorized(message: str):
+    response = jsonify(payload(401, message))
+    response.status_code = 401
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+@jwt.unauthorized_loader
+def _missing_token(reason: str):
+    return _unauthorized(f"missing access token: {reason}")
+
+
+@jwt.invalid_token_loader
+def _invalid_token(reason: str):
+    return _unauthorized(f"invalid access token: {reason}")
+
+
+@jwt.expired_token_loader
+def _expired_token(header: dict, data: dict):
+    return _unauthorized("the access token has expired; sign in again")
+
+
+@jwt.revoked_token_loader
+def _revoked_token(header: dict, data: dict):
+    return _unauthorized("the access token has been revoked; sign in again")
+
+
+@jwt.user_lookup_error_loader
+def _user_gone(header: dict, data: dict):
+    response = jsonify(payload(404, "the user of this token no longer exists"))
+    response.status_code = 404
+    return response
+
+
+def init_app(app: Flask, api: flask_smorest.Api) -> None:
+    # smorest registered its own handler for HTTPException; ours replaces it so every error, the
+    # ones raised outside a view (404 routing, 405, 413) included, comes out in one shape.
+    api.handle_http_exception = handle_http_exception
+    app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(Exception, _unhandled)
+
+
+def _unhandled(error: Exception):
+    if isinstance(error, HTTPException):
+        return handle_http_exception(error)
+    wrapped = InternalServerError(original_exception=error)
+    return handle_http_exception(wrapped)

@@ -1,0 +1,83 @@
+"""The API's collaborators, attached to the app in `init_app` and reached through `current_app`."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import flask_smorest
+from flask import Flask, current_app
+from flask_jwt_extended import JWTManager
+from webargs.flaskparser import FlaskParser
+from werkzeug.datastructures import CombinedMultiDict
+
+from tasks.storage import Storage, open_storage
+
+
+class Parser(FlaskParser):
+    # A request that breaks the schema is a client error, 400, in the one error shape.
+    DEFAULT_VALIDATION_STATUS = 400
+    # "multipart": a form's fields and files validated by one schema, so the OpenAPI document
+    # shows one multipart request body holding both.
+    __location_map__ = {**FlaskParser.__location_map__, "multipart": "load_multipart"}
+
+    def load_multipart(self, req: Any, schema: Any) -> Any:
+        return self._makeproxy(CombinedMultiDict([req.form, req.files]), schema)
+
+
+class Blueprint(flask_smorest.Blueprint):
+    ARGUMENTS_PARSER = Parser()
+    DEFAULT_LOCATION_CONTENT_TYPE_MAPPING = {
+        **flask_smorest.Blueprint.DEFAULT_LOCATION_CONTENT_TYPE_MAPPING,
+        "multipart": "multipart/form-data",
+    }
+
+
+jwt = JWTManager()
+
+STORAGE = "peertrain.storage"
+DISPATCHER = "peertrain.dispatcher"
+
+
+class Dispatcher:
+    """Sends work to the coordinator by task name, so the API never imports task code (or torch)."""
+
+    def __init__(self, celery_app: Any, queue: str) -> None:
+        self.celery = celery_app
+        self.queue = queue
+
+    def run_session(self, session_id: str) -> None:
+        self.celery.send_task("peertrain.run_session", args=[session_id], queue=self.queue)
+
+    def cancel_session(self, session_id: str) -> None:
+        self.celery.send_task("peertrain.cancel_session", args=[session_id], queue=self.queue)
+
+    def ping(self) -> None:
+        with self.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+
+
+def init_app(app: Flask) -> flask_smorest.Api:
+    """Attach every extension; returns the app's OpenAPI-documenting Api to register blueprints on."""
+    expires = app.config["JWT_ACCESS_TOKEN_EXPIRES"]
+    if isinstance(expires, int):
+        app.config["JWT_ACCESS_TOKEN_EXPIRES"] = timedelta(seconds=expires)
+    jwt.init_app(app)
+    api = flask_smorest.Api(app)
+    if STORAGE not in app.extensions:
+        app.extensions[STORAGE] = open_storage(
+            app.config["STORAGE_URL"], app.config["S3_ENDPOINT_URL"], app.config["S3_REGION"]
+        )
+    if DISPATCHER not in app.extensions:
+        from tasks.celery import app as celery_app
+
+        app.extensions[DISPATCHER] = Dispatcher(celery_app, app.config["COORDINATOR_QUEUE"])
+    return api
+
+
+def storage() -> Storage:
+    return current_app.extensions[STORAGE]
+
+
+def dispatcher() -> Dispatcher:
+    return current_app.extensions[DISPATCHER]

@@ -1,0 +1,113 @@
+"""Starting a session: validate the upload, claim peers, store the data, hand over to the coordinator.
+
+Each step that takes something (peers, a stored object, a session document) is undone if a later
+step fails, so a refused or failed start leaves nothing locked and nothing half-made.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from bson import ObjectId
+from flask import current_app
+from flask_smorest import abort
+from werkzeug.datastructures import FileStorage
+
+from models import Dataset, PeerRun, TrainingSession, User
+from models import peer as peers
+from models.session import FAILED, FEDERATED
+from tasks.storage import HashingReader
+from trainer.table import DatasetError, Table, read_table, split_indices
+from webapp.extensions import dispatcher, storage
+
+log = logging.getLogger(__name__)
+
+VALIDATION_FRACTION = 0.2
+
+
+def inspect_upload(upload: FileStorage, form: dict[str, Any]) -> Table:
+    """Read and validate the CSV with the trainer's own reader; a bad file is a 400 naming the problem."""
+    if not upload.filename:
+        abort(400, message="the file part has no file name", errors={"file": ["missing file name"]})
+    try:
+        table = read_table(upload.stream, target=form["target"], features=form["features"], task=form["task"])
+        split_indices(table.y, VALIDATION_FRACTION, seed=form["seed"], stratify=table.classes is not None)
+    except DatasetError as exc:
+        abort(400, message=f"the dataset cannot be used: {exc}", errors={"file": [str(exc)]})
+    return table
+
+
+def start(user: User, form: dict[str, Any], upload: FileStorage) -> TrainingSession:
+    """Claim peers and launch a session for `user`; aborts with 400 when it cannot."""
+    table = inspect_upload(upload, form)
+    wanted = form["num_peers"]
+    session_id = ObjectId()
+    stale_after = timedelta(seconds=current_app.config["PEER_TIMEOUT_SECONDS"])
+    names = peers.claim(session_id, wanted, stale_after=stale_after)
+    if not names:
+        online = peers.online_count()
+        abort(
+            400,
+            message=f"not enough peers: {wanted} requested, {online} online and free",
+            errors={"num_peers": [f"only {online} peer(s) online and free"]},
+        )
+    saved = False
+    try:
+        upload.stream.seek(0)
+        reader = HashingReader(upload.stream)
+        url = storage().put(f"users/{user.id}/sessions/{session_id}/dataset.csv", reader)
+        session = _document(session_id, user, form, table, names, url, reader, upload.filename)
+        session.save()
+        saved = True
+        dispatcher().run_session(str(session_id))
+    except Exception as exc:
+        peers.release(session_id)
+        if saved:
+            TrainingSession.objects(id=session_id).update_one(
+                set__status=FAILED, set__reason=f"could not reach the coordinator: {exc}"
+            )
+        log.exception("starting session %s failed", session_id)
+        abort(503, message="the platform could not start the session; no peer was kept, try again")
+    return session
+
+
+def _document(session_id: ObjectId, user: User, form: dict[str, Any], table: Table, names: list[str],
+              url: str, reader: HashingReader, filename: str) -> TrainingSession:
+    runs = [
+        PeerRun(name=name, hyperparameters=hp, epochs=_epochs(form, hp))
+        for name, hp in zip(names, form["hyperparameters"], strict=True)
+    ]
+    federated = {}
+    if form["mode"] == FEDERATED:
+        federated = {
+            key: form[key] for key in ("rounds", "local_epochs", "partition", "alpha", "aggregation")
+        }
+        federated["min_peers"] = form["min_peers"] or len(names)
+    return TrainingSession(
+        id=session_id,
+        owner_id=user.id,
+        mode=form["mode"],
+        task=form["task"],
+        target=table.target,
+        features=table.features,
+        seed=form["seed"],
+        dataset=Dataset(
+            filename=filename[-200:],
+            url=url,
+            bytes=reader.bytes,
+            sha256=reader.sha256,
+            rows=table.rows,
+            columns=len(table.columns),
+            classes=table.classes,
+        ),
+        peers=runs,
+        federated=federated,
+    )
+
+
+def _epochs(form: dict[str, Any], hp: dict[str, Any]) -> int:
+    if form["mode"] == FEDERATED:
+        return form["rounds"] * form["local_epochs"]
+    return hp["epochs"]

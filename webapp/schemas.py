@@ -1,0 +1,323 @@
+"""Marshmallow schemas: they validate requests, shape responses and write the OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import marshmallow as ma
+from flask_smorest.fields import Upload
+from marshmallow import fields, validate
+
+from models.session import FEDERATED, MODES, SWEEP
+
+MAX_PEERS = 64
+
+
+class UTCDateTime(fields.DateTime):
+    """A timestamp stored as naive UTC (BSON's way), written with its +00:00 offset."""
+
+    def _serialize(self, value: datetime | None, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return super()._serialize(value, attr, obj, **kwargs)
+
+
+class StrictSchema(ma.Schema):
+    class Meta:
+        unknown = ma.RAISE
+
+
+# --- accounts ---------------------------------------------------------------------------------
+
+class SignupSchema(StrictSchema):
+    username = fields.String(
+        required=True,
+        validate=[
+            validate.Length(min=3, max=40),
+            validate.Regexp(r"^[A-Za-z0-9_.-]+$", error="use letters, digits, '_', '.' or '-'"),
+        ],
+    )
+    email = fields.Email(required=True, validate=validate.Length(max=254))
+    password = fields.String(required=True, load_only=True, validate=validate.Length(min=8, max=256))
+
+
+class SigninSchema(StrictSchema):
+    email = fields.Email(required=True)
+    password = fields.String(required=True, load_only=True, validate=validate.Length(max=256))
+
+
+class UserSchema(ma.Schema):
+    id = fields.String()
+    username = fields.String()
+    email = fields.String()
+    created_at = UTCDateTime()
+
+
+class TokenSchema(ma.Schema):
+    access_token = fields.String()
+    token_type = fields.String(metadata={"example": "bearer"})
+    username = fields.String()
+    expires_in = fields.Integer(metadata={"description": "seconds until the token expires"})
+
+
+# --- peers ------------------------------------------------------------------------------------
+
+class PeerSchema(ma.Schema):
+    name = fields.String()
+    status = fields.String(metadata={"enum": ["ONLINE", "TRAINING", "OFFLINE"]})
+    hostname = fields.String(allow_none=True)
+    queue = fields.String()
+    last_seen = UTCDateTime(allow_none=True)
+    session_id = fields.String(allow_none=True)
+
+
+class PeerListSchema(ma.Schema):
+    peers = fields.List(fields.Nested(PeerSchema))
+    online = fields.Integer(metadata={"description": "peers ready to take a session"})
+    total = fields.Integer()
+
+
+# --- starting a session -----------------------------------------------------------------------
+
+class HyperparametersSchema(StrictSchema):
+    batch_size = fields.Integer(load_default=64, validate=validate.Range(min=1, max=65536))
+    epochs = fields.Integer(load_default=10, validate=validate.Range(min=1, max=1000))
+    learning_rate = fields.Float(
+        load_default=0.001, validate=validate.Range(min=0, max=10, min_inclusive=False)
+    )
+    hidden = fields.List(
+        fields.Integer(validate=validate.Range(min=1, max=4096)),
+        load_default=lambda: [128, 64],
+        validate=validate.Length(min=0, max=8),
+    )
+    optimizer = fields.String(load_default="adam", validate=validate.OneOf(["adam", "sgd"]))
+    dropout = fields.Float(load_default=0.0, validate=validate.Range(min=0, max=0.9))
+
+
+class JSONString(fields.Field):
+    """A form field holding JSON text, decoded before validation."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ma.ValidationError(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+
+
+class NameList(fields.Field):
+    """Column names as JSON list text or comma-separated text."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else [v for v in text.split(",")]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ma.ValidationError("give column names as a JSON list or comma-separated text")
+        names = [v.strip() for v in value if v.strip()]
+        if not names:
+            raise ma.ValidationError("name at least one feature column, or leave the field out")
+        if len(set(names)) != len(names):
+            raise ma.ValidationError("a column is named twice")
+        return names
+
+
+class StartSessionSchema(StrictSchema):
+    """The multipart form of `POST /sessions/start`: the CSV as the `file` part, and settings."""
+
+    file = Upload(required=True, metadata={"description": "the dataset, a CSV with a header row"})
+    num_peers = fields.Integer(required=True, validate=validate.Range(min=1, max=MAX_PEERS))
+    hyperparameters = JSONString(
+        load_default=None,
+        metadata={
+            "description": "JSON: one object for every peer, or a list of exactly num_peers objects "
+            "with batch_size, epochs, learning_rate, hidden, optimizer, dropout",
+            "type": "string",
+        },
+    )
+    target = fields.String(load_default="label", validate=validate.Length(min=1, max=200))
+    features = NameList(load_default=None, metadata={"type": "string", "description": "comma-separated or JSON list"})
+    task = fields.String(load_default="classification", validate=validate.OneOf(["classification", "regression"]))
+    mode = fields.String(load_default=SWEEP, validate=validate.OneOf(MODES))
+    seed = fields.Integer(load_default=0, validate=validate.Range(min=0, max=2**31 - 1))
+    # Federated mode only.
+    rounds = fields.Integer(load_default=5, validate=validate.Range(min=1, max=1000))
+    local_epochs = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1000))
+    partition = fields.String(load_default="iid", validate=validate.OneOf(["iid", "label_skew"]))
+    alpha = fields.Float(load_default=0.5, validate=validate.Range(min=0.01, max=1000))
+    aggregation = fields.String(load_default="fedavg", validate=validate.OneOf(["fedavg", "median", "trimmed_mean"]))
+    min_peers = fields.Integer(load_default=None, validate=validate.Range(min=1, max=MAX_PEERS))
+
+    @ma.validates_schema
+    def _peer_settings(self, data: dict[str, Any], **kwargs: Any) -> None:
+        num_peers = data.get("num_peers")
+        raw = data.get("hyperparameters")
+        if raw is None:
+            raw = {}
+        schema = HyperparametersSchema()
+        if isinstance(raw, dict):
+            try:
+                per_peer = [schema.load(raw)] * (num_peers or 1)
+            except ma.ValidationError as exc:
+                raise ma.ValidationError(exc.messages, "hyperparameters") from None
+        elif isinstance(raw, list):
+            if num_peers is not None and len(raw) != num_peers:
+                raise ma.ValidationError(
+                    f"give one object for every peer, or a list of exactly num_peers ({num_peers}) objects;"
+                    f" got a list of {len(raw)}",
+                    "hyperparameters",
+                )
+            per_peer = []
+            for i, item in enumerate(raw):
+                if not isinstance(item, dict):
+                    raise ma.ValidationError({str(i): ["must be an object"]}, "hyperparameters")
+                try:
+                    per_peer.append(schema.load(item))
+                except ma.ValidationError as exc:
+                    raise ma.ValidationError({str(i): exc.messages}, "hyperparameters") from None
+        else:
+            raise ma.ValidationError("must be a JSON object or a list of objects", "hyperparameters")
+        data["hyperparameters"] = per_peer
+        if data.get("mode") == FEDERATED:
+            self._federated(data)
+
+    @staticmethod
+    def _federated(data: dict[str, Any]) -> None:
+        if data["task"] != "classification" and data["partition"] == "label_skew":
+            raise ma.ValidationError("label_skew partitions need class labels (task=classification)", "partition")
+        if data["min_peers"] is not None and data["min_peers"] > data["num_peers"]:
+            raise ma.ValidationError("cannot exceed num_peers", "min_peers")
+        shapes = {(tuple(h["hidden"]), h["dropout"]) for h in data["hyperparameters"]}
+        if len(shapes) > 1:
+            raise ma.ValidationError(
+                "federated peers train one model together: give them the same hidden layers and dropout",
+                "hyperparameters",
+            )
+
+
+class StartedSchema(ma.Schema):
+    session_id = fields.String()
+    status = fields.String()
+    assigned_peers = fields.List(fields.String())
+
+
+# --- reading sessions -------------------------------------------------------------------------
+
+class DatasetSchema(ma.Schema):
+    filename = fields.String()
+    rows = fields.Integer()
+    columns = fields.Integer()
+    bytes = fields.Integer()
+    sha256 = fields.String()
+    classes = fields.List(fields.String(), allow_none=True)
+
+
+class PeerRunSchema(ma.Schema):
+    name = fields.String()
+    status = fields.String()
+    hyperparameters = fields.Dict()
+    round = fields.Integer()
+    epoch = fields.Integer()
+    epochs = fields.Integer(allow_none=True)
+    loss = fields.Float(allow_none=True)
+    accuracy = fields.Float(allow_none=True)
+    val_loss = fields.Float(allow_none=True)
+    val_accuracy = fields.Float(allow_none=True)
+    val_r2 = fields.Float(allow_none=True)
+    samples_per_sec = fields.Float(allow_none=True)
+    updated_at = UTCDateTime(allow_none=True)
+    final = fields.Dict()
+    samples = fields.Integer(allow_none=True)
+    bytes_fetched = fields.Integer()
+    error = fields.String(allow_none=True)
+
+
+class RoundSchema(ma.Schema):
+    round = fields.Integer()
+    metrics = fields.Dict()
+    peers = fields.List(fields.String())
+    rejected = fields.Dict(metadata={"description": "peer → why its weights were left out"})
+    finished_at = UTCDateTime()
+
+
+class SessionSummarySchema(ma.Schema):
+    id = fields.String()
+    status = fields.String()
+    mode = fields.String()
+    filename = fields.String(attribute="dataset.filename")
+    num_peers = fields.Function(lambda s: len(s.peers))
+    reason = fields.String(allow_none=True)
+    created_at = UTCDateTime()
+    finished_at = UTCDateTime(allow_none=True)
+
+
+class SessionListSchema(ma.Schema):
+    items = fields.List(fields.Nested(SessionSummarySchema))
+    total = fields.Integer()
+
+
+class SessionSchema(ma.Schema):
+    id = fields.String()
+    status = fields.String(metadata={"enum": ["PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"]})
+    mode = fields.String()
+    task = fields.String()
+    target = fields.String()
+    features = fields.List(fields.String())
+    seed = fields.Integer()
+    dataset = fields.Nested(DatasetSchema)
+    peers = fields.List(fields.Nested(PeerRunSchema))
+    federated = fields.Dict()
+    rounds = fields.List(fields.Nested(RoundSchema))
+    results = fields.Dict()
+    model_available = fields.Function(lambda s: bool(s.model_url))
+    reason = fields.String(allow_none=True)
+    created_at = UTCDateTime()
+    started_at = UTCDateTime(allow_none=True)
+    finished_at = UTCDateTime(allow_none=True)
+
+
+class TrainingStatusSchema(ma.Schema):
+    session_id = fields.String()
+    status = fields.String()
+    reason = fields.String(allow_none=True)
+
+
+class HeartbeatQuerySchema(StrictSchema):
+    peer = fields.String()
+    round = fields.Integer(validate=validate.Range(min=0))
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1))
+    page_size = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+
+
+class HeartbeatSchema(ma.Schema):
+    peer = fields.String()
+    round = fields.Integer()
+    epoch = fields.Integer()
+    epochs = fields.Integer(allow_none=True)
+    loss = fields.Float(allow_none=True)
+    accuracy = fields.Float(allow_none=True)
+    val_loss = fields.Float(allow_none=True)
+    val_accuracy = fields.Float(allow_none=True)
+    val_r2 = fields.Float(allow_none=True)
+    samples_per_sec = fields.Float(allow_none=True)
+    seconds = fields.Float(allow_none=True)
+    sent_at = UTCDateTime(allow_none=True)
+
+
+class HeartbeatPageSchema(ma.Schema):
+    items = fields.List(fields.Nested(HeartbeatSchema))
+    total = fields.Integer()
+    page = fields.Integer()
+    page_size = fields.Integer()
+
+
+class RoundListSchema(ma.Schema):
+    items = fields.List(fields.Nested(RoundSchema))
+
+
+class HealthSchema(ma.Schema):
+    ok = fields.Boolean()
+    checks = fields.Dict(metadata={"description": "component → 'ok' or what went wrong"})

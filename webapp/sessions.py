@@ -1,0 +1,148 @@
+"""Training sessions: start one, follow it, read its heartbeats and rounds, download its model."""
+
+from __future__ import annotations
+
+from flask import Response, stream_with_context
+from flask.views import MethodView
+from flask_jwt_extended import current_user, jwt_required
+from flask_smorest import abort
+
+from models import Heartbeat, TrainingSession
+from models import session as sessions
+from webapp import launch
+from webapp.extensions import Blueprint, dispatcher, storage
+from webapp.schemas import (
+    HeartbeatPageSchema,
+    HeartbeatQuerySchema,
+    RoundListSchema,
+    SessionListSchema,
+    SessionSchema,
+    StartedSchema,
+    StartSessionSchema,
+    TrainingStatusSchema,
+)
+
+blp = Blueprint("sessions", __name__, url_prefix="/sessions", description="Training sessions")
+AUTH = [{"bearerAuth": []}]
+
+
+def _owned(session_id: str) -> TrainingSession:
+    session = sessions.get_owned(session_id, current_user.id)
+    if session is None:
+        abort(404, message=f"no session {session_id}")
+    return session
+
+
+@blp.route("/start")
+class Start(MethodView):
+    @jwt_required()
+    @blp.arguments(StartSessionSchema, location="multipart")
+    @blp.response(202, StartedSchema)
+    @blp.alt_response(404, description="the token's user no longer exists")
+    @blp.alt_response(413, description="the upload is over the size cap")
+    @blp.doc(security=AUTH)
+    def post(self, form: dict):
+        """Start a training session on the uploaded CSV with `num_peers` peers."""
+        session = launch.start(current_user, form, form["file"])
+        return {"session_id": str(session.id), "status": session.status, "assigned_peers": [p.name for p in session.peers]}
+
+
+@blp.route("")
+class Sessions(MethodView):
+    @jwt_required()
+    @blp.response(200, SessionListSchema)
+    @blp.doc(security=AUTH)
+    def get(self):
+        """The caller's sessions, newest first."""
+        items = list(sessions.for_owner(current_user.id))
+        return {"items": items, "total": len(items)}
+
+
+@blp.route("/training-status")
+class TrainingStatus(MethodView):
+    @jwt_required()
+    @blp.response(200, TrainingStatusSchema)
+    @blp.doc(security=AUTH)
+    def get(self):
+        """The status of the caller's most recent session."""
+        session = sessions.for_owner(current_user.id).only("id", "status", "reason").first()
+        if session is None:
+            abort(404, message="you have no sessions yet")
+        return {"session_id": str(session.id), "status": session.status, "reason": session.reason}
+
+
+@blp.route("/<session_id>")
+class Session(MethodView):
+    @jwt_required()
+    @blp.response(200, SessionSchema)
+    @blp.doc(security=AUTH)
+    def get(self, session_id: str):
+        """One session: status, dataset, each peer's settings and progress, results."""
+        return _owned(session_id)
+
+
+@blp.route("/<session_id>/cancel")
+class Cancel(MethodView):
+    @jwt_required()
+    @blp.response(202, TrainingStatusSchema)
+    @blp.alt_response(409, description="the session has already ended")
+    @blp.doc(security=AUTH)
+    def post(self, session_id: str):
+        """Stop a pending or running session; its peers are released."""
+        session = _owned(session_id)
+        if session.finished:
+            abort(409, message=f"the session has already ended ({session.status})")
+        dispatcher().cancel_session(session_id)
+        return {"session_id": session_id, "status": session.status, "reason": "cancellation requested"}
+
+
+@blp.route("/<session_id>/heartbeats")
+class Heartbeats(MethodView):
+    @jwt_required()
+    @blp.arguments(HeartbeatQuerySchema, location="query")
+    @blp.response(200, HeartbeatPageSchema)
+    @blp.doc(security=AUTH)
+    def get(self, query: dict, session_id: str):
+        """The per-epoch heartbeats persisted for a session, oldest first; filter by `peer` and `round`."""
+        session = _owned(session_id)
+        filters = {"session_id": session.id}
+        for key in ("peer", "round"):
+            if key in query:
+                filters[key] = query[key]
+        found = Heartbeat.objects(**filters).order_by("round", "epoch", "peer")
+        page, size = query["page"], query["page_size"]
+        return {
+            "items": list(found.skip((page - 1) * size).limit(size)),
+            "total": found.count(),
+            "page": page,
+            "page_size": size,
+        }
+
+
+@blp.route("/<session_id>/rounds")
+class Rounds(MethodView):
+    @jwt_required()
+    @blp.response(200, RoundListSchema)
+    @blp.doc(security=AUTH)
+    def get(self, session_id: str):
+        """A federated session's rounds with the global model's metrics after each."""
+        return {"items": _owned(session_id).rounds}
+
+
+@blp.route("/<session_id>/model")
+class Model(MethodView):
+    @jwt_required()
+    @blp.response(200, description="the trained model, a safetensors file", content_type="application/octet-stream")
+    @blp.alt_response(409, description="the session has no model yet")
+    @blp.doc(security=AUTH)
+    def get(self, session_id: str):
+        """Download the final model (federated: the global model; sweep: the best peer's)."""
+        session = _owned(session_id)
+        if not session.model_url:
+            abort(409, message=f"session {session_id} has no model ({session.status})")
+        chunks = storage().iter_chunks(session.model_url)
+        return Response(
+            stream_with_context(chunks),
+            mimetype="application/octet-stream",
+            headers={"Content-Disposition": f'attachment; filename="peertrain-{session_id}.safetensors"'},
+        )
