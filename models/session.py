@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
@@ -100,6 +101,7 @@ class TrainingSession(Document):
     reason = StringField()
     created_at = DateTimeField(default=utcnow)
     started_at = DateTimeField()
+    deadline = DateTimeField()
     finished_at = DateTimeField()
 
     meta = {
@@ -137,15 +139,38 @@ def get_owned(session_id: str, owner_id: ObjectId) -> TrainingSession | None:
     return TrainingSession.objects(id=session_id, owner_id=owner_id).first()
 
 
-def start_running(session_id: ObjectId, task_ids: dict[str, str]) -> bool:
+def _task_updates(session_id: ObjectId, task_ids: dict[str, str]) -> dict[str, Any]:
+    names = TrainingSession.objects(id=session_id).scalar("peers").first() or []
+    position = {run.name: i for i, run in enumerate(names)}
+    updates: dict[str, Any] = {}
+    for name, task_id in task_ids.items():
+        updates[f"set__peers__{position[name]}__task_id"] = task_id
+        updates[f"set__peers__{position[name]}__status"] = RUNNING
+    return updates
+
+
+def start_running(session_id: ObjectId, task_ids: dict[str, str], deadline_seconds: float) -> bool:
     """PENDING → RUNNING, recording each peer's task id; False if the session is no longer pending."""
-    updates = {f"set__peers__{i}__task_id": task_id for i, task_id in enumerate(task_ids.values())}
-    updates.update({f"set__peers__{i}__status": RUNNING for i in range(len(task_ids))})
+    now = utcnow()
     return bool(
         TrainingSession.objects(id=session_id, status=PENDING).update_one(
-            set__status=RUNNING, set__started_at=utcnow(), **updates
+            set__status=RUNNING, set__started_at=now, set__deadline=now + timedelta(seconds=deadline_seconds),
+            **_task_updates(session_id, task_ids),
         )
     )
+
+
+def next_round(session_id: ObjectId, round_: int, task_ids: dict[str, str]) -> bool:
+    """Record a new round's task ids on a RUNNING session; False if it has ended meanwhile."""
+    updates = _task_updates(session_id, task_ids)
+    return bool(TrainingSession.objects(id=session_id, status=RUNNING).update_one(**updates))
+
+
+def overdue(now: datetime, pending_for: timedelta) -> list[TrainingSession]:
+    """Running sessions past their deadline, and pending ones no coordinator picked up in time."""
+    running = TrainingSession.objects(status=RUNNING, deadline__lt=now).only("id", "status")
+    pending = TrainingSession.objects(status=PENDING, created_at__lt=now - pending_for).only("id", "status")
+    return [*running, *pending]
 
 
 def finish(session_id: ObjectId, status: str, reason: str | None = None, **fields: Any) -> bool:

@@ -1,0 +1,121 @@
+"""`make run`: the whole platform in one process, on embedded defaults or on the services configured.
+
+With no service URLs set, everything lives in this process: the API, the coordinator, the monitor
+and LOCAL_PEERS peers, over Celery's in-memory broker and result backend, mongomock and a local
+storage directory. With BROKER_URL (and the others) pointing at real services, the API, the
+coordinator and the monitor still run here, and the local peers become real `celery worker`
+processes that consume the real broker, as peers on other machines do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from werkzeug.serving import make_server
+
+import models
+from settings import ROOT, Settings
+from tasks.storage import S3Storage, open_storage
+
+log = logging.getLogger("peertrain")
+
+WALKTHROUGH = """
+peertrain is running.
+
+  API        {base}
+  API docs   {base}/docs   (OpenAPI: {base}/openapi.json)
+  peers      {peers}
+  storage    {storage}
+
+Try it (in another shell):
+
+  curl -s -X POST {base}/auth/signup -H 'Content-Type: application/json' \\
+       -d '{{"username": "ann", "email": "ann@example.com", "password": "correct horse"}}'
+  TOKEN=$(curl -s -X POST {base}/auth/signin -H 'Content-Type: application/json' \\
+       -d '{{"email": "ann@example.com", "password": "correct horse"}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+  curl -s {base}/peers -H "Authorization: Bearer $TOKEN"
+  curl -s -X POST {base}/sessions/start -H "Authorization: Bearer $TOKEN" \\
+       -F file=@{sample} -F num_peers=2 \\
+       -F 'hyperparameters=[{{"learning_rate": 0.01, "epochs": 20}}, {{"learning_rate": 0.001, "epochs": 20}}]'
+  curl -s {base}/sessions/training-status -H "Authorization: Bearer $TOKEN"
+  curl -s {base}/sessions/<session_id> -H "Authorization: Bearer $TOKEN"
+  curl -s {base}/sessions/<session_id>/model -H "Authorization: Bearer $TOKEN" -o model.safetensors
+
+Stop with Ctrl-C.
+"""
+
+
+def _peer_processes(settings: Settings, names: list[str]) -> list[subprocess.Popen]:
+    # Peers get no database settings, exactly as on a peer machine.
+    env = {key: value for key, value in os.environ.items() if key not in ("MONGODB_URI", "JWT_SECRET_KEY")}
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", f"peer.{name}", "-n",
+             f"peer.{name}@%h", "-c", "1", "-E", f"--loglevel={settings.log_level}"],
+            cwd=ROOT, env=env,
+        )
+        for name in names
+    ]
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    models.connect(settings.mongodb_uri)
+    storage = open_storage(settings.storage_url, settings.s3_endpoint_url, settings.s3_region)
+    if isinstance(storage, S3Storage):
+        storage.ensure_bucket()
+    storage.ping()
+
+    from tasks import monitor
+    from tasks.celery import app
+    from tasks.inprocess import InProcessWorkers
+    from webapp import create_app
+
+    consumer = monitor.build(app, settings)
+    threading.Thread(target=consumer.run, name="monitor", daemon=True).start()
+    if not consumer.ready.wait(30):
+        raise SystemExit("the monitor could not reach the broker")
+    host = socket.gethostname()
+    workers = InProcessWorkers(app)
+    workers.start(settings.coordinator_queue, f"coordinator@{host}")
+
+    names = [f"local{i}" for i in range(1, settings.local_peers + 1)]
+    processes: list[subprocess.Popen] = []
+    if settings.embedded_broker:
+        for name in names:
+            workers.start(f"peer.{name}", f"peer.{name}@{host}")
+    else:
+        processes = _peer_processes(settings, names)
+
+    server = make_server(settings.host, settings.port, create_app(settings=settings), threaded=True)
+    base = f"http://{settings.host}:{server.server_port}"
+    print(WALKTHROUGH.format(base=base, peers=", ".join(names) or "none (start some with `make peer NAME=...`)",
+                             storage=settings.storage_url, sample=Path(ROOT, "samples", "wine.csv")), flush=True)
+
+    def shut_down(*_: object) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGINT, shut_down)
+    signal.signal(signal.SIGTERM, shut_down)
+    try:
+        server.serve_forever()
+    finally:
+        log.info("shutting down")
+        for process in processes:
+            process.terminate()
+        consumer.stop()
+        workers.stop()
+        for process in processes:
+            process.wait(15)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""How a session ends, whoever ends it: the coordinator, a failing peer, the monitor or the user.
+
+Ending is one conditional update (active → final), so when several of them race (a peer fails
+while the user cancels) exactly one wins and the others do nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from bson import ObjectId
+
+from models import TrainingSession
+from models import peer as peers
+from models import session as sessions
+from tasks.cancellation import request_stop
+from tasks.celery import app
+
+log = logging.getLogger(__name__)
+
+
+def end(session_id: str | ObjectId, status: str, reason: str | None = None, **fields) -> bool:
+    """Finish an active session with `status`, stop its peers' work and release them; False if it had ended."""
+    session_id = ObjectId(session_id)
+    if not sessions.finish(session_id, status, reason, **fields):
+        return False
+    session = TrainingSession.objects(id=session_id).only("peers").first()
+    if status != sessions.COMPLETED:
+        request_stop(app, str(session_id), reason or status)
+        # Tasks still queued (a peer with a backlog) never start; running ones see the stop marker.
+        task_ids = [run.task_id for run in session.peers if run.task_id]
+        if task_ids:
+            app.control.revoke(task_ids)
+        for run in session.peers:
+            if run.status in sessions.ACTIVE:
+                # The culprit of a failure was recorded already; the others were stopped, not failed.
+                sessions.record_peer_result(session_id, run.name, sessions.CANCELLED)
+    released = peers.release(session_id)
+    log.info("session %s %s (%s); %d peer(s) released", session_id, status, reason or "-", released)
+    return True

@@ -1,0 +1,122 @@
+"""The peer's task: fetch the data, train with `trainer`, report each epoch, store the weights.
+
+It runs on peer machines, which hold no database credentials: progress leaves as Celery events
+(`task-heartbeat`, persisted by the monitor), the result as the task's return value.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from celery import Task
+
+from settings import Settings
+from tasks.cancellation import stop_check
+from tasks.celery import app
+from tasks.storage import open_storage
+from trainer.dataset import Dataset, prepare
+from trainer.loop import EpochMetrics, TrainConfig, train as fit
+from trainer.model import ModelConfig, SimpleDNN
+from trainer.normalization import Normalization
+from trainer.table import read_table
+from trainer.weights import Checkpoint, checkpoint_bytes, state_from_bytes, state_to_bytes
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = "task-heartbeat"
+
+
+@cache
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+@cache
+def _storage():
+    settings = _settings()
+    return open_storage(settings.storage_url, settings.s3_endpoint_url, settings.s3_region)
+
+
+@app.task(name="peertrain.train", bind=True)
+def train(self: Task, spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one peer's model as `spec` says (built by the coordinator) and return a small JSON result."""
+    session, peer, round_ = spec["session"], spec["peer"], spec.get("round", 0)
+    should_stop = stop_check(self.app, session)
+    if should_stop():
+        # Redelivered after the session ended (e.g. this peer restarted): nothing to do.
+        return {"peer": peer, "round": round_, "stopped": True, "samples": 0}
+
+    with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
+        path = Path(tmp) / "data.csv"
+        fetched = _storage().download(spec["data_url"], path)
+        data = _dataset(spec, path)
+
+    hp = spec["hyperparameters"]
+    model = SimpleDNN(ModelConfig(
+        input_size=len(data.table.features),
+        output_size=data.table.output_size,
+        hidden=tuple(hp["hidden"]),
+        dropout=hp.get("dropout", 0.0),
+        task=data.table.task,
+    ))
+    initial = None
+    if spec.get("initial_weights_url"):
+        initial = state_from_bytes(_storage().get_bytes(spec["initial_weights_url"]), model.config)
+
+    def report(metrics: EpochMetrics) -> None:
+        self.send_event(HEARTBEAT, session=session, peer=peer, round=round_, **metrics.to_dict())
+
+    config = TrainConfig(
+        batch_size=hp["batch_size"], epochs=hp["epochs"], learning_rate=hp["learning_rate"],
+        optimizer=hp.get("optimizer", "adam"), seed=spec.get("seed", 0), num_threads=_settings().peer_threads,
+    )
+    result = fit(model, data.train_x, data.train_y, config, data.val_x, data.val_y,
+                 on_epoch_end=report, should_stop=should_stop, initial_state=initial)
+
+    weights = _weights(spec, result.model, data, result.history)
+    url = _storage().put_bytes(spec["weights_key"], weights)
+    final = result.final
+    return {
+        "peer": peer,
+        "round": round_,
+        "samples": len(data.train_y),
+        "epochs_done": len(result.history),
+        "final": final.to_dict() if final else {},
+        "weights_url": url,
+        "bytes_fetched": fetched,
+        "seconds": result.seconds,
+        "stopped": result.stopped,
+        "device": result.metadata.get("device"),
+    }
+
+
+def _dataset(spec: dict[str, Any], path: Path) -> Dataset:
+    table = read_table(path, target=spec["target"], features=spec["features"], task=spec["task"],
+                       classes=spec.get("classes"))
+    if spec.get("normalization"):
+        # A federated shard: the whole file is training data, scaled like every other peer's.
+        import numpy as np
+
+        return Dataset.from_indices(table, np.arange(table.rows), None,
+                                    Normalization.from_dict(spec["normalization"]))
+    return prepare(table, spec.get("validation_fraction", 0.2), seed=spec.get("seed", 0),
+                   stratify=table.classes is not None)
+
+
+def _weights(spec: dict[str, Any], model: SimpleDNN, data: Dataset, history: list[EpochMetrics]) -> bytes:
+    if spec.get("normalization"):
+        return state_to_bytes(model.state_dict(), {"peer": spec["peer"], "round": spec.get("round", 0)})
+    checkpoint = Checkpoint(
+        config=model.config,
+        features=data.table.features,
+        target=data.table.target,
+        classes=data.table.classes,
+        normalization=data.normalization,
+        metadata={"session": spec["session"], "peer": spec["peer"], "hyperparameters": spec["hyperparameters"],
+                  "history": [m.to_dict() for m in history]},
+    )
+    return checkpoint_bytes(model, checkpoint)
