@@ -51,6 +51,9 @@ class Heartbeat(Document):
     }
 
 
+METRICS = ("epochs", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2", "samples_per_sec", "seconds")
+
+
 def insert_many(heartbeats: Iterable[dict[str, Any]]) -> int:
     """Insert heartbeats in one round trip; ones already stored are skipped. Returns how many were new."""
     docs = []

@@ -18,6 +18,7 @@ from celery.result import AsyncResult
 
 import models
 from models import TrainingSession
+from models import heartbeat as heartbeats
 from models import session as sessions
 from models.peer import queue_for
 from settings import Settings
@@ -115,13 +116,26 @@ def aggregate(results: list[dict[str, Any]], session_id: str, round_: int = 0) -
         federated.aggregate_round(session, round_, results)
         return
     for result in results:
-        sessions.record_peer_result(
-            session.id, result["peer"], sessions.COMPLETED, final=result["final"], samples=result["samples"],
-            weights_url=result["weights_url"], bytes_fetched=result["bytes_fetched"],
-        )
+        record_result(session, result, sessions.COMPLETED)
     summary = compare(session.task, results)
     lifecycle.end(session.id, sessions.COMPLETED, results=summary,
                   model_url=next(r["weights_url"] for r in results if r["peer"] == summary["best_peer"]))
+
+
+def record_result(session: TrainingSession, result: dict[str, Any], status: str) -> None:
+    """Store a peer's returned result: final metrics, where its weights are, and every epoch's heartbeat."""
+    final = result["final"]
+    progress = {key: final.get(key) for key in ("epoch", "epochs", "loss", "accuracy", "val_loss", "val_accuracy",
+                                                  "val_r2", "samples_per_sec") if key in final}
+    sessions.record_peer_result(
+        session.id, result["peer"], status, final=final, samples=result["samples"], round=result["round"],
+        weights_url=result.get("weights_url"), bytes_fetched=result["bytes_fetched"], **progress,
+    )
+    heartbeats.insert_many(
+        {"session_id": session.id, "peer": result["peer"], "round": result["round"],
+         **{key: epoch.get(key) for key in heartbeats.METRICS}, "epoch": epoch["epoch"]}
+        for epoch in result.get("history", [])
+    )
 
 
 def compare(task: str, results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 PEER_PREFIX = "peer."
 HEARTBEAT = "task-heartbeat"
-METRICS = ("epochs", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2", "samples_per_sec", "seconds")
 PROGRESS = ("round", "epoch", "epochs", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2", "samples_per_sec")
 
 
@@ -84,7 +83,7 @@ class Monitor:
                 "epoch": int(event["epoch"]),
                 "sent_at": datetime.fromtimestamp(event["timestamp"], UTC).replace(tzinfo=None)
                 if "timestamp" in event else None,
-                **{name: event.get(name) for name in METRICS},
+                **{name: event.get(name) for name in heartbeats.METRICS},
             }
         except (KeyError, TypeError, ValueError, InvalidId):
             log.warning("ignoring a malformed heartbeat: %r", event)

@@ -86,6 +86,9 @@ def train(self: Task, spec: dict[str, Any]) -> dict[str, Any]:
         "samples": len(data.train_y),
         "epochs_done": len(result.history),
         "final": final.to_dict() if final else {},
+        # The authoritative per-epoch record: the coordinator stores it, so a finished session has
+        # every heartbeat even if some events were lost on the way to the monitor.
+        "history": [m.to_dict() for m in result.history],
         "weights_url": url,
         "bytes_fetched": fetched,
         "seconds": result.seconds,

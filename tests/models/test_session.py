@@ -22,8 +22,8 @@ def make_session(peers=("a", "b")) -> TrainingSession:
 
 def test_a_session_runs_then_ends_once(db):
     session = make_session()
-    assert sessions.start_running(session.id, {"a": "task-a", "b": "task-b"})
-    assert not sessions.start_running(session.id, {"a": "x", "b": "y"})
+    assert sessions.start_running(session.id, {"a": "task-a", "b": "task-b"}, deadline_seconds=60)
+    assert not sessions.start_running(session.id, {"a": "x", "b": "y"}, deadline_seconds=60)
     session.reload()
     assert session.status == "RUNNING" and [p.task_id for p in session.peers] == ["task-a", "task-b"]
     assert sessions.by_task_id("task-b").id == session.id

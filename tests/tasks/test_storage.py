@@ -12,20 +12,6 @@ import pytest
 from tasks.storage import HashingReader, LocalStorage, S3Storage, StorageError, open_storage
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """moto's S3 server on a free loopback port: boto3 talks real HTTP to it."""
-    from moto.server import ThreadedMotoServer
-
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def s3(s3_endpoint, request) -> S3Storage:
     bucket = f"test-{abs(hash(request.node.name)) % 10**8}"

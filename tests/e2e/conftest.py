@@ -1,0 +1,111 @@
+"""The platform assembled from real parts: RabbitMQ, Redis, moto's S3 server, peer worker processes.
+
+The pieces that use mongomock (API, coordinator worker, monitor) share this test process, as the
+embedded mode does; peers are separate `celery worker` processes that never touch the database.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from werkzeug.serving import make_server
+
+import models
+from models import Peer
+from models.peer import ONLINE
+from settings import Settings
+from tests import conftest, services
+from tests.e2e.platform import Api, PeerProcess, peer_environment, wait_until
+
+
+@dataclass
+class Platform:
+    base_url: str
+    storage_url: str
+    s3_endpoint: str
+    log_dir: Path
+    peers: dict[str, PeerProcess] = field(default_factory=dict)
+
+    def user(self, name: str | None = None) -> Api:
+        return Api(self.base_url).sign_up_and_in(name or f"user{uuid.uuid4().hex[:8]}")
+
+    def start_peers(self, *names: str, **env: str) -> list[str]:
+        """Start peer processes and wait until the monitor has seen them ONLINE."""
+        environment = peer_environment(**{"STORAGE_URL": self.storage_url, "S3_ENDPOINT_URL": self.s3_endpoint,
+                                          "PEER_THREADS": "1", **env})
+        for name in names:
+            conftest.BROKER_QUEUES.append(f"peer.{name}")
+            self.peers[name] = PeerProcess(name, self.log_dir, environment)
+        try:
+            wait_until(lambda: Peer.objects(name__in=names, status=ONLINE).count() == len(names), 60,
+                       f"peers {names} to come ONLINE")
+        except AssertionError:
+            for name in names:
+                print(self.peers[name].log()[-3000:])
+            raise
+        return list(names)
+
+    def stop_peer(self, name: str) -> None:
+        self.peers.pop(name).stop()
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory, s3_endpoint) -> Iterator[Platform]:
+    services.require(services.rabbitmq_up() and services.redis_up(), "RabbitMQ and Redis")
+    from tasks import monitor
+    from tasks.celery import app
+    from tasks.inprocess import InProcessWorkers
+    from tasks.storage import open_storage
+    from webapp import create_app
+
+    settings = Settings.from_env()
+    assert settings.broker_url.startswith("amqp://"), settings.broker_url
+    db_name = f"peertrain-e2e-{uuid.uuid4().hex[:8]}"
+    db_uri = conftest.database_uri(db_name)
+    models.connect(db_uri)
+    storage_url = f"s3://peertrain-{conftest.RUN_ID}-{uuid.uuid4().hex[:6]}"
+    open_storage(storage_url, s3_endpoint).ensure_bucket()
+
+    consumer = monitor.build(app, settings)
+    monitor_thread = threading.Thread(target=consumer.run, name="monitor", daemon=True)
+    monitor_thread.start()
+    assert consumer.ready.wait(30), "the monitor could not consume events"
+    workers = InProcessWorkers(app)
+    workers.start(settings.coordinator_queue, f"coordinator-{conftest.RUN_ID}@test")
+    api = create_app({"MONGODB_URI": db_uri, "STORAGE_URL": storage_url, "S3_ENDPOINT_URL": s3_endpoint})
+    server = make_server("127.0.0.1", 0, api, threaded=True)
+    threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
+
+    platform = Platform(f"http://127.0.0.1:{server.server_port}", storage_url, s3_endpoint,
+                        tmp_path_factory.mktemp("logs"))
+    try:
+        yield platform
+    finally:
+        for name in list(platform.peers):
+            platform.stop_peer(name)
+        server.shutdown()
+        workers.stop()
+        consumer.stop()
+        monitor_thread.join(10)
+        import mongoengine
+
+        mongoengine.get_connection().drop_database(db_name)
+        models.disconnect()
+
+
+@pytest.fixture(scope="module")
+def digits_csv(tmp_path_factory) -> Path:
+    from tests.datasets import sklearn_csv
+
+    return sklearn_csv(tmp_path_factory.mktemp("data") / "digits.csv", "digits")
+
+
+@pytest.fixture
+def unique() -> Callable[[str], str]:
+    """Peer names unique to this run, so peers of other runs on the same broker never mix in."""
+    return lambda name: f"{name}{conftest.RUN_ID}"

@@ -1,0 +1,106 @@
+"""The platform as separate pieces for end-to-end tests: real peer processes, an HTTP client, waiting."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from settings import ROOT
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def peer_environment(**overrides: str) -> dict[str, str]:
+    """A peer machine's environment: the broker, the result backend and storage, no database."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MONGODB_URI", "JWT_SECRET_KEY")}
+    env.update(overrides)
+    return env
+
+
+class PeerProcess:
+    """`celery -A tasks worker -Q peer.<name> -n peer.<name>@%h -c 1 -E`: a peer as users start one."""
+
+    def __init__(self, name: str, log_dir: Path, env: dict[str, str], app: str = "tasks") -> None:
+        self.name = name
+        self.log_path = log_dir / f"peer-{name}.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", f"peer.{name}", "-n", f"peer.{name}@%h",
+             "-c", "1", "-E", "--loglevel=INFO", "--without-mingle", "--without-gossip"],
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Api:
+    """A user of the REST API over real HTTP."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.http = requests.Session()
+
+    def sign_up_and_in(self, username: str, password: str = "correct horse") -> Api:
+        email = f"{username}@example.com"
+        r = self.http.post(f"{self.base}/auth/signup", json={"username": username, "email": email, "password": password})
+        assert r.status_code == 201, r.text
+        r = self.http.post(f"{self.base}/auth/signin", json={"email": email, "password": password})
+        assert r.status_code == 200, r.text
+        self.http.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
+        return self
+
+    def get(self, path: str, **params: Any) -> requests.Response:
+        return self.http.get(f"{self.base}{path}", params=params, timeout=30)
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.http.post(f"{self.base}{path}", timeout=60, **kwargs)
+
+    def start(self, csv: Path, **form: Any) -> requests.Response:
+        with csv.open("rb") as f:
+            return self.post("/sessions/start", files={"file": (csv.name, f, "text/csv")},
+                             data={k: str(v) for k, v in form.items()})
+
+    def session(self, session_id: str) -> dict[str, Any]:
+        r = self.get(f"/sessions/{session_id}")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait_finished(self, session_id: str, timeout: float) -> dict[str, Any]:
+        def finished() -> dict[str, Any] | None:
+            session = self.session(session_id)
+            return session if session["status"] not in ("PENDING", "RUNNING") else None
+
+        return wait_until(finished, timeout, f"session {session_id} to finish", interval=0.2)
+
+    def heartbeats(self, session_id: str, **query: Any) -> list[dict[str, Any]]:
+        r = self.get(f"/sessions/{session_id}/heartbeats", page_size=1000, **query)
+        assert r.status_code == 200, r.text
+        return r.json()["items"]

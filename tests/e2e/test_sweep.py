@@ -1,0 +1,123 @@
+"""A sweep session end to end: HTTP in, real peer processes training, results and model out."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+EPOCHS = 5
+
+
+@pytest.fixture(scope="module")
+def two_peers(platform):
+    from tests import conftest
+
+    return platform.start_peers(f"a{conftest.RUN_ID}", f"b{conftest.RUN_ID}")
+
+
+def test_a_sweep_trains_each_peer_with_its_own_settings(platform, two_peers, digits_csv):
+    user = platform.user()
+    settings = [
+        {"learning_rate": 0.01, "epochs": EPOCHS, "hidden": [64], "batch_size": 32},
+        {"learning_rate": 0.0005, "epochs": EPOCHS, "hidden": [64], "batch_size": 32},
+    ]
+    import json
+
+    response = user.start(digits_csv, num_peers=2, hyperparameters=json.dumps(settings))
+    assert response.status_code == 202, response.text
+    started = response.json()
+    assert sorted(started["assigned_peers"]) == sorted(two_peers)
+    session = user.wait_finished(started["session_id"], timeout=120)
+    assert session["status"] == "COMPLETED", session
+
+    # Each peer trained with the settings it was given, and the curves show it.
+    by_peer = {p["name"]: p for p in session["peers"]}
+    curves = {}
+    for name, hp in zip(started["assigned_peers"], settings, strict=True):
+        run = by_peer[name]
+        assert run["status"] == "COMPLETED"
+        assert run["hyperparameters"]["learning_rate"] == hp["learning_rate"]
+        beats = user.heartbeats(started["session_id"], peer=name)
+        assert [b["epoch"] for b in beats] == list(range(1, EPOCHS + 1))
+        assert all(b["epochs"] == EPOCHS and b["loss"] > 0 and b["val_accuracy"] is not None for b in beats)
+        curves[hp["learning_rate"]] = [b["loss"] for b in beats]
+        assert run["epoch"] == EPOCHS and run["final"]["epoch"] == EPOCHS
+        assert run["bytes_fetched"] == digits_csv.stat().st_size
+    assert curves[0.01] != curves[0.0005]
+    # A higher learning rate (within reason) learns digits faster in 5 epochs.
+    assert curves[0.01][-1] < curves[0.0005][-1]
+
+    # The results name the best peer, and its model can be downloaded and used.
+    results = session["results"]
+    assert results["metric"] == "val_accuracy"
+    assert results["best_peer"] in two_peers
+    assert results["best_value"] == max(by_peer[n]["final"]["val_accuracy"] for n in two_peers)
+    assert session["model_available"]
+    model = user.get(f"/sessions/{started['session_id']}/model")
+    assert model.status_code == 200
+    from trainer.predictor import Predictor
+
+    predictor = Predictor.load(io.BytesIO(model.content))
+    predictions = predictor.predict_csv(digits_csv)
+    from trainer.table import read_table
+
+    labels = read_table(digits_csv).classes
+    truth = [labels[i] for i in read_table(digits_csv).y]
+    assert np.mean([p == t for p, t in zip(predictions, truth, strict=True)]) > 0.9
+
+    # Everyone is free again, and the status route agrees.
+    peers = {p["name"]: p for p in user.get("/peers").json()["peers"]}
+    assert all(peers[name]["status"] == "ONLINE" for name in two_peers)
+    status = user.get("/sessions/training-status").json()
+    assert status == {"session_id": started["session_id"], "status": "COMPLETED", "reason": None}
+
+
+def test_a_failing_peer_fails_the_session_quickly_and_frees_everyone(platform, two_peers, digits_csv, unique):
+    # A peer that cannot reach storage: its task raises at once, as a real misconfigured machine's would.
+    broken = unique("broken")
+    platform.start_peers(broken, S3_ENDPOINT_URL="http://127.0.0.1:9")
+    try:
+        user = platform.user()
+        long = {"learning_rate": 0.001, "epochs": 1000, "hidden": [64]}
+        began = time.monotonic()
+        response = user.start(digits_csv, num_peers=3, hyperparameters=__import__("json").dumps(long))
+        assert response.status_code == 202, response.text
+        session_id = response.json()["session_id"]
+        session = user.wait_finished(session_id, timeout=60)
+        elapsed = time.monotonic() - began
+        assert session["status"] == "FAILED"
+        assert f"peer {broken} failed" in session["reason"]
+        assert "StorageError" in session["reason"]
+        # Far sooner than the healthy peers' 1,000 epochs would take.
+        assert elapsed < 15, elapsed
+        by_peer = {p["name"]: p for p in session["peers"]}
+        assert by_peer[broken]["status"] == "FAILED" and "could not read" in by_peer[broken]["error"]
+        for name in two_peers:
+            assert by_peer[name]["status"] == "CANCELLED"
+
+        def all_free():
+            peers = {p["name"]: p["status"] for p in user.get("/peers").json()["peers"]}
+            return all(peers[n] == "ONLINE" for n in [*two_peers, broken])
+
+        from tests.e2e.platform import wait_until
+
+        wait_until(all_free, 10, "every peer to be ONLINE again")
+
+        # The healthy peers stopped early rather than training on for nothing.
+        def stopped_early():
+            beats = user.heartbeats(session_id)
+            return beats if len(beats) < 2 * 1000 else None
+
+        wait_until(stopped_early, 5, "the healthy peers to stop")
+        # They take new work at once.
+        quick = {"learning_rate": 0.01, "epochs": 2, "hidden": [32]}
+        again = user.start(digits_csv, num_peers=2, hyperparameters=__import__("json").dumps(quick))
+        assert again.status_code == 202, again.text
+        assert user.wait_finished(again.json()["session_id"], timeout=60)["status"] in ("COMPLETED", "FAILED")
+    finally:
+        platform.stop_peer(broken)
