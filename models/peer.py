@@ -66,6 +66,8 @@ def claim(session_id: ObjectId, count: int, stale_after: timedelta | None = None
     Each peer is taken with a conditional update (ONLINE → TRAINING), so two sessions claiming at
     once never share a peer; if fewer than `count` can be taken, the ones taken are given back.
     """
+    if count < 1:
+        return []
     query = Peer.objects(status=ONLINE)
     if stale_after is not None:
         query = query.filter(last_seen__gte=utcnow() - stale_after)

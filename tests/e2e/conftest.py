@@ -23,6 +23,9 @@ from tests import conftest, services
 from tests.e2e.platform import Api, PeerProcess, peer_environment, wait_until
 
 
+PEER_TIMEOUT = 6.0
+
+
 @dataclass
 class Platform:
     base_url: str
@@ -53,9 +56,14 @@ class Platform:
     def stop_peer(self, name: str) -> None:
         self.peers.pop(name).stop()
 
+    def kill_peer(self, name: str) -> None:
+        self.peers.pop(name).kill()
 
-@pytest.fixture(scope="module")
+
+@pytest.fixture(scope="package")
 def platform(tmp_path_factory, s3_endpoint) -> Iterator[Platform]:
+    # Package scope: one platform for every end-to-end module, torn down before other packages run
+    # (their `db` fixture reconnects the documents, which the platform's threads must not see).
     services.require(services.rabbitmq_up() and services.redis_up(), "RabbitMQ and Redis")
     from tasks import monitor
     from tasks.celery import app
@@ -71,7 +79,8 @@ def platform(tmp_path_factory, s3_endpoint) -> Iterator[Platform]:
     storage_url = f"s3://peertrain-{conftest.RUN_ID}-{uuid.uuid4().hex[:6]}"
     open_storage(storage_url, s3_endpoint).ensure_bucket()
 
-    consumer = monitor.build(app, settings)
+    # A short silence limit, so a peer killed mid-session is noticed within seconds.
+    consumer = monitor.EventConsumer(app, monitor.Monitor(peer_timeout=PEER_TIMEOUT), settings.monitor_queue)
     monitor_thread = threading.Thread(target=consumer.run, name="monitor", daemon=True)
     monitor_thread.start()
     assert consumer.ready.wait(30), "the monitor could not consume events"
@@ -98,7 +107,13 @@ def platform(tmp_path_factory, s3_endpoint) -> Iterator[Platform]:
         models.disconnect()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
+def two_peers(platform) -> list[str]:
+    """Two healthy peers, shared by the end-to-end tests (each test leaves them ONLINE)."""
+    return platform.start_peers(f"a{conftest.RUN_ID}", f"b{conftest.RUN_ID}")
+
+
+@pytest.fixture(scope="package")
 def digits_csv(tmp_path_factory) -> Path:
     from tests.datasets import sklearn_csv
 

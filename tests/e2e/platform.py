@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,8 +45,14 @@ class PeerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", f"peer.{name}", "-n", f"peer.{name}@%h",
              "-c", "1", "-E", "--loglevel=INFO", "--without-mingle", "--without-gossip"],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
+
+    def kill(self) -> None:
+        """Pull the plug: SIGKILL the worker and its pool child, so no worker-offline event is sent."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+        self._log.close()
 
     def stop(self) -> None:
         if self.process.poll() is None:

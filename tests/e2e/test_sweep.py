@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 
 import numpy as np
@@ -13,21 +14,12 @@ pytestmark = pytest.mark.e2e
 EPOCHS = 5
 
 
-@pytest.fixture(scope="module")
-def two_peers(platform):
-    from tests import conftest
-
-    return platform.start_peers(f"a{conftest.RUN_ID}", f"b{conftest.RUN_ID}")
-
-
 def test_a_sweep_trains_each_peer_with_its_own_settings(platform, two_peers, digits_csv):
     user = platform.user()
     settings = [
         {"learning_rate": 0.01, "epochs": EPOCHS, "hidden": [64], "batch_size": 32},
         {"learning_rate": 0.0005, "epochs": EPOCHS, "hidden": [64], "batch_size": 32},
     ]
-    import json
-
     response = user.start(digits_csv, num_peers=2, hyperparameters=json.dumps(settings))
     assert response.status_code == 202, response.text
     started = response.json()
@@ -85,7 +77,7 @@ def test_a_failing_peer_fails_the_session_quickly_and_frees_everyone(platform, t
         user = platform.user()
         long = {"learning_rate": 0.001, "epochs": 1000, "hidden": [64]}
         began = time.monotonic()
-        response = user.start(digits_csv, num_peers=3, hyperparameters=__import__("json").dumps(long))
+        response = user.start(digits_csv, num_peers=3, hyperparameters=json.dumps(long))
         assert response.status_code == 202, response.text
         session_id = response.json()["session_id"]
         session = user.wait_finished(session_id, timeout=60)
@@ -116,8 +108,29 @@ def test_a_failing_peer_fails_the_session_quickly_and_frees_everyone(platform, t
         wait_until(stopped_early, 5, "the healthy peers to stop")
         # They take new work at once.
         quick = {"learning_rate": 0.01, "epochs": 2, "hidden": [32]}
-        again = user.start(digits_csv, num_peers=2, hyperparameters=__import__("json").dumps(quick))
+        again = user.start(digits_csv, num_peers=2, hyperparameters=json.dumps(quick))
         assert again.status_code == 202, again.text
         assert user.wait_finished(again.json()["session_id"], timeout=60)["status"] in ("COMPLETED", "FAILED")
     finally:
         platform.stop_peer(broken)
+
+
+def test_a_peer_that_dies_mid_session_fails_it_within_seconds(platform, two_peers, digits_csv, unique):
+    from tests.e2e.conftest import PEER_TIMEOUT
+    from tests.e2e.platform import wait_until
+
+    victim = unique("victim")
+    platform.start_peers(victim)
+    user = platform.user()
+    long = json.dumps({"learning_rate": 0.001, "epochs": 1000, "hidden": [64]})
+    session_id = user.start(digits_csv, num_peers=3, hyperparameters=long).json()["session_id"]
+    wait_until(lambda: len(user.heartbeats(session_id, peer=victim)) >= 2, 60, "the victim to be training")
+    platform.kill_peer(victim)
+    killed = time.monotonic()
+    session = user.wait_finished(session_id, timeout=4 * PEER_TIMEOUT)
+    assert session["status"] == "FAILED"
+    assert f"peer {victim} went offline" in session["reason"]
+    assert time.monotonic() - killed < 2 * PEER_TIMEOUT
+    peers = {p["name"]: p["status"] for p in user.get("/peers").json()["peers"]}
+    assert peers[victim] == "OFFLINE"
+    assert all(peers[name] == "ONLINE" for name in two_peers)

@@ -1,0 +1,80 @@
+"""Flower, the monitoring UI, shows the peers and their training tasks."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from settings import ROOT
+from tests.e2e.platform import peer_environment, wait_until
+
+pytestmark = pytest.mark.e2e
+
+AUTH = ("admin", "flower-test-password")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def flower(platform, tmp_path):
+    port = free_port()
+    log = (tmp_path / "flower.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tasks", "flower", "--address=127.0.0.1", f"--port={port}",
+         f"--basic-auth={AUTH[0]}:{AUTH[1]}"],
+        cwd=ROOT, env=peer_environment(), stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(base), 30, "Flower to answer")
+        yield base
+    finally:
+        process.terminate()
+        process.wait(20)
+        log.close()
+
+
+def _answers(base: str) -> bool:
+    try:
+        return requests.get(f"{base}/healthcheck", timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def test_flower_shows_peers_and_their_training_tasks(platform, two_peers, digits_csv, flower):
+    assert requests.get(f"{flower}/api/workers", timeout=10).status_code == 401
+
+    def peers_listed():
+        workers = requests.get(f"{flower}/api/workers", params={"refresh": 1}, auth=AUTH, timeout=20).json()
+        queues = {name: [q["name"] for q in info.get("active_queues") or []] for name, info in workers.items()}
+        found = {peer: [name for name in queues if name.startswith(f"peer.{peer}@")] for peer in two_peers}
+        return queues if all(found.values()) else None
+
+    queues = wait_until(peers_listed, 30, "Flower to list the peer workers", interval=1)
+    for peer in two_peers:
+        worker = next(name for name in queues if name.startswith(f"peer.{peer}@"))
+        assert queues[worker] == [f"peer.{peer}"]
+
+    user = platform.user()
+    hp = json.dumps({"learning_rate": 0.01, "epochs": 2, "hidden": [32]})
+    session_id = user.start(digits_csv, num_peers=2, hyperparameters=hp).json()["session_id"]
+    assert user.wait_finished(session_id, timeout=60)["status"] == "COMPLETED"
+
+    def trained():
+        tasks = requests.get(f"{flower}/api/tasks", params={"taskname": "peertrain.train"}, auth=AUTH,
+                             timeout=10).json()
+        mine = [t for t in tasks.values() if session_id in (t.get("args") or "")]
+        return mine if len(mine) == 2 and all(t["state"] == "SUCCESS" for t in mine) else None
+
+    tasks = wait_until(trained, 20, "Flower to show both training tasks", interval=0.5)
+    assert sorted(t["routing_key"] for t in tasks) == sorted(f"peer.{p}" for p in two_peers)
+    assert sorted(t["worker"].split("@")[0] for t in tasks) == sorted(f"peer.{p}" for p in two_peers)

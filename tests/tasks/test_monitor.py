@@ -1,0 +1,140 @@
+"""The monitor turns Celery events into peers' status, heartbeats and failed sessions."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import timedelta
+
+import pytest
+from bson import ObjectId
+
+from models import Dataset, Heartbeat, Peer, PeerRun, TrainingSession, utcnow
+from models import peer as peers
+from models import session as sessions
+from tasks.monitor import EventConsumer, Monitor, peer_name
+from tests.e2e.platform import wait_until
+
+
+def make_session(names, status=sessions.RUNNING, **fields) -> TrainingSession:
+    session = TrainingSession(
+        owner_id=ObjectId(), target="label", status=status,
+        dataset=Dataset(filename="d.csv", url="file:///x", bytes=1, sha256="0" * 64, rows=1, columns=1),
+        peers=[PeerRun(name=n, status=sessions.RUNNING if status == sessions.RUNNING else sessions.PENDING)
+               for n in names],
+        **fields,
+    ).save()
+    if names:
+        assert sorted(peers.claim(session.id, len(names))) == sorted(names)
+    return session
+
+
+def heartbeat(session, peer, epoch, round=0, **metrics):
+    return {"type": "task-heartbeat", "session": str(session.id), "peer": peer, "round": round, "epoch": epoch,
+            "epochs": 3, "loss": 1.0 / epoch, "timestamp": time.time(), **metrics}
+
+
+@pytest.mark.parametrize(("hostname", "name"), [("peer.a@host", "a"), ("peer.gpu-1@x.y", "gpu-1"),
+                                                ("coordinator@host", None), ("peer.@host", None), (None, None)])
+def test_peer_names_come_from_worker_hostnames(hostname, name):
+    assert peer_name(hostname) == name
+
+
+def test_worker_events_drive_peer_status(db):
+    monitor = Monitor(peer_timeout=10)
+    monitor.on_event({"type": "worker-online", "hostname": "peer.a@host"})
+    monitor.on_event({"type": "worker-heartbeat", "hostname": "coordinator@host"})
+    assert [(p.name, p.status) for p in Peer.objects] == [("a", "ONLINE")]
+    monitor.on_event({"type": "worker-offline", "hostname": "peer.a@host"})
+    assert Peer.objects.get(name="a").status == "OFFLINE"
+    monitor.on_event({"type": "worker-heartbeat", "hostname": "peer.a@host"})
+    assert Peer.objects.get(name="a").status == "ONLINE"
+
+
+def test_heartbeats_are_stored_once_and_show_as_progress(db):
+    peers.seen("a", "peer.a@h")
+    session = make_session(["a"])
+    monitor = Monitor(peer_timeout=10)
+    for epoch in (1, 2, 2, 3):
+        monitor.on_event(heartbeat(session, "a", epoch, val_accuracy=0.5 + epoch / 10))
+    monitor.on_event({"type": "task-heartbeat", "session": "not-an-id", "peer": "a", "epoch": 1})
+    monitor.on_event({"type": "task-heartbeat", "peer": "a"})
+    assert monitor.flush() == 3
+    assert [h.epoch for h in Heartbeat.objects(session_id=session.id)] == [1, 2, 3]
+    run = TrainingSession.objects.get(id=session.id).peer("a")
+    assert (run.epoch, run.epochs, run.val_accuracy) == (3, 3, 0.8)
+    assert run.updated_at is not None
+    # Replayed events (a redelivery) change nothing.
+    monitor.on_event(heartbeat(session, "a", 2))
+    assert monitor.flush() == 0
+    assert Heartbeat.objects(session_id=session.id).count() == 3
+
+
+def test_a_peer_that_shuts_down_mid_session_fails_it_and_frees_the_others(db):
+    for name in ("a", "b"):
+        peers.seen(name, f"peer.{name}@h")
+    session = make_session(["a", "b"])
+    Monitor(peer_timeout=10).on_event({"type": "worker-offline", "hostname": "peer.b@h"})
+    session.reload()
+    assert session.status == "FAILED" and "peer b went offline" in session.reason
+    assert Peer.objects.get(name="a").status == "ONLINE"
+    assert Peer.objects.get(name="b").status == "OFFLINE"
+
+
+def test_sweep_marks_silent_peers_offline_and_fails_their_session(db):
+    peers.seen("quiet", "peer.quiet@h", at=utcnow() - timedelta(seconds=30))
+    peers.seen("busy", "peer.busy@h")
+    session = make_session(["quiet", "busy"])
+    assert Monitor(peer_timeout=10).sweep() == ["quiet"]
+    session.reload()
+    assert session.status == "FAILED" and "no heartbeat for 10 s" in session.reason
+    assert Peer.objects.get(name="busy").status == "ONLINE"
+
+
+def test_sweep_fails_sessions_past_their_deadline_or_never_started(db):
+    peers.seen("a", "peer.a@h")
+    peers.seen("b", "peer.b@h")
+    late = make_session(["a"], deadline=utcnow() - timedelta(seconds=1))
+    stuck = make_session(["b"], status=sessions.PENDING, created_at=utcnow() - timedelta(hours=1))
+    fresh = make_session([], status=sessions.PENDING)
+    Monitor(peer_timeout=10, start_timeout=600).sweep()
+    assert "deadline" in TrainingSession.objects.get(id=late.id).reason
+    assert "no coordinator" in TrainingSession.objects.get(id=stuck.id).reason
+    assert TrainingSession.objects.get(id=fresh.id).status == "PENDING"
+    assert Peer.objects(status="TRAINING").count() == 0
+
+
+def test_events_sent_while_the_monitor_is_down_are_applied_when_it_returns(db):
+    from tasks.celery import app
+
+    queue = f"test-monitor-{uuid.uuid4().hex[:8]}"
+    from tests import conftest
+
+    conftest.BROKER_QUEUES.append(queue)
+    peers.seen("a", "peer.a@h")
+    session = make_session(["a"])
+
+    def run_consumer() -> tuple[EventConsumer, threading.Thread]:
+        consumer = EventConsumer(app, Monitor(peer_timeout=60), queue, flush_every=0.05)
+        thread = threading.Thread(target=consumer.run, daemon=True)
+        thread.start()
+        assert consumer.ready.wait(10)
+        return consumer, thread
+
+    consumer, thread = run_consumer()
+    consumer.stop()
+    thread.join(10)
+    # The monitor is down: these go to its durable queue.
+    with app.events.default_dispatcher(hostname="peer.a@h") as dispatcher:
+        for epoch in range(1, 4):
+            event = heartbeat(session, "a", epoch)
+            event.pop("type")
+            event.pop("timestamp")
+            dispatcher.send("task-heartbeat", **event)
+    consumer, thread = run_consumer()
+    try:
+        wait_until(lambda: Heartbeat.objects(session_id=session.id).count() == 3, 10, "the queued heartbeats")
+    finally:
+        consumer.stop()
+        thread.join(10)
