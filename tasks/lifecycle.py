@@ -20,11 +20,15 @@ log = logging.getLogger(__name__)
 
 
 def end(session_id: str | ObjectId, status: str, reason: str | None = None, **fields) -> bool:
-    """Finish an active session with `status`, stop its peers' work and release them; False if it had ended."""
+    """Finish an active session with `status`, stop its peers' work and release them; False if it had ended.
+
+    The side effects come before the status changes, so whoever sees the session ended also sees its
+    peers free. They are idempotent: when two enders race, both apply them and one status wins.
+    """
     session_id = ObjectId(session_id)
-    if not sessions.finish(session_id, status, reason, **fields):
+    session = TrainingSession.objects(id=session_id, status__in=sessions.ACTIVE).only("peers").first()
+    if session is None:
         return False
-    session = TrainingSession.objects(id=session_id).only("peers").first()
     if status != sessions.COMPLETED:
         request_stop(app, str(session_id), reason or status)
         # Tasks still queued (a peer with a backlog) never start; running ones see the stop marker.
@@ -36,5 +40,7 @@ def end(session_id: str | ObjectId, status: str, reason: str | None = None, **fi
                 # The culprit of a failure was recorded already; the others were stopped, not failed.
                 sessions.record_peer_result(session_id, run.name, sessions.CANCELLED)
     released = peers.release(session_id)
+    if not sessions.finish(session_id, status, reason, **fields):
+        return False
     log.info("session %s %s (%s); %d peer(s) released", session_id, status, reason or "-", released)
     return True

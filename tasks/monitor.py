@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -209,7 +208,7 @@ class EventConsumer:
             while not self.stopped.is_set():
                 try:
                     connection.drain_events(timeout=min(self.flush_every, 0.25))
-                except socket.timeout:
+                except TimeoutError:
                     pass
                 now = time.monotonic()
                 if now >= next_flush or len(pending) >= self.monitor.batch_size:

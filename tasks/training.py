@@ -19,7 +19,8 @@ from tasks.cancellation import stop_check
 from tasks.celery import app
 from tasks.storage import open_storage
 from trainer.dataset import Dataset, prepare
-from trainer.loop import EpochMetrics, TrainConfig, train as fit
+from trainer.loop import EpochMetrics, TrainConfig
+from trainer.loop import train as fit
 from trainer.model import ModelConfig, SimpleDNN
 from trainer.normalization import Normalization
 from trainer.table import read_table

@@ -44,7 +44,8 @@ class Start(MethodView):
     def post(self, form: dict):
         """Start a training session on the uploaded CSV with `num_peers` peers."""
         session = launch.start(current_user, form, form["file"])
-        return {"session_id": str(session.id), "status": session.status, "assigned_peers": [p.name for p in session.peers]}
+        peers = [p.name for p in session.peers]
+        return {"session_id": str(session.id), "status": session.status, "assigned_peers": peers}
 
 
 @blp.route("")

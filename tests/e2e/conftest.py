@@ -22,7 +22,6 @@ from settings import Settings
 from tests import conftest, services
 from tests.e2e.platform import Api, PeerProcess, peer_environment, wait_until
 
-
 PEER_TIMEOUT = 6.0
 
 

@@ -77,7 +77,8 @@ class Api:
 
     def sign_up_and_in(self, username: str, password: str = "correct horse") -> Api:
         email = f"{username}@example.com"
-        r = self.http.post(f"{self.base}/auth/signup", json={"username": username, "email": email, "password": password})
+        account = {"username": username, "email": email, "password": password}
+        r = self.http.post(f"{self.base}/auth/signup", json=account)
         assert r.status_code == 201, r.text
         r = self.http.post(f"{self.base}/auth/signin", json={"email": email, "password": password})
         assert r.status_code == 200, r.text

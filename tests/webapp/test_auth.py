@@ -10,7 +10,8 @@ from models import User
 
 
 def test_signup_returns_the_user_without_secrets(client):
-    response = client.post("/auth/signup", json={"username": "ann", "email": "Ann@Example.com", "password": "pw-123456"})
+    account = {"username": "ann", "email": "Ann@Example.com", "password": "pw-123456"}
+    response = client.post("/auth/signup", json=account)
     assert response.status_code == 201
     body = response.json
     assert body["username"] == "ann"
@@ -28,7 +29,8 @@ def test_signup_returns_the_user_without_secrets(client):
     ],
 )
 def test_duplicate_username_or_email_is_409(client, second, field):
-    assert client.post("/auth/signup", json={"username": "ann", "email": "ann@example.com", "password": "pw-123456"}).status_code == 201
+    first = {"username": "ann", "email": "ann@example.com", "password": "pw-123456"}
+    assert client.post("/auth/signup", json=first).status_code == 201
     response = client.post("/auth/signup", json={**second, "password": "pw-123456"})
     assert response.status_code == 409
     assert response.json["status"] == "Conflict"
@@ -98,7 +100,8 @@ def test_token_signed_with_another_secret_is_401(client, app, signup):
 
     signup("ann")
     user = User.objects.get(username="ann")
-    forged = pyjwt.encode({"sub": str(user.id), "type": "access", "fresh": False}, "another-secret-that-is-long-enough-for-hs256", "HS256")
+    claims = {"sub": str(user.id), "type": "access", "fresh": False}
+    forged = pyjwt.encode(claims, "another-secret-that-is-long-enough-for-hs256", "HS256")
     assert client.get("/sessions", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
 
 

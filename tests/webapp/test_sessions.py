@@ -31,7 +31,8 @@ def start(client, headers, path: Path, **form):
 def test_start_claims_peers_stores_the_csv_and_creates_a_pending_session(client, auth, online_peers, csv_path,
                                                                          storage_dir):
     online_peers(3)
-    response = start(client, auth, csv_path, hyperparameters=[{"learning_rate": 0.01}, {"learning_rate": 0.1, "epochs": 3}])
+    settings = [{"learning_rate": 0.01}, {"learning_rate": 0.1, "epochs": 3}]
+    response = start(client, auth, csv_path, hyperparameters=settings)
     assert response.status_code == 202, response.json
     body = response.json
     assert body["status"] == "PENDING"
