@@ -26,6 +26,7 @@ task_send_sent_event = True
 task_routes = {"peertrain.run_session": {"queue": _settings.coordinator_queue},
                "peertrain.aggregate": {"queue": _settings.coordinator_queue},
                "peertrain.peer_failed": {"queue": _settings.coordinator_queue},
+               "peertrain.round_failed": {"queue": _settings.coordinator_queue},
                "peertrain.cancel_session": {"queue": _settings.coordinator_queue}}
 task_default_queue = _settings.coordinator_queue
 

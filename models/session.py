@@ -79,6 +79,7 @@ class Round(EmbeddedDocument):
     metrics = DictField()
     peers = ListField(StringField())
     rejected = DictField()
+    outliers = DictField()
     finished_at = DateTimeField(default=utcnow)
 
 
@@ -94,7 +95,8 @@ class TrainingSession(Document):
     seed = IntField(default=0)
     dataset = EmbeddedDocumentField(Dataset, required=True)
     peers = EmbeddedDocumentListField(PeerRun)
-    federated = DictField()
+    federated = DictField()  # the user's federated settings: rounds, local_epochs, partition, ...
+    plan = DictField()  # the coordinator's: where each shard is, normalisation, the model's shape
     rounds = EmbeddedDocumentListField(Round)
     results = DictField()
     model_url = StringField()
@@ -195,6 +197,11 @@ def record_progress(session_id: ObjectId, peer: str, fields: dict[str, Any]) -> 
     """Set a peer's latest progress (from its newest heartbeat) on the session."""
     updates = {f"set__peers__S__{name}": value for name, value in fields.items()}
     TrainingSession.objects(id=session_id, peers__name=peer).update_one(**updates)
+
+
+def add_bytes_fetched(session_id: ObjectId, peer: str, count: int) -> None:
+    if count:
+        TrainingSession.objects(id=session_id, peers__name=peer).update_one(inc__peers__S__bytes_fetched=count)
 
 
 def record_peer_result(session_id: ObjectId, peer: str, status: str, **fields: Any) -> None:

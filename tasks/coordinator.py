@@ -14,6 +14,7 @@ from functools import cache
 from typing import Any
 
 from celery import chord, uuid
+from celery.exceptions import ChordError
 from celery.result import AsyncResult
 
 import models
@@ -94,7 +95,10 @@ def launch_round(session: TrainingSession, round_: int, specs: list[dict[str, An
                       task_id=task_ids[spec["peer"]]).on_error(peer_failed.s())
         for spec in specs
     ]
-    body = aggregate.s(str(session.id), round_).set(queue=settings().coordinator_queue)
+    # The body's id names its session and round, so its errback (which gets only that id) can find them.
+    body = aggregate.s(str(session.id), round_).set(
+        queue=settings().coordinator_queue, task_id=f"aggregate:{session.id}:{round_}:{uuid()}"
+    ).on_error(round_failed.s())
     chord(header)(body)
 
 
@@ -129,8 +133,10 @@ def record_result(session: TrainingSession, result: dict[str, Any], status: str)
                                                   "val_r2", "samples_per_sec") if key in final}
     sessions.record_peer_result(
         session.id, result["peer"], status, final=final, samples=result["samples"], round=result["round"],
-        weights_url=result.get("weights_url"), bytes_fetched=result["bytes_fetched"], **progress,
+        weights_url=result.get("weights_url"), **progress,
     )
+    # A federated peer fetches its shard once and keeps it for later rounds: bytes add up.
+    sessions.add_bytes_fetched(session.id, result["peer"], result["bytes_fetched"])
     heartbeats.insert_many(
         {"session_id": session.id, "peer": result["peer"], "round": result["round"],
          **{key: epoch.get(key) for key in heartbeats.METRICS}, "epoch": epoch["epoch"]}
@@ -159,6 +165,21 @@ def compare(task: str, results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def peer_failure(session: TrainingSession, run: models.PeerRun) -> bool:
+    """Record that `run`'s task failed and end the session, unless a federated one can go on; True if ended."""
+    error = AsyncResult(run.task_id, app=app).result
+    message = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+    sessions.record_peer_result(session.id, run.name, sessions.FAILED, error=message)
+    run.status = sessions.FAILED
+    if session.mode == sessions.FEDERATED:
+        from tasks import federated
+
+        if federated.tolerate(session, run.name):
+            log.warning("session %s goes on without peer %s: %s", session.id, run.name, message)
+            return False
+    return lifecycle.end(session.id, sessions.FAILED, f"peer {run.name} failed: {message}")
+
+
 @app.task(name="peertrain.peer_failed")
 def peer_failed(task_id: str) -> None:
     """Errback of a peer's `train` task: end its session FAILED, naming the peer and the error."""
@@ -167,15 +188,39 @@ def peer_failed(task_id: str) -> None:
     if session is None or session.finished:
         return  # already ended (errbacks can fire twice on a hard time limit)
     run = next(r for r in session.peers if r.task_id == task_id)
-    error = AsyncResult(task_id, app=app).result
-    message = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
-    sessions.record_peer_result(session.id, run.name, sessions.FAILED, error=message)
-    if session.mode == sessions.FEDERATED:
-        from tasks import federated
+    if run.status != sessions.FAILED:
+        peer_failure(session, run)
 
-        if federated.tolerate(session, run.name):
+
+@app.task(name="peertrain.round_failed")
+def round_failed(task_id: str) -> None:
+    """Errback of a chord's body: a peer failed (the body never ran) or aggregating itself failed."""
+    _, session_id, round_, _ = task_id.split(":")
+    session = _session(session_id)
+    if session is None or session.finished:
+        return  # the common case: peer_failed ended it already
+    result = AsyncResult(task_id, app=app)
+    # A body that ran and raised has its failure stored before its errbacks are sent; a chord whose
+    # header failed calls them before storing anything.
+    if result.state != "FAILURE" or isinstance(result.result, ChordError):
+        # The failed peer's own errback (peer_failed) may still be on its way: this one can come first.
+        for run in session.peers:
+            if run.task_id and run.status != sessions.FAILED and AsyncResult(run.task_id, app=app).failed():
+                if peer_failure(session, run):
+                    return
+        if session.mode == sessions.FEDERATED:
+            from tasks import federated
+
+            try:
+                federated.recover_round(session, int(round_))
+            except Exception as exc:
+                lifecycle.end(session.id, sessions.FAILED, f"round {round_} could not be aggregated: {exc}")
+                raise
             return
-    lifecycle.end(session.id, sessions.FAILED, f"peer {run.name} failed: {message}")
+        lifecycle.end(session.id, sessions.FAILED, "a peer's task ended without a result")
+        return
+    error = result.result
+    lifecycle.end(session.id, sessions.FAILED, f"aggregating round {round_} failed: {type(error).__name__}: {error}")
 
 
 @app.task(name="peertrain.cancel_session")

@@ -6,7 +6,9 @@ It runs on peer machines, which hold no database credentials: progress leaves as
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -51,10 +53,18 @@ def train(self: Task, spec: dict[str, Any]) -> dict[str, Any]:
         # Redelivered after the session ended (e.g. this peer restarted): nothing to do.
         return {"peer": peer, "round": round_, "stopped": True, "samples": 0}
 
-    with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
-        path = Path(tmp) / "data.csv"
-        fetched = _storage().download(spec["data_url"], path)
+    if spec.get("keep_data"):
+        # A federated shard is the same every round: fetch it once, drop it after the last round.
+        cache = ShardCache(Path(tempfile.gettempdir()) / "peertrain-shards" / peer)
+        path, fetched = cache.fetch(_storage(), spec["data_url"])
         data = _dataset(spec, path)
+        if spec.get("last_round"):
+            cache.drop(spec["data_url"])
+    else:
+        with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
+            path = Path(tmp) / "data.csv"
+            fetched = _storage().download(spec["data_url"], path)
+            data = _dataset(spec, path)
 
     hp = spec["hyperparameters"]
     model = SimpleDNN(ModelConfig(
@@ -96,6 +106,35 @@ def train(self: Task, spec: dict[str, Any]) -> dict[str, Any]:
         "stopped": result.stopped,
         "device": result.metadata.get("device"),
     }
+
+
+class ShardCache:
+    """Files fetched from storage, kept under one directory by URL (objects never change once written)."""
+
+    def __init__(self, root: Path, keep: int = 8) -> None:
+        self.root = root
+        self.keep = keep
+
+    def _path(self, url: str) -> Path:
+        return self.root / f"{hashlib.sha256(url.encode()).hexdigest()[:32]}.csv"
+
+    def fetch(self, storage, url: str) -> tuple[Path, int]:
+        """The local copy of `url` and how many bytes this call downloaded (0 when it was cached)."""
+        path = self._path(url)
+        if path.exists():
+            path.touch()
+            return path, 0
+        self.root.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.part")
+        fetched = storage.download(url, partial)
+        os.replace(partial, path)
+        # Sessions that ended early leave shards behind: keep only the most recently used few.
+        for stale in sorted(self.root.glob("*.csv"), key=lambda p: p.stat().st_mtime)[:-self.keep]:
+            stale.unlink(missing_ok=True)
+        return path, fetched
+
+    def drop(self, url: str) -> None:
+        self._path(url).unlink(missing_ok=True)
 
 
 def _dataset(spec: dict[str, Any], path: Path) -> Dataset:

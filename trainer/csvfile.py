@@ -5,9 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO, TextIO
 
+import numpy as np
 import pandas as pd
 
 from trainer.errors import DatasetError
@@ -98,6 +99,27 @@ class CsvFile:
                 if len(record) != columns:
                     return line, len(record)
         return None
+
+    def split(self, parts: Sequence[np.ndarray], destinations: Sequence[str | os.PathLike[str]]) -> None:
+        """Write the header and the data rows of each part (0-based row numbers) to its own CSV, in one pass."""
+        size = max((int(np.max(p)) + 1 for p in parts if len(p)), default=0)
+        owner = np.full(size, -1, dtype=np.int64)
+        for index, rows in enumerate(parts):
+            owner[np.asarray(rows, dtype=np.int64)] = index
+        files = [open(d, "w", encoding="utf-8", newline="") for d in destinations]  # noqa: SIM115
+        try:
+            writers = [csv.writer(f, lineterminator="\n") for f in files]
+            with self._open() as text:
+                records = _records(text)
+                header = next(records)[1]
+                for writer in writers:
+                    writer.writerow(header)
+                for row, (_, record) in enumerate(records):
+                    if row < len(owner) and owner[row] >= 0:
+                        writers[owner[row]].writerow(record)
+        finally:
+            for f in files:
+                f.close()
 
     def frame(self, names: list[str]) -> pd.DataFrame:
         """All rows parsed by pandas' C reader under the (validated) header `names`, types inferred."""

@@ -19,6 +19,7 @@ from models import Dataset, PeerRun, TrainingSession, User
 from models import peer as peers
 from models.session import FAILED, FEDERATED
 from tasks.storage import HashingReader
+from trainer.split import shard
 from trainer.table import DatasetError, Table, read_table, split_indices
 from webapp.extensions import dispatcher, storage
 
@@ -33,7 +34,11 @@ def inspect_upload(upload: FileStorage, form: dict[str, Any]) -> Table:
         abort(400, message="the file part has no file name", errors={"file": ["missing file name"]})
     try:
         table = read_table(upload.stream, target=form["target"], features=form["features"], task=form["task"])
-        split_indices(table.y, VALIDATION_FRACTION, seed=form["seed"], stratify=table.classes is not None)
+        train_rows, _ = split_indices(table.y, VALIDATION_FRACTION, seed=form["seed"],
+                                      stratify=table.classes is not None)
+        if form["mode"] == FEDERATED:
+            # The coordinator will shard the same way: refuse now what it could not do.
+            shard(train_rows, table.y, form["num_peers"], form["partition"], alpha=form["alpha"], seed=form["seed"])
     except DatasetError as exc:
         abort(400, message=f"the dataset cannot be used: {exc}", errors={"file": [str(exc)]})
     return table

@@ -240,6 +240,8 @@ class RoundSchema(ma.Schema):
     metrics = fields.Dict()
     peers = fields.List(fields.String())
     rejected = fields.Dict(metadata={"description": "peer → why its weights were left out"})
+    outliers = fields.Dict(
+        metadata={"description": "peer → how many times farther from the aggregate than the typical peer"})
     finished_at = UTCDateTime()
 
 

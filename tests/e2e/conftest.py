@@ -6,6 +6,7 @@ embedded mode does; peers are separate `celery worker` processes that never touc
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -36,13 +37,13 @@ class Platform:
     def user(self, name: str | None = None) -> Api:
         return Api(self.base_url).sign_up_and_in(name or f"user{uuid.uuid4().hex[:8]}")
 
-    def start_peers(self, *names: str, **env: str) -> list[str]:
-        """Start peer processes and wait until the monitor has seen them ONLINE."""
+    def start_peers(self, *names: str, app: str = "tasks", **env: str) -> list[str]:
+        """Start peer processes (of Celery app `app`) and wait until the monitor has seen them ONLINE."""
         environment = peer_environment(**{"STORAGE_URL": self.storage_url, "S3_ENDPOINT_URL": self.s3_endpoint,
                                           "PEER_THREADS": "1", **env})
         for name in names:
             conftest.BROKER_QUEUES.append(f"peer.{name}")
-            self.peers[name] = PeerProcess(name, self.log_dir, environment)
+            self.peers[name] = PeerProcess(name, self.log_dir, environment, app=app)
         try:
             wait_until(lambda: Peer.objects(name__in=names, status=ONLINE).count() == len(names), 60,
                        f"peers {names} to come ONLINE")
@@ -77,6 +78,12 @@ def platform(tmp_path_factory, s3_endpoint) -> Iterator[Platform]:
     models.connect(db_uri)
     storage_url = f"s3://peertrain-{conftest.RUN_ID}-{uuid.uuid4().hex[:6]}"
     open_storage(storage_url, s3_endpoint).ensure_bucket()
+    # The in-process coordinator reads its storage from the environment, as a deployed one does.
+    saved = {key: os.environ.get(key) for key in ("STORAGE_URL", "S3_ENDPOINT_URL")}
+    os.environ.update(STORAGE_URL=storage_url, S3_ENDPOINT_URL=s3_endpoint)
+    from tasks import coordinator
+
+    coordinator.settings.cache_clear()
 
     # A short silence limit, so a peer killed mid-session is noticed within seconds.
     consumer = monitor.EventConsumer(app, monitor.Monitor(peer_timeout=PEER_TIMEOUT), settings.monitor_queue)
@@ -104,6 +111,12 @@ def platform(tmp_path_factory, s3_endpoint) -> Iterator[Platform]:
 
         mongoengine.get_connection().drop_database(db_name)
         models.disconnect()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        coordinator.settings.cache_clear()
 
 
 @pytest.fixture(scope="package")

@@ -1,0 +1,252 @@
+"""Federated sessions: the data is split once across the peers, the weights averaged every round.
+
+The coordinator keeps a held-out validation part and writes one CSV shard per peer, so each peer
+downloads only its own rows. Every round is a chord: each peer trains `local_epochs` from the
+current global weights on its shard and returns its weights through storage; the body checks them
+(shapes, finite values), aggregates (FedAvg weighted by samples, or the coordinate-wise median or
+trimmed mean that resist a bad peer), evaluates the global model on the held-out rows, and starts
+the next round or finishes the session with the global model as its result.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from celery import states
+from celery.result import AsyncResult
+
+from models import Round, TrainingSession
+from models import session as sessions
+from tasks import lifecycle
+from tasks.celery import app
+from tasks.coordinator import launch_round, record_result, session_prefix, settings
+from tasks.storage import open_storage
+from trainer.csvfile import CsvFile
+from trainer.loop import evaluate
+from trainer.model import ModelConfig, SimpleDNN
+from trainer.normalization import Normalization, fit_normalization
+from trainer.split import shard, split_indices
+from trainer.table import Table, read_table
+from trainer.weights import (
+    Checkpoint,
+    WeightsError,
+    average,
+    checkpoint_bytes,
+    median,
+    state_from_bytes,
+    state_to_bytes,
+    trimmed_mean,
+)
+
+log = logging.getLogger(__name__)
+
+VALIDATION_FRACTION = 0.2
+# A peer whose weights sit this many times farther from the aggregate than the typical peer's is
+# reported as an outlier (the median and trimmed mean outvote it; FedAvg would not).
+OUTLIER_FACTOR = 10.0
+
+
+def _storage():
+    s = settings()
+    return open_storage(s.storage_url, s.s3_endpoint_url, s.s3_region)
+
+
+def start(session: TrainingSession) -> None:
+    """Split the dataset into held-out rows and one shard per peer, store them, and launch round 0."""
+    prefix = session_prefix(session)
+    storage = _storage()
+    with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
+        path = Path(tmp) / "dataset.csv"
+        storage.download(session.dataset.url, path)
+        table = read_table(path, target=session.target, features=session.features, task=session.task)
+        classified = table.classes is not None
+        train_rows, val_rows = split_indices(table.y, VALIDATION_FRACTION, seed=session.seed, stratify=classified)
+        shards = shard(train_rows, table.y, len(session.peers), session.federated["partition"],
+                       alpha=session.federated["alpha"], seed=session.seed)
+        normalization = fit_normalization(table.x[train_rows], table.y[train_rows] if not classified else None)
+        files = [Path(tmp) / f"{run.name}.csv" for run in session.peers] + [Path(tmp) / "validation.csv"]
+        CsvFile(path).split([*shards, val_rows], files)
+        names = [run.name for run in session.peers] + ["validation"]
+        urls = {}
+        for name, file in zip(names, files, strict=True):
+            with file.open("rb") as stream:
+                urls[name] = storage.put(f"{prefix}/shards/{name}.csv", stream)
+        validation_url = urls.pop("validation")
+
+    hp = session.peers[0].hyperparameters
+    config = ModelConfig(len(table.features), table.output_size, tuple(hp["hidden"]), hp.get("dropout", 0.0),
+                         table.task)
+    # Every peer starts round 0 from the same weights, as FedAvg requires.
+    initial = storage.put_bytes(f"{prefix}/rounds/initial.safetensors",
+                                state_to_bytes(SimpleDNN(config, seed=session.seed).state_dict()))
+    plan = {
+        "shards": urls,
+        "shard_rows": {run.name: len(rows) for run, rows in zip(session.peers, shards, strict=True)},
+        "validation_url": validation_url,
+        "validation_rows": len(val_rows),
+        "normalization": normalization.to_dict(),
+        "classes": table.classes,
+        "model": config.to_dict(),
+    }
+    TrainingSession.objects(id=session.id).update_one(set__plan=plan)
+    session.reload()
+    launch_round(session, 0, specs(session, 0, initial))
+
+
+def specs(session: TrainingSession, round_: int, weights_url: str) -> list[dict[str, Any]]:
+    """One `train` argument per peer still in the session, starting from the global weights."""
+    plan, settings_ = session.plan, session.federated
+    return [
+        {
+            "session": str(session.id),
+            "peer": run.name,
+            "round": round_,
+            "data_url": plan["shards"][run.name],
+            "target": session.target,
+            "features": list(session.features),
+            "task": session.task,
+            "classes": plan["classes"],
+            "normalization": plan["normalization"],
+            "seed": session.seed + round_,
+            "hyperparameters": {**run.hyperparameters, "epochs": settings_["local_epochs"]},
+            "initial_weights_url": weights_url,
+            "keep_data": True,
+            "last_round": round_ + 1 == settings_["rounds"],
+            "weights_key": f"{session_prefix(session)}/rounds/{round_}/{run.name}.safetensors",
+        }
+        for run in session.peers
+        if run.status != sessions.FAILED
+    ]
+
+
+def aggregate_round(session: TrainingSession, round_: int, results: list[dict[str, Any]]) -> None:
+    """Check and combine the peers' weights, evaluate the global model, then go on or finish."""
+    plan, settings_ = session.plan, session.federated
+    config = ModelConfig.from_dict(plan["model"])
+    storage = _storage()
+    states, samples, rejected = {}, {}, {}
+    for result in results:
+        record_result(session, result, sessions.RUNNING)
+        try:
+            if result.get("stopped") or not result.get("samples"):
+                raise WeightsError("it stopped before finishing the round")
+            states[result["peer"]] = state_from_bytes(storage.get_bytes(result["weights_url"]), config)
+            samples[result["peer"]] = result["samples"]
+        except (WeightsError, ValueError) as exc:
+            rejected[result["peer"]] = str(exc)
+    if len(states) < settings_["min_peers"]:
+        lifecycle.end(session.id, sessions.FAILED,
+                      f"round {round_}: only {len(states)} peer(s) returned usable weights, "
+                      f"{settings_['min_peers']} needed; rejected: {_listing(rejected)}")
+        return
+
+    names = sorted(states)
+    merged = _combine(settings_["aggregation"], [states[n] for n in names], [samples[n] for n in names])
+    outliers = _outliers(merged, {n: states[n] for n in names})
+    model = SimpleDNN(config)
+    model.load_state_dict(merged)
+    metrics = _evaluate(model, session)
+    global_url = storage.put_bytes(f"{session_prefix(session)}/rounds/{round_}/global.safetensors",
+                                   state_to_bytes(merged, {"round": round_}))
+    round_doc = Round(round=round_, metrics={**metrics, "samples": sum(samples.values())}, peers=names,
+                      rejected=rejected, outliers=outliers)
+    TrainingSession.objects(id=session.id, status=sessions.RUNNING).update_one(
+        push__rounds=round_doc, set__plan__global_url=global_url)
+
+    if round_ + 1 < settings_["rounds"]:
+        session.reload()
+        launch_round(session, round_ + 1, specs(session, round_ + 1, global_url))
+        return
+    _finish(session, model, config, metrics)
+
+
+def _finish(session: TrainingSession, model: SimpleDNN, config: ModelConfig, metrics: dict[str, Any]) -> None:
+    session.reload()
+    plan, settings_ = session.plan, session.federated
+    checkpoint = Checkpoint(
+        config=config, features=list(session.features), target=session.target, classes=plan["classes"],
+        normalization=Normalization.from_dict(plan["normalization"]),
+        metadata={"session": str(session.id), "mode": "federated", "rounds": [r.metrics for r in session.rounds],
+                  "aggregation": settings_["aggregation"], "global_weights_url": plan["global_url"]},
+    )
+    model_url = _storage().put_bytes(f"{session_prefix(session)}/model.safetensors",
+                                     checkpoint_bytes(model, checkpoint))
+    metric = "val_accuracy" if session.task == "classification" else "val_r2"
+    for run in session.peers:
+        if run.status == sessions.RUNNING:
+            sessions.record_peer_result(session.id, run.name, sessions.COMPLETED)
+    results = {"metric": metric, "best_value": metrics.get(metric), "final": metrics, "rounds": len(session.rounds),
+               "aggregation": settings_["aggregation"],
+               "bytes_fetched": sum(run.bytes_fetched or 0 for run in session.peers),
+               "rejected": {f"round {r.round}": r.rejected for r in session.rounds if r.rejected}}
+    lifecycle.end(session.id, sessions.COMPLETED, results=results, model_url=model_url)
+
+
+def _combine(method: str, states: list[dict[str, torch.Tensor]], samples: list[int]) -> dict[str, torch.Tensor]:
+    if method == "median":
+        return median(states)
+    if method == "trimmed_mean":
+        return trimmed_mean(states, 0.2)
+    return average(states, samples)
+
+
+def _outliers(merged: dict[str, torch.Tensor], states: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Peers whose weights are far from the aggregate, with how many times the typical distance."""
+    if len(states) < 3:
+        return {}
+    distances = {name: float(torch.sqrt(sum(((s[k].double() - merged[k].double()) ** 2).sum() for k in merged)))
+                 for name, s in states.items()}
+    typical = float(np.median(list(distances.values()))) or 1e-12
+    return {name: round(d / typical, 1) for name, d in distances.items() if d > OUTLIER_FACTOR * typical}
+
+
+@lru_cache(maxsize=8)
+def _validation(url: str, target: str, features: tuple[str, ...], task: str,
+                classes: tuple[str, ...] | None) -> Table:
+    # Read once per coordinator process and session, not once per round.
+    with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
+        path = Path(tmp) / "validation.csv"
+        _storage().download(url, path)
+        return read_table(path, target=target, features=list(features), task=task,
+                          classes=list(classes) if classes else None)
+
+
+def _evaluate(model: SimpleDNN, session: TrainingSession) -> dict[str, Any]:
+    plan = session.plan
+    config = ModelConfig.from_dict(plan["model"])
+    table = _validation(plan["validation_url"], session.target, tuple(session.features), config.task,
+                        tuple(plan["classes"]) if plan["classes"] else None)
+    normalization = Normalization.from_dict(plan["normalization"])
+    y = normalization.apply_target(table.y) if config.task == "regression" else table.y
+    scores = evaluate(model, normalization.apply(table.x), y)
+    if config.task == "classification":
+        return {"val_loss": scores["loss"], "val_accuracy": scores["accuracy"], "val_rows": scores["samples"]}
+    return {"val_loss": scores["loss"], "val_r2": scores["r2"], "val_rows": scores["samples"]}
+
+
+def recover_round(session: TrainingSession, round_: int) -> None:
+    """A peer failed this round and the others may carry on: aggregate the results that did arrive."""
+    results = []
+    for run in session.peers:
+        if run.status == sessions.FAILED or not run.task_id:
+            continue
+        result = AsyncResult(run.task_id, app=app)
+        if result.state == states.SUCCESS:
+            results.append(result.result)
+    aggregate_round(session, round_, results)
+
+
+def tolerate(session: TrainingSession, peer: str) -> bool:
+    """A peer failed mid-round: True if the session can go on without it (enough peers remain)."""
+    remaining = sum(1 for run in session.peers if run.name != peer and run.status != sessions.FAILED)
+    return remaining >= session.federated.get("min_peers", len(session.peers))
+
+
+def _listing(rejected: dict[str, str]) -> str:
+    return "; ".join(f"{peer}: {why}" for peer, why in rejected.items()) or "none"
