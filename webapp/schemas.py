@@ -212,7 +212,7 @@ class DatasetSchema(ma.Schema):
     columns = fields.Integer()
     bytes = fields.Integer()
     sha256 = fields.String()
-    classes = fields.List(fields.String(), allow_none=True)
+    classes = fields.List(fields.String(), allow_none=True, dump_default=None)
 
 
 class PeerRunSchema(ma.Schema):
@@ -221,18 +221,18 @@ class PeerRunSchema(ma.Schema):
     hyperparameters = fields.Dict()
     round = fields.Integer()
     epoch = fields.Integer()
-    epochs = fields.Integer(allow_none=True)
-    loss = fields.Float(allow_none=True)
-    accuracy = fields.Float(allow_none=True)
-    val_loss = fields.Float(allow_none=True)
-    val_accuracy = fields.Float(allow_none=True)
-    val_r2 = fields.Float(allow_none=True)
-    samples_per_sec = fields.Float(allow_none=True)
-    updated_at = UTCDateTime(allow_none=True)
+    epochs = fields.Integer(allow_none=True, dump_default=None)
+    loss = fields.Float(allow_none=True, dump_default=None)
+    accuracy = fields.Float(allow_none=True, dump_default=None)
+    val_loss = fields.Float(allow_none=True, dump_default=None)
+    val_accuracy = fields.Float(allow_none=True, dump_default=None)
+    val_r2 = fields.Float(allow_none=True, dump_default=None)
+    samples_per_sec = fields.Float(allow_none=True, dump_default=None)
+    updated_at = UTCDateTime(allow_none=True, dump_default=None)
     final = fields.Dict()
-    samples = fields.Integer(allow_none=True)
+    samples = fields.Integer(allow_none=True, dump_default=None)
     bytes_fetched = fields.Integer()
-    error = fields.String(allow_none=True)
+    error = fields.String(allow_none=True, dump_default=None)
 
 
 class RoundSchema(ma.Schema):
@@ -262,7 +262,9 @@ class SessionListSchema(ma.Schema):
 
 
 class SessionSchema(ma.Schema):
-    id = fields.String()
+    """A session as read from the database as a plain dict (see models.session.view)."""
+
+    id = fields.Function(lambda s: str(s["_id"]))
     status = fields.String(metadata={"enum": ["PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"]})
     mode = fields.String()
     task = fields.String()
@@ -271,14 +273,14 @@ class SessionSchema(ma.Schema):
     seed = fields.Integer()
     dataset = fields.Nested(DatasetSchema)
     peers = fields.List(fields.Nested(PeerRunSchema))
-    federated = fields.Dict()
-    rounds = fields.List(fields.Nested(RoundSchema))
-    results = fields.Dict()
-    model_available = fields.Function(lambda s: bool(s.model_url))
-    reason = fields.String(allow_none=True)
+    federated = fields.Dict(dump_default=dict)
+    rounds = fields.List(fields.Nested(RoundSchema), dump_default=list)
+    results = fields.Dict(dump_default=dict)
+    model_available = fields.Function(lambda s: bool(s.get("model_url")))
+    reason = fields.String(allow_none=True, dump_default=None)
     created_at = UTCDateTime()
-    started_at = UTCDateTime(allow_none=True)
-    finished_at = UTCDateTime(allow_none=True)
+    started_at = UTCDateTime(allow_none=True, dump_default=None)
+    finished_at = UTCDateTime(allow_none=True, dump_default=None)
 
 
 class TrainingStatusSchema(ma.Schema):

@@ -79,7 +79,10 @@ class Session(MethodView):
     @blp.doc(security=AUTH)
     def get(self, session_id: str):
         """One session: status, dataset, each peer's settings and progress, results."""
-        return _owned(session_id)
+        session = sessions.view(session_id, current_user.id)
+        if session is None:
+            abort(404, message=f"no session {session_id}")
+        return session
 
 
 @blp.route("/<session_id>/cancel")

@@ -284,3 +284,44 @@ def test_model_is_409_until_there_is_one(client, auth, online_peers, csv_path):
     response = client.get(f"/sessions/{session_id}/model", headers=auth)
     assert response.status_code == 409
     assert "no model" in response.json["message"]
+
+
+@pytest.mark.parametrize(
+    ("form", "field", "words"),
+    [
+        ({"mode": "federated", "task": "regression", "partition": "label_skew"}, "partition", "class labels"),
+        ({"mode": "federated", "min_peers": "3"}, "min_peers", "num_peers"),
+        ({"mode": "federated", "hyperparameters": [{"hidden": [32]}, {"hidden": [64]}]}, "hyperparameters",
+         "same hidden"),
+        ({"mode": "federated", "aggregation": "mean"}, "aggregation", "Must be one of"),
+        ({"mode": "federated", "rounds": "0"}, "rounds", "greater than or equal to 1"),
+    ],
+)
+def test_bad_federated_settings_are_400(client, auth, online_peers, csv_path, form, field, words):
+    online_peers(2)
+    response = start(client, auth, csv_path, **form)
+    assert response.status_code == 400, response.json
+    assert field in response.json["errors"]
+    assert words in response.json["message"]
+    assert Peer.objects(status=TRAINING).count() == 0
+
+
+def test_a_federated_start_records_its_settings(client, auth, online_peers, csv_path):
+    online_peers(2)
+    response = start(client, auth, csv_path, mode="federated", rounds="4", local_epochs="3",
+                     partition="label_skew", alpha="0.3", aggregation="median")
+    assert response.status_code == 202, response.json
+    detail = client.get(f"/sessions/{response.json['session_id']}", headers=auth).json
+    assert detail["mode"] == "federated"
+    assert detail["federated"] == {"rounds": 4, "local_epochs": 3, "partition": "label_skew", "alpha": 0.3,
+                                   "aggregation": "median", "min_peers": 2}
+    assert [p["epochs"] for p in detail["peers"]] == [12, 12]
+
+
+def test_too_few_rows_for_one_shard_per_peer_is_400(client, auth, online_peers, tmp_path):
+    online_peers(6)
+    path = blobs_csv(tmp_path / "tiny.csv", rows=6, classes=2)
+    response = start(client, auth, path, mode="federated", num_peers="6")
+    assert response.status_code == 400, response.json
+    assert "shards" in response.json["message"]
+    assert Peer.objects(status=TRAINING).count() == 0
