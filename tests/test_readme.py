@@ -1,0 +1,33 @@
+"""The README stays true: its first commands, its settings table, its make targets."""
+
+from __future__ import annotations
+
+import re
+
+import settings
+from settings import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_opens_with_the_two_commands():
+    first_block = README.split("```", 2)[1]
+    assert re.search(r"^make run\b", first_block, re.M) and re.search(r"^make test\b", first_block, re.M)
+
+
+def test_settings_table_matches_the_code():
+    table = README.split("<!-- settings-table")[1].split("-->", 1)[1].split("<!-- /settings-table -->")[0]
+    assert table.strip() == settings.markdown_table()
+
+
+def test_env_example_names_every_setting():
+    example = (ROOT / ".env.example").read_text()
+    for option in settings.options():
+        assert re.search(rf"^{option.env}=", example, re.M), option.env
+
+
+def test_every_make_target_the_readme_names_exists():
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z-]+):", makefile, re.M))
+    for target in set(re.findall(r"`make ([a-z-]+)", README)):
+        assert target in targets, target
