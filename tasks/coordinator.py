@@ -1,47 +1,32 @@
 """The coordinator: runs sessions as chords of peer `train` tasks and owns their lifecycle in MongoDB.
 
-One `run_session` per session builds the chord (one `train` per claimed peer, routed to that
-peer's queue) with `aggregate` as its body. Each header task carries a one-argument errback,
-`peer_failed`, which Celery sends as a message to the coordinator's queue the moment that task
-fails, so one failing peer ends the session within a second instead of when the slowest peer
-finishes. (An errback with more arguments would run inside the failing peer, which has no database.)
+`run_session` launches a session's first round (tasks/rounds.py builds the chord: one `train` per
+claimed peer, routed to that peer's queue, with `aggregate` as its body); `aggregate` ends a sweep
+or hands a federated round to tasks/federated.py; `peer_failed` and `round_failed` turn failures
+into a FAILED session (or, in a federated session with peers to spare, a peer left out).
 """
 
 from __future__ import annotations
 
 import logging
-from functools import cache
 from typing import Any
 
-from celery import chord, uuid
 from celery.exceptions import ChordError
 from celery.result import AsyncResult
 
 import models
 from models import TrainingSession
-from models import heartbeat as heartbeats
 from models import session as sessions
-from models.peer import queue_for
-from settings import Settings
-from tasks import lifecycle
+from tasks import federated, lifecycle
 from tasks.celery import app
+from tasks.rounds import launch_round, record_result, session_prefix, settings
 
 log = logging.getLogger(__name__)
-
-
-@cache
-def settings() -> Settings:
-    return Settings.from_env()
 
 
 def _session(session_id: str) -> TrainingSession | None:
     models.ensure_connected(settings().mongodb_uri)
     return TrainingSession.objects(id=session_id).first()
-
-
-def session_prefix(session: TrainingSession) -> str:
-    """Where a session's objects live in storage."""
-    return f"users/{session.owner_id}/sessions/{session.id}"
 
 
 @app.task(name="peertrain.run_session")
@@ -53,8 +38,6 @@ def run_session(session_id: str) -> None:
         return
     try:
         if session.mode == sessions.FEDERATED:
-            from tasks import federated
-
             federated.start(session)
         else:
             launch_round(session, 0, [sweep_spec(session, run) for run in session.peers])
@@ -81,33 +64,6 @@ def sweep_spec(session: TrainingSession, run: models.PeerRun) -> dict[str, Any]:
     }
 
 
-def launch_round(session: TrainingSession, round_: int, specs: list[dict[str, Any]]) -> None:
-    """Send one chord: a `train` per spec on its peer's queue, then `aggregate` on the coordinator."""
-    task_ids = {spec["peer"]: uuid() for spec in specs}
-    if round_ == 0:
-        if not sessions.start_running(session.id, task_ids, deadline_seconds=_deadline(session)):
-            log.info("session %s was ended before it started", session.id)
-            return
-    elif not sessions.next_round(session.id, round_, task_ids):
-        return
-    header = [
-        app.signature("peertrain.train", args=[spec], queue=queue_for(spec["peer"]),
-                      task_id=task_ids[spec["peer"]]).on_error(peer_failed.s())
-        for spec in specs
-    ]
-    # The body's id names its session and round, so its errback (which gets only that id) can find them.
-    body = aggregate.s(str(session.id), round_).set(
-        queue=settings().coordinator_queue, task_id=f"aggregate:{session.id}:{round_}:{uuid()}"
-    ).on_error(round_failed.s())
-    chord(header)(body)
-
-
-def _deadline(session: TrainingSession) -> int:
-    rounds = session.federated.get("rounds", 1) if session.mode == sessions.FEDERATED else 1
-    # Each round may use a training task's whole time limit; past that the session cannot succeed.
-    return rounds * (settings().train_time_limit + 60)
-
-
 @app.task(name="peertrain.aggregate")
 def aggregate(results: list[dict[str, Any]], session_id: str, round_: int = 0) -> None:
     """The chord's body: every peer finished; record their results and end (or continue) the session."""
@@ -115,8 +71,6 @@ def aggregate(results: list[dict[str, Any]], session_id: str, round_: int = 0) -
     if session is None or session.finished:
         return
     if session.mode == sessions.FEDERATED:
-        from tasks import federated
-
         federated.aggregate_round(session, round_, results)
         return
     for result in results:
@@ -124,24 +78,6 @@ def aggregate(results: list[dict[str, Any]], session_id: str, round_: int = 0) -
     summary = compare(session.task, results)
     lifecycle.end(session.id, sessions.COMPLETED, results=summary,
                   model_url=next(r["weights_url"] for r in results if r["peer"] == summary["best_peer"]))
-
-
-def record_result(session: TrainingSession, result: dict[str, Any], status: str) -> None:
-    """Store a peer's returned result: final metrics, where its weights are, and every epoch's heartbeat."""
-    final = result["final"]
-    progress = {key: final.get(key) for key in ("epoch", "epochs", "loss", "accuracy", "val_loss", "val_accuracy",
-                                                  "val_r2", "samples_per_sec") if key in final}
-    sessions.record_peer_result(
-        session.id, result["peer"], status, final=final, samples=result["samples"], round=result["round"],
-        weights_url=result.get("weights_url"), **progress,
-    )
-    # A federated peer fetches its shard once and keeps it for later rounds: bytes add up.
-    sessions.add_bytes_fetched(session.id, result["peer"], result["bytes_fetched"])
-    heartbeats.insert_many(
-        {"session_id": session.id, "peer": result["peer"], "round": result["round"],
-         **{key: epoch.get(key) for key in heartbeats.METRICS}, "epoch": epoch["epoch"]}
-        for epoch in result.get("history", [])
-    )
 
 
 def compare(task: str, results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -172,8 +108,6 @@ def peer_failure(session: TrainingSession, run: models.PeerRun) -> bool:
     sessions.record_peer_result(session.id, run.name, sessions.FAILED, error=message)
     run.status = sessions.FAILED
     if session.mode == sessions.FEDERATED:
-        from tasks import federated
-
         if federated.tolerate(session, run.name):
             log.warning("session %s goes on without peer %s: %s", session.id, run.name, message)
             return False
@@ -209,8 +143,6 @@ def round_failed(task_id: str) -> None:
                 if peer_failure(session, run):
                     return
         if session.mode == sessions.FEDERATED:
-            from tasks import federated
-
             try:
                 federated.recover_round(session, int(round_))
             except Exception as exc:

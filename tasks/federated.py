@@ -25,8 +25,7 @@ from models import Round, TrainingSession
 from models import session as sessions
 from tasks import lifecycle
 from tasks.celery import app
-from tasks.coordinator import launch_round, record_result, session_prefix, settings
-from tasks.storage import open_storage
+from tasks.rounds import launch_round, record_result, session_prefix, storage
 from trainer.csvfile import CsvFile
 from trainer.loop import evaluate
 from trainer.model import ModelConfig, SimpleDNN
@@ -52,18 +51,13 @@ VALIDATION_FRACTION = 0.2
 OUTLIER_FACTOR = 10.0
 
 
-def _storage():
-    s = settings()
-    return open_storage(s.storage_url, s.s3_endpoint_url, s.s3_region)
-
-
 def start(session: TrainingSession) -> None:
     """Split the dataset into held-out rows and one shard per peer, store them, and launch round 0."""
     prefix = session_prefix(session)
-    storage = _storage()
+    store = storage()
     with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
         path = Path(tmp) / "dataset.csv"
-        storage.download(session.dataset.url, path)
+        store.download(session.dataset.url, path)
         table = read_table(path, target=session.target, features=session.features, task=session.task)
         classified = table.classes is not None
         train_rows, val_rows = split_indices(table.y, VALIDATION_FRACTION, seed=session.seed, stratify=classified)
@@ -76,14 +70,14 @@ def start(session: TrainingSession) -> None:
         urls = {}
         for name, file in zip(names, files, strict=True):
             with file.open("rb") as stream:
-                urls[name] = storage.put(f"{prefix}/shards/{name}.csv", stream)
+                urls[name] = store.put(f"{prefix}/shards/{name}.csv", stream)
         validation_url = urls.pop("validation")
 
     hp = session.peers[0].hyperparameters
     config = ModelConfig(len(table.features), table.output_size, tuple(hp["hidden"]), hp.get("dropout", 0.0),
                          table.task)
     # Every peer starts round 0 from the same weights, as FedAvg requires.
-    initial = storage.put_bytes(f"{prefix}/rounds/initial.safetensors",
+    initial = store.put_bytes(f"{prefix}/rounds/initial.safetensors",
                                 state_to_bytes(SimpleDNN(config, seed=session.seed).state_dict()))
     plan = {
         "shards": urls,
@@ -129,14 +123,14 @@ def aggregate_round(session: TrainingSession, round_: int, results: list[dict[st
     """Check and combine the peers' weights, evaluate the global model, then go on or finish."""
     plan, settings_ = session.plan, session.federated
     config = ModelConfig.from_dict(plan["model"])
-    storage = _storage()
+    store = storage()
     states, samples, rejected = {}, {}, {}
     for result in results:
         record_result(session, result, sessions.RUNNING)
         try:
             if result.get("stopped") or not result.get("samples"):
                 raise WeightsError("it stopped before finishing the round")
-            states[result["peer"]] = state_from_bytes(storage.get_bytes(result["weights_url"]), config)
+            states[result["peer"]] = state_from_bytes(store.get_bytes(result["weights_url"]), config)
             samples[result["peer"]] = result["samples"]
         except (WeightsError, ValueError) as exc:
             rejected[result["peer"]] = str(exc)
@@ -152,7 +146,7 @@ def aggregate_round(session: TrainingSession, round_: int, results: list[dict[st
     model = SimpleDNN(config)
     model.load_state_dict(merged)
     metrics = _evaluate(model, session)
-    global_url = storage.put_bytes(f"{session_prefix(session)}/rounds/{round_}/global.safetensors",
+    global_url = store.put_bytes(f"{session_prefix(session)}/rounds/{round_}/global.safetensors",
                                    state_to_bytes(merged, {"round": round_}))
     round_doc = Round(round=round_, metrics={**metrics, "samples": sum(samples.values())}, peers=names,
                       rejected=rejected, outliers=outliers)
@@ -175,7 +169,7 @@ def _finish(session: TrainingSession, model: SimpleDNN, config: ModelConfig, met
         metadata={"session": str(session.id), "mode": "federated", "rounds": [r.metrics for r in session.rounds],
                   "aggregation": settings_["aggregation"], "global_weights_url": plan["global_url"]},
     )
-    model_url = _storage().put_bytes(f"{session_prefix(session)}/model.safetensors",
+    model_url = storage().put_bytes(f"{session_prefix(session)}/model.safetensors",
                                      checkpoint_bytes(model, checkpoint))
     metric = "val_accuracy" if session.task == "classification" else "val_r2"
     for run in session.peers:
@@ -212,7 +206,7 @@ def _validation(url: str, target: str, features: tuple[str, ...], task: str,
     # Read once per coordinator process and session, not once per round.
     with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
         path = Path(tmp) / "validation.csv"
-        _storage().download(url, path)
+        storage().download(url, path)
         return read_table(path, target=target, features=list(features), task=task,
                           classes=list(classes) if classes else None)
 

@@ -14,6 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from celery import Task
 
 from settings import Settings
@@ -142,8 +143,6 @@ def _dataset(spec: dict[str, Any], path: Path) -> Dataset:
                        classes=spec.get("classes"))
     if spec.get("normalization"):
         # A federated shard: the whole file is training data, scaled like every other peer's.
-        import numpy as np
-
         return Dataset.from_indices(table, np.arange(table.rows), None,
                                     Normalization.from_dict(spec["normalization"]))
     return prepare(table, spec.get("validation_fraction", 0.2), seed=spec.get("seed", 0),

@@ -81,9 +81,10 @@ def platform(tmp_path_factory, s3_endpoint) -> Iterator[Platform]:
     # The in-process coordinator reads its storage from the environment, as a deployed one does.
     saved = {key: os.environ.get(key) for key in ("STORAGE_URL", "S3_ENDPOINT_URL")}
     os.environ.update(STORAGE_URL=storage_url, S3_ENDPOINT_URL=s3_endpoint)
-    from tasks import coordinator
+    from tasks import rounds
 
-    coordinator.settings.cache_clear()
+    rounds.settings.cache_clear()
+    rounds.storage.cache_clear()
 
     # A short silence limit, so a peer killed mid-session is noticed within seconds.
     consumer = monitor.EventConsumer(app, monitor.Monitor(peer_timeout=PEER_TIMEOUT), settings.monitor_queue)
@@ -116,7 +117,8 @@ def platform(tmp_path_factory, s3_endpoint) -> Iterator[Platform]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        coordinator.settings.cache_clear()
+        rounds.settings.cache_clear()
+        rounds.storage.cache_clear()
 
 
 @pytest.fixture(scope="package")

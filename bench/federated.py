@@ -1,0 +1,223 @@
+"""Benchmark federated quality: centralized training vs 4 peers (IID) vs 4 peers label-skewed, side by side.
+
+On scikit-learn's digits and breast_cancer, for each seed: (a) the trainer alone on all training rows,
+(b) a federated session with IID shards, (c) one with Dirichlet(alpha) label-skewed shards. All three
+hold out the same 20% (stratified, seeded) rows, start from the same initial weights, use the same
+hyperparameters and the same total epochs (centralized epochs = rounds x local epochs).
+
+The federated runs go through the real platform, as `make run` assembles it in one process: the API
+(Flask test client) signs up and POSTs /sessions/start with mode=federated; the real coordinator and
+peer tasks run on in-process Celery workers over the in-memory broker and result backend, with
+mongomock and a scratch storage directory. Results are read back from GET /sessions/<id>.
+
+Validation sets are small (digits 360 rows: 1 row = 0.28 points; breast_cancer 114 rows: 1 row = 0.88
+points), so one seed cannot resolve a 0.5-point target: the verdict is on the mean of the per-seed
+(paired) gaps over several seeds, printed with their standard deviation.
+
+Run: .venv/bin/python bench/federated.py [--seeds 3] [--rounds 20] [--local-epochs 1] [--aggregation fedavg]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# Celery reads its broker and backend when `tasks` is first imported: the bench runs on the in-memory
+# ones whatever the shell exports, so it never touches (or waits for) a real RabbitMQ or Redis.
+for _key in ("BROKER_URL", "RESULT_BACKEND", "MONGODB_URI", "STORAGE_URL", "S3_ENDPOINT_URL"):
+    os.environ.pop(_key, None)
+SCRATCH = Path(tempfile.mkdtemp(prefix="peertrain-bench-federated-"))
+os.environ.update(
+    STORAGE_URL=str(SCRATCH / "storage"), MONGODB_URI="mongomock://localhost/peertrain-bench-federated",
+    PEERTRAIN_ENV="development", JWT_SECRET_KEY="bench-secret-that-is-long-enough-for-hs256",
+    BCRYPT_ROUNDS="4", PEER_THREADS="1", LOG_LEVEL="WARNING",
+)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import models  # noqa: E402
+from settings import Settings  # noqa: E402
+from tests.datasets import sklearn_csv  # noqa: E402
+from trainer.dataset import Dataset  # noqa: E402
+from trainer.loop import TrainConfig, evaluate, train  # noqa: E402
+from trainer.model import ModelConfig, SimpleDNN  # noqa: E402
+from trainer.normalization import fit_normalization  # noqa: E402
+from trainer.split import split_indices  # noqa: E402
+from trainer.table import read_table  # noqa: E402
+
+PEERS = 4
+DATASETS = ("digits", "breast_cancer")
+TARGETS = {"iid": 0.5, "label_skew": 3.0}  # largest acceptable mean gap to centralized, in points
+BYTES_TARGET = 1.05  # bytes all peers fetched / dataset bytes
+SESSION_TIMEOUT = 300.0
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each a different split and init")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=0.003)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--hidden", default="128,64", help="hidden layer sizes, comma-separated")
+    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha of the label-skewed shards")
+    parser.add_argument("--aggregation", default="fedavg", choices=["fedavg", "median", "trimmed_mean"])
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    return parser.parse_args()
+
+
+def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
+    """What every peer, and the centralized run, trains with (the API's hyperparameters object)."""
+    return {"learning_rate": args.learning_rate, "batch_size": args.batch_size, "optimizer": "adam",
+            "hidden": [int(h) for h in args.hidden.split(",") if h]}
+
+
+def centralized(csv: Path, seed: int, args: argparse.Namespace) -> float:
+    """Held-out accuracy of the trainer alone, on the rows and from the weights a federated session uses."""
+    from tasks.federated import VALIDATION_FRACTION
+
+    hp = hyperparameters(args)
+    table = read_table(csv)
+    # The coordinator's split and normalization (tasks/federated.py `start`), rebuilt with the same calls.
+    train_rows, val_rows = split_indices(table.y, VALIDATION_FRACTION, seed=seed, stratify=True)
+    data = Dataset.from_indices(table, train_rows, val_rows, fit_normalization(table.x[train_rows]))
+    config = ModelConfig(len(table.features), table.output_size, tuple(hp["hidden"]), 0.0, table.task)
+    model = SimpleDNN(config, seed=seed)  # the federated session's round-0 global weights
+    epochs = args.rounds * args.local_epochs
+    train(model, data.train_x, data.train_y,
+          TrainConfig(batch_size=hp["batch_size"], epochs=epochs, learning_rate=hp["learning_rate"],
+                      optimizer=hp["optimizer"], seed=seed, num_threads=1))
+    return evaluate(model, data.val_x, data.val_y)["accuracy"]
+
+
+class Platform:
+    """The embedded platform: coordinator and peers as in-process workers, the API as a test client."""
+
+    def __init__(self, peers: int) -> None:
+        from tasks.celery import app
+        from tasks.inprocess import InProcessWorkers
+        from webapp import create_app
+
+        settings = Settings.from_env()
+        assert settings.embedded_broker, settings.broker_url
+        models.connect(settings.mongodb_uri)
+        self.workers = InProcessWorkers(app)
+        self.workers.start(settings.coordinator_queue, "coordinator@bench")
+        self.peers = [f"bench{i}" for i in range(1, peers + 1)]
+        for name in self.peers:
+            self.workers.start(f"peer.{name}", f"peer.{name}@bench")
+        self.client = create_app({"TESTING": True}, settings=settings).test_client()
+        account = {"username": "bench", "email": "bench@example.com", "password": "correct horse"}
+        assert self.client.post("/auth/signup", json=account).status_code == 201
+        signin = self.client.post("/auth/signin", json={k: account[k] for k in ("email", "password")})
+        assert signin.status_code == 200, signin.json
+        token = signin.json["access_token"]
+        self.auth = {"Authorization": f"Bearer {token}"}
+
+    def federated(self, csv: Path, seed: int, partition: str, args: argparse.Namespace) -> dict[str, Any]:
+        """Run one federated session to the end; its GET /sessions/<id> document."""
+        # The monitor is left out (it would only add event traffic to two noisy cores): peers are
+        # marked alive here, as the monitor does when their workers beat, so the API can claim them.
+        for name in self.peers:
+            models.peer.seen(name, f"peer.{name}@bench")
+        form = {"num_peers": str(len(self.peers)), "mode": "federated", "seed": str(seed),
+                "rounds": str(args.rounds), "local_epochs": str(args.local_epochs), "partition": partition,
+                "alpha": str(args.alpha), "aggregation": args.aggregation,
+                "hyperparameters": json.dumps(hyperparameters(args))}
+        with csv.open("rb") as file:
+            response = self.client.post("/sessions/start", headers=self.auth, content_type="multipart/form-data",
+                                        data={**form, "file": (file, csv.name)})
+        assert response.status_code == 202, response.json
+        session_id = response.json["session_id"]
+        deadline = time.monotonic() + SESSION_TIMEOUT
+        while time.monotonic() < deadline:
+            session = self.client.get(f"/sessions/{session_id}", headers=self.auth).json
+            if session["status"] not in ("PENDING", "RUNNING"):
+                if session["status"] != "COMPLETED":
+                    raise RuntimeError(f"session {session_id} {session['status']}: {session.get('reason')}")
+                return session
+            time.sleep(0.05)
+        raise RuntimeError(f"session {session_id} did not finish within {SESSION_TIMEOUT:g} s")
+
+    def close(self) -> None:
+        self.workers.stop()
+
+
+def mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):6.2f} ± {sd:4.2f}"
+
+
+def bench_dataset(platform: Platform, name: str, args: argparse.Namespace) -> dict[str, float]:
+    """Print per-seed and mean accuracies and gaps for one dataset; returns the mean gaps and byte ratio."""
+    csv = sklearn_csv(SCRATCH / f"{name}.csv", name)
+    rows = read_table(csv).rows
+    began = time.monotonic()
+    acc: dict[str, list[float]] = {"centralized": [], "iid": [], "label_skew": []}
+    ratios: list[float] = []
+    val_rows = 0
+    print(f"\n{name}: {rows} rows, {csv.stat().st_size:,} bytes")
+    print(f"  {'seed':>4} {'centralized':>11} {'iid':>7} {'label_skew':>10} {'gap iid':>8} {'gap skew':>9}"
+          f" {'fetched/size':>13}")
+    for seed in range(args.seeds):
+        acc["centralized"].append(100 * centralized(csv, seed, args))
+        seed_ratios = []
+        for partition in ("iid", "label_skew"):
+            session = platform.federated(csv, seed, partition, args)
+            last = session["rounds"][-1]["metrics"]
+            acc[partition].append(100 * last["val_accuracy"])
+            val_rows = last["val_rows"]
+            seed_ratios.append(session["results"]["bytes_fetched"] / session["dataset"]["bytes"])
+        ratios += seed_ratios
+        c, i, s = acc["centralized"][-1], acc["iid"][-1], acc["label_skew"][-1]
+        print(f"  {seed:>4} {c:11.2f} {i:7.2f} {s:10.2f} {c - i:8.2f} {c - s:9.2f}"
+              f" {'/'.join(f'{r:.3f}' for r in seed_ratios):>13}")
+    gaps = {p: [c - f for c, f in zip(acc["centralized"], acc[p], strict=True)] for p in TARGETS}
+    print(f"  mean ± sd over {args.seeds} seeds (points; 1 held-out row = {100 / val_rows:.2f}):")
+    for label, values in acc.items():
+        print(f"    {label:<12} accuracy {mean_sd(values)}")
+    result = {}
+    for partition, target in TARGETS.items():
+        gap = statistics.mean(gaps[partition])
+        verdict = "met" if gap <= target else "MISSED"
+        print(f"    gap {partition:<10} {mean_sd(gaps[partition])}   target <= {target}: {verdict}")
+        result[partition] = gap
+    result["bytes"] = max(ratios)
+    verdict = "met" if result["bytes"] <= BYTES_TARGET else "MISSED"
+    print(f"    bytes all peers fetched / dataset bytes: max {result['bytes']:.3f}   "
+          f"target <= {BYTES_TARGET}: {verdict}")
+    print(f"  ({time.monotonic() - began:.0f} s)")
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    hp = hyperparameters(args)
+    print(f"federated benchmark: {PEERS} peers, rounds R={args.rounds}, local epochs E={args.local_epochs}, "
+          f"centralized epochs R*E={args.rounds * args.local_epochs}; adam lr={hp['learning_rate']}, "
+          f"batch {hp['batch_size']}, hidden {hp['hidden']}; label_skew alpha={args.alpha}; "
+          f"aggregation {args.aggregation}; seeds 0..{args.seeds - 1}; held out 20% stratified")
+    print("gap = centralized - federated accuracy, in points (positive: federated is worse)")
+    began = time.monotonic()
+    platform = Platform(PEERS)
+    try:
+        results = {name: bench_dataset(platform, name, args) for name in args.datasets.split(",")}
+    finally:
+        platform.close()
+        shutil.rmtree(SCRATCH, ignore_errors=True)
+    met = all(r[p] <= t for r in results.values() for p, t in TARGETS.items())
+    met = met and all(r["bytes"] <= BYTES_TARGET for r in results.values())
+    print(f"\nall targets met on the means: {'yes' if met else 'NO'}  (total {time.monotonic() - began:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
