@@ -7,7 +7,13 @@ step fails, so a refused or failed start leaves nothing locked and nothing half-
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from bson import ObjectId
@@ -28,12 +34,33 @@ log = logging.getLogger(__name__)
 VALIDATION_FRACTION = 0.2
 
 
-def inspect_upload(upload: FileStorage, form: dict[str, Any]) -> Table:
-    """Read and validate the CSV with the trainer's own reader; a bad file is a 400 naming the problem."""
+@dataclass
+class Upload:
+    """The uploaded CSV, spooled once to a local file while counting and hashing it."""
+
+    path: Path
+    filename: str
+    bytes: int
+    sha256: str
+
+
+@contextmanager
+def spooled(upload: FileStorage) -> Iterator[Upload]:
+    """Copy the upload to a temporary file in chunks (removed afterwards), so it is never held in memory."""
     if not upload.filename:
         abort(400, message="the file part has no file name", errors={"file": ["missing file name"]})
+    with tempfile.TemporaryDirectory(prefix="peertrain-upload-") as tmp:
+        path = Path(tmp) / "dataset.csv"
+        reader = HashingReader(upload.stream)
+        with path.open("wb") as out:
+            shutil.copyfileobj(reader, out, 1 << 20)
+        yield Upload(path, upload.filename[-200:], reader.bytes, reader.sha256)
+
+
+def inspect_upload(upload: Upload, form: dict[str, Any]) -> Table:
+    """Read and validate the CSV with the trainer's own reader; a bad file is a 400 naming the problem."""
     try:
-        table = read_table(upload.stream, target=form["target"], features=form["features"], task=form["task"])
+        table = read_table(upload.path, target=form["target"], features=form["features"], task=form["task"])
         train_rows, _ = split_indices(table.y, VALIDATION_FRACTION, seed=form["seed"],
                                       stratify=table.classes is not None)
         if form["mode"] == FEDERATED:
@@ -44,8 +71,13 @@ def inspect_upload(upload: FileStorage, form: dict[str, Any]) -> Table:
     return table
 
 
-def start(user: User, form: dict[str, Any], upload: FileStorage) -> TrainingSession:
+def start(user: User, form: dict[str, Any], file: FileStorage) -> TrainingSession:
     """Claim peers and launch a session for `user`; aborts with 400 when it cannot."""
+    with spooled(file) as upload:
+        return _start(user, form, upload)
+
+
+def _start(user: User, form: dict[str, Any], upload: Upload) -> TrainingSession:
     table = inspect_upload(upload, form)
     wanted = form["num_peers"]
     session_id = ObjectId()
@@ -60,10 +92,9 @@ def start(user: User, form: dict[str, Any], upload: FileStorage) -> TrainingSess
         )
     saved = False
     try:
-        upload.stream.seek(0)
-        reader = HashingReader(upload.stream)
-        url = storage().put(f"users/{user.id}/sessions/{session_id}/dataset.csv", reader)
-        session = _document(session_id, user, form, table, names, url, reader, upload.filename)
+        with upload.path.open("rb") as stream:
+            url = storage().put(f"users/{user.id}/sessions/{session_id}/dataset.csv", stream)
+        session = _document(session_id, user, form, table, names, url, upload)
         session.save()
         saved = True
         dispatcher().run_session(str(session_id))
@@ -79,7 +110,7 @@ def start(user: User, form: dict[str, Any], upload: FileStorage) -> TrainingSess
 
 
 def _document(session_id: ObjectId, user: User, form: dict[str, Any], table: Table, names: list[str],
-              url: str, reader: HashingReader, filename: str) -> TrainingSession:
+              url: str, upload: Upload) -> TrainingSession:
     runs = [
         PeerRun(name=name, hyperparameters=hp, epochs=_epochs(form, hp))
         for name, hp in zip(names, form["hyperparameters"], strict=True)
@@ -99,10 +130,10 @@ def _document(session_id: ObjectId, user: User, form: dict[str, Any], table: Tab
         features=table.features,
         seed=form["seed"],
         dataset=Dataset(
-            filename=filename[-200:],
+            filename=upload.filename,
             url=url,
-            bytes=reader.bytes,
-            sha256=reader.sha256,
+            bytes=upload.bytes,
+            sha256=upload.sha256,
             rows=table.rows,
             columns=len(table.columns),
             classes=table.classes,
