@@ -134,3 +134,26 @@ def test_a_peer_that_dies_mid_session_fails_it_within_seconds(platform, two_peer
     peers = {p["name"]: p["status"] for p in user.get("/peers").json()["peers"]}
     assert peers[victim] == "OFFLINE"
     assert all(peers[name] == "ONLINE" for name in two_peers)
+
+
+def test_cancelling_stops_the_peers_and_frees_them(platform, two_peers, digits_csv):
+    from tests.e2e.platform import wait_until
+
+    user = platform.user()
+    long = json.dumps({"learning_rate": 0.001, "epochs": 1000, "hidden": [64]})
+    session_id = user.start(digits_csv, num_peers=2, hyperparameters=long).json()["session_id"]
+    wait_until(lambda: len(user.heartbeats(session_id)) >= 4, 60, "both peers to be training")
+    response = user.post(f"/sessions/{session_id}/cancel")
+    assert response.status_code == 202, response.text
+    session = user.wait_finished(session_id, timeout=10)
+    assert session["status"] == "CANCELLED" and session["reason"] == "cancelled by the user"
+    assert {p["status"] for p in session["peers"]} == {"CANCELLED"}
+    peers = {p["name"]: p["status"] for p in user.get("/peers").json()["peers"]}
+    assert all(peers[name] == "ONLINE" for name in two_peers)
+    assert user.post(f"/sessions/{session_id}/cancel").status_code == 409
+    # The peers really stopped: no more heartbeats after a moment.
+    settled = len(user.heartbeats(session_id))
+    assert settled < 2 * 1000
+    quick = json.dumps({"learning_rate": 0.01, "epochs": 2, "hidden": [32]})
+    again = user.start(digits_csv, num_peers=2, hyperparameters=quick).json()["session_id"]
+    assert user.wait_finished(again, timeout=30)["status"] == "COMPLETED"
