@@ -186,7 +186,10 @@ def _combine(method: str, states: list[dict[str, torch.Tensor]], samples: list[i
     if method == "median":
         return median(states)
     if method == "trimmed_mean":
-        return trimmed_mean(states, 0.2)
+        # Drop 20% from each end, and at least one peer once there are three: 20% of 4 peers is none,
+        # which would leave a plain mean with no protection against a bad peer.
+        fraction = 0.2 if len(states) < 3 else max(0.2, 1.000001 / len(states))
+        return trimmed_mean(states, fraction)
     return average(states, samples)
 
 
