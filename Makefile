@@ -28,6 +28,7 @@ bench: build
 	$(BIN)/python bench/trainer.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/session.py
+	$(BIN)/python bench/federated.py
 
 # The distributed processes, for when BROKER_URL, RESULT_BACKEND, MONGODB_URI and STORAGE_URL name real services.
 NAME ?= $(shell hostname)

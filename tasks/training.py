@@ -50,31 +50,13 @@ def train(self: Task, spec: dict[str, Any]) -> dict[str, Any]:
     """Train one peer's model as `spec` says (built by the coordinator) and return a small JSON result."""
     session, peer, round_ = spec["session"], spec["peer"], spec.get("round", 0)
     should_stop = stop_check(self.app, session)
+    result = {"peer": peer, "round": round_, "samples": 0, "final": {}, "history": [], "weights_url": None,
+              "bytes_fetched": 0, "seconds": 0.0, "stopped": True}
     if should_stop():
-        # Redelivered after the session ended (e.g. this peer restarted): nothing to do.
-        return {"peer": peer, "round": round_, "stopped": True, "samples": 0}
+        return result  # redelivered after the session ended (this peer restarted, say): nothing to do
 
-    if spec.get("keep_data"):
-        # A federated shard is the same every round: fetch it once, drop it after the last round.
-        cache = ShardCache(Path(tempfile.gettempdir()) / "peertrain-shards" / peer)
-        path, fetched = cache.fetch(_storage(), spec["data_url"])
-        data = _dataset(spec, path)
-        if spec.get("last_round"):
-            cache.drop(spec["data_url"])
-    else:
-        with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
-            path = Path(tmp) / "data.csv"
-            fetched = _storage().download(spec["data_url"], path)
-            data = _dataset(spec, path)
-
-    hp = spec["hyperparameters"]
-    model = SimpleDNN(ModelConfig(
-        input_size=len(data.table.features),
-        output_size=data.table.output_size,
-        hidden=tuple(hp["hidden"]),
-        dropout=hp.get("dropout", 0.0),
-        task=data.table.task,
-    ))
+    data, result["bytes_fetched"] = _fetch(spec)
+    model = _model(spec, data)
     initial = None
     if spec.get("initial_weights_url"):
         initial = state_from_bytes(_storage().get_bytes(spec["initial_weights_url"]), model.config)
@@ -82,31 +64,49 @@ def train(self: Task, spec: dict[str, Any]) -> dict[str, Any]:
     def report(metrics: EpochMetrics) -> None:
         self.send_event(HEARTBEAT, session=session, peer=peer, round=round_, **metrics.to_dict())
 
+    hp = spec["hyperparameters"]
     config = TrainConfig(
         batch_size=hp["batch_size"], epochs=hp["epochs"], learning_rate=hp["learning_rate"],
         optimizer=hp.get("optimizer", "adam"), seed=spec.get("seed", 0), num_threads=_settings().peer_threads,
     )
-    result = fit(model, data.train_x, data.train_y, config, data.val_x, data.val_y,
-                 on_epoch_end=report, should_stop=should_stop, initial_state=initial)
-
-    weights = _weights(spec, result.model, data, result.history)
-    url = _storage().put_bytes(spec["weights_key"], weights)
-    final = result.final
-    return {
-        "peer": peer,
-        "round": round_,
-        "samples": len(data.train_y),
-        "epochs_done": len(result.history),
-        "final": final.to_dict() if final else {},
+    trained = fit(model, data.train_x, data.train_y, config, data.val_x, data.val_y,
+                  on_epoch_end=report, should_stop=should_stop, initial_state=initial)
+    weights = _weights(spec, trained.model, data, trained.history)
+    result.update(
+        samples=len(data.train_y),
+        final=trained.final.to_dict() if trained.final else {},
         # The authoritative per-epoch record: the coordinator stores it, so a finished session has
         # every heartbeat even if some events were lost on the way to the monitor.
-        "history": [m.to_dict() for m in result.history],
-        "weights_url": url,
-        "bytes_fetched": fetched,
-        "seconds": result.seconds,
-        "stopped": result.stopped,
-        "device": result.metadata.get("device"),
-    }
+        history=[m.to_dict() for m in trained.history],
+        weights_url=_storage().put_bytes(spec["weights_key"], weights),
+        seconds=trained.seconds,
+        stopped=trained.stopped,
+        device=trained.metadata.get("device"),
+    )
+    return result
+
+
+def _fetch(spec: dict[str, Any]) -> tuple[Dataset, int]:
+    """The peer's data, read and validated, and how many bytes were downloaded for it."""
+    if spec.get("keep_data"):
+        # A federated shard is the same every round: fetch it once, drop it after the last round.
+        cache = ShardCache(Path(tempfile.gettempdir()) / "peertrain-shards" / spec["peer"])
+        path, fetched = cache.fetch(_storage(), spec["data_url"])
+        data = _dataset(spec, path)
+        if spec.get("last_round"):
+            cache.drop(spec["data_url"])
+        return data, fetched
+    with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
+        path = Path(tmp) / "data.csv"
+        fetched = _storage().download(spec["data_url"], path)
+        return _dataset(spec, path), fetched
+
+
+def _model(spec: dict[str, Any], data: Dataset) -> SimpleDNN:
+    hp = spec["hyperparameters"]
+    return SimpleDNN(ModelConfig(input_size=len(data.table.features), output_size=data.table.output_size,
+                                 hidden=tuple(hp["hidden"]), dropout=hp.get("dropout", 0.0), task=data.table.task),
+                      seed=spec.get("seed", 0))
 
 
 class ShardCache:
