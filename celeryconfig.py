@@ -21,6 +21,7 @@ result_extended = True
 # Events drive the monitor (peer liveness, heartbeats) and Flower.
 worker_send_task_events = True
 task_send_sent_event = True
+event_exchange = _settings.event_exchange
 
 # The coordinator tasks go to the coordinator; `train` is routed per call to one peer's queue.
 task_routes = {"peertrain.run_session": {"queue": _settings.coordinator_queue},

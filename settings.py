@@ -63,6 +63,9 @@ class Settings:
     bcrypt_rounds: int = _opt("BCRYPT_ROUNDS", 12, "bcrypt cost factor for password hashes")
     max_upload_mb: int = _opt("MAX_UPLOAD_MB", 200, "largest accepted dataset upload, in MiB (bigger: 413)")
     coordinator_queue: str = _opt("COORDINATOR_QUEUE", "coordinator", "queue the coordinator worker consumes")
+    event_exchange: str = _opt(
+        "EVENT_EXCHANGE", "celeryev", "exchange Celery events travel on; deployments sharing a broker need their own"
+    )
     monitor_queue: str = _opt(
         "MONITOR_QUEUE", "peertrain.monitor", "durable queue the monitor reads Celery events from"
     )

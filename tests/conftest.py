@@ -20,6 +20,8 @@ if services.rabbitmq_up() and services.redis_up():
     os.environ.setdefault("RESULT_BACKEND", services.REDIS_URL)
 os.environ.setdefault("COORDINATOR_QUEUE", f"test-{RUN_ID}.coordinator")
 os.environ.setdefault("MONITOR_QUEUE", f"test-{RUN_ID}.monitor")
+# Workers' events go to every monitor bound to the exchange: another run's peers must not show up in ours.
+os.environ.setdefault("EVENT_EXCHANGE", f"test-{RUN_ID}.events")
 os.environ.setdefault("PEERTRAIN_ENV", "development")
 os.environ.setdefault("JWT_SECRET_KEY", "test-secret-that-is-long-enough-for-hs256")
 os.environ.setdefault("BCRYPT_ROUNDS", "4")
@@ -72,11 +74,17 @@ def _broker_cleanup() -> Iterator[None]:
         return
     with celery_app.connection_for_write() as conn:
         channel = conn.default_channel
+        # Celery declares a direct exchange named after each queue it routes to, and our event exchange.
         for name in BROKER_QUEUES:
-            try:
-                channel.queue_delete(name)
-            except conn.channel_errors:
-                channel = conn.channel()
+            for delete in (channel.queue_delete, channel.exchange_delete):
+                try:
+                    delete(name)
+                except conn.channel_errors:
+                    channel = conn.channel()
+        try:
+            channel.exchange_delete(os.environ["EVENT_EXCHANGE"])
+        except conn.channel_errors:
+            pass
 
 
 @pytest.fixture(scope="session")
