@@ -22,7 +22,7 @@ from werkzeug.serving import make_server
 
 import models
 from settings import ROOT, Settings
-from tasks.storage import S3Storage, open_storage
+from tasks.storage import S3Storage, from_settings
 
 log = logging.getLogger("peertrain")
 
@@ -69,7 +69,7 @@ def main() -> None:
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     models.connect(settings.mongodb_uri)
-    storage = open_storage(settings.storage_url, settings.s3_endpoint_url, settings.s3_region)
+    storage = from_settings(settings)
     if isinstance(storage, S3Storage):
         storage.ensure_bucket()
     storage.ping()

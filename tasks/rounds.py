@@ -21,7 +21,7 @@ from models import session as sessions
 from models.peer import queue_for
 from settings import Settings
 from tasks.celery import app
-from tasks.storage import open_storage
+from tasks.storage import from_settings
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,7 @@ def settings() -> Settings:
 
 @cache
 def storage():
-    s = settings()
-    return open_storage(s.storage_url, s.s3_endpoint_url, s.s3_region)
+    return from_settings(settings())
 
 
 def session_prefix(session: TrainingSession) -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import urlsplit
 
+from settings import Settings
+
 CHUNK = 1 << 20
 
 
@@ -193,6 +195,11 @@ class S3Storage:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError:
             self.client.create_bucket(Bucket=self.bucket)
+
+
+def from_settings(settings: Settings) -> LocalStorage | S3Storage:
+    """The storage that STORAGE_URL, S3_ENDPOINT_URL and S3_REGION configure."""
+    return open_storage(settings.storage_url, settings.s3_endpoint_url, settings.s3_region)
 
 
 def open_storage(url: str, endpoint_url: str = "", region: str = "") -> LocalStorage | S3Storage:

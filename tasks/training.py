@@ -20,7 +20,7 @@ from celery import Task
 from settings import Settings
 from tasks.cancellation import stop_check
 from tasks.celery import app
-from tasks.storage import open_storage
+from tasks.storage import from_settings
 from trainer.dataset import Dataset, prepare
 from trainer.loop import EpochMetrics, TrainConfig
 from trainer.loop import train as fit
@@ -41,8 +41,7 @@ def _settings() -> Settings:
 
 @cache
 def _storage():
-    settings = _settings()
-    return open_storage(settings.storage_url, settings.s3_endpoint_url, settings.s3_region)
+    return from_settings(_settings())
 
 
 @app.task(name="peertrain.train", bind=True)

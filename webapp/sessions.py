@@ -26,8 +26,9 @@ blp = Blueprint("sessions", __name__, url_prefix="/sessions", description="Train
 AUTH = [{"bearerAuth": []}]
 
 
-def _owned(session_id: str) -> TrainingSession:
-    session = sessions.get_owned(session_id, current_user.id)
+def _owned(session_id: str, load=sessions.get_owned) -> TrainingSession:
+    """The caller's session (as `load` reads it), or 404: another user's session does not exist for them."""
+    session = load(session_id, current_user.id)
     if session is None:
         abort(404, message=f"no session {session_id}")
     return session
@@ -79,10 +80,7 @@ class Session(MethodView):
     @blp.doc(security=AUTH)
     def get(self, session_id: str):
         """One session: status, dataset, each peer's settings and progress, results."""
-        session = sessions.view(session_id, current_user.id)
-        if session is None:
-            abort(404, message=f"no session {session_id}")
-        return session
+        return _owned(session_id, sessions.view)
 
 
 @blp.route("/<session_id>/cancel")
