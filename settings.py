@@ -17,17 +17,29 @@ DEVELOPMENT = "development"
 PRODUCTION = "production"
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 @dataclass(frozen=True)
 class Option:
     """One environment variable: its name, default and meaning (the README table is built from these)."""
 
     env: str
-    default: str | int | float
+    default: str | int | float | bool
     help: str
 
-    def parse(self, raw: str) -> str | int | float:
+    def text(self) -> str:
+        """The default as it would be written in the environment."""
+        return str(self.default).lower() if isinstance(self.default, bool) else str(self.default)
+
+    def parse(self, raw: str) -> str | int | float | bool:
         """Convert `raw` to the default's type, naming the variable when that fails."""
         kind = type(self.default)
+        if kind is bool:  # bool("false") is True: spell the accepted words out
+            word = raw.strip().lower()
+            if word in _TRUE or word in _FALSE:
+                return word in _TRUE
+            raise ValueError(f"{self.env} must be true or false, got {raw!r}")
         try:
             return kind(raw.strip())
         except ValueError:
@@ -72,6 +84,9 @@ class Settings:
     peer_threads: int = _opt(
         "PEER_THREADS", 1, "torch CPU threads per training; keep peers × threads ≤ cores (oversubscription costs 20×)"
     )
+    peer_keep_memory: bool = _opt(
+        "PEER_KEEP_MEMORY", True, "peers keep freed memory for the next read/shuffle instead of faulting it in again"
+    )
     peer_timeout_seconds: float = _opt(
         "PEER_TIMEOUT_SECONDS", 10.0, "a peer silent this long is OFFLINE (workers beat every 2 s)"
     )
@@ -112,7 +127,7 @@ def markdown_table() -> str:
     """The README's settings table."""
     lines = ["| variable | default | meaning |", "|---|---|---|"]
     for option in options():
-        default = str(option.default).replace(str(ROOT), ".") if option.default != "" else "(empty)"
+        default = option.text().replace(str(ROOT), ".") if option.default != "" else "(empty)"
         lines.append(f"| `{option.env}` | `{default}` | {option.help} |")
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ from tasks.storage import from_settings
 from trainer.dataset import Dataset, prepare
 from trainer.loop import EpochMetrics, TrainConfig
 from trainer.loop import train as fit
+from trainer.memory import keep_freed_memory
 from trainer.model import ModelConfig, SimpleDNN
 from trainer.normalization import Normalization
 from trainer.table import read_table
@@ -53,6 +54,8 @@ def train(self: Task, spec: dict[str, Any]) -> dict[str, Any]:
               "bytes_fetched": 0, "seconds": 0.0, "stopped": True}
     if should_stop():
         return result  # redelivered after the session ended (this peer restarted, say): nothing to do
+    if _settings().peer_keep_memory:
+        keep_freed_memory()  # process-wide and idempotent: a peer's reads and shuffles reuse its memory
 
     data, result["bytes_fetched"] = _fetch(spec)
     model = _model(spec, data)

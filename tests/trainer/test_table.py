@@ -183,3 +183,20 @@ def test_huge_but_finite_values_are_accepted():
     # their float32 sum overflows, which must not be mistaken for an infinite cell
     x = read_table(b"a,b,label\n3e38,3e38,0\n3e38,3e38,1\n").x
     assert np.array_equal(x, np.full((2, 2), 3e38, dtype=np.float32))
+
+
+@pytest.mark.parametrize("threshold", [1, 1 << 30])  # every table split across two threads, and none
+def test_large_tables_copied_in_parallel_read_the_same(monkeypatch, threshold):
+    import trainer.table
+
+    monkeypatch.setattr(trainer.table, "_PARALLEL_CELLS", threshold)
+    rng = np.random.default_rng(0)
+    x = rng.integers(-999, 999, size=(301, 5)) / 8  # exact in float32 and in the CSV
+    lines = ["a,b,c,d,e,label"] + [",".join(map(str, row)) + f",{i % 3}" for i, row in enumerate(x)]
+    table = read_table("\n".join(lines).encode())
+    assert table.x.flags.c_contiguous
+    assert np.array_equal(table.x, x.astype(np.float32))
+    cells = lines[250].split(",")
+    lines[250] = ",".join([cells[0], "inf", *cells[2:]])  # in the second half of the rows
+    with pytest.raises(DatasetError, match=r"line 251, column 'b': 'inf' is infinite"):
+        read_table("\n".join(lines).encode())
