@@ -42,7 +42,8 @@ monitor: build
 	$(BIN)/python -m tasks.monitor
 
 api: build
-	$(BIN)/gunicorn --bind $${HOST:-127.0.0.1}:$${PORT:-8000} --workers 2 --threads 8 'webapp:create_app()'
+	$(BIN)/granian --interface wsgi --factory --host $${HOST:-127.0.0.1} --port $${PORT:-8000} \
+		--workers $${API_WORKERS:-2} --blocking-threads 1 --no-ws webapp:create_app
 
 flower: build
 	$(BIN)/celery -A tasks flower --address=127.0.0.1 --port=$${FLOWER_PORT:-5555}

@@ -1,34 +1,41 @@
 """Benchmark the served API: req/s and latency of the two polling routes at 50 concurrent clients.
 
-The app runs here, as `make run` serves it (werkzeug's threaded server in a thread of this process,
-mongomock inside it); the clients run in separate processes, each holding keep-alive connections
-over loopback. Each route is compared with two floors measured on the same kind of server in the
-same run: a bare WSGI hello-world and a one-route Flask app, so a noisy machine shows in the floors
-too and the ratios stay meaningful.
+The API is served as `make api` and docker-compose serve it: granian (HTTP in Rust) with one worker
+process, whose app factory (bench/api_app.py) builds the real app on mongomock and seeds it there
+(mongomock lives in one process, so one worker). Rows: two floors on the same server (a bare WSGI
+hello-world and a one-route Flask app), the two routes with one user's token from every client and
+with a user per client, the same routes with the response cache off (API_CACHE_SECONDS=0: every
+request checks the token, loads the user and reads the session), and the routes on werkzeug's
+threaded server inside this process, as `make run` serves them.
 
-Closed loop (each client sends its next request as soon as the previous answer arrives) measures
-saturation: by Little's law p50 ≈ clients / throughput, so a p99 of 20 ms at 50 clients needs
-≥ 2,500 req/s. The "paced" rows are open loop: 50 clients polling at a fixed rate (a fraction of
-the measured saturation throughput), latency counted from each request's scheduled time.
+The load generator runs in its own process: one event loop over raw keep-alive sockets with a
+prebuilt request, cheap enough not to take the server's CPU on a 2-core machine. Closed loop (each
+client sends its next request as soon as the previous answer arrives) measures saturation: by
+Little's law p50 ≈ clients / throughput, so p99 ≤ 20 ms at 50 clients needs well over 2,500 req/s.
+"Paced" rows are open loop: 50 clients polling at half the measured saturation rate, latency counted
+from each request's scheduled time.
 
-Run: .venv/bin/python bench/api.py [--seconds S] [--clients N] [--processes P] [--profile N]
+Run: .venv/bin/python bench/api.py [--seconds S] [--clients N] [--users U] [--sessions S] [--profile N]
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import http.client
 import json
 import logging
 import multiprocessing
 import os
 import resource
+import selectors
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from array import array
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,59 +48,112 @@ DB_URI = "mongomock://localhost/bench"
 # --- load generator (runs in child processes: standard library only) -------------------------------
 
 
-def _client_thread(port: int, path: str, headers: dict[str, str], start: float, warm_end: float, end: float,
-                   interval: float, offset: float, out: list) -> None:
-    # Latency is measured from when the request was due: for paced clients that includes any
-    # wait for the previous answer, so a slow server cannot hide its queue (coordinated omission).
+class _Connection:
+    """One client: a socket, its due time and what has arrived of the current answer. It keeps the
+    connection alive when the server does, and opens a new one when the server closes it after an
+    answer (werkzeug's development server speaks HTTP/1.0), as http.client would."""
+
+    def __init__(self, port: int, due: float) -> None:
+        self.port, self.sock = port, self._open(port)
+        self.due, self.sent, self.buffer, self.request, self.closing = due, 0.0, b"", b"", False
+
+    @staticmethod
+    def _open(port: int) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        return sock
+
+    def send(self) -> None:
+        if self.closing:
+            self.sock.close()
+            self.sock, self.closing = self._open(self.port), False
+        self.sock.sendall(self.request)
+
+    def answer(self) -> int | None:
+        """The status of the answer in the buffer once it is complete (then the buffer is emptied), else None."""
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        length = 0
+        lines = self.buffer[:end].lower().split(b"\r\n")
+        self.closing = lines[0].startswith(b"http/1.0") or b"connection: close" in lines
+        for line in lines[1:]:
+            if line.startswith(b"content-length:"):
+                length = int(line[15:])
+        if len(self.buffer) < end + 4 + length:
+            return None
+        status = int(self.buffer[9:12])
+        self.buffer = self.buffer[end + 4 + length :]
+        return status
+
+
+def _load(port: int, requests: list[tuple[str, dict[str, str]]], start: float, warm_end: float, end: float,
+          interval: float, first: int, count: int, clients: int) -> tuple[array, int]:
+    """`count` connections on one event loop: raw sockets and a prebuilt request, so that the load
+    generator costs a small fraction of what the server does (http.client cost about as much as the
+    server's own HTTP handling, on the same two cores)."""
+    def encode(path: str, headers: dict[str, str]) -> bytes:
+        lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in headers.items())]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
     latencies, errors = array("d"), 0
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.connect()
-    due = start + offset
+    # Paced clients are spread evenly over one interval, so the offered load is smooth.
+    conns = [_Connection(port, start + interval * (first + i) / clients) for i in range(count)]
+    for i, conn in enumerate(conns):  # client k sends request k (round robin)
+        conn.request = encode(*requests[(first + i) % len(requests)])
+    selector = selectors.DefaultSelector()
+    waiting = []  # paced connections idle until their due time
     while time.monotonic() < start:
         time.sleep(0.001)
-    while True:
+    for conn in conns:
+        waiting.append(conn)
+    while waiting or selector.get_map():
         now = time.monotonic()
-        if interval:
-            if due > now:
-                time.sleep(due - now)
-            t0 = due
-            due += interval
-        else:
-            t0 = now
-        if t0 >= end:
-            break
-        conn.request("GET", path, headers=headers)
-        response = conn.getresponse()
-        response.read()
-        t1 = time.monotonic()
-        if response.status != 200:
-            errors += 1
-        if t0 >= warm_end:
-            latencies.append(t1 - t0)
-    conn.close()
-    out.append((latencies, errors))
+        for conn in [c for c in waiting if c.due <= now or not interval]:
+            waiting.remove(conn)
+            if (conn.due if interval else now) >= end:
+                conn.sock.close()
+                continue
+            # Latency counts from when a paced request was due, so a slow server cannot hide its queue
+            # (coordinated omission); closed-loop clients send at once.
+            conn.sent = conn.due if interval else now
+            conn.send()
+            selector.register(conn.sock, selectors.EVENT_READ, conn)
+        timeout = max(0.0, min((c.due for c in waiting), default=now + 0.05) - now) if waiting else 0.05
+        for key, _ in selector.select(timeout):
+            conn = key.data
+            data = conn.sock.recv(65536)
+            if not data:
+                raise ConnectionError("the server closed a keep-alive connection")
+            conn.buffer += data
+            status = conn.answer()
+            if status is None:
+                continue
+            done = time.monotonic()
+            if status != 200:
+                errors += 1
+            if conn.sent >= warm_end:
+                latencies.append(done - conn.sent)
+            selector.unregister(conn.sock)
+            if interval:
+                conn.due += interval
+            waiting.append(conn)
+    selector.close()
+    return latencies, errors
 
 
 def _client_process(pipe: Any) -> None:
     """Serve load jobs from the parent until it sends None."""
     while (job := pipe.recv()) is not None:
         cpu = time.process_time()
-        out: list = []
-        threads = [
-            threading.Thread(target=_client_thread, args=(
-                job["port"], job["path"], job["headers"], job["start"], job["warm_end"], job["end"],
-                job["interval"], job["interval"] * (job["first"] + i) / job["clients"], out))
-            for i in range(job["threads"])
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        latencies = array("d")
-        for part, _ in out:
-            latencies.extend(part)
-        pipe.send({"latencies": latencies.tobytes(), "errors": sum(e for _, e in out),
-                   "cpu": time.process_time() - cpu})
+        try:
+            latencies, errors = _load(job["port"], job["requests"], job["start"], job["warm_end"],
+                                      job["end"], job["interval"], job["first"], job["threads"], job["clients"])
+        except Exception as error:  # the parent waits on this pipe: tell it rather than leave it waiting
+            pipe.send({"failed": repr(error)})
+            continue
+        pipe.send({"latencies": latencies.tobytes(), "errors": errors, "cpu": time.process_time() - cpu})
 
 
 class LoadGenerator:
@@ -109,21 +169,24 @@ class LoadGenerator:
             self.pipes.append(parent)
             self.children.append(process)
 
-    def run(self, port: int, path: str, headers: dict[str, str], clients: int, warmup: float, seconds: float,
-            interval: float = 0.0) -> dict[str, Any]:
+    def run(self, server: Any, requests: list[tuple[str, dict[str, str]]], clients: int, warmup: float,
+            seconds: float, interval: float = 0.0) -> dict[str, Any]:
         """Load `path` for warmup + seconds; latencies and counts of the measured part only."""
         n = min(len(self.pipes), clients)
         start = time.monotonic() + 0.3  # time for every connection to open before the start
-        job = {"port": port, "path": path, "headers": headers, "start": start, "warm_end": start + warmup,
+        job = {"port": server.port, "requests": requests, "start": start, "warm_end": start + warmup,
                "end": start + warmup + seconds, "interval": interval, "clients": clients}
         first = 0
         for i, pipe in enumerate(self.pipes[:n]):
             threads = clients // n + (1 if i < clients % n else 0)
             pipe.send({**job, "threads": threads, "first": first})
             first += threads
-        cpu0, wall0 = _server_cpu(), time.monotonic()
+        cpu0, wall0 = server.cpu(), time.monotonic()
         replies = [pipe.recv() for pipe in self.pipes[:n]]
-        server_cpu = (_server_cpu() - cpu0) / (time.monotonic() - wall0)
+        for reply in replies:
+            if "failed" in reply:
+                raise RuntimeError(f"a load generator failed: {reply['failed']}")
+        server_cpu = (server.cpu() - cpu0) / (time.monotonic() - wall0)
         latencies = array("d")
         for reply in replies:
             latencies.frombytes(reply["latencies"])
@@ -139,11 +202,6 @@ class LoadGenerator:
             process.join(5)
 
 
-def _server_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 # --- the served app and its data ------------------------------------------------------------------
 
 
@@ -154,14 +212,14 @@ def _setup_env() -> None:
     sys.path.insert(0, ROOT)
 
 
-def build_app(storage_dir: str) -> Any:
-    """The real API, configured as the tests configure it, on mongomock."""
+def build_app(storage_dir: str, **config: Any) -> Any:
+    """The real API, configured as the tests configure it, on mongomock (API_CACHE_SECONDS from the environment)."""
     import models
     from webapp import create_app
 
     models.connect(DB_URI)
     return create_app({"MONGODB_URI": DB_URI, "STORAGE_URL": storage_dir, "BCRYPT_ROUNDS": 4,
-                       "JWT_SECRET_KEY": SECRET})
+                       "JWT_SECRET_KEY": SECRET, **config})
 
 
 def _call(port: int, method: str, path: str, body: dict | None = None, headers: dict | None = None) -> Any:
@@ -172,16 +230,6 @@ def _call(port: int, method: str, path: str, body: dict | None = None, headers: 
     data = json.loads(response.read() or b"null")
     conn.close()
     return response.status, data
-
-
-def sign_in(port: int, username: str) -> tuple[str, dict[str, str]]:
-    """Sign a user up and in over HTTP; their id and Authorization header."""
-    email, password = f"{username}@example.com", "correct horse battery"
-    status, user = _call(port, "POST", "/auth/signup", {"username": username, "email": email, "password": password})
-    assert status == 201, user
-    status, token = _call(port, "POST", "/auth/signin", {"email": email, "password": password})
-    assert status == 200, token
-    return user["id"], {"Authorization": f"Bearer {token['access_token']}"}
 
 
 FEATURES = ["alcohol", "malic_acid", "ash", "alcalinity_of_ash", "magnesium", "total_phenols", "flavanoids",
@@ -238,34 +286,28 @@ def make_session(owner_id: str, minutes_ago: float, epochs: int = 20) -> Any:
     return session
 
 
-def seed(port: int, users: int, sessions_per_user: int) -> tuple[dict[str, str], str]:
-    """`users` accounts with `sessions_per_user` sessions each; the first user's header and newest session."""
-    header, newest = {}, ""
+def seed_app(app: Any, users: int, sessions_per_user: int) -> dict[str, list]:
+    """`users` accounts with `sessions_per_user` sessions each, made through the app's test client (the
+    database lives in the serving process); every user's Authorization header and newest session."""
+    client = app.test_client()
+    seeded: dict[str, list] = {"headers": [], "sessions": []}
     for u in range(users):
-        user_id, auth = sign_in(port, f"user{u:03d}")
+        email, password = f"user{u:03d}@example.com", "correct horse battery"
+        user = client.post("/auth/signup", json={"username": f"user{u:03d}", "email": email, "password": password})
+        assert user.status_code == 201, user.json
+        token = client.post("/auth/signin", json={"email": email, "password": password})
+        assert token.status_code == 200, token.json
         for s in range(sessions_per_user):
-            session = make_session(user_id, minutes_ago=(sessions_per_user - s) * 60 + u)
-        if u == 0:
-            header, newest = auth, str(session.id)
-    return header, newest
+            session = make_session(user.json["id"], minutes_ago=(sessions_per_user - s) * 60 + u)
+        seeded["headers"].append({"Authorization": f"Bearer {token.json['access_token']}"})
+        seeded["sessions"].append(str(session.id))
+    return seeded
 
 
-def hello_wsgi(environ: dict, start_response: Callable) -> list[bytes]:
-    body = b'{"hello": "world"}'
-    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
-    return [body]
+class InProcessServer:
+    """`app` on werkzeug's threaded server in a thread of this process, as `make run` serves it."""
 
-
-def hello_flask() -> Any:
-    from flask import Flask, jsonify
-
-    app = Flask("floor")
-    app.add_url_rule("/hello", "hello", lambda: jsonify(hello="world"))
-    return app
-
-
-class Server:
-    """`app` on werkzeug's threaded server in a thread of this process, as embedded.py serves it."""
+    name = "werkzeug threaded, in-process (make run)"
 
     def __init__(self, app: Any) -> None:
         from werkzeug.serving import make_server
@@ -275,9 +317,73 @@ class Server:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def cpu(self) -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class GranianServer:
+    """A target of bench/api_app.py served by granian, as `make api` and docker-compose serve the API:
+    one worker process (mongomock lives in one process) with one thread for the app."""
+
+    name = "granian, 1 worker, 1 app thread (make api)"
+
+    def __init__(self, target: str, factory: bool = False, users: int = 0, sessions: int = 0,
+                 env: dict[str, str] | None = None) -> None:
+        with socket.socket() as probe:  # a free port; granian binds it a moment later
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.folder = tempfile.TemporaryDirectory(prefix="peertrain-bench-")
+        seed = os.path.join(self.folder.name, "seed.json")
+        env = {**os.environ, "BENCH_API_SEED": seed, "BENCH_API_USERS": str(users),
+               "BENCH_API_SESSIONS": str(sessions), **(env or {})}
+        command = [sys.executable, "-m", "granian", *GRANIAN_OPTIONS, "--port", str(self.port),
+                   *(["--factory"] if factory else []), f"bench.api_app:{target}"]
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env)
+        deadline = time.monotonic() + 120
+        atexit.register(self.close)  # never leave a server behind, even when the bench fails
+        seeded = target == "create"
+        while not self._answers() or (seeded and not os.path.exists(seed)):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"granian did not start: {command}")
+            time.sleep(0.1)
+        self.seed = json.load(open(seed)) if seeded else {}
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def cpu(self) -> float:
+        """CPU seconds of granian's processes (the supervisor and its worker)."""
+        ticks, pids = 0, [self.process.pid]
+        while pids:
+            pid = pids.pop()
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+                with open(f"/proc/{pid}/task/{pid}/children") as children:
+                    pids += [int(child) for child in children.read().split()]
+            except OSError:
+                continue
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
+        self.folder.cleanup()
+
+
+GRANIAN_OPTIONS = ["--interface", "wsgi", "--host", "127.0.0.1", "--workers", "1", "--blocking-threads", "1",
+                   "--no-ws", "--log-level", "warning"]
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -376,77 +482,97 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per row")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each row")
     parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--processes", type=int, default=2, help="client processes")
-    parser.add_argument("--users", type=int, default=10)
-    parser.add_argument("--sessions", type=int, default=20, help="sessions per user")
+    parser.add_argument("--processes", type=int, default=1, help="client processes")
+    parser.add_argument("--users", type=int, default=50)
+    parser.add_argument("--sessions", type=int, default=4, help="sessions per user")
     parser.add_argument("--profile", type=int, default=200, help="requests per route to profile (0: none)")
     args = parser.parse_args()
 
     _setup_env()
-    # No per-request access log (the "+ access log" row measures it); the NullHandler stops werkzeug
-    # from adding its own stderr handler when it first logs.
+    sys.stdout.reconfigure(line_buffering=True)
+    from settings import Settings
+
+    cache = Settings.from_env().api_cache_seconds
+    # No per-request access log; the NullHandler stops werkzeug from adding its own stderr handler.
     access_log = logging.getLogger("werkzeug")
     access_log.setLevel(logging.WARNING)
     access_log.addHandler(logging.NullHandler())
     generator = LoadGenerator(args.processes)
-    storage = tempfile.TemporaryDirectory(prefix="peertrain-bench-")
-    app = build_app(storage.name)
-    api, wsgi_floor, flask_floor = Server(app), Server(hello_wsgi), Server(hello_flask())
-    header, session_id = seed(api.port, args.users, args.sessions)
-    detail, status = f"/sessions/{session_id}", "/sessions/training-status"
-    for path in (detail, status):
-        code, body = _call(api.port, "GET", path, headers=header)
-        assert code == 200 and (body.get("id") or body.get("session_id")) == session_id, (code, body)
-
     n = args.clients
-    print(f"peertrain API, served by werkzeug threaded (in-process) on 127.0.0.1, mongomock; {n} keep-alive "
-          f"clients in {args.processes} processes; {args.warmup:g} s warm-up + {args.seconds:g} s per row; "
-          f"{args.users} users x {args.sessions} sessions (4 peers, {len(FEATURES)} features each); "
+    print(f"peertrain API on 127.0.0.1, mongomock; {n} keep-alive clients (raw sockets, {args.processes} "
+          f"process(es)); {args.warmup:g} s warm-up + {args.seconds:g} s per row; {args.users} users x "
+          f"{args.sessions} sessions (4 peers, {len(FEATURES)} features each); API_CACHE_SECONDS={cache:g}; "
           f"{os.cpu_count()} CPUs")
     print(HEADER)
-
-    def load(server: Server, path: str, clients: int = n, interval: float = 0.0, hdr: dict | None = None) -> dict:
-        return generator.run(server.port, path, header if hdr is None else hdr, clients, args.warmup, args.seconds,
-                            interval)
 
     def show(row: Row) -> Row:
         print(row.line(), flush=True)
         return row
 
-    floor = show(Row("floor: bare WSGI hello", n, load(wsgi_floor, "/", hdr={})))
-    show(Row("floor: Flask hello (jsonify)", n, load(flask_floor, "/hello", hdr={}), floor))
-    d = show(Row("GET /sessions/<id>", n, load(api, detail), floor))
-    s = show(Row("GET /sessions/training-status", n, load(api, status), floor))
-    # Comparisons: fewer clients (p99 follows clients / throughput), open-loop polling at half the
-    # saturation rate, and the per-request access log that `make run` writes.
-    for c in (1, 10):
-        show(Row(f"GET /sessions/<id>, {c} clients", c, load(api, detail, clients=c), floor))
-    for row, path, label in ((d, detail, "<id>"), (s, status, "training-status")):
-        rate = row.rps / 2
-        show(Row(f"GET /sessions/{label} paced", n, load(api, path, interval=n / rate), floor,
-                 note=f"open loop: {rate:.0f} req/s offered (50% of saturation)"))
-    with open(os.devnull, "w") as devnull:
-        handler = logging.StreamHandler(devnull)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        access_log.setLevel(logging.INFO)
-        access_log.addHandler(handler)
-        show(Row("GET /sessions/<id> + access log", n, load(api, detail), floor,
-                 note="werkzeug INFO log, make run's format, to /dev/null"))
-        access_log.removeHandler(handler)
-        access_log.setLevel(logging.WARNING)
+    def load(server: Any, requests: list, clients: int = n, interval: float = 0.0) -> dict:
+        return generator.run(server, requests, clients, args.warmup, args.seconds, interval)
 
-    print(f"\nsummary: GET /sessions/<id> {d.rps:.0f} req/s p50 {d.ms['p50']:.1f} ms p99 {d.ms['p99']:.1f} ms; "
-          f"GET /sessions/training-status {s.rps:.0f} req/s p50 {s.ms['p50']:.1f} ms p99 {s.ms['p99']:.1f} ms "
-          f"at {n} clients (target p99 ≤ {TARGET_P99_MS:g} ms: "
-          f"{'met' if max(d.ms['p99'], s.ms['p99']) <= TARGET_P99_MS else 'NOT met'}); "
-          f"floor {floor.rps:.0f} req/s p99 {floor.ms['p99']:.1f} ms; "
-          f"p99 needs ≥ {n / TARGET_P99_MS * 1e3:.0f} req/s closed-loop")
-    generator.close()
+    def routes(seeded: dict) -> dict[str, list]:
+        one, every = seeded["headers"][0], seeded["headers"]
+        return {
+            "GET /sessions/<id>": [(f"/sessions/{seeded['sessions'][0]}", one)],
+            "GET /sessions/training-status": [("/sessions/training-status", one)],
+            "GET /sessions/<id>, a user each": [
+                (f"/sessions/{s}", h) for s, h in zip(seeded["sessions"], every, strict=True)
+            ],
+            "GET /sessions/training-status, a user each": [("/sessions/training-status", h) for h in every],
+        }
+
+    def check(server: Any, requests: list) -> None:
+        for path, header in requests[:3]:
+            code, body = _call(server.port, "GET", path, headers=header)
+            assert code == 200 and (body.get("id") or body.get("session_id")), (path, code, body)
+
+    print(f"-- {GranianServer.name} --")
+    floors = GranianServer("hello_wsgi")
+    floor = show(Row("floor: bare WSGI hello", n, load(floors, [("/", {})])))
+    floors.close()
+    floors = GranianServer("hello_flask", factory=True)
+    show(Row("floor: Flask hello (jsonify)", n, load(floors, [("/hello", {})]), floor))
+    floors.close()
+    api = GranianServer("create", factory=True, users=args.users, sessions=args.sessions)
+    rows = {}
+    for name, requests in routes(api.seed).items():
+        check(api, requests)
+        rows[name] = show(Row(name, n, load(api, requests), floor))
     api.close()
-    wsgi_floor.close()
-    flask_floor.close()
+    uncached = GranianServer("create", factory=True, users=args.users, sessions=args.sessions,
+                             env={"API_CACHE_SECONDS": "0"})
+    saturation = {}
+    for name, requests in list(routes(uncached.seed).items())[:2]:
+        row = show(Row(f"{name}, no cache", n, load(uncached, requests), floor, note="API_CACHE_SECONDS=0"))
+        saturation[name] = (row, requests)
+    for name, (row, requests) in saturation.items():
+        rate = row.rps / 2
+        show(Row(f"{name}, no cache, paced", n, load(uncached, requests, interval=n / rate), floor,
+                 note=f"open loop: {rate:.0f} req/s offered (50% of saturation)"))
+    uncached.close()
+
+    print(f"-- {InProcessServer.name} --")
+    storage = tempfile.TemporaryDirectory(prefix="peertrain-bench-")
+    app = build_app(storage.name, API_CACHE_SECONDS=cache)
+    seeded = seed_app(app, args.users, args.sessions)
+    local = InProcessServer(app)
+    for name, requests in list(routes(seeded).items())[:2]:
+        show(Row(name, n, load(local, requests)))
+    local.close()
+    generator.close()
+
+    d, s = rows["GET /sessions/<id>"], rows["GET /sessions/training-status"]
+    worst = max(row.ms["p99"] for row in rows.values())
+    verdict = "met" if worst <= TARGET_P99_MS else "NOT met"
+    print(f"\nsummary (granian): GET /sessions/<id> {d.rps:.0f} req/s p50 {d.ms['p50']:.1f} ms "
+          f"p99 {d.ms['p99']:.1f} ms; GET /sessions/training-status {s.rps:.0f} req/s p50 {s.ms['p50']:.1f} ms "
+          f"p99 {s.ms['p99']:.1f} ms at {n} clients; worst p99 of the four polled rows {worst:.1f} ms "
+          f"(target p99 ≤ {TARGET_P99_MS:g} ms: {verdict}); floor {floor.rps:.0f} req/s p99 {floor.ms['p99']:.1f} ms")
     if args.profile:
-        profile(app, header, session_id, args.profile)
+        profiled = build_app(storage.name, API_CACHE_SECONDS=0)
+        profile(profiled, seeded["headers"][0], seeded["sessions"][0], args.profile)
     storage.cleanup()
 
 

@@ -27,6 +27,7 @@ from models.session import FAILED, FEDERATED
 from tasks.storage import HashingReader
 from trainer.split import shard
 from trainer.table import DatasetError, Table, read_table, split_indices
+from webapp import polling
 from webapp.extensions import dispatcher, storage
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def _start(user: User, form: dict[str, Any], upload: Upload) -> TrainingSession:
         session = _document(session_id, user, form, table, names, url, upload)
         session.save()
         saved = True
+        polling.changed(user.id)  # the owner's training-status now names this session
         dispatcher().run_session(str(session_id))
     except Exception as exc:
         peers.release(session_id)
@@ -104,6 +106,7 @@ def _start(user: User, form: dict[str, Any], upload: Upload) -> TrainingSession:
             TrainingSession.objects(id=session_id).update_one(
                 set__status=FAILED, set__reason=f"could not reach the coordinator: {exc}"
             )
+            polling.changed(user.id)
         log.exception("starting session %s failed", session_id)
         abort(503, message="the platform could not start the session; no peer was kept, try again")
     return session

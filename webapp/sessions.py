@@ -9,8 +9,9 @@ from flask_smorest import abort
 
 from models import Heartbeat, TrainingSession
 from models import session as sessions
-from webapp import launch
+from webapp import launch, polling
 from webapp.extensions import Blueprint, dispatcher, storage
+from webapp.polling import polled
 from webapp.schemas import (
     HeartbeatPageSchema,
     HeartbeatQuerySchema,
@@ -62,6 +63,7 @@ class Sessions(MethodView):
 
 @blp.route("/training-status")
 class TrainingStatus(MethodView):
+    @polled
     @jwt_required()
     @blp.response(200, TrainingStatusSchema)
     @blp.doc(security=AUTH)
@@ -75,6 +77,7 @@ class TrainingStatus(MethodView):
 
 @blp.route("/<session_id>")
 class Session(MethodView):
+    @polled
     @jwt_required()
     @blp.response(200, SessionSchema)
     @blp.doc(security=AUTH)
@@ -95,6 +98,7 @@ class Cancel(MethodView):
         if session.finished:
             abort(409, message=f"the session has already ended ({session.status})")
         dispatcher().cancel_session(session_id)
+        polling.changed(current_user.id)
         return {"session_id": session_id, "status": session.status, "reason": "cancellation requested"}
 
 
