@@ -135,7 +135,8 @@ def _csv_times(path: str, rounds: int, keep: bool, results: multiprocessing.Queu
     """In a fresh process: read_table and pandas.read_csv of `path`, alternating, under one allocator setting."""
     if keep:
         keep_freed_memory()
-    pd.read_csv(path)  # warm-up: imports, and the first touch of fresh memory, which both then reuse or not
+    read_table(path)  # warm-up for both: imports, and the first touch of the memory each needs
+    pd.read_csv(path)
     times: dict[str, list[float]] = {"read_table": [], "pandas.read_csv": []}
     for r in range(rounds):
         order = ["read_table", "pandas.read_csv"][:: 1 if r % 2 == 0 else -1]
@@ -233,7 +234,7 @@ def main() -> None:
     if args.only in (None, "loops"):
         bench_loops(rows, rounds, threads)
     if args.only in (None, "csv"):
-        bench_csv(rows, max(rounds, 3))
+        bench_csv(rows, max(rounds, 9))
     if args.only in (None, "threads"):
         bench_threads(2_000 if args.quick else 20_000)
 
