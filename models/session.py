@@ -21,6 +21,7 @@ from mongoengine import (
     ValidationError,
 )
 
+from models.changes import AnnouncingQuerySet
 from models.db import utcnow
 
 PENDING = "PENDING"
@@ -110,6 +111,7 @@ class TrainingSession(Document):
         "collection": "sessions",
         "indexes": [("owner_id", "-created_at"), "status", "peers.task_id"],
         "ordering": ["-created_at"],
+        "queryset_class": AnnouncingQuerySet,
     }
 
     def clean(self) -> None:

@@ -8,8 +8,9 @@ that produced it, so a repeat skips all three:
 - It was built for that token after the full check (signature, expiry, user), and is never served
   past the token's own expiry.
 - A start or cancel made through this process drops the owner's entries at once, so a client sees
-  its own actions immediately. Progress written by the monitor and coordinator (other processes in a
-  deployment) shows up within `API_CACHE_SECONDS`.
+  its own actions immediately; so does any write to a session made in this process (the coordinator
+  and monitor of `make run`), announced by models.changes. Progress written by the monitor and the
+  coordinator in other processes (a deployment) shows up within `API_CACHE_SECONDS`.
 - Only 200 answers are kept; errors are always computed afresh.
 """
 
@@ -27,6 +28,8 @@ from typing import Any
 
 from flask import Flask, Response, current_app, request
 from flask_jwt_extended import current_user, get_jwt
+
+from models import changes
 
 EXTENSION = "peertrain.polling"
 _ENTRIES = 10_000  # at ~2 KB each, ~20 MB at most; the least recently used go first
@@ -49,6 +52,7 @@ class ResponseCache:
         self.clock = clock
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._generations: dict[str, int] = {}
+        self._owners: OrderedDict[str, str] = OrderedDict()  # session id -> owner, of the kept answers
         self._lock = threading.Lock()
 
     def get(self, key: tuple[str, str]) -> _Entry | None:
@@ -62,8 +66,15 @@ class ResponseCache:
             self._entries.move_to_end(key)
             return entry
 
-    def put(self, key: tuple[str, str], owner: str, token_expires: float, body: bytes, mimetype: str) -> None:
+    def put(self, key: tuple[str, str], owner: str, token_expires: float, body: bytes, mimetype: str,
+            session: str | None = None) -> None:
+        """Keep a 200 answer for `owner`; `session` is the session it shows, whose changes drop it."""
         with self._lock:
+            if session:
+                self._owners[session] = owner
+                self._owners.move_to_end(session)
+                while len(self._owners) > _ENTRIES:
+                    self._owners.popitem(last=False)
             # Each entry lives a random 50-100% of the period: entries filled together (many users'
             # dashboards opened at once, a restart) would otherwise expire together and queue their misses.
             expires = min(self.clock() + self.seconds * (0.5 + 0.5 * random.random()), token_expires)
@@ -77,9 +88,18 @@ class ResponseCache:
         with self._lock:
             self._generations[owner] = self._generations.get(owner, 0) + 1
 
+    def session_changed(self, session: str) -> None:
+        """A session was written in this process: drop its owner's kept answers, if any are kept."""
+        with self._lock:
+            owner = self._owners.get(session)
+            if owner is not None:
+                self._generations[owner] = self._generations.get(owner, 0) + 1
+
 
 def init_app(app: Flask, seconds: float) -> None:
-    app.extensions[EXTENSION] = ResponseCache(seconds)
+    cache = ResponseCache(seconds)
+    app.extensions[EXTENSION] = cache
+    changes.subscribe(cache.session_changed)
 
 
 def changed(owner: Any) -> None:
@@ -106,7 +126,10 @@ def polled(view: Callable[..., Any]) -> Callable[..., Any]:
         response = current_app.make_response(view(*args, **kwargs))
         if response.status_code == 200 and not response.is_streamed:
             expires = float(get_jwt().get("exp", math.inf))  # no "exp" when tokens are set never to expire
-            cache.put(key, str(current_user.id), expires, response.get_data(), response.mimetype)
+            # The session shown: the detail route's argument, or the one training-status names.
+            shown = (request.view_args or {}).get("session_id")
+            session = shown or (response.get_json(silent=True) or {}).get("session_id")
+            cache.put(key, str(current_user.id), expires, response.get_data(), response.mimetype, session)
         return response
 
     return wrapper

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,33 @@ class PeerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def make_target(target: str, env: dict[str, str], log: Path) -> Iterator[str]:
+    """`make <target>` serving the API on a free port (env's PORT is set here); yields its base URL once
+    /healthz answers 200, and stops the whole process group afterwards. Output goes to `log`."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with log.open("wb") as out:
+        process = subprocess.Popen(["make", target], cwd=ROOT, env={**env, "PORT": str(port)}, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            def healthy() -> bool:
+                assert process.poll() is None, log.read_text()
+                try:
+                    return requests.get(f"{base}/healthz", timeout=2).status_code == 200
+                except requests.ConnectionError:
+                    return False
+
+            wait_until(healthy, 60, f"make {target} to serve the API", interval=0.25)
+            yield base
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(30)
+    assert process.returncode in (0, 2, -signal.SIGTERM), log.read_text()[-3000:]
 
 
 class Api:

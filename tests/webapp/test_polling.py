@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from bson import ObjectId
 
 from models import session as sessions
 from models.session import RUNNING
@@ -34,9 +35,11 @@ def csv_path(tmp_path: Path) -> Path:
     return blobs_csv(tmp_path / "blobs.csv", rows=60, features=3, classes=2)
 
 
-def _progress_from_the_monitor(session_id: str, peer: str, epoch: int) -> None:
-    # What the monitor writes for a heartbeat, straight to the database as another process would.
-    sessions.record_progress(sessions.TrainingSession.objects.get(id=session_id).id, peer, {"epoch": epoch})
+def _progress_from_another_process(session_id: str, peer: str, epoch: int) -> None:
+    # What a monitor in another process writes for a heartbeat: this process hears nothing of it.
+    sessions.TrainingSession._get_collection().update_one(
+        {"_id": ObjectId(session_id), "peers.name": peer}, {"$set": {"peers.$.epoch": epoch}}
+    )
 
 
 def test_others_writes_show_within_the_period(app, client, auth, online_peers, csv_path, clock):
@@ -46,10 +49,24 @@ def test_others_writes_show_within_the_period(app, client, auth, online_peers, c
     path = f"/sessions/{session_id}"
     assert client.get(path, headers=auth).json["peers"][0]["epoch"] == 0
 
-    _progress_from_the_monitor(session_id, peer, 3)
+    _progress_from_another_process(session_id, peer, 3)
     assert client.get(path, headers=auth).json["peers"][0]["epoch"] == 0  # kept: within the period
     clock.now += app.config["API_CACHE_SECONDS"]
     assert client.get(path, headers=auth).json["peers"][0]["epoch"] == 3
+
+
+def test_writes_made_in_this_process_show_at_once(client, auth, online_peers, csv_path, clock):
+    # make run: the monitor and the coordinator write through the models in the API's own process.
+    online_peers(1)
+    started = start(client, auth, csv_path, num_peers="1").json
+    session_id, peer = started["session_id"], started["assigned_peers"][0]
+    assert client.get(f"/sessions/{session_id}", headers=auth).json["peers"][0]["epoch"] == 0
+    assert client.get("/sessions/training-status", headers=auth).json["status"] == "PENDING"
+
+    sessions.record_progress(ObjectId(session_id), peer, {"epoch": 4})
+    assert client.get(f"/sessions/{session_id}", headers=auth).json["peers"][0]["epoch"] == 4
+    sessions.finish(ObjectId(session_id), "FAILED", reason="peer p0 failed")
+    assert client.get("/sessions/training-status", headers=auth).json["status"] == "FAILED"
 
 
 def test_this_apis_own_writes_show_at_once(client, auth, online_peers, csv_path, clock):
@@ -61,7 +78,8 @@ def test_this_apis_own_writes_show_at_once(client, auth, online_peers, csv_path,
     second = start(client, auth, csv_path, num_peers="1").json["session_id"]
     assert client.get("/sessions/training-status", headers=auth).json["session_id"] == second
 
-    sessions.TrainingSession.objects(id=first).update_one(set__status=RUNNING)  # the coordinator, elsewhere
+    # The coordinator, in another process, marks it running: unannounced here.
+    sessions.TrainingSession._get_collection().update_one({"_id": ObjectId(first)}, {"$set": {"status": RUNNING}})
     assert client.post(f"/sessions/{first}/cancel", headers=auth).status_code == 202
     # The cancel dropped what was kept for this user: the detail is read afresh.
     assert client.get(f"/sessions/{first}", headers=auth).json["status"] == "RUNNING"
@@ -94,7 +112,7 @@ def test_zero_seconds_turns_it_off(app, client, auth, online_peers, csv_path):
     started = start(client, auth, csv_path, num_peers="1").json
     path = f"/sessions/{started['session_id']}"
     assert client.get(path, headers=auth).json["peers"][0]["epoch"] == 0
-    _progress_from_the_monitor(started["session_id"], started["assigned_peers"][0], 2)
+    _progress_from_another_process(started["session_id"], started["assigned_peers"][0], 2)
     assert client.get(path, headers=auth).json["peers"][0]["epoch"] == 2
 
 
