@@ -1,24 +1,29 @@
 """`make run`: the whole platform in one process, on embedded defaults or on the services configured.
 
-With no service URLs set, everything lives in this process: the API, the coordinator, the monitor
+With no service URLs set, everything lives in one process: the API, the coordinator, the monitor
 and LOCAL_PEERS peers, over Celery's in-memory broker and result backend, mongomock and a local
 storage directory. With BROKER_URL (and the others) pointing at real services, the API, the
-coordinator and the monitor still run here, and the local peers become real `celery worker`
+coordinator and the monitor still share one process, and the local peers become real `celery worker`
 processes that consume the real broker, as peers on other machines do.
+
+The API is served by granian, as in production. Granian runs the app in a worker process of its own,
+so that process is the one everything above lives in (`platform_app`, its app factory); this one
+supervises it and the peer processes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
-from werkzeug.serving import make_server
+from granian import Granian
+from granian.constants import Interfaces
 
 import models
 from settings import ROOT, Settings
@@ -65,14 +70,12 @@ def _peer_processes(settings: Settings, names: list[str]) -> list[subprocess.Pop
     ]
 
 
-def main() -> None:
+def platform_app() -> Any:
+    """Granian's app factory, run in its worker process: the monitor, the coordinator and (on the
+    in-memory broker) the peers start here, beside the API, as mongomock and memory:// need."""
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     models.connect(settings.mongodb_uri)
-    storage = from_settings(settings)
-    if isinstance(storage, S3Storage):
-        storage.ensure_bucket()
-    storage.ping()
 
     from tasks import monitor
     from tasks.celery import app
@@ -86,33 +89,40 @@ def main() -> None:
     host = socket.gethostname()
     workers = InProcessWorkers(app)
     workers.start(settings.coordinator_queue, f"coordinator@{host}")
-
-    names = [f"local{i}" for i in range(1, settings.local_peers + 1)]
-    processes: list[subprocess.Popen] = []
     if settings.embedded_broker:
-        for name in names:
+        for name in _peer_names(settings):
             workers.start(f"peer.{name}", f"peer.{name}@{host}")
-    else:
-        processes = _peer_processes(settings, names)
+    return create_app(settings=settings)
 
-    server = make_server(settings.host, settings.port, create_app(settings=settings), threaded=True)
-    base = f"http://{settings.host}:{server.server_port}"
+
+def _peer_names(settings: Settings) -> list[str]:
+    return [f"local{i}" for i in range(1, settings.local_peers + 1)]
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    storage = from_settings(settings)  # checked here, so a wrong storage setting stops us before serving
+    if isinstance(storage, S3Storage):
+        storage.ensure_bucket()
+    storage.ping()
+
+    names = _peer_names(settings)
+    processes = [] if settings.embedded_broker else _peer_processes(settings, names)
+    base = f"http://{settings.host}:{settings.port}"
     print(WALKTHROUGH.format(base=base, peers=", ".join(names) or "none (start some with `make peer NAME=...`)",
                              storage=settings.storage_url, sample=Path(ROOT, "samples", "wine.csv")), flush=True)
-
-    def shut_down(*_: object) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGINT, shut_down)
-    signal.signal(signal.SIGTERM, shut_down)
+    # One worker: mongomock and the in-memory broker live in one process. One app thread: more only
+    # queue on the GIL (bench/api.py). Granian handles Ctrl-C and SIGTERM, then returns.
+    server = Granian("embedded:platform_app", address=settings.host, port=settings.port,
+                     interface=Interfaces.WSGI, workers=1, blocking_threads=1, websockets=False, factory=True,
+                     working_dir=Path(ROOT))
     try:
-        server.serve_forever()
+        server.serve()
     finally:
         log.info("shutting down")
         for process in processes:
             process.terminate()
-        consumer.stop()
-        workers.stop()
         for process in processes:
             process.wait(15)
 

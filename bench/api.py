@@ -1,12 +1,12 @@
 """Benchmark the served API: req/s and latency of the two polling routes at 50 concurrent clients.
 
-The API is served as `make api` and docker-compose serve it: granian (HTTP in Rust) with one worker
-process, whose app factory (bench/api_app.py) builds the real app on mongomock and seeds it there
+The API is served as `make api`, `make run` and docker-compose serve it: granian (HTTP in Rust) with
+one worker process, whose app factory (bench/api_app.py) builds the real app on mongomock and seeds it there
 (mongomock lives in one process, so one worker). Rows: two floors on the same server (a bare WSGI
 hello-world and a one-route Flask app), the two routes with one user's token from every client and
 with a user per client, the same routes with the response cache off (API_CACHE_SECONDS=0: every
 request checks the token, loads the user and reads the session), and the routes on werkzeug's
-threaded server inside this process, as `make run` serves them.
+threaded development server (`flask --app webapp run`) inside this process, for comparison.
 
 The load generator runs in its own process: one event loop over raw keep-alive sockets with a
 prebuilt request, cheap enough not to take the server's CPU on a 2-core machine. Closed loop (each
@@ -305,9 +305,9 @@ def seed_app(app: Any, users: int, sessions_per_user: int) -> dict[str, list]:
 
 
 class InProcessServer:
-    """`app` on werkzeug's threaded server in a thread of this process, as `make run` serves it."""
+    """`app` on werkzeug's threaded development server (`flask run`), in a thread of this process."""
 
-    name = "werkzeug threaded, in-process (make run)"
+    name = "werkzeug threaded development server, in-process (flask run)"
 
     def __init__(self, app: Any) -> None:
         from werkzeug.serving import make_server
@@ -330,7 +330,7 @@ class GranianServer:
     """A target of bench/api_app.py served by granian, as `make api` and docker-compose serve the API:
     one worker process (mongomock lives in one process) with one thread for the app."""
 
-    name = "granian, 1 worker, 1 app thread (make api)"
+    name = "granian, 1 worker, 1 app thread (make api, make run)"
 
     def __init__(self, target: str, factory: bool = False, users: int = 0, sessions: int = 0,
                  env: dict[str, str] | None = None) -> None:
