@@ -116,7 +116,7 @@ def main() -> None:
     # queue on the GIL (bench/api.py). Granian handles Ctrl-C and SIGTERM, then returns.
     server = Granian("embedded:platform_app", address=settings.host, port=settings.port,
                      interface=Interfaces.WSGI, workers=1, blocking_threads=1, websockets=False, factory=True,
-                     working_dir=Path(ROOT))
+                     working_dir=Path(ROOT), workers_kill_timeout=15)  # a worker stuck on exit is killed
     try:
         server.serve()
     finally:

@@ -23,13 +23,15 @@ _listeners: list[weakref.WeakMethod] = []
 _lock = threading.Lock()
 
 
-def subscribe(listener: Callable[[str], None]) -> None:
-    """Call bound method `listener(session_id)` after each write to a session, until its object is gone."""
+def subscribe(listener: Callable[[str | None], None]) -> None:
+    """Call bound method `listener(session_id)` after each write to a session, until its object is gone;
+    the id is None when a write's filter does not name the sessions it changed."""
     with _lock:
         _listeners.append(weakref.WeakMethod(listener))
 
 
 def session_changed(session_id: Any) -> None:
+    """Announce a write to session `session_id` (None: to sessions this process cannot name)."""
     with _lock:
         _listeners[:] = [ref for ref in _listeners if ref() is not None]
         listeners = [ref() for ref in _listeners]
@@ -37,7 +39,7 @@ def session_changed(session_id: Any) -> None:
         if listener is None:
             continue
         try:
-            listener(str(session_id))
+            listener(None if session_id is None else str(session_id))
         except Exception:  # a listener's failure must not fail the write that already happened
             log.exception("a session-change listener failed")
 
@@ -56,7 +58,8 @@ class AnnouncingQuerySet(QuerySet):
         result = super().update(*args, **kwargs)
         changed = result if isinstance(result, int) else 1
         if changed:
-            for session_id in _ids(self._query):
-                if isinstance(session_id, ObjectId | str):
-                    session_changed(session_id)
+            ids = [i for i in _ids(self._query) if isinstance(i, ObjectId | str)]
+            # A filter without plain ids ($or, another field): say that something changed, not what.
+            for session_id in ids or [None]:
+                session_changed(session_id)
         return result

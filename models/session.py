@@ -19,9 +19,10 @@ from mongoengine import (
     ObjectIdField,
     StringField,
     ValidationError,
+    signals,
 )
 
-from models.changes import AnnouncingQuerySet
+from models.changes import AnnouncingQuerySet, session_changed
 from models.db import utcnow
 
 PENDING = "PENDING"
@@ -129,6 +130,11 @@ class TrainingSession(Document):
     @property
     def finished(self) -> bool:
         return self.status not in ACTIVE
+
+
+# A save() of a session (its creation, or a rewrite of a loaded one) is a write too.
+signals.post_save.connect(lambda sender, document, **_: session_changed(document.id), sender=TrainingSession,
+                          weak=False)
 
 
 def for_owner(owner_id: ObjectId) -> Any:

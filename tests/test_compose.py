@@ -22,8 +22,8 @@ def config() -> dict:
 
 def test_compose_file_is_valid_and_complete():
     spec = config()["services"]
-    assert {"rabbitmq", "mongo", "redis", "minio", "minio-init", "api", "coordinator", "monitor", "peer-a",
-            "peer-b", "flower"} <= set(spec)
+    assert {"rabbitmq", "mongo", "redis", "minio", "minio-init", "api", "proxy", "coordinator", "monitor",
+            "peer-a", "peer-b", "flower"} <= set(spec)
     assert "15672" in str(spec["rabbitmq"]["ports"])
 
 
@@ -53,3 +53,14 @@ def test_compose_refuses_to_start_without_secrets(tmp_path):
 def test_flower_is_behind_basic_auth():
     command = " ".join(config()["services"]["flower"]["command"])
     assert "--basic-auth=admin:change-me" in command
+
+
+def test_the_api_is_reached_only_through_the_buffering_proxy():
+    spec = config()["services"]
+    assert "ports" not in spec["api"]
+    assert "8000" in str(spec["proxy"]["ports"])
+    mount = next(v for v in spec["proxy"]["volumes"] if "nginx.conf.template" in str(v))
+    source = mount["source"] if isinstance(mount, dict) else str(mount).split(":")[0]
+    assert (ROOT / "deploy" / "nginx.conf.template").samefile(source)
+    # Both enforce one upload cap: the API's and nginx's refusals agree.
+    assert spec["proxy"]["environment"]["MAX_UPLOAD_MB"] == spec["api"]["environment"]["MAX_UPLOAD_MB"]

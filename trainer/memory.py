@@ -44,8 +44,9 @@ def keep_freed_memory(largest: int = _GIB) -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    # The trim threshold first: a high mmap threshold alone would still give freed memory back.
-    if not (mallopt(_M_TRIM_THRESHOLD, min(2 * largest, _INT_MAX)) and mallopt(_M_MMAP_THRESHOLD, largest)):
+    # The mmap threshold first: an older glibc may refuse one this high, and then nothing has changed.
+    if not mallopt(_M_MMAP_THRESHOLD, largest):
         return False
+    mallopt(_M_TRIM_THRESHOLD, min(2 * largest, _INT_MAX))
     _applied = largest
     return True

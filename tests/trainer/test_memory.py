@@ -1,5 +1,6 @@
 """keep_freed_memory: a large array freed and allocated again costs no new page faults."""
 
+import platform
 import subprocess
 import sys
 
@@ -26,18 +27,18 @@ def _probe(mode: str) -> tuple[bool, int]:
     return kept == "True", int(faults)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator settings")
 def test_freed_memory_is_reused_without_faulting_it_in_again():
     kept, faults = _probe("keep")
     _, default_faults = _probe("default")
     assert kept
-    # The default allocator maps the 64 MiB afresh (the kernel faults it in a few pages at a time: ~550
-    # faults here); the kept heap hands back memory already mapped (0 here).
-    assert default_faults >= 100
-    assert faults <= default_faults // 10
+    # The default allocator maps the 64 MiB afresh: ~550 faults here (a few pages each), ~32 where the
+    # kernel backs it with 2 MiB huge pages. The kept heap hands back memory already mapped: 0 here.
+    assert default_faults >= 16
+    assert faults <= default_faults // 16
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator settings")
 def test_calling_it_twice_is_harmless():
     code = "from trainer.memory import keep_freed_memory as keep; print(keep(), keep())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -3,6 +3,7 @@ API_CACHE_SECONDS old after other processes' writes, per token, and never past a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,7 @@ def test_this_apis_own_writes_show_at_once(client, auth, online_peers, csv_path,
 
     second = start(client, auth, csv_path, num_peers="1").json["session_id"]
     assert client.get("/sessions/training-status", headers=auth).json["session_id"] == second
+    assert client.get(f"/sessions/{first}", headers=auth).json["status"] == "PENDING"  # kept again
 
     # The coordinator, in another process, marks it running: unannounced here.
     sessions.TrainingSession._get_collection().update_one({"_id": ObjectId(first)}, {"$set": {"status": RUNNING}})
@@ -118,7 +120,7 @@ def test_zero_seconds_turns_it_off(app, client, auth, online_peers, csv_path):
 
 def test_an_entry_never_outlives_its_token():
     clock = Clock()
-    cache = ResponseCache(60.0, clock)
+    cache = ResponseCache(60.0, clock, wall=clock)
     cache.put(("Bearer t", "/p"), "owner", token_expires=clock.now + 5, body=b"{}", mimetype="application/json")
     clock.now += 4.9
     assert cache.get(("Bearer t", "/p")) is not None
@@ -128,7 +130,7 @@ def test_an_entry_never_outlives_its_token():
 
 def test_entries_expire_spread_over_the_second_half_of_the_period():
     clock = Clock()
-    cache = ResponseCache(10.0, clock)
+    cache = ResponseCache(10.0, clock, wall=clock)
     keys = [(f"Bearer {i}", "/p") for i in range(200)]
     for key in keys:
         cache.put(key, "owner", token_expires=clock.now + 3600, body=b"{}", mimetype="application/json")
@@ -141,12 +143,60 @@ def test_entries_expire_spread_over_the_second_half_of_the_period():
     assert all(cache.get(key) is None for key in keys)
 
 
-def test_the_least_recently_used_go_first(monkeypatch):
-    monkeypatch.setattr("webapp.polling._ENTRIES", 3)
+def test_the_least_recently_used_go_first_when_the_bytes_run_out(monkeypatch):
+    monkeypatch.setattr("webapp.polling._BUDGET", 30)
     clock = Clock()
-    cache = ResponseCache(10.0, clock)
+    cache = ResponseCache(10.0, clock, wall=clock)
     for key in ("a", "b", "c"):
-        cache.put((key, "/p"), "owner", clock.now + 3600, b"{}", "application/json")
+        assert cache.put((key, "/p"), "owner", clock.now + 3600, b"x" * 10, "application/json")
     assert cache.get(("a", "/p")) is not None  # a is now the most recent
-    cache.put(("d", "/p"), "owner", clock.now + 3600, b"{}", "application/json")
+    cache.put(("d", "/p"), "owner", clock.now + 3600, b"x" * 10, "application/json")
     assert [cache.get((key, "/p")) is not None for key in "abcd"] == [True, False, True, True]
+
+
+def test_a_body_too_large_to_share_the_budget_is_not_kept(monkeypatch):
+    monkeypatch.setattr("webapp.polling._LARGEST", 100)
+    cache = ResponseCache(10.0)
+    assert not cache.put(("a", "/p"), "owner", math.inf, b"x" * 101, "application/json")
+    assert cache.get(("a", "/p")) is None
+
+
+def test_an_answer_computed_across_a_change_is_not_kept():
+    # The view read the session, then the monitor (same process) wrote it, then the answer came back.
+    cache = ResponseCache(10.0)
+    ticket = cache.ticket()
+    cache.session_changed("some-session")
+    assert not cache.put(("a", "/p"), "owner", math.inf, b"{}", "application/json", "s", ticket)
+    assert cache.put(("a", "/p"), "owner", math.inf, b"{}", "application/json", "s", cache.ticket())
+
+
+def test_a_change_to_an_unnamed_session_drops_everything():
+    cache = ResponseCache(10.0)
+    cache.put(("a", "/p"), "owner", math.inf, b"{}", "application/json", "s")
+    cache.session_changed(None)
+    assert cache.get(("a", "/p")) is None
+
+
+@pytest.mark.parametrize("seconds", [math.nan, math.inf, -1.0])
+def test_the_period_must_be_a_finite_number_of_seconds(seconds):
+    with pytest.raises(ValueError, match="API_CACHE_SECONDS"):
+        ResponseCache(seconds)
+
+
+def test_a_query_string_does_not_make_a_new_entry(client, auth, online_peers, csv_path, clock):
+    online_peers(1)
+    started = start(client, auth, csv_path, num_peers="1").json
+    path = f"/sessions/{started['session_id']}"
+    assert client.get(path, headers=auth).json["peers"][0]["epoch"] == 0
+    _progress_from_another_process(started["session_id"], started["assigned_peers"][0], 5)
+    for query in ("?x=1", "?x=2", "?"):
+        assert client.get(path + query, headers=auth).json["peers"][0]["epoch"] == 0
+
+
+def test_an_id_spelt_in_capitals_is_dropped_on_a_write_too(client, auth, online_peers, csv_path, clock):
+    online_peers(1)
+    started = start(client, auth, csv_path, num_peers="1").json
+    path = f"/sessions/{started['session_id'].upper()}"
+    assert client.get(path, headers=auth).json["peers"][0]["epoch"] == 0
+    sessions.record_progress(ObjectId(started["session_id"]), started["assigned_peers"][0], {"epoch": 6})
+    assert client.get(path, headers=auth).json["peers"][0]["epoch"] == 6
