@@ -256,7 +256,8 @@ def _copy_finite(source: np.ndarray, x: np.ndarray) -> bool:
             x[rows] = source[rows]
             return bool(np.isfinite(x[rows].sum()))
 
-    if x.size < _PARALLEL_CELLS or (os.cpu_count() or 1) < 2:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if x.size < _PARALLEL_CELLS or cores < 2:
         return copy(slice(None))
     half = len(x) // 2
     with ThreadPoolExecutor(2) as pool:
