@@ -35,6 +35,7 @@ from models import changes
 EXTENSION = "peertrain.polling"
 _BUDGET = 32 << 20  # bytes of kept bodies per process; the least recently used go first
 _LARGEST = _BUDGET >> 6  # a body over 512 KB is not kept: it would crowd out everyone else's
+_SESSIONS = 100_000  # session id -> owner pairs remembered (~10 MB at most), the least recently kept go first
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class ResponseCache:
             if session:
                 self._owners[session] = owner
                 self._owners.move_to_end(session)
-                while len(self._owners) > 4 * (_BUDGET >> 10):  # ids are small; bounded all the same
+                while len(self._owners) > _SESSIONS:
                     self._owners.popitem(last=False)
             # Each entry lives a random 50-100% of the period: entries filled together (many users'
             # dashboards opened at once, a restart) would otherwise expire together and queue their misses.
