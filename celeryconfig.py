@@ -1,4 +1,4 @@
-"""Celery settings, from the environment through `settings.Settings` (see the README's table)."""
+"""Celery settings, from the environment through `settings.Settings` (see docs/settings.md)."""
 
 from settings import Settings
 

@@ -22,7 +22,7 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 @dataclass(frozen=True)
 class Option:
-    """One environment variable: its name, default and meaning (the README table is built from these)."""
+    """One environment variable: its name, default and meaning (docs/settings.md is built from these)."""
 
     env: str
     default: str | int | float | bool
@@ -127,7 +127,7 @@ def options() -> list[Option]:
 
 
 def markdown_table() -> str:
-    """The README's settings table."""
+    """The settings table of docs/settings.md."""
     lines = ["| variable | default | meaning |", "|---|---|---|"]
     for option in options():
         default = option.text().replace(str(ROOT), ".") if option.default != "" else "(empty)"

@@ -1,4 +1,4 @@
-"""The README stays true: its first commands, its settings table, its make targets."""
+"""The README and docs/ stay true: the first commands, the settings table, the make targets they name."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import settings
 from settings import ROOT
 
 README = (ROOT / "README.md").read_text()
+DOCS = {path.name: path.read_text() for path in (ROOT / "docs").glob("*.md")}
 
 
 def test_readme_opens_with_the_two_commands():
@@ -16,7 +17,7 @@ def test_readme_opens_with_the_two_commands():
 
 
 def test_settings_table_matches_the_code():
-    table = README.split("<!-- settings-table")[1].split("-->", 1)[1].split("<!-- /settings-table -->")[0]
+    table = DOCS["settings.md"].split("<!-- settings-table")[1].split("-->", 1)[1].split("<!-- /settings-table -->")[0]
     assert table.strip() == settings.markdown_table()
 
 
@@ -29,5 +30,10 @@ def test_env_example_names_every_setting():
 def test_every_make_target_the_readme_names_exists():
     makefile = (ROOT / "Makefile").read_text()
     targets = set(re.findall(r"^([a-z-]+):", makefile, re.M))
-    for target in set(re.findall(r"`make ([a-z-]+)", README)):
+    for target in set(re.findall(r"`make ([a-z-]+)", "\n".join([README, *DOCS.values()]))):
         assert target in targets, target
+
+
+def test_every_document_the_readme_links_exists():
+    for link in re.findall(r"\]\((docs/[^)]+)\)", README):
+        assert (ROOT / link).is_file(), link
