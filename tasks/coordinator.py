@@ -2,8 +2,10 @@
 
 `run_session` launches a session's first round (tasks/rounds.py builds the chord: one `train` per
 claimed peer, routed to that peer's queue, with `aggregate` as its body); `aggregate` ends a sweep
-or hands a federated round to tasks/federated.py; `peer_failed` and `round_failed` turn failures
-into a FAILED session (or, in a federated session with peers to spare, a peer left out).
+(tasks/sweep.py) or hands a federated round to tasks/federated.py; `peer_failed` (sent by the result
+collector when a peer reports a failure) and `round_failed` turn failures into a FAILED session (or,
+in a federated session with peers to spare, a peer left out). Only the platform's own processes can
+send these tasks: peers cannot publish to the coordinator's queue.
 """
 
 from __future__ import annotations
@@ -13,15 +15,27 @@ from typing import Any
 
 from celery.exceptions import ChordError
 from celery.result import AsyncResult
+from celery.signals import worker_process_init
 
 import models
 from models import TrainingSession
 from models import session as sessions
-from tasks import federated, lifecycle
+from tasks import federated, lifecycle, sweep
 from tasks.celery import app
-from tasks.rounds import launch_round, record_result, session_prefix, settings
+from tasks.collector import PeerTaskError
+from tasks.rounds import launch_round, settings
 
 log = logging.getLogger(__name__)
+
+
+@worker_process_init.connect
+def _reconnect(**_: Any) -> None:
+    # A forked pool process must not share the parent's MongoDB sockets: connect afresh. (The solo
+    # pool sends this signal too, in the worker's own process: mongomock's data lives in its client.)
+    uri = settings().mongodb_uri
+    if not uri.startswith(models.db.MOCK_SCHEME):
+        models.disconnect()
+        models.connect(uri)
 
 
 def _session(session_id: str) -> TrainingSession | None:
@@ -29,7 +43,7 @@ def _session(session_id: str) -> TrainingSession | None:
     return TrainingSession.objects(id=session_id).first()
 
 
-@app.task(name="peertrain.run_session")
+@app.task(name="peertrain.run_session", shared=False)
 def run_session(session_id: str) -> None:
     """Launch a PENDING session's first chord; ends it FAILED if it cannot be launched."""
     session = _session(session_id)
@@ -40,31 +54,13 @@ def run_session(session_id: str) -> None:
         if session.mode == sessions.FEDERATED:
             federated.start(session)
         else:
-            launch_round(session, 0, [sweep_spec(session, run) for run in session.peers])
+            launch_round(session, 0, sweep.specs(session))
     except Exception as exc:
         lifecycle.end(session_id, sessions.FAILED, f"the coordinator could not start the session: {exc}")
         raise
 
 
-def sweep_spec(session: TrainingSession, run: models.PeerRun) -> dict[str, Any]:
-    """The `train` task's argument for one peer of a sweep: the whole dataset, its own hyperparameters."""
-    return {
-        "session": str(session.id),
-        "peer": run.name,
-        "round": 0,
-        "data_url": session.dataset.url,
-        "target": session.target,
-        "features": list(session.features),
-        "task": session.task,
-        "classes": session.dataset.classes,
-        "validation_fraction": 0.2,
-        "seed": session.seed,
-        "hyperparameters": dict(run.hyperparameters),
-        "weights_key": f"{session_prefix(session)}/peers/{run.name}/model.safetensors",
-    }
-
-
-@app.task(name="peertrain.aggregate")
+@app.task(name="peertrain.aggregate", shared=False)
 def aggregate(results: list[dict[str, Any]], session_id: str, round_: int = 0) -> None:
     """The chord's body: every peer finished; record their results and end (or continue) the session."""
     session = _session(session_id)
@@ -73,38 +69,16 @@ def aggregate(results: list[dict[str, Any]], session_id: str, round_: int = 0) -
     if session.mode == sessions.FEDERATED:
         federated.aggregate_round(session, round_, results)
         return
-    for result in results:
-        record_result(session, result, sessions.COMPLETED)
-    summary = compare(session.task, results)
-    lifecycle.end(session.id, sessions.COMPLETED, results=summary,
-                  model_url=next(r["weights_url"] for r in results if r["peer"] == summary["best_peer"]))
-
-
-def compare(task: str, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Rank a sweep's peers on validation data: accuracy (classification) or R² (regression)."""
-    metric = "val_accuracy" if task == "classification" else "val_r2"
-
-    def score(result: dict[str, Any]) -> tuple[float, float]:
-        final = result["final"]
-        value = final.get(metric)
-        loss = final.get("val_loss")
-        return (value if value is not None else float("-inf"), -loss if loss is not None else float("-inf"))
-
-    best = max(results, key=score)
-    return {
-        "metric": metric,
-        "best_peer": best["peer"],
-        "best_value": best["final"].get(metric),
-        "peers": {r["peer"]: {metric: r["final"].get(metric), "val_loss": r["final"].get("val_loss"),
-                              "seconds": r["seconds"], "samples_per_sec": r["final"].get("samples_per_sec")}
-                  for r in results},
-    }
+    sweep.finish(session, results)
 
 
 def peer_failure(session: TrainingSession, run: models.PeerRun) -> bool:
     """Record that `run`'s task failed and end the session, unless a federated one can go on; True if ended."""
     error = AsyncResult(run.task_id, app=app).result
-    message = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+    if isinstance(error, PeerTaskError):
+        message = str(error)  # the peer's own account: "ValueError: ..."
+    else:
+        message = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
     sessions.record_peer_result(session.id, run.name, sessions.FAILED, error=message)
     run.status = sessions.FAILED
     if session.mode == sessions.FEDERATED:
@@ -114,19 +88,19 @@ def peer_failure(session: TrainingSession, run: models.PeerRun) -> bool:
     return lifecycle.end(session.id, sessions.FAILED, f"peer {run.name} failed: {message}")
 
 
-@app.task(name="peertrain.peer_failed")
+@app.task(name="peertrain.peer_failed", shared=False)
 def peer_failed(task_id: str) -> None:
-    """Errback of a peer's `train` task: end its session FAILED, naming the peer and the error."""
+    """A peer reported its `train` task failed: end its session FAILED, naming the peer and the error."""
     models.ensure_connected(settings().mongodb_uri)
     session = sessions.by_task_id(task_id)
     if session is None or session.finished:
-        return  # already ended (errbacks can fire twice on a hard time limit)
-    run = next(r for r in session.peers if r.task_id == task_id)
-    if run.status != sessions.FAILED:
+        return  # already ended
+    run = sessions.run_of_task(session, task_id)
+    if run is not None and run.status != sessions.FAILED:
         peer_failure(session, run)
 
 
-@app.task(name="peertrain.round_failed")
+@app.task(name="peertrain.round_failed", shared=False)
 def round_failed(task_id: str) -> None:
     """Errback of a chord's body: a peer failed (the body never ran) or aggregating itself failed."""
     _, session_id, round_, _ = task_id.split(":")
@@ -155,7 +129,7 @@ def round_failed(task_id: str) -> None:
     lifecycle.end(session.id, sessions.FAILED, f"aggregating round {round_} failed: {type(error).__name__}: {error}")
 
 
-@app.task(name="peertrain.cancel_session")
+@app.task(name="peertrain.cancel_session", shared=False)
 def cancel_session(session_id: str) -> None:
     """The user cancelled: stop the peers and release them."""
     if _session(session_id) is not None:

@@ -25,18 +25,20 @@ from models import Round, TrainingSession
 from models import session as sessions
 from tasks import lifecycle
 from tasks.celery import app
-from tasks.rounds import launch_round, record_result, session_prefix, storage
+from tasks.rounds import grants, launch_round, record_result, session_prefix, storage
+from tasks.storage import StorageError
 from trainer.csvfile import CsvFile
 from trainer.loop import evaluate
 from trainer.model import ModelConfig, SimpleDNN
 from trainer.normalization import Normalization, fit_normalization
-from trainer.split import shard, split_indices
+from trainer.split import VALIDATION_FRACTION, shard, split_indices
 from trainer.table import Table, read_table
 from trainer.weights import (
     Checkpoint,
     WeightsError,
     average,
     checkpoint_bytes,
+    max_state_bytes,
     median,
     state_from_bytes,
     state_to_bytes,
@@ -45,7 +47,6 @@ from trainer.weights import (
 
 log = logging.getLogger(__name__)
 
-VALIDATION_FRACTION = 0.2
 # A peer whose weights sit this many times farther from the aggregate than the typical peer's is
 # reported as an outlier (the median and trimmed mean outvote it; FedAvg would not).
 OUTLIER_FACTOR = 10.0
@@ -93,15 +94,19 @@ def start(session: TrainingSession) -> None:
     launch_round(session, 0, specs(session, 0, initial))
 
 
+def weights_key(session: TrainingSession, round_: int, peer: str) -> str:
+    return f"{session_prefix(session)}/rounds/{round_}/{peer}.safetensors"
+
+
 def specs(session: TrainingSession, round_: int, weights_url: str) -> list[dict[str, Any]]:
     """One `train` argument per peer still in the session, starting from the global weights."""
     plan, settings_ = session.plan, session.federated
+    config = ModelConfig.from_dict(plan["model"])
     return [
         {
-            "session": str(session.id),
             "peer": run.name,
+            "session": str(session.id),
             "round": round_,
-            "data_url": plan["shards"][run.name],
             "target": session.target,
             "features": list(session.features),
             "task": session.task,
@@ -109,10 +114,9 @@ def specs(session: TrainingSession, round_: int, weights_url: str) -> list[dict[
             "normalization": plan["normalization"],
             "seed": session.seed + round_,
             "hyperparameters": {**run.hyperparameters, "epochs": settings_["local_epochs"]},
-            "initial_weights_url": weights_url,
             "keep_data": True,
             "last_round": round_ + 1 == settings_["rounds"],
-            "weights_key": f"{session_prefix(session)}/rounds/{round_}/{run.name}.safetensors",
+            **grants(plan["shards"][run.name], weights_key(session, round_, run.name), config, weights_url),
         }
         for run in session.peers
         if run.status != sessions.FAILED
@@ -126,14 +130,18 @@ def aggregate_round(session: TrainingSession, round_: int, results: list[dict[st
     store = storage()
     states, samples, rejected = {}, {}, {}
     for result in results:
-        record_result(session, result, sessions.RUNNING)
+        # The collector named the result's peer from its own records; the sample count and where
+        # the weights are come from the coordinator's plan, never from what the peer says.
+        peer = result["peer"]
+        record_result(session, result, sessions.RUNNING, samples=plan["shard_rows"][peer])
         try:
-            if result.get("stopped") or not result.get("samples"):
+            if result["stopped"]:
                 raise WeightsError("it stopped before finishing the round")
-            states[result["peer"]] = state_from_bytes(store.get_bytes(result["weights_url"]), config)
-            samples[result["peer"]] = result["samples"]
-        except (WeightsError, ValueError) as exc:
-            rejected[result["peer"]] = str(exc)
+            url = store.url(weights_key(session, round_, peer))
+            states[peer] = state_from_bytes(store.get_bytes(url, max_state_bytes(config)), config)
+            samples[peer] = plan["shard_rows"][peer]
+        except (WeightsError, ValueError, StorageError) as exc:
+            rejected[peer] = str(exc)
     if len(states) < settings_["min_peers"]:
         lifecycle.end(session.id, sessions.FAILED,
                       f"round {round_}: only {len(states)} peer(s) returned usable weights, "

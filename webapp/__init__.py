@@ -38,6 +38,9 @@ def create_app(test_config: dict[str, Any] | None = None, settings: Settings | N
 
     for blueprint in (auth, peers, sessions, health):
         api.register_blueprint(blueprint)
+    from webapp import objects
+
+    app.register_blueprint(objects.blp)  # peers' door to local storage; not part of the documented API
     return app
 
 
@@ -48,6 +51,8 @@ def _config(settings: Settings) -> dict[str, Any]:
         "STORAGE_URL": settings.storage_url,
         "S3_ENDPOINT_URL": settings.s3_endpoint_url,
         "S3_REGION": settings.s3_region,
+        "PUBLIC_URL": settings.public_base_url,
+        "GRANT_KEY": settings.grant_key,
         "JWT_SECRET_KEY": settings.jwt_secret_key,
         "JWT_ACCESS_TOKEN_EXPIRES": settings.jwt_expires_seconds,
         "BCRYPT_ROUNDS": settings.bcrypt_rounds,

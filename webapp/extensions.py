@@ -11,7 +11,7 @@ from flask_jwt_extended import JWTManager
 from webargs.flaskparser import FlaskParser
 from werkzeug.datastructures import CombinedMultiDict
 
-from tasks.storage import Storage, open_storage
+from tasks.storage import LocalGrants, Storage, open_storage
 
 
 class Parser(FlaskParser):
@@ -66,7 +66,8 @@ def init_app(app: Flask) -> flask_smorest.Api:
     api = flask_smorest.Api(app)
     if STORAGE not in app.extensions:
         app.extensions[STORAGE] = open_storage(
-            app.config["STORAGE_URL"], app.config["S3_ENDPOINT_URL"], app.config["S3_REGION"]
+            app.config["STORAGE_URL"], app.config["S3_ENDPOINT_URL"], app.config["S3_REGION"],
+            LocalGrants(app.config["PUBLIC_URL"], app.config["GRANT_KEY"]),
         )
     if DISPATCHER not in app.extensions:
         from tasks.celery import app as celery_app
