@@ -126,15 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     adding = commands.add_parser("add", help="register a peer and print what its machine needs")
     adding.add_argument("name")
     adding.add_argument("--env-file", help="write the peer's environment to this file (mode 0600) instead")
+    adding.add_argument("--rotate", action="store_true",
+                        help="if the peer is registered already, issue it a new login (the old one stops working)")
     commands.add_parser("remove", help="revoke a peer's login and forget it").add_argument("name")
     commands.add_parser("list", help="the registered peers")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
-    models.connect(settings.mongodb_uri)
+    models.ensure_connected(settings.mongodb_uri)
     try:
         if args.command == "add":
-            enrolment = add(args.name, settings)
+            known = args.rotate and peers.Peer.objects(name=args.name).first() is not None
+            enrolment = issue_login(args.name, settings) if known else add(args.name, settings)
             if args.env_file:
                 fd = os.open(args.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "w") as out:
