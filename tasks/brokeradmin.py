@@ -66,9 +66,14 @@ class BrokerAdmin:
     def _v(self) -> str:
         return quote(self.vhost, safe="")
 
-    def add_user(self, user: str, password: str, permissions: dict[str, str]) -> None:
-        self._call("PUT", f"users/{quote(user, safe='')}", {"password": password, "tags": ""})
-        self._call("PUT", f"permissions/{self._v()}/{quote(user, safe='')}", permissions)
+    def add_user(self, user: str, password: str, permissions: dict[str, str], max_connections: int = 8,
+                 max_channels: int = 64) -> None:
+        """A user with these rights on this virtual host, and caps on what it may open (one peer needs ~3)."""
+        name = quote(user, safe="")
+        self._call("PUT", f"users/{name}", {"password": password, "tags": ""})
+        self._call("PUT", f"permissions/{self._v()}/{name}", permissions)
+        self._call("PUT", f"user-limits/{name}/max-connections", {"value": max_connections})
+        self._call("PUT", f"user-limits/{name}/max-channels", {"value": max_channels})
 
     def remove_user(self, user: str) -> None:
         """Delete `user` and close every connection it holds."""

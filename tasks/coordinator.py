@@ -55,6 +55,8 @@ def run_session(session_id: str) -> None:
             federated.start(session)
         else:
             launch_round(session, 0, sweep.specs(session))
+            # While the peers train: read the validation rows the models will be scored on.
+            sweep.prepared(session)
     except Exception as exc:
         lifecycle.end(session_id, sessions.FAILED, f"the coordinator could not start the session: {exc}")
         raise

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from models import TrainingSession
 from models import session as sessions
 from tasks import lifecycle
 from tasks.rounds import grants, record_result, session_prefix, storage
-from trainer.dataset import Dataset, prepare
+from trainer.dataset import prepare
 from trainer.loop import evaluate
 from trainer.model import ModelConfig, SimpleDNN
+from trainer.normalization import Normalization
 from trainer.split import VALIDATION_FRACTION
 from trainer.table import read_table
 from trainer.weights import Checkpoint, WeightsError, checkpoint_bytes, max_state_bytes, state_from_bytes
@@ -57,16 +62,36 @@ def specs(session: TrainingSession) -> list[dict[str, Any]]:
     ]
 
 
-def _dataset(session: TrainingSession) -> Dataset:
+@dataclass(frozen=True)
+class Scoring:
+    """What scoring a sweep's models needs of its dataset: the validation rows, scaled as the peers scaled."""
+
+    val_x: np.ndarray
+    val_y: np.ndarray
+    normalization: Normalization
+    train_rows: int
+
+
+def prepared(session: TrainingSession) -> Scoring:
+    """The session's validation rows, split as every peer splits them; read once per coordinator process."""
+    classes = tuple(session.dataset.classes) if session.dataset.classes else None
+    return _prepared(session.dataset.url, session.target, tuple(session.features), session.task, classes,
+                     session.seed)
+
+
+@lru_cache(maxsize=4)
+def _prepared(url: str, target: str, features: tuple[str, ...], task: str, classes: tuple[str, ...] | None,
+              seed: int) -> Scoring:
     with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
         path = Path(tmp) / "dataset.csv"
-        storage().download(session.dataset.url, path)
-        table = read_table(path, target=session.target, features=list(session.features), task=session.task,
-                           classes=session.dataset.classes)
-    return prepare(table, VALIDATION_FRACTION, seed=session.seed, stratify=table.classes is not None)
+        storage().download(url, path)
+        table = read_table(path, target=target, features=list(features), task=task,
+                           classes=list(classes) if classes else None)
+    data = prepare(table, VALIDATION_FRACTION, seed=seed, stratify=table.classes is not None)
+    return Scoring(data.val_x, data.val_y, data.normalization, len(data.train_y))
 
 
-def _score(session: TrainingSession, hp: dict[str, Any], data: Dataset, peer: str) -> tuple[SimpleDNN, dict]:
+def _score(session: TrainingSession, hp: dict[str, Any], data: Scoring, peer: str) -> tuple[SimpleDNN, dict]:
     """The peer's uploaded model and the coordinator's own measure of it on the validation rows."""
     config = model_config(session, hp)
     state = state_from_bytes(storage().get_bytes(storage().url(weights_key(session, peer)), max_state_bytes(config)),
@@ -80,12 +105,12 @@ def _score(session: TrainingSession, hp: dict[str, Any], data: Dataset, peer: st
 
 def finish(session: TrainingSession, results: list[dict[str, Any]]) -> None:
     """Record every peer's result, score their models, keep the best; FAILED if no model holds up."""
-    data = _dataset(session)
+    data = prepared(session)
     metric = "val_accuracy" if session.task == "classification" else "val_r2"
     scored: dict[str, tuple[SimpleDNN, dict[str, Any], dict[str, Any]]] = {}
     for result in results:
         run = session.peer(result["peer"])
-        record_result(session, result, sessions.COMPLETED, samples=len(data.train_y))
+        record_result(session, result, sessions.COMPLETED, samples=data.train_rows)
         try:
             if result["stopped"]:
                 raise WeightsError("it stopped before finishing")
