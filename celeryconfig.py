@@ -61,6 +61,7 @@ task_routes = {"peertrain.run_session": {"queue": _settings.coordinator_queue},
                "peertrain.aggregate": {"queue": _settings.coordinator_queue},
                "peertrain.collect": {"queue": _settings.coordinator_queue},
                "peertrain.peer_failed": {"queue": _settings.coordinator_queue},
+               "peertrain.peer_lost": {"queue": _settings.coordinator_queue},
                "peertrain.round_failed": {"queue": _settings.coordinator_queue},
                "peertrain.cancel_session": {"queue": _settings.coordinator_queue}}
 task_default_queue = _settings.coordinator_queue

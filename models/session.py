@@ -98,6 +98,8 @@ class TrainingSession(Document):
     dataset = EmbeddedDocumentField(Dataset, required=True)
     peers = EmbeddedDocumentListField(PeerRun)
     federated = DictField()  # the user's federated settings: rounds, local_epochs, partition, ...
+    min_peers = IntField(min_value=1)  # peers that must finish a round for the session to go on (None: all)
+    round_timeout = IntField(min_value=1)  # seconds a round may take before peers still training are left out
     plan = DictField()  # the coordinator's: where each shard is, normalisation, the model's shape
     launch = DictField()  # the current round's chord: round, group id, body id, peers in header order
     rounds = EmbeddedDocumentListField(Round)
@@ -131,6 +133,16 @@ class TrainingSession(Document):
     @property
     def finished(self) -> bool:
         return self.status not in ACTIVE
+
+    @property
+    def quorum(self) -> int:
+        """How many peers must finish each round (the federated settings' `min_peers` in older sessions)."""
+        return self.min_peers or self.federated.get("min_peers") or len(self.peers)
+
+    def can_lose(self, peer: str) -> bool:
+        """True if the session can go on without `peer` (enough peers that have not failed remain)."""
+        remaining = sum(1 for run in self.peers if run.name != peer and run.status != FAILED)
+        return remaining >= self.quorum
 
 
 # A save() of a session (its creation, or a rewrite of a loaded one) is a write too.
@@ -180,9 +192,16 @@ def start_running(session_id: ObjectId, task_ids: dict[str, str], launch: dict[s
 
 
 def next_round(session_id: ObjectId, round_: int, task_ids: dict[str, str], launch: dict[str, Any]) -> bool:
-    """Record a new round's task ids and chord on a RUNNING session; False if it has ended meanwhile."""
+    """Record round `round_`'s task ids and chord on a RUNNING session whose current round is the one before;
+    False if it has ended meanwhile, or the round was launched already (a redelivered `aggregate`)."""
     updates = _task_updates(session_id, task_ids)
-    return bool(TrainingSession.objects(id=session_id, status=RUNNING).update_one(set__launch=launch, **updates))
+    return bool(TrainingSession.objects(id=session_id, status=RUNNING, launch__round=round_ - 1).update_one(
+        set__launch=launch, **updates))
+
+
+def rounds_overdue(now: datetime) -> list[TrainingSession]:
+    """Running sessions whose current round is past its deadline (`round_timeout`)."""
+    return list(TrainingSession.objects(status=RUNNING, launch__deadline__lt=now).only("id", "launch", "peers"))
 
 
 def overdue(now: datetime, pending_for: timedelta) -> list[TrainingSession]:

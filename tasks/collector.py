@@ -128,22 +128,27 @@ class Collector:
         if status not in states.READY_STATES:
             return False  # STARTED, RETRY: nothing to record
         if AsyncResult(task_id, app=self.app).state in states.READY_STATES:
-            return self._drop("already reported", f"task {task_id} of peer {name}")
-        launch = session.launch
-        request = Context(id=task_id, group=launch["group"], group_index=launch["peers"].index(name),
-                          chord=dict(chord_body(str(session.id), launch["round"], launch["body"],
-                                                len(launch["peers"]))))
-        backend = self.app.backend
+            return self._drop("already reported", f"task {task_id} of peer {name} (or it was given up on)")
         if status == states.SUCCESS:
             epochs = (session.federated["local_epochs"] if session.mode == sessions.FEDERATED
                       else run.hyperparameters["epochs"])
-            backend.mark_as_done(task_id, clean_result(payload.get("result"), name, launch["round"], epochs),
-                                 request=request)
+            self.settle(session, run, clean_result(payload.get("result"), name, session.launch["round"], epochs))
             return True
-        error = PeerTaskError(describe_failure(payload.get("result")))
-        backend.mark_as_failure(task_id, error, request=request, call_errbacks=False)
-        self.app.send_task("peertrain.peer_failed", args=[task_id], queue=settings().coordinator_queue)
+        self.settle(session, run, error=describe_failure(payload.get("result")))
+        self.app.send_task("peertrain.peer_failed", args=[run.task_id], queue=settings().coordinator_queue)
         return True
+
+    def settle(self, session: sessions.TrainingSession, run: sessions.PeerRun, result: dict[str, Any] | None = None,
+               error: str | None = None) -> None:
+        """Store a task's outcome (its result, or the failure `error`) and count it towards its chord."""
+        launch = session.launch
+        request = Context(id=run.task_id, group=launch["group"], group_index=launch["peers"].index(run.name),
+                          chord=dict(chord_body(str(session.id), launch["round"], launch["body"],
+                                                len(launch["peers"]))))
+        if error is None:
+            self.app.backend.mark_as_done(run.task_id, result, request=request)
+        else:
+            self.app.backend.mark_as_failure(run.task_id, PeerTaskError(error), request=request, call_errbacks=False)
 
 
 class ResultCollector(bootsteps.ConsumerStep):

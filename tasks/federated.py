@@ -18,13 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from celery import states
-from celery.result import AsyncResult
 
 from models import Round, TrainingSession
 from models import session as sessions
 from tasks import lifecycle
-from tasks.celery import app
 from tasks.rounds import grants, launch_round, record_result, session_prefix, storage
 from tasks.storage import StorageError
 from trainer.csvfile import CsvFile
@@ -124,8 +121,19 @@ def specs(session: TrainingSession, round_: int, weights_url: str) -> list[dict[
 
 
 def aggregate_round(session: TrainingSession, round_: int, results: list[dict[str, Any]]) -> None:
-    """Check and combine the peers' weights, evaluate the global model, then go on or finish."""
+    """Check and combine the peers' weights, evaluate the global model, then go on or finish.
+
+    Safe to run twice for one round (a redelivered `aggregate`): a round that is not the session's
+    current one, or is recorded already, changes nothing but launching the next round if that is
+    still to do."""
     plan, settings_ = session.plan, session.federated
+    if session.launch.get("round") != round_:
+        log.info("session %s: round %s is not the current round; nothing to aggregate", session.id, round_)
+        return
+    recorded = next((r for r in session.rounds if r.round == round_), None)
+    if recorded is not None:
+        _next(session, round_)
+        return
     config = ModelConfig.from_dict(plan["model"])
     store = storage()
     states, samples, rejected = {}, {}, {}
@@ -142,10 +150,10 @@ def aggregate_round(session: TrainingSession, round_: int, results: list[dict[st
             samples[peer] = plan["shard_rows"][peer]
         except (WeightsError, ValueError, StorageError) as exc:
             rejected[peer] = str(exc)
-    if len(states) < settings_["min_peers"]:
+    if len(states) < session.quorum:
         lifecycle.end(session.id, sessions.FAILED,
                       f"round {round_}: only {len(states)} peer(s) returned usable weights, "
-                      f"{settings_['min_peers']} needed; rejected: {_listing(rejected)}")
+                      f"{session.quorum} needed; rejected: {_listing(rejected)}")
         return
 
     names = sorted(states)
@@ -158,14 +166,22 @@ def aggregate_round(session: TrainingSession, round_: int, results: list[dict[st
                                    state_to_bytes(merged, {"round": round_}))
     round_doc = Round(round=round_, metrics={**metrics, "samples": sum(samples.values())}, peers=names,
                       rejected=rejected, outliers=outliers)
-    TrainingSession.objects(id=session.id, status=sessions.RUNNING).update_one(
+    # Recorded once: the filter refuses a second copy of the same round.
+    TrainingSession.objects(id=session.id, status=sessions.RUNNING, rounds__round__ne=round_).update_one(
         push__rounds=round_doc, set__plan__global_url=global_url)
+    session.reload()
+    _next(session, round_)
 
-    if round_ + 1 < settings_["rounds"]:
-        session.reload()
-        launch_round(session, round_ + 1, specs(session, round_ + 1, global_url))
+
+def _next(session: TrainingSession, round_: int) -> None:
+    """After `round_` is recorded: launch the next round (once: launch_round is conditional) or finish."""
+    if round_ + 1 < session.federated["rounds"]:
+        launch_round(session, round_ + 1, specs(session, round_ + 1, session.plan["global_url"]))
         return
-    _finish(session, model, config, metrics)
+    config = ModelConfig.from_dict(session.plan["model"])
+    model = SimpleDNN(config)
+    model.load_state_dict(state_from_bytes(storage().get_bytes(session.plan["global_url"]), config))
+    _finish(session, model, config, session.rounds[-1].metrics)
 
 
 def _finish(session: TrainingSession, model: SimpleDNN, config: ModelConfig, metrics: dict[str, Any]) -> None:
@@ -233,24 +249,6 @@ def _evaluate(model: SimpleDNN, session: TrainingSession) -> dict[str, Any]:
     if config.task == "classification":
         return {"val_loss": scores["loss"], "val_accuracy": scores["accuracy"], "val_rows": scores["samples"]}
     return {"val_loss": scores["loss"], "val_r2": scores["r2"], "val_rows": scores["samples"]}
-
-
-def recover_round(session: TrainingSession, round_: int) -> None:
-    """A peer failed this round and the others may carry on: aggregate the results that did arrive."""
-    results = []
-    for run in session.peers:
-        if run.status == sessions.FAILED or not run.task_id:
-            continue
-        result = AsyncResult(run.task_id, app=app)
-        if result.state == states.SUCCESS:
-            results.append(result.result)
-    aggregate_round(session, round_, results)
-
-
-def tolerate(session: TrainingSession, peer: str) -> bool:
-    """A peer failed mid-round: True if the session can go on without it (enough peers remain)."""
-    remaining = sum(1 for run in session.peers if run.name != peer and run.status != sessions.FAILED)
-    return remaining >= session.federated.get("min_peers", len(session.peers))
 
 
 def _listing(rejected: dict[str, str]) -> str:

@@ -5,6 +5,12 @@ them OFFLINE (failing the session they were training for), and every `task-heart
 task sends is stored once and shown as the peer's latest progress. Heartbeats are buffered and
 written in batches, so a burst costs one insert per batch rather than one per event.
 
+Liveness is judged on evidence: a peer is lost when it has been silent while the monitor itself was
+connected and receiving. A broker outage suspends the judgement, and after the monitor reconnects
+peers get `reconnect_grace` seconds more to reconnect too (Celery's workers back off up to 30 s). A
+lost peer, and a peer still training when its round's deadline (`round_timeout`) passes, is reported
+to the coordinator (`peertrain.peer_lost`), which leaves it out while the session's quorum allows.
+
 Events are believed only from the peer they are about. Peers stamp every event with their broker
 user (`user_id`, which RabbitMQ checks against the sender's login), so an event naming peer `a` counts
 only when `a` sent it and `a` is registered; a heartbeat also only for a session and round `a` is
@@ -22,6 +28,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -57,11 +64,20 @@ class Monitor:
     """Applies events to the database; thread-safe, so a consumer thread and a timer can share it."""
 
     def __init__(self, peer_timeout: float, start_timeout: float = 600.0, batch_size: int = 2000,
-                 clock=time.monotonic) -> None:
+                 clock=time.monotonic, lose: Callable[[str, str, int, str], None] | None = None,
+                 reconnect_grace: float = 30.0) -> None:
         self.peer_timeout = timedelta(seconds=peer_timeout)
         self.start_timeout = timedelta(seconds=start_timeout)
         self.batch_size = batch_size
         self.clock = clock
+        self.lose = lose or _send_peer_lost
+        self.reconnect_grace = reconnect_grace
+        # Monotonic time since which the monitor has been receiving events (None: not connected), and
+        # the extra time peers get after that before their silence counts.
+        self._receiving_since: float | None = None
+        self._grace = 0.0
+        self._was_connected = False
+        self._reported: set[tuple[str, str, int]] = set()
         self._lock = threading.Lock()
         self._beats: list[dict[str, Any]] = []
         self._latest: dict[tuple[ObjectId, str], dict[str, Any]] = {}
@@ -168,16 +184,49 @@ class Monitor:
         self.stored += new
         return new
 
+    # --- liveness ------------------------------------------------------------------------------
+
+    def receiving(self) -> None:
+        """The monitor is connected and consuming again; after an outage, peers get time to reconnect."""
+        if self._receiving_since is None:
+            self._grace = self.reconnect_grace if self._was_connected else 0.0
+            self._was_connected = True
+            self._receiving_since = self.clock()
+
+    def blind(self) -> None:
+        """The monitor lost the broker: it can no longer tell a silent peer from an unheard one."""
+        if self._receiving_since is not None:
+            log.warning("monitor disconnected: peers' silence is not judged until it is back")
+        self._receiving_since = None
+
+    def judging(self) -> bool:
+        """True when silence is evidence: connected long enough for every live peer to have been heard."""
+        since = self._receiving_since
+        return since is not None and self.clock() - since >= self.peer_timeout.total_seconds() + self._grace
+
     def sweep(self) -> list[str]:
-        """Mark peers silent for too long OFFLINE and fail sessions past their deadline; returns the peers."""
+        """Report silent peers and rounds past their deadline; fail sessions past theirs. Returns lost peers."""
         now = utcnow()
-        lost = [p.name for p in peers.silent_since(now - self.peer_timeout)]
-        for name in lost:
-            self._lost(name, f"no heartbeat for {self.peer_timeout.total_seconds():g} s")
+        lost = []
+        if self.judging():
+            lost = [p.name for p in peers.silent_since(now - self.peer_timeout)]
+            for name in lost:
+                self._lost(name, f"went offline (no heartbeat for {self.peer_timeout.total_seconds():g} s)")
+        for session in sessions.rounds_overdue(now):
+            round_ = session.launch["round"]
+            for run in session.peers:
+                key = (str(session.id), run.name, round_)
+                if run.name in session.launch["peers"] and run.status == sessions.RUNNING and key not in self._reported:
+                    self._reported.add(key)
+                    timeout = (session.launch["deadline"] - session.launch["started_at"]).total_seconds()
+                    self.lose(str(session.id), run.name, round_,
+                              f"did not finish round {round_} within its {timeout:g} s")
         for session in sessions.overdue(now, self.start_timeout):
             why = ("it ran past its deadline" if session.status == sessions.RUNNING
                    else "no coordinator started it in time")
             lifecycle.end(session.id, sessions.FAILED, f"the session was stopped: {why}")
+        if len(self._reported) > 100_000:
+            self._reported.clear()
         return lost
 
     def _lost(self, name: str, why: str) -> None:
@@ -186,7 +235,17 @@ class Monitor:
             return
         log.info("peer %s is OFFLINE: %s", name, why)
         if before.status == peers.TRAINING and before.session_id is not None:
-            lifecycle.end(before.session_id, sessions.FAILED, f"peer {name} went offline ({why})")
+            session = sessions.TrainingSession.objects(id=before.session_id).only("launch").first()
+            if session is not None and name in session.launch.get("peers", []):
+                self.lose(str(before.session_id), name, session.launch["round"], why)
+
+
+def _send_peer_lost(session_id: str, peer: str, round_: int, reason: str) -> None:
+    """Hand a lost peer to the coordinator, which decides whether its session goes on without it."""
+    from tasks.celery import app
+
+    app.send_task("peertrain.peer_lost", args=[session_id, peer, round_, reason],
+                  queue=app.conf.task_default_queue)
 
 
 class EventConsumer:
@@ -223,10 +282,11 @@ class EventConsumer:
                     connection.ensure_connection(max_retries=1)
                     pause = 0.5
                     self._consume(connection)
-            except Exception:
+            except Exception as exc:
+                self.monitor.blind()
                 if self.stopped.is_set():
                     break
-                log.exception("event consumer lost its connection; retrying in %.1f s", pause)
+                log.warning("event consumer lost its connection (%s); retrying in %.1f s", exc, pause)
                 self.stopped.wait(pause)
                 pause = min(pause * 2, 10.0)
 
@@ -258,6 +318,7 @@ class EventConsumer:
         consumer = connection.Consumer(queues=[self.queue(connection)], callbacks=[on_message], accept=["json"],
                                        no_ack=False, prefetch_count=5000)
         with consumer:
+            self.monitor.receiving()
             self.ready.set()
             now = time.monotonic()
             next_flush, next_sweep = now + self.flush_every, now

@@ -11,13 +11,14 @@ Tasks are named, not imported: this module is shared by the sweep and federated 
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from functools import cache
 from typing import Any
 
 from celery import chord, uuid
 from celery.canvas import Signature
 
-from models import TrainingSession
+from models import TrainingSession, utcnow
 from models import heartbeat as heartbeats
 from models import session as sessions
 from settings import Settings
@@ -76,8 +77,11 @@ def launch_round(session: TrainingSession, round_: int, specs: list[dict[str, An
     """Send one chord: a `train` per spec on its peer's queue, then `aggregate` on the coordinator."""
     names = [spec["peer"] for spec in specs]
     task_ids = {name: uuid() for name in names}
+    now = utcnow()
     launch = {"round": round_, "group": uuid(), "body": f"aggregate:{session.id}:{round_}:{uuid()}",
-              "peers": names}
+              "peers": names, "started_at": now,
+              # Past this, the monitor leaves out the peers that have not reported (tasks/monitor.py).
+              "deadline": now + timedelta(seconds=session.round_timeout) if session.round_timeout else None}
     if round_ == 0:
         if not sessions.start_running(session.id, task_ids, launch, deadline_seconds=_deadline(session)):
             log.info("session %s was ended before it started", session.id)

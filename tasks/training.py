@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from trainer.weights import max_state_bytes, state_from_bytes, state_to_bytes
 log = logging.getLogger(__name__)
 
 HEARTBEAT = "task-heartbeat"
+# One quick retry: an epoch must not wait on a broker that is away.
+EVENT_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 # A dataset or shard larger than this is refused before it fills the disk (the API takes 200 MiB by default).
 MAX_DATA_BYTES = 4 << 30
 _TEXT_KEYS = ("session", "data", "data_id", "weights", "target", "task")
@@ -43,14 +46,22 @@ _TEXT_KEYS = ("session", "data", "data_id", "weights", "target", "task")
 def register(app: Celery, settings: Settings) -> None:
     """Add the `train` task to a peer's app: acknowledged when done, killed past the time limit."""
     notices: list[protocol.StopNotices] = []
+    # Outcomes of recent tasks: a message redelivered after a broker outage (it could not be acknowledged)
+    # gets the same answer again at once instead of a second training.
+    done: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     @app.task(name="peertrain.train", bind=True, shared=False, acks_late=True, time_limit=settings.train_time_limit,
               soft_time_limit=max(1, settings.train_time_limit - 30))
     def train(self: Task, spec: dict[str, Any]) -> dict[str, Any]:
         """Train one peer's model as `spec` says (built by the coordinator); return a small JSON result."""
+        if self.request.id in done:
+            return done[self.request.id]
         if not notices:
             notices.append(protocol.StopNotices(self.app, protocol.peer_of(protocol.identity(self.app)) or "unknown"))
-        return run(self, check_spec(spec), notices[0], settings)
+        result = done[self.request.id] = run(self, check_spec(spec), notices[0], settings)
+        while len(done) > 16:
+            done.popitem(last=False)
+        return result
 
 
 def check_spec(spec: Any) -> dict[str, Any]:
@@ -91,9 +102,17 @@ def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, setting
         initial = state_from_bytes(transfer.fetch(spec["initial_weights"], max_state_bytes(model.config)),
                                    model.config)
     name = protocol.peer_of(protocol.identity(task.app))
+    unsent = 0
 
     def report(metrics: EpochMetrics) -> None:
-        task.send_event(HEARTBEAT, session=session, peer=name, round=round_, **metrics.to_dict())
+        nonlocal unsent
+        try:
+            task.send_event(HEARTBEAT, retry=True, retry_policy=EVENT_RETRY, session=session, peer=name, round=round_,
+                            **metrics.to_dict())
+        except Exception as exc:  # the broker is away: train on; the result carries every epoch anyway
+            unsent += 1
+            if unsent == 1:
+                log.warning("heartbeats cannot be sent (%s); the result will carry them", exc)
 
     hp = spec["hyperparameters"]
     config = TrainConfig(batch_size=hp["batch_size"], epochs=hp["epochs"], learning_rate=hp["learning_rate"],

@@ -62,6 +62,7 @@ def _config(settings: Settings) -> dict[str, Any]:
         "MAX_FORM_MEMORY_SIZE": 1024 * 1024,
         "COORDINATOR_QUEUE": settings.coordinator_queue,
         "PEER_TIMEOUT_SECONDS": settings.peer_timeout_seconds,
+        "TRAIN_TIME_LIMIT": settings.train_time_limit,
         "API_TITLE": "peertrain",
         "API_VERSION": "1.0",
         "OPENAPI_VERSION": "3.0.3",

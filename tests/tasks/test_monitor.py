@@ -131,24 +131,73 @@ def test_a_heartbeat_with_values_that_are_not_numbers_is_dropped(db):
     assert monitor.flush() == 0 and monitor.dropped["malformed heartbeat"] == 2
 
 
-def test_a_peer_that_shuts_down_mid_session_fails_it_and_frees_the_others(db):
+class Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def judging_monitor(lost: list, clock: Clock | None = None, **options) -> Monitor:
+    """A monitor that has been receiving long enough to judge silence; lost peers go to `lost`."""
+    clock = clock or Clock()
+    monitor = Monitor(peer_timeout=10, clock=clock, lose=lambda *args: lost.append(args), **options)
+    monitor.receiving()
+    clock.now += 10
+    return monitor
+
+
+def test_a_peer_that_shuts_down_mid_session_is_reported_to_the_coordinator(db):
     online("a", "b")
     session = make_session(["a", "b"])
-    Monitor(peer_timeout=10).on_event({"type": "worker-offline", "hostname": "peer.b@h"}, "peer.b")
-    session.reload()
-    assert session.status == "FAILED" and "peer b went offline" in session.reason
-    assert Peer.objects.get(name="a").status == "ONLINE"
+    lost: list = []
+    judging_monitor(lost).on_event({"type": "worker-offline", "hostname": "peer.b@h"}, "peer.b")
+    assert lost == [(str(session.id), "b", 0, "its worker shut down")]
+    assert Peer.objects.get(name="a").status == "TRAINING"
     assert Peer.objects.get(name="b").status == "OFFLINE"
 
 
-def test_sweep_marks_silent_peers_offline_and_fails_their_session(db):
+def test_silent_peers_are_marked_offline_and_reported(db):
     online("quiet", at=utcnow() - timedelta(seconds=30))
     online("busy")
     session = make_session(["quiet", "busy"])
-    assert Monitor(peer_timeout=10).sweep() == ["quiet"]
-    session.reload()
-    assert session.status == "FAILED" and "no heartbeat for 10 s" in session.reason
-    assert Peer.objects.get(name="busy").status == "ONLINE"
+    lost: list = []
+    assert judging_monitor(lost).sweep() == ["quiet"]
+    assert lost == [(str(session.id), "quiet", 0, "went offline (no heartbeat for 10 s)")]
+    assert Peer.objects.get(name="quiet").status == "OFFLINE" and Peer.objects.get(name="busy").status == "TRAINING"
+
+
+def test_silence_is_not_judged_while_the_monitor_cannot_hear(db):
+    """A broker outage: the monitor was disconnected, so a peer's silence is no evidence."""
+    online("quiet", at=utcnow() - timedelta(seconds=30))
+    make_session(["quiet"])
+    lost: list = []
+    clock = Clock()
+    monitor = judging_monitor(lost, clock, reconnect_grace=30)
+    monitor.blind()
+    assert monitor.sweep() == [] and not monitor.judging()
+    monitor.receiving()  # back: every peer gets the reconnection grace to show up again
+    clock.now += 10 + 29
+    assert monitor.sweep() == [] and lost == []
+    clock.now += 1
+    assert monitor.sweep() == ["quiet"] and len(lost) == 1
+
+
+def test_a_round_past_its_deadline_reports_the_peers_still_training_once(db):
+    online("slow", "quick")
+    now = utcnow()
+    session = make_session(["slow", "quick"])
+    TrainingSession.objects(id=session.id).update_one(
+        set__launch__started_at=now - timedelta(seconds=60), set__launch__deadline=now - timedelta(seconds=1),
+        set__peers__1__status="COMPLETED")
+    lost: list = []
+    monitor = judging_monitor(lost)
+    monitor.sweep()
+    monitor.sweep()
+    assert lost == [(str(session.id), "slow", 0, "did not finish round 0 within its 59 s")]
 
 
 def test_sweep_fails_sessions_past_their_deadline_or_never_started(db):
@@ -156,7 +205,7 @@ def test_sweep_fails_sessions_past_their_deadline_or_never_started(db):
     late = make_session(["a"], deadline=utcnow() - timedelta(seconds=1))
     stuck = make_session(["b"], status=sessions.PENDING, created_at=utcnow() - timedelta(hours=1))
     fresh = make_session([], status=sessions.PENDING)
-    Monitor(peer_timeout=10, start_timeout=600).sweep()
+    judging_monitor([], start_timeout=600).sweep()
     assert "deadline" in TrainingSession.objects.get(id=late.id).reason
     assert "no coordinator" in TrainingSession.objects.get(id=stuck.id).reason
     assert TrainingSession.objects.get(id=fresh.id).status == "PENDING"
