@@ -8,10 +8,10 @@ RabbitMQ verifies). `ResultCollector`, a consumer step of the coordinator's work
 - the message is small, and the result is reduced to known fields of known types (`clean_result`),
   with the peer's name and round taken from the coordinator's records, not from the message;
 - a task already reported is not reported twice (a redelivered message changes nothing).
-Then it stores the outcome in the result backend and joins the chord (`mark_as_done` /
-`mark_as_failure` with the task's place in the chord, rebuilt from the session's `launch` record),
-so `aggregate` runs when the last peer reports, as Celery's chord would run it. A failure is also
-handed to `peer_failed` at once, so one failing peer does not wait for the slowest.
+Then it stores the outcome in the result backend and joins the chord (`mark_as_done` with the task's
+place in the chord, rebuilt from the session's `launch` record), so `aggregate` runs when the last
+peer reports, as Celery's chord would run it. A failed task counts as a `left_out` marker, and is
+handed to `peer_lost` at once, so one failing peer does not wait for the slowest.
 """
 
 from __future__ import annotations
@@ -37,8 +37,12 @@ _FINAL_KEYS = ("epoch", "epochs", "loss", "accuracy", "val_loss", "val_accuracy"
                "seconds", "samples")
 
 
-class PeerTaskError(Exception):
-    """A peer's task failed; the message is the peer's own account of why (bounded, and only text)."""
+def left_out(peer: str, round_: int, reason: str) -> dict[str, Any]:
+    """What stands in a round's results for a peer that will not report: failed, gone, or past the deadline.
+
+    The chord counts it like any result, so the round closes once the others have reported; the
+    coordinator leaves the peer out (or fails the session when its quorum cannot be met)."""
+    return {"peer": peer, "round": round_, "left_out": reason}
 
 
 def _number(value: Any) -> float | None:
@@ -134,21 +138,20 @@ class Collector:
                       else run.hyperparameters["epochs"])
             self.settle(session, run, clean_result(payload.get("result"), name, session.launch["round"], epochs))
             return True
-        self.settle(session, run, error=describe_failure(payload.get("result")))
-        self.app.send_task("peertrain.peer_failed", args=[run.task_id], queue=settings().coordinator_queue)
+        reason = f"failed: {describe_failure(payload.get('result'))}"
+        self.settle(session, run, left_out(name, session.launch["round"], reason))
+        # At once, not when the round closes: a session that cannot go on without it fails now.
+        self.app.send_task("peertrain.peer_lost", args=[str(session.id), name, session.launch["round"], reason],
+                           queue=settings().coordinator_queue)
         return True
 
-    def settle(self, session: sessions.TrainingSession, run: sessions.PeerRun, result: dict[str, Any] | None = None,
-               error: str | None = None) -> None:
-        """Store a task's outcome (its result, or the failure `error`) and count it towards its chord."""
+    def settle(self, session: sessions.TrainingSession, run: sessions.PeerRun, result: dict[str, Any]) -> None:
+        """Store a task's result (or its `left_out` marker) and count it towards its chord."""
         launch = session.launch
         request = Context(id=run.task_id, group=launch["group"], group_index=launch["peers"].index(run.name),
                           chord=dict(chord_body(str(session.id), launch["round"], launch["body"],
                                                 len(launch["peers"]))))
-        if error is None:
-            self.app.backend.mark_as_done(run.task_id, result, request=request)
-        else:
-            self.app.backend.mark_as_failure(run.task_id, PeerTaskError(error), request=request, call_errbacks=False)
+        self.app.backend.mark_as_done(run.task_id, result, request=request)
 
 
 class ResultCollector(bootsteps.ConsumerStep):

@@ -1,0 +1,135 @@
+"""Sessions survive what real machines do: peers killed or frozen, stops, messages delivered twice.
+
+Each failure is made with real processes on the real broker (kill -9, SIGSTOP), each wait has a
+deadline, and the peers' logs are read for tracebacks afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.e2e.platform import wait_until
+
+pytestmark = pytest.mark.e2e
+
+FEDERATED = {"mode": "federated", "hyperparameters": json.dumps({"learning_rate": 0.003, "batch_size": 32,
+                                                                  "hidden": [64]})}
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_a_federated_session_goes_on_when_a_peer_is_killed_and_min_peers_allows(platform, two_peers, digits_csv,
+                                                                                unique):
+    victim = unique("killed")
+    platform.start_peers(victim)
+    user = platform.user()
+    response = user.start(digits_csv, num_peers=3, rounds=40, local_epochs=3, min_peers=2, **FEDERATED)
+    assert response.status_code == 202, response.text
+    session_id = response.json()["session_id"]
+    wait_until(lambda: len(user.heartbeats(session_id, peer=victim)) >= 2, 60, "the victim to be training")
+    platform.kill_peer(victim)
+    session = user.wait_finished(session_id, timeout=180)
+    assert session["status"] == "COMPLETED", (session["reason"], session["peers"])
+    by_peer = {p["name"]: p for p in session["peers"]}
+    assert by_peer[victim]["status"] == "FAILED" and "went offline" in by_peer[victim]["error"]
+    assert all(by_peer[p]["status"] == "COMPLETED" for p in two_peers)
+    assert len(session["rounds"]) == 40 and victim not in session["rounds"][-1]["peers"]
+    assert session["rounds"][-1]["metrics"]["val_accuracy"] > 0.85
+
+
+def test_a_frozen_peer_is_left_out_at_the_round_deadline_and_its_late_result_ignored(platform, two_peers,
+                                                                                     digits_csv, unique, caplog):
+    stalled = unique("frozen")
+    platform.start_peers(stalled)
+    try:
+        frozen_peer_is_left_out(platform, two_peers, digits_csv, stalled, caplog)
+    finally:
+        platform.stop_peer(stalled)
+
+
+def frozen_peer_is_left_out(platform, two_peers, digits_csv, stalled, caplog):
+    user = platform.user()
+    response = user.start(digits_csv, num_peers=3, rounds=3, local_epochs=2, min_peers=2, round_timeout=8,
+                          **FEDERATED)
+    assert response.status_code == 202, response.text
+    session_id = response.json()["session_id"]
+    wait_until(lambda: user.heartbeats(session_id, peer=stalled), 60, "the peer to be training")
+    # Freeze its training process only: the worker itself still beats, so the peer looks alive.
+    pool = children(platform.peers[stalled].process.pid)
+    assert pool, "the peer's pool process"
+    for pid in pool:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        session = user.wait_finished(session_id, timeout=90)
+    finally:
+        for pid in pool:
+            os.kill(pid, signal.SIGCONT)
+    assert session["status"] == "COMPLETED", (session["reason"], session["peers"])
+    by_peer = {p["name"]: p for p in session["peers"]}
+    assert by_peer[stalled]["status"] == "FAILED" and "within its 8 s" in by_peer[stalled]["error"]
+    # Left out from the round it froze in on: the rounds after it go on without it.
+    took_part = [stalled in r["peers"] for r in session["rounds"]]
+    assert len(took_part) == 3 and not took_part[-1] and took_part == sorted(took_part, reverse=True)
+    # Thawed, it finishes its round and reports; the collector drops the result, the session is unchanged.
+    wait_until(lambda: f"task {by_peer[stalled]['name']}" in caplog.text or "already reported" in caplog.text, 60,
+               "the thawed peer's late result to be dropped")
+    assert user.session(session_id) == session
+
+
+def test_cancelling_ends_every_task_without_an_exception(platform, two_peers, digits_csv):
+    user = platform.user()
+    long = json.dumps({"learning_rate": 0.001, "epochs": 1000, "hidden": [64]})
+    session_id = user.start(digits_csv, num_peers=2, hyperparameters=long).json()["session_id"]
+    wait_until(lambda: len(user.heartbeats(session_id)) >= 4, 60, "both peers to be training")
+    marks = {name: platform.peers[name].log_path.stat().st_size for name in two_peers}
+    cancelled = time.monotonic()
+    assert user.post(f"/sessions/{session_id}/cancel").status_code == 202
+    assert user.wait_finished(session_id, timeout=10)["status"] == "CANCELLED"
+
+    def stopped(name: str) -> bool:
+        return "succeeded" in platform.peers[name].log_path.read_bytes()[marks[name]:].decode(errors="replace")
+
+    wait_until(lambda: all(stopped(n) for n in two_peers), 10, "both tasks to end")
+    assert time.monotonic() - cancelled < 5
+    for name in two_peers:
+        tail = platform.peers[name].log_path.read_bytes()[marks[name]:].decode(errors="replace")
+        assert "Traceback" not in tail and "raised" not in tail and "ERROR" not in tail, tail
+
+
+def test_an_aggregate_delivered_twice_records_its_round_once(platform, two_peers, digits_csv):
+    """A redelivered `aggregate` (its coordinator died after running it) must not record a round twice
+    or launch the next round a second time."""
+    from celery.signals import before_task_publish
+
+    from tasks.celery import app
+
+    sent: list[tuple] = []
+
+    def capture(sender=None, body=None, headers=None, **_):
+        if sender == "peertrain.aggregate" and not sent:
+            sent.append(body[0])
+
+    before_task_publish.connect(capture, weak=False)
+    try:
+        user = platform.user()
+        session_id = user.start(digits_csv, num_peers=2, rounds=4, local_epochs=1, **FEDERATED).json()["session_id"]
+        wait_until(lambda: sent, 60, "round 0's aggregate to be sent")
+        wait_until(lambda: len(user.session(session_id)["rounds"]) >= 1, 60, "round 0 to be recorded")
+        app.send_task("peertrain.aggregate", args=list(sent[0]), queue=app.conf.task_default_queue)
+        session = user.wait_finished(session_id, timeout=120)
+    finally:
+        before_task_publish.disconnect(capture)
+    assert session["status"] == "COMPLETED", (session["reason"], session["peers"])
+    assert [r["round"] for r in session["rounds"]] == [0, 1, 2, 3]
+    for peer in two_peers:
+        assert [(b["round"], b["epoch"]) for b in user.heartbeats(session_id, peer=peer)] == [
+            (r, 1) for r in range(4)]
