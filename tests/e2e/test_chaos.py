@@ -133,3 +133,22 @@ def test_an_aggregate_delivered_twice_records_its_round_once(platform, two_peers
     for peer in two_peers:
         assert [(b["round"], b["epoch"]) for b in user.heartbeats(session_id, peer=peer)] == [
             (r, 1) for r in range(4)]
+
+
+def test_a_sweep_with_a_quorum_completes_with_the_peers_that_finished(platform, two_peers, digits_csv, unique):
+    broken = unique("sweepbroken")
+    # It cannot reach storage: its task fails after a few quick retries.
+    platform.start_peers(broken, HTTP_PROXY="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
+    try:
+        user = platform.user()
+        hp = json.dumps({"learning_rate": 0.01, "epochs": 8, "hidden": [32]})
+        response = user.start(digits_csv, num_peers=3, min_peers=2, hyperparameters=hp)
+        assert response.status_code == 202, response.text
+        session = user.wait_finished(response.json()["session_id"], timeout=90)
+        assert session["status"] == "COMPLETED", session["reason"]
+        by_peer = {p["name"]: p for p in session["peers"]}
+        assert by_peer[broken]["status"] == "FAILED" and "TransferError" in by_peer[broken]["error"]
+        assert set(session["results"]["peers"]) == set(two_peers)
+        assert session["results"]["best_peer"] in two_peers and session["model_available"]
+    finally:
+        platform.stop_peer(broken)
