@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import uuid
@@ -43,8 +44,21 @@ RESYNC = None  # delivered instead of a batch: announcements may have been misse
 
 def frame(event: dict[str, Any]) -> str:
     """One event in Server-Sent Events form."""
-    data = json.dumps(event["data"], separators=(",", ":"), allow_nan=False)
+    try:
+        data = json.dumps(event["data"], separators=(",", ":"), allow_nan=False)
+    except ValueError:  # a NaN or infinity (a peer's numbers are not trusted): JSON has no such thing
+        data = json.dumps(_finite(event["data"]), separators=(",", ":"), allow_nan=False)
     return f"id: {event['seq']}\nevent: {event['kind']}\ndata: {data}\n\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 KEEPALIVE = ": keep-alive\n\n"
