@@ -547,7 +547,7 @@ def main() -> None:
     print(f"peertrain API on 127.0.0.1, mongomock, no response cache; {n} keep-alive clients (raw sockets, "
           f"{args.processes} process(es)); {args.warmup:g} s warm-up + {args.seconds:g} s per closed-loop row, "
           f"{args.paced_seconds:g} s per paced row; {args.users} users x {args.sessions} sessions (4 peers, "
-          f"{len(FEATURES)} features each); {os.cpu_count()} CPUs")
+          f"{len(FEATURES)} features each); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(HEADER)
 
     def show(row: Row) -> Row:
@@ -630,7 +630,8 @@ def main() -> None:
     print(f"\nsummary: 50 clients polling GET /sessions/<id> once a second: p99 {paced.ms['p99']:.1f} ms, with "
           f"{args.streams} open streams p99 {with_streams.ms['p99']:.1f} ms (target p99 ≤ {TARGET_P99_MS:g} ms: "
           f"{verdict}); saturation {d_now.rps:.0f} req/s ASGI vs {d_before.rps:.0f} req/s WSGI "
-          f"({d_now.rps / d_before.rps:.2f}x), floor {floor.rps:.0f} req/s")
+          f"({d_now.rps / d_before.rps:.2f}x), floor {floor.rps:.0f} req/s; load average now "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if args.profile:
         storage = tempfile.TemporaryDirectory(prefix="peertrain-bench-")
         app = build_app(storage.name)

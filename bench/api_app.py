@@ -54,13 +54,17 @@ def _heartbeats(session_id: Any, rate: float) -> None:
 
 
 def create() -> Any:
-    from webapp.asgi import Api
+    from webapp.asgi import serve
 
-    return Api(_seeded())
+    return serve(_seeded())
 
 
 def create_wsgi() -> Any:
-    return _seeded()
+    import gc
+
+    app = _seeded()
+    gc.freeze()  # as webapp.asgi.serve does: the two rows differ by the interface alone
+    return app
 
 
 def hello_wsgi(environ: dict, start_response: Any) -> list[bytes]:

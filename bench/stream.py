@@ -138,7 +138,8 @@ def main() -> None:
         wait_until(lambda: user.get("/peers").json()["free"] == args.peers, 60, "the local peers")
         hp = json.dumps({"learning_rate": 0.001, "epochs": args.epochs, "hidden": [128, 64], "batch_size": 64})
         print(f"make run (granian ASGI, in-memory broker, mongomock), {args.peers} peers; {args.sessions} sweeps of "
-              f"{args.epochs} epochs on {args.rows:,} x 32 rows; {os.cpu_count()} CPUs")
+              f"{args.epochs} epochs on {args.rows:,} x 32 rows; {os.cpu_count()} CPUs, load average "
+              f"{os.getloadavg()[0]:.1f}")
         for _ in range(args.sessions):
             began = time.monotonic()
             response = user.start(csv, num_peers=args.peers, hyperparameters=hp)

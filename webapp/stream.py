@@ -111,10 +111,11 @@ class Cursor:
 
     def catch_up(self) -> list[dict[str, Any]]:
         """Read the log after `last` (blocking) and take it."""
-        taken, _ = self.take(events.after(self.session_id, self.last))
+        # The log itself is the record: a hole in it (only events deleted by hand make one) is skipped.
+        taken, _ = self.take(events.after(self.session_id, self.last), the_log=True)
         return taken
 
-    def take(self, batch: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
+    def take(self, batch: list[dict[str, Any]], the_log: bool = False) -> tuple[list[dict[str, Any]], bool]:
         """The events of `batch` to send; True as well when it skips ahead (the log has the events between)."""
         out = []
         for event in batch:
@@ -122,7 +123,7 @@ class Cursor:
                 break
             if event["seq"] <= self.last:
                 continue  # replayed and announced both, or announced twice
-            if event["seq"] != self.last + 1:
+            if event["seq"] != self.last + 1 and not the_log:
                 return out, True
             self.last = event["seq"]
             if event["key"] in self.seen:
