@@ -106,7 +106,8 @@ class Platform:
     def __init__(self) -> None:
         self.stack = ExitStack()  # run in reverse: the broker is cleaned up after everything has stopped
         self.queues = [os.environ["COORDINATOR_QUEUE"], os.environ["MONITOR_QUEUE"]]
-        self.stack.callback(self.delete, [app.conf.event_exchange, f"bench-{RUN_ID}.bare"])
+        self.stack.callback(self.delete, [app.conf.event_exchange, f"{app.conf.event_exchange}.sessions",
+                                          f"bench-{RUN_ID}.bare"])
         self.peers: list[PeerProcess] = []
         self.events = Events()
 

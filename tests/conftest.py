@@ -81,10 +81,12 @@ def _broker_cleanup() -> Iterator[None]:
                     delete(name)
                 except conn.channel_errors:
                     channel = conn.channel()
-        try:
-            channel.exchange_delete(os.environ["EVENT_EXCHANGE"])
-        except conn.channel_errors:
-            pass
+        # The Celery events' exchange, and the session events' one (tasks/feed.py) named after it.
+        for exchange in (os.environ["EVENT_EXCHANGE"], f"{os.environ['EVENT_EXCHANGE']}.sessions"):
+            try:
+                channel.exchange_delete(exchange)
+            except conn.channel_errors:
+                channel = conn.channel()
 
 
 @pytest.fixture(scope="session")
