@@ -161,6 +161,11 @@ class Hub:
                 if not subscribers:
                     del self._subscribers[session_id]
 
+    def open_streams(self) -> int:
+        """How many streams this process has open."""
+        with self._lock:
+            return sum(len(subscribers) for subscribers in self._subscribers.values())
+
     def publish(self, session_id: str, batch: Any) -> None:
         with self._lock:
             targets = list(self._subscribers.get(session_id, ()))

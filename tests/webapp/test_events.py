@@ -6,6 +6,7 @@ stream sees exactly what a deployment's would; announcements travel over the tes
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from pathlib import Path
@@ -191,3 +192,70 @@ def test_numbers_json_cannot_carry_are_sent_as_null(client, auth, started):
     sessions.finish(ObjectId(session_id), "FAILED", "diverged")
     [beat] = [e["data"] for e in read(client, session_id, auth) if e["event"] == "heartbeat"]
     assert beat["loss"] is None and beat["accuracy"] is None and beat["epoch"] == 1
+
+
+def asgi_get(api, path: str, headers: dict, disconnect: threading.Event | None = None) -> tuple[int, bytes]:
+    """One GET through the ASGI app (as granian calls it), in an event loop of its own."""
+    import asyncio
+
+    async def call() -> tuple[int, bytes]:
+        status, body, asked = 0, b"", False
+
+        async def receive() -> dict:
+            nonlocal asked
+            if not asked:
+                asked = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            while disconnect is None or not disconnect.is_set():
+                await asyncio.sleep(0.02)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            nonlocal status, body
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            else:
+                body += message.get("body", b"")
+
+        scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "root_path": "", "scheme": "http", "http_version": "1.1", "server": ("127.0.0.1", 80),
+                 "client": ("127.0.0.1", 5000),
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+        await api(scope, receive, send)
+        return status, body
+
+    return asyncio.run(call())
+
+
+def test_the_asgi_app_streams_as_a_coroutine_and_refuses_in_flasks_words(app, client, auth, signup, started):
+    from webapp.asgi import Api
+
+    session_id, names = started
+    run_to_the_end(session_id, names)
+    api = Api(app)
+    status, body = asgi_get(api, f"/sessions/{session_id}/events", auth)
+    assert status == 200 and list(sse([body])) == read(client, session_id, auth)
+    status, body = asgi_get(api, f"/sessions/{session_id}/events", {**auth, "Last-Event-ID": "4"})
+    assert [e["id"] for e in sse([body])][0] == 5
+    status, body = asgi_get(api, f"/sessions/{session_id}/events", signup("bob"))
+    assert status == 404 and json_body(body)["code"] == 404
+    status, body = asgi_get(api, f"/sessions/{session_id}/events", {**auth, "Last-Event-ID": "x"})
+    assert status == 400 and "Last-Event-ID" in json_body(body)["message"]
+    status, body = asgi_get(api, "/peers", auth)  # everything else is Flask's, through the adapter
+    assert status == 200 and json_body(body)["total"] == 2
+
+
+def test_a_client_that_goes_away_leaves_no_subscription_behind(app, auth, started):
+    from webapp.asgi import Api
+
+    session_id, _ = started  # PENDING: the stream would stay open
+    api = Api(app)
+    gone = threading.Event()
+    threading.Timer(1.0, gone.set).start()
+    status, body = asgi_get(api, f"/sessions/{session_id}/events", auth, disconnect=gone)
+    assert status == 200 and [e["data"]["status"] for e in sse([body])] == ["PENDING"]
+    assert api.hub.open_streams() == 0
+
+
+def json_body(body: bytes) -> dict:
+    return json.loads(body)
