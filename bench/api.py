@@ -366,8 +366,11 @@ GRANIAN_OPTIONS = {
     "wsgi": ["--interface", "wsgi", "--host", "127.0.0.1", "--workers", "1", "--blocking-threads", "1", "--no-ws",
              "--log-level", "warning"],
 }
+GRANIAN_OPTIONS["wsgi-threads"] = [*GRANIAN_OPTIONS["wsgi"][:-5], "--blocking-threads", "256", "--no-ws",
+                                   "--log-level", "warning"]
 GRANIAN_NAMES = {"asgi": "granian ASGI, 1 worker: streams as coroutines, Flask in 4 threads (make api, make run)",
-                 "wsgi": "granian WSGI, 1 worker, 1 app thread (the serving before the stream)"}
+                 "wsgi": "granian WSGI, 1 worker, 1 app thread (the serving before the stream)",
+                 "wsgi-threads": "granian WSGI, 1 worker, 256 app threads: a thread per stream (the alternative)"}
 
 
 # --- open event streams ---------------------------------------------------------------------------
@@ -622,6 +625,26 @@ def main() -> None:
           f"in {held['seconds']:.1f} s ({held['events'] / held['seconds']:,.0f}/s, "
           f"{held['events'] / held['seconds'] / args.streams:.1f}/s per stream)")
     api.close()
+
+    # The alternative: WSGI with a thread for each open stream (webapp/stream.py's blocking driver).
+    print(f"-- {GRANIAN_NAMES['wsgi-threads']} --")
+    threaded = GranianServer("create_wsgi", "wsgi-threads", factory=True, users=args.users, sessions=args.sessions,
+                             env={"BENCH_API_EVENTS": str(args.events)})
+    polled = routes(threaded.seed)["GET /sessions/<id>, a user each"]
+    alone = show(Row("50 clients x 1 poll/s", n, load(threaded, polled, interval=1.0), paced,
+                     note="x = vs ASGI above"))
+    _, page = _call(threaded.port, "GET", f"/sessions/{threaded.seed['running']}/heartbeats?page_size=1",
+                    headers=threaded.seed["headers"][0])
+    streams = Streams(threaded.port, f"/sessions/{threaded.seed['running']}/events", threaded.seed["headers"][0],
+                      args.streams, replayed=page["total"])
+    print(f"{'':<34} {args.streams} streams opened and replayed {page['total']:,} events each in "
+          f"{streams.opened:.1f} s")
+    show(Row(f"50 x 1 poll/s + {args.streams} streams", n, load(threaded, polled, interval=1.0), with_streams,
+             note="x = vs ASGI above"))
+    held = streams.close()
+    print(f"{'':<34} streams: {held['ok']}/{args.streams} answered 200; live, {held['events']:,} events delivered "
+          f"in {held['seconds']:.1f} s; alone p99 {alone.ms['p99']:.1f} ms")
+    threaded.close()
     generator.close()
 
     worst = max(paced.ms["p99"], with_streams.ms["p99"])

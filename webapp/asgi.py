@@ -13,6 +13,7 @@ import asyncio
 import gc
 import logging
 import re
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,6 +42,7 @@ class Api:
         self.flask = flask_app
         self.wsgi = WSGIMiddleware(flask_app, workers=threads)
         self.hub = stream.hub(flask_app.extensions)
+        self._fanouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> Fanout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET" and (match := EVENTS.fullmatch(scope["path"])):
@@ -94,18 +96,18 @@ class Api:
 
     async def _stream(self, cursor: stream.Cursor, send: Send) -> None:
         loop = asyncio.get_running_loop()
+        fanout = self._fanouts.get(loop)
+        if fanout is None:
+            fanout = self._fanouts[loop] = Fanout(self.hub)
         arrived: asyncio.Queue = asyncio.Queue()
         session = str(cursor.session_id)
-
-        def deliver(batch: Any) -> None:  # called on the listener's thread
-            loop.call_soon_threadsafe(arrived.put_nowait, batch)
-
-        await asyncio.to_thread(self.hub.subscribe, session, deliver)
         try:
+            await fanout.join(session, arrived)
             await _send_events(send, await asyncio.to_thread(cursor.start))
             while not cursor.ended:
                 try:
-                    batch = await asyncio.wait_for(arrived.get(), stream.KEEPALIVE_SECONDS)
+                    async with asyncio.timeout(stream.KEEPALIVE_SECONDS):
+                        batch = await arrived.get()
                 except TimeoutError:
                     await send({"type": "http.response.body", "body": stream.KEEPALIVE.encode(), "more_body": True})
                     continue
@@ -114,7 +116,42 @@ class Api:
                     taken += await asyncio.to_thread(cursor.catch_up)
                 await _send_events(send, taken)
         finally:
-            self.hub.unsubscribe(session, deliver)
+            fanout.leave(session, arrived)
+
+
+class Fanout:
+    """The streams of one event loop, by session, behind one Hub subscription per session: an
+    announcement crosses from the listener's thread once, however many streams follow the session."""
+
+    def __init__(self, hub: stream.Hub) -> None:
+        self.hub = hub
+        self.loop = asyncio.get_running_loop()
+        self.queues: dict[str, set[asyncio.Queue]] = {}
+        self.subscriptions: dict[str, tuple[Callable[[Any], None], asyncio.Future]] = {}
+
+    async def join(self, session: str, queue: asyncio.Queue) -> None:
+        """Have the session's announcements put in `queue`, from the moment this returns."""
+        self.queues.setdefault(session, set()).add(queue)
+        if session not in self.subscriptions:
+            def deliver(batch: Any) -> None:  # on the listener's thread
+                self.loop.call_soon_threadsafe(self._fan, session, batch)
+
+            subscribed = asyncio.ensure_future(asyncio.to_thread(self.hub.subscribe, session, deliver))
+            self.subscriptions[session] = (deliver, subscribed)
+        await asyncio.shield(self.subscriptions[session][1])
+
+    def leave(self, session: str, queue: asyncio.Queue) -> None:
+        queues = self.queues.get(session, set())
+        queues.discard(queue)
+        if not queues:
+            self.queues.pop(session, None)
+            deliver, subscribed = self.subscriptions.pop(session)
+            # Still subscribing (the only client left at once): unsubscribe when that is done.
+            subscribed.add_done_callback(lambda _: self.hub.unsubscribe(session, deliver))
+
+    def _fan(self, session: str, batch: Any) -> None:
+        for queue in self.queues.get(session, ()):
+            queue.put_nowait(batch)
 
 
 async def _send_events(send: Send, events: list[dict[str, Any]]) -> None:

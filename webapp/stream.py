@@ -43,12 +43,18 @@ RESYNC = None  # delivered instead of a batch: announcements may have been misse
 
 
 def frame(event: dict[str, Any]) -> str:
-    """One event in Server-Sent Events form."""
-    try:
-        data = json.dumps(event["data"], separators=(",", ":"), allow_nan=False)
-    except ValueError:  # a NaN or infinity (a peer's numbers are not trusted): JSON has no such thing
-        data = json.dumps(_finite(event["data"]), separators=(",", ":"), allow_nan=False)
-    return f"id: {event['seq']}\nevent: {event['kind']}\ndata: {data}\n\n"
+    """One event in Server-Sent Events form (kept on the event: every stream of its session sends the same)."""
+    text = event.get(_FRAME)
+    if text is None:
+        try:
+            data = json.dumps(event["data"], separators=(",", ":"), allow_nan=False)
+        except ValueError:  # a NaN or infinity (a peer's numbers are not trusted): JSON has no such thing
+            data = json.dumps(_finite(event["data"]), separators=(",", ":"), allow_nan=False)
+        text = event[_FRAME] = f"id: {event['seq']}\nevent: {event['kind']}\ndata: {data}\n\n"
+    return text
+
+
+_FRAME = "_frame"
 
 
 def _finite(value: Any) -> Any:
