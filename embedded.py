@@ -87,6 +87,7 @@ def platform_app() -> Any:
     from tasks.celery import app
     from tasks.inprocess import InProcessWorkers
     from webapp import create_app
+    from webapp.asgi import serve
 
     names = _peer_names(settings)
     for name in names:  # the local peers' logins were issued by the supervising process (main)
@@ -103,7 +104,7 @@ def platform_app() -> Any:
         for name in names:
             login = registry.issue_login(name, settings).environment["BROKER_URL"]
             workers.start(peer_app.create_app(login, settings), f"peer.{name}", f"peer.{name}@{host}")
-    return create_app(settings=settings)
+    return serve(create_app(settings=settings))
 
 
 def _peer_names(settings: Settings) -> list[str]:
@@ -123,10 +124,10 @@ def main() -> None:
     base = f"http://{settings.host}:{settings.port}"
     print(WALKTHROUGH.format(base=base, peers=", ".join(names) or "none (start some with `make peer NAME=...`)",
                              storage=settings.storage_url, sample=Path(ROOT, "samples", "wine.csv")), flush=True)
-    # One worker: mongomock and the in-memory broker live in one process. One app thread: more only
-    # queue on the GIL (bench/api.py). Granian handles Ctrl-C and SIGTERM, then returns.
+    # One worker: mongomock and the in-memory broker live in one process. ASGI, so that open event streams
+    # hold no thread (webapp/asgi.py). Granian handles Ctrl-C and SIGTERM, then returns.
     server = Granian("embedded:platform_app", address=settings.host, port=settings.port,
-                     interface=Interfaces.WSGI, workers=1, blocking_threads=1, websockets=False, factory=True,
+                     interface=Interfaces.ASGI, workers=1, websockets=False, factory=True,
                      working_dir=Path(ROOT), workers_kill_timeout=15)  # a worker stuck on exit is killed
     try:
         server.serve()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from bson import ObjectId
 from mongoengine import DateTimeField, Document, FloatField, IntField, ObjectIdField, StringField
 from pymongo.errors import BulkWriteError
 
+from models import event as events
 from models.db import utcnow
 
 DUPLICATE_KEY = 11000
@@ -53,7 +54,19 @@ class Heartbeat(Document):
     }
 
 
-METRICS = ("epochs", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2", "samples_per_sec", "seconds")
+# When the peer finished the epoch (Unix seconds, the trainer's `finished_at`): stored as `sent_at`, so a
+# heartbeat has it whichever writer stores it (the monitor from the event, the coordinator from the history).
+FINISHED_AT = "finished_at"
+METRICS = ("epochs", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2", "samples_per_sec", "seconds",
+           FINISHED_AT)
+
+
+def _moment(seconds: Any) -> datetime | None:
+    # A peer's clock, or its lie: a time no datetime can hold is no time at all.
+    try:
+        return datetime.fromtimestamp(float(seconds), UTC).replace(tzinfo=None)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def _document(hb: dict[str, Any], received_at: datetime) -> dict[str, Any]:
@@ -65,23 +78,53 @@ def _document(hb: dict[str, Any], received_at: datetime) -> dict[str, Any]:
                            "peer": str(hb["peer"]), "round": round_, "epoch": epoch}
     for name in METRICS:
         value = hb.get(name)
-        if value is not None:
+        if value is not None and name != FINISHED_AT:
             doc[name] = int(value) if name == "epochs" else float(value)
-    if hb.get("sent_at") is not None:
+    if hb.get(FINISHED_AT) is not None:
+        doc["sent_at"] = _moment(hb[FINISHED_AT])
+    elif hb.get("sent_at") is not None:
         doc["sent_at"] = hb["sent_at"]
     doc["received_at"] = received_at
     return doc
 
 
 def insert_many(heartbeats: Iterable[dict[str, Any]]) -> int:
-    """Insert heartbeats in one round trip; ones already stored are skipped. Returns how many were new."""
+    """Insert heartbeats in one round trip; ones already stored are skipped. Returns how many were new.
+
+    Each heartbeat gets its event in its session's log (models/event.py): the new ones at once, and
+    the ones already stored if their event is missing (a writer stopped between the two writes, or
+    another writer stored the heartbeat and has not logged it yet: the log keeps the first).
+    """
     now = utcnow()
     docs = [_document(hb, now) for hb in heartbeats]
     if not docs:
         return 0
     try:
-        return len(Heartbeat._get_collection().insert_many(docs, ordered=False).inserted_ids)
+        Heartbeat._get_collection().insert_many(docs, ordered=False)
+        repeated: set[int] = set()
     except BulkWriteError as exc:
         if any(error["code"] != DUPLICATE_KEY for error in exc.details["writeErrors"]):
             raise
-        return exc.details["nInserted"]
+        repeated = {error["index"] for error in exc.details["writeErrors"]}
+    _log_events(docs, repeated)
+    return len(docs) - len(repeated)
+
+
+def _log_events(docs: list[dict[str, Any]], repeated: set[int]) -> None:
+    by_session: dict[ObjectId, tuple[list[events.Item], list[events.Item]]] = {}
+    for i, doc in enumerate(docs):
+        new, old = by_session.setdefault(doc["session_id"], ([], []))
+        (old if i in repeated else new).append(events.heartbeat(doc))
+    for session_id, (new, old) in by_session.items():
+        # Only repeats need the log read (rare but for the coordinator's copy of a peer's history).
+        events.append(session_id, _unlogged(session_id, new, old) if old else new)
+
+
+def _unlogged(session_id: ObjectId, new: list[events.Item], old: list[events.Item]) -> list[events.Item]:
+    logged = events.keys(session_id, [key for _, key, _ in old])
+    missing, seen = [], logged | {key for _, key, _ in new}
+    for item in old:
+        if item[1] not in seen:
+            seen.add(item[1])
+            missing.append(item)
+    return new + missing

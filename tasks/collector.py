@@ -34,7 +34,7 @@ from tasks.rounds import chord_body, settings
 log = logging.getLogger(__name__)
 
 _FINAL_KEYS = ("epoch", "epochs", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2", "samples_per_sec",
-               "seconds", "samples")
+               "seconds", "samples", "finished_at")
 
 
 def left_out(peer: str, round_: int, reason: str) -> dict[str, Any]:

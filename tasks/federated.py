@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from models import Round, TrainingSession
+from models import event as events
 from models import session as sessions
 from tasks import lifecycle
 from tasks.rounds import grants, launch_round, record_result, session_prefix, storage
@@ -169,6 +170,7 @@ def aggregate_round(session: TrainingSession, round_: int, results: list[dict[st
     # Recorded once: the filter refuses a second copy of the same round.
     TrainingSession.objects(id=session.id, status=sessions.RUNNING, rounds__round__ne=round_).update_one(
         push__rounds=round_doc, set__plan__global_url=global_url)
+    events.record_round(session.id, round_doc)
     session.reload()
     _next(session, round_)
 

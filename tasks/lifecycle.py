@@ -14,10 +14,11 @@ from bson import ObjectId
 from models import TrainingSession
 from models import peer as peers
 from models import session as sessions
-from tasks import protocol
+from tasks import feed, protocol
 from tasks.celery import app
 
 log = logging.getLogger(__name__)
+feed.install(app)  # the coordinator and the monitor (both import this) announce the events they store
 
 
 def request_stop(session_id: str, names: Iterable[str], reason: str) -> None:

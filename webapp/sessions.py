@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from flask import Response, stream_with_context
+from flask import Response, current_app, request, stream_with_context
 from flask.views import MethodView
 from flask_jwt_extended import current_user, jwt_required
 from flask_smorest import abort
 
 from models import Heartbeat, TrainingSession
 from models import session as sessions
-from webapp import launch, polling
+from webapp import launch, stream
 from webapp.extensions import Blueprint, dispatcher, storage
-from webapp.polling import polled
 from webapp.schemas import (
     HeartbeatPageSchema,
     HeartbeatQuerySchema,
@@ -53,6 +52,7 @@ class Start(MethodView):
 @blp.route("")
 class Sessions(MethodView):
     @jwt_required()
+    @blp.etag
     @blp.response(200, SessionListSchema)
     @blp.doc(security=AUTH)
     def get(self):
@@ -63,8 +63,8 @@ class Sessions(MethodView):
 
 @blp.route("/training-status")
 class TrainingStatus(MethodView):
-    @polled
     @jwt_required()
+    @blp.etag
     @blp.response(200, TrainingStatusSchema)
     @blp.doc(security=AUTH)
     def get(self):
@@ -77,8 +77,8 @@ class TrainingStatus(MethodView):
 
 @blp.route("/<session_id>")
 class Session(MethodView):
-    @polled
     @jwt_required()
+    @blp.etag
     @blp.response(200, SessionSchema)
     @blp.doc(security=AUTH)
     def get(self, session_id: str):
@@ -98,13 +98,38 @@ class Cancel(MethodView):
         if session.finished:
             abort(409, message=f"the session has already ended ({session.status})")
         dispatcher().cancel_session(session_id)
-        polling.changed(current_user.id)
         return {"session_id": session_id, "status": session.status, "reason": "cancellation requested"}
+
+
+LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer", "minimum": 0},
+                 "description": "resume after this event id (what the client last received)"}
+
+
+@blp.route("/<session_id>/events")
+class Events(MethodView):
+    @jwt_required()
+    @blp.response(200, {"type": "string"}, content_type=stream.MIMETYPE,
+                  description="Server-Sent Events: status, heartbeat, round, peer, then end (see docs/api.md)")
+    @blp.doc(security=AUTH, parameters=[LAST_EVENT_ID])
+    def get(self, session_id: str):
+        """The session's events from its start (or after Last-Event-ID), then live until it ends."""
+        session = _owned(session_id)
+        try:
+            last = stream.parse_last_event_id(request.headers.get("Last-Event-ID"))
+        except ValueError:
+            abort(400, message="Last-Event-ID must be an event id (a non-negative integer)",
+                  errors={"Last-Event-ID": ["not a non-negative integer"]})
+        if request.method == "HEAD":
+            # What webapp/asgi.py asks before it streams this request itself (no thread held while open).
+            return Response(status=200, mimetype=stream.MIMETYPE, headers=stream.HEADERS)
+        frames = stream.frames(stream.hub(current_app.extensions), stream.Cursor(session.id, last))
+        return Response(frames, mimetype=stream.MIMETYPE, headers=stream.HEADERS)
 
 
 @blp.route("/<session_id>/heartbeats")
 class Heartbeats(MethodView):
     @jwt_required()
+    @blp.etag
     @blp.arguments(HeartbeatQuerySchema, location="query")
     @blp.response(200, HeartbeatPageSchema)
     @blp.doc(security=AUTH)
@@ -128,6 +153,7 @@ class Heartbeats(MethodView):
 @blp.route("/<session_id>/rounds")
 class Rounds(MethodView):
     @jwt_required()
+    @blp.etag
     @blp.response(200, RoundListSchema)
     @blp.doc(security=AUTH)
     def get(self, session_id: str):
