@@ -9,9 +9,10 @@ STAMP := $(VENV)/.installed
 build: $(STAMP)
 
 # Reinstall only when the requirements change.
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .  # the peertrain command
 	touch $(STAMP)
 
 run: build
