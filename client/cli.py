@@ -10,6 +10,7 @@ import json
 import re
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ class State:
         self.url = (url or self.credentials.url).rstrip("/")
         # Text as it is (no markup, no colouring of numbers), and long lines unbroken in logs and pipes.
         self.console = Console(highlight=False, markup=False, soft_wrap=True)
+        if not self.console.is_terminal:
+            self.console.width = 240  # tables in pipes and logs keep ids whole rather than fit 80 columns
 
     def api(self, signed_in: bool = True) -> Api:
         if not signed_in:
@@ -79,6 +82,13 @@ def _text(message: Any) -> str:
     if isinstance(message, dict):
         return "; ".join(f"{k}: {_text(v)}" for k, v in message.items())
     return str(message)
+
+
+def _local(iso: str | None) -> str:
+    """An API timestamp in this machine's time zone, to the second."""
+    if not iso:
+        return ""
+    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def emit(data: Any) -> None:
@@ -156,7 +166,7 @@ def peers(state: State, as_json: bool) -> None:
         return emit(answer)
     table = Table("peer", "status", "host", "last seen", "session", box=box.SIMPLE)
     for p in answer["peers"]:
-        table.add_row(p["name"], p["status"], p.get("hostname") or "", p.get("last_seen") or "",
+        table.add_row(p["name"], p["status"], p.get("hostname") or "", _local(p.get("last_seen")),
                       p.get("session_id") or "")
     state.console.print(table)
     free = answer.get("free", answer.get("online"))
@@ -263,7 +273,7 @@ def sessions(state: State, as_json: bool) -> None:
         return emit(answer)
     table = Table("id", "created", "status", "mode", "dataset", "peers", box=box.SIMPLE)
     for s in answer["items"]:
-        table.add_row(s["id"], s["created_at"], s["status"], s["mode"], s["filename"], str(s["num_peers"]))
+        table.add_row(s["id"], _local(s["created_at"]), s["status"], s["mode"], s["filename"], str(s["num_peers"]))
     state.console.print(table)
 
 

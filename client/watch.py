@@ -87,7 +87,8 @@ def result(session: dict[str, Any] | None) -> str:
     if not r.get("metric") or r.get("best_value") is None:
         return ""
     who = f"best peer {r['best_peer']}" if r.get("best_peer") else "global model"
-    return f"{who}: {r['metric']} {r['best_value']:.4g}"
+    value = r["best_value"]
+    return f"{who}: {r['metric']} " + (f"{value * 100:.1f}%" if "accuracy" in r["metric"] else f"{value:.4g}")
 
 
 class Plan:

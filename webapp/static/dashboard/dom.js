@@ -22,8 +22,8 @@ function append(el, children) {
   }
 }
 
-export function field(label, control, hint) {
-  return h("label", { class: "field" }, h("span", { class: "label" }, label), control,
+export function field(label, control, hint, extraClass = "") {
+  return h("label", { class: `field ${extraClass}`.trim() }, h("span", { class: "label" }, label), control,
     hint ? h("small", { class: "hint" }, hint) : null);
 }
 

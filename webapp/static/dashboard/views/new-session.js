@@ -2,7 +2,7 @@
 // pick the target and features, the mode, the peers and their hyperparameters, then start.
 
 import { request } from "../api.js";
-import { alertBox, field, h, number } from "../dom.js";
+import { alertBox, field, h } from "../dom.js";
 
 const HP_DEFAULTS = { learning_rate: 0.001, epochs: 10, batch_size: 64, hidden: "128, 64", optimizer: "adam",
   dropout: 0 };
@@ -80,7 +80,7 @@ export async function newSessionView(root, signal) {
         h("thead", {}, h("tr", {}, p.head.columns.map((c) => h("th", { class: c === p.target ? "target" : "" }, c)))),
         h("tbody", {}, p.head.rows.map((row) => h("tr", {}, row.map((v, i) =>
           h("td", { class: p.head.columns[i] === p.target ? "target" : "num" },
-            typeof v === "number" ? number(v, 7) : v))))))),
+            String(v)))))))),
       h("p", { class: "muted small" }, `First ${p.head.rows.length} rows; the target column is highlighted.`));
   };
 
@@ -175,7 +175,7 @@ export async function newSessionView(root, signal) {
   const form = h("form", { class: "stack", id: "new-session" },
     h("section", { class: "card" }, h("h1", {}, "New session"),
       h("fieldset", { class: "grid" }, h("legend", {}, "Dataset"),
-        field("CSV file", fileInput),
+        field("CSV file", fileInput, null, "wide"),
         field("Target column", targetSelect),
         field("Task", taskSelect)),
       h("details", { class: "features" }, h("summary", {}, "Feature columns"), features),

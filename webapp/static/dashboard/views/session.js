@@ -51,7 +51,7 @@ class SessionPage {
     this.loss = new LineChart(charts, { title: "Loss", xLabel: x, yLabel: "loss", xValue });
     this.metric = this.regression
       ? new LineChart(charts, { title: "Validation R²", xLabel: x, yLabel: "R²", xValue })
-      : new LineChart(charts, { title: "Accuracy", xLabel: x, yLabel: "accuracy", range: [0, 1], xValue });
+      : new LineChart(charts, { title: "Accuracy", xLabel: x, yLabel: "accuracy", range: [0, 1.02], xValue });
     this.defineSeries();
     this.renderHeader();
     this.renderRows();
