@@ -3,29 +3,37 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: build run test lint bench peer coordinator monitor api flower compose-check clean
+.PHONY: build run test lint bench peer coordinator monitor api flower compose-check clean build-dev
 
+# What running needs (requirements.txt); `make test`, `make lint` and `make bench` add the rest.
 build: $(STAMP)
 
+build-dev: $(DEV_STAMP)
+
 # Reinstall only when the requirements change.
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .  # the peertrain command
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $(DEV_STAMP)
 
 run: build
 	$(BIN)/python -m embedded
 
-test: build
+test: build-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: build
+lint: build-dev
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-bench: build
+bench: build-dev
 	$(BIN)/python bench/trainer.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/session.py
@@ -42,9 +50,10 @@ coordinator: build
 monitor: build
 	$(BIN)/python -m tasks.monitor
 
+# ASGI: event streams are coroutines, every other request runs the Flask app in a thread (webapp/asgi.py).
 api: build
-	$(BIN)/granian --interface wsgi --factory --host $${HOST:-127.0.0.1} --port $${PORT:-8000} \
-		--workers $${API_WORKERS:-2} --blocking-threads 1 --no-ws webapp:create_app
+	$(BIN)/granian --interface asgi --factory --host $${HOST:-127.0.0.1} --port $${PORT:-8000} \
+		--workers $${API_WORKERS:-2} --no-ws webapp.asgi:create_app
 
 flower: build
 	$(BIN)/celery -A tasks flower --address=127.0.0.1 --port=$${FLOWER_PORT:-5555}

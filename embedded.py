@@ -81,6 +81,7 @@ def platform_app() -> Any:
     from tasks.celery import app
     from tasks.inprocess import InProcessWorkers
     from webapp import create_app
+    from webapp.asgi import Api
 
     consumer = monitor.build(app, settings)
     threading.Thread(target=consumer.run, name="monitor", daemon=True).start()
@@ -92,7 +93,7 @@ def platform_app() -> Any:
     if settings.embedded_broker:
         for name in _peer_names(settings):
             workers.start(f"peer.{name}", f"peer.{name}@{host}")
-    return create_app(settings=settings)
+    return Api(create_app(settings=settings))
 
 
 def _peer_names(settings: Settings) -> list[str]:
@@ -112,10 +113,10 @@ def main() -> None:
     base = f"http://{settings.host}:{settings.port}"
     print(WALKTHROUGH.format(base=base, peers=", ".join(names) or "none (start some with `make peer NAME=...`)",
                              storage=settings.storage_url, sample=Path(ROOT, "samples", "wine.csv")), flush=True)
-    # One worker: mongomock and the in-memory broker live in one process. One app thread: more only
-    # queue on the GIL (bench/api.py). Granian handles Ctrl-C and SIGTERM, then returns.
+    # One worker: mongomock and the in-memory broker live in one process. ASGI, so that open event streams
+    # hold no thread (webapp/asgi.py). Granian handles Ctrl-C and SIGTERM, then returns.
     server = Granian("embedded:platform_app", address=settings.host, port=settings.port,
-                     interface=Interfaces.WSGI, workers=1, blocking_threads=1, websockets=False, factory=True,
+                     interface=Interfaces.ASGI, workers=1, websockets=False, factory=True,
                      working_dir=Path(ROOT), workers_kill_timeout=15)  # a worker stuck on exit is killed
     try:
         server.serve()

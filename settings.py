@@ -73,9 +73,6 @@ class Settings:
     jwt_secret_key: str = _opt("JWT_SECRET_KEY", "", "secret that signs access tokens; required in production")
     jwt_expires_seconds: int = _opt("JWT_EXPIRES_SECONDS", 3600, "lifetime of an access token")
     bcrypt_rounds: int = _opt("BCRYPT_ROUNDS", 12, "bcrypt cost factor for password hashes")
-    api_cache_seconds: float = _opt(
-        "API_CACHE_SECONDS", 1.0, "a polled session view may be this old when other processes changed it (0: off)"
-    )
     max_upload_mb: int = _opt("MAX_UPLOAD_MB", 200, "largest accepted dataset upload, in MiB (bigger: 413)")
     coordinator_queue: str = _opt("COORDINATOR_QUEUE", "coordinator", "queue the coordinator worker consumes")
     event_exchange: str = _opt(

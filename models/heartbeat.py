@@ -10,6 +10,7 @@ from bson import ObjectId
 from mongoengine import DateTimeField, Document, FloatField, IntField, ObjectIdField, StringField
 from pymongo.errors import BulkWriteError
 
+from models import event as events
 from models.db import utcnow
 
 DUPLICATE_KEY = 11000
@@ -74,14 +75,42 @@ def _document(hb: dict[str, Any], received_at: datetime) -> dict[str, Any]:
 
 
 def insert_many(heartbeats: Iterable[dict[str, Any]]) -> int:
-    """Insert heartbeats in one round trip; ones already stored are skipped. Returns how many were new."""
+    """Insert heartbeats in one round trip; ones already stored are skipped. Returns how many were new.
+
+    Each heartbeat gets its event in its session's log (models/event.py): the new ones at once, and
+    the ones already stored if their event is missing (a writer stopped between the two writes, or
+    another writer stored the heartbeat and has not logged it yet: the log keeps the first).
+    """
     now = utcnow()
     docs = [_document(hb, now) for hb in heartbeats]
     if not docs:
         return 0
     try:
-        return len(Heartbeat._get_collection().insert_many(docs, ordered=False).inserted_ids)
+        Heartbeat._get_collection().insert_many(docs, ordered=False)
+        repeated: set[int] = set()
     except BulkWriteError as exc:
         if any(error["code"] != DUPLICATE_KEY for error in exc.details["writeErrors"]):
             raise
-        return exc.details["nInserted"]
+        repeated = {error["index"] for error in exc.details["writeErrors"]}
+    _log_events(docs, repeated)
+    return len(docs) - len(repeated)
+
+
+def _log_events(docs: list[dict[str, Any]], repeated: set[int]) -> None:
+    by_session: dict[ObjectId, tuple[list[events.Item], list[events.Item]]] = {}
+    for i, doc in enumerate(docs):
+        new, old = by_session.setdefault(doc["session_id"], ([], []))
+        (old if i in repeated else new).append(events.heartbeat(doc))
+    for session_id, (new, old) in by_session.items():
+        # Only repeats need the log read (rare but for the coordinator's copy of a peer's history).
+        events.append(session_id, _unlogged(session_id, new, old) if old else new)
+
+
+def _unlogged(session_id: ObjectId, new: list[events.Item], old: list[events.Item]) -> list[events.Item]:
+    logged = events.keys(session_id, [key for _, key, _ in old])
+    missing, seen = [], logged | {key for _, key, _ in new}
+    for item in old:
+        if item[1] not in seen:
+            seen.add(item[1])
+            missing.append(item)
+    return new + missing

@@ -19,10 +19,9 @@ from mongoengine import (
     ObjectIdField,
     StringField,
     ValidationError,
-    signals,
 )
 
-from models.changes import AnnouncingQuerySet, session_changed
+from models import event as events
 from models.db import utcnow
 
 PENDING = "PENDING"
@@ -112,7 +111,6 @@ class TrainingSession(Document):
         "collection": "sessions",
         "indexes": [("owner_id", "-created_at"), "status", "peers.task_id"],
         "ordering": ["-created_at"],
-        "queryset_class": AnnouncingQuerySet,
     }
 
     def clean(self) -> None:
@@ -130,11 +128,6 @@ class TrainingSession(Document):
     @property
     def finished(self) -> bool:
         return self.status not in ACTIVE
-
-
-# A save() of a session (its creation, or a rewrite of a loaded one) is a write too.
-signals.post_save.connect(lambda sender, document, **_: session_changed(document.id), sender=TrainingSession,
-                          weak=False)
 
 
 def for_owner(owner_id: ObjectId) -> Any:
@@ -169,12 +162,13 @@ def view(session_id: str, owner_id: ObjectId) -> dict[str, Any] | None:
 def start_running(session_id: ObjectId, task_ids: dict[str, str], deadline_seconds: float) -> bool:
     """PENDING → RUNNING, recording each peer's task id; False if the session is no longer pending."""
     now = utcnow()
-    return bool(
-        TrainingSession.objects(id=session_id, status=PENDING).update_one(
-            set__status=RUNNING, set__started_at=now, set__deadline=now + timedelta(seconds=deadline_seconds),
-            **_task_updates(session_id, task_ids),
-        )
+    started = TrainingSession.objects(id=session_id, status=PENDING).update_one(
+        set__status=RUNNING, set__started_at=now, set__deadline=now + timedelta(seconds=deadline_seconds),
+        **_task_updates(session_id, task_ids),
     )
+    if started:
+        events.append(session_id, [events.status(RUNNING, at=now), *(events.peer(name, RUNNING) for name in task_ids)])
+    return bool(started)
 
 
 def next_round(session_id: ObjectId, round_: int, task_ids: dict[str, str]) -> bool:
@@ -196,11 +190,14 @@ def finish(session_id: ObjectId, status: str, reason: str | None = None, **field
     updates = {f"set__{name}": value for name, value in fields.items()}
     if reason is not None:
         updates["set__reason"] = reason
-    return bool(
-        TrainingSession.objects(id=session_id, status__in=ACTIVE).update_one(
-            set__status=status, set__finished_at=utcnow(), **updates
-        )
+    now = utcnow()
+    ended = TrainingSession.objects(id=session_id, status__in=ACTIVE).update_one(
+        set__status=status, set__finished_at=now, **updates
     )
+    if ended:
+        # Only the one ending wins the update above, so a session's log ends once.
+        events.append(session_id, [events.status(status, reason, at=now), events.end(status, reason)])
+    return bool(ended)
 
 
 def by_task_id(task_id: str) -> TrainingSession | None:
@@ -220,6 +217,7 @@ def add_bytes_fetched(session_id: ObjectId, peer: str, count: int) -> None:
 
 
 def record_peer_result(session_id: ObjectId, peer: str, status: str, **fields: Any) -> None:
-    """Record how a peer's run ended."""
+    """Record how a peer's run ended (or, federated, a round of it); a new status is logged as a `peer` event."""
     updates = {f"set__peers__S__{name}": value for name, value in fields.items()}
-    TrainingSession.objects(id=session_id, peers__name=peer).update_one(set__peers__S__status=status, **updates)
+    if TrainingSession.objects(id=session_id, peers__name=peer).update_one(set__peers__S__status=status, **updates):
+        events.append_new(session_id, [events.peer(peer, status, fields.get("error"))])

@@ -22,6 +22,7 @@ from celery import states
 from celery.result import AsyncResult
 
 from models import Round, TrainingSession
+from models import event as events
 from models import session as sessions
 from tasks import lifecycle
 from tasks.celery import app
@@ -152,6 +153,7 @@ def aggregate_round(session: TrainingSession, round_: int, results: list[dict[st
                       rejected=rejected, outliers=outliers)
     TrainingSession.objects(id=session.id, status=sessions.RUNNING).update_one(
         push__rounds=round_doc, set__plan__global_url=global_url)
+    events.record_round(session.id, round_doc)
 
     if round_ + 1 < settings_["rounds"]:
         session.reload()

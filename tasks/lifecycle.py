@@ -13,10 +13,12 @@ from bson import ObjectId
 from models import TrainingSession
 from models import peer as peers
 from models import session as sessions
+from tasks import feed
 from tasks.cancellation import request_stop
 from tasks.celery import app
 
 log = logging.getLogger(__name__)
+feed.install(app)  # the coordinator and the monitor (both import this) announce the events they store
 
 
 def end(session_id: str | ObjectId, status: str, reason: str | None = None, **fields) -> bool:

@@ -73,14 +73,15 @@ def record_result(session: TrainingSession, result: dict[str, Any], status: str)
     final = result["final"]
     progress = {key: final.get(key) for key in ("epoch", "epochs", "loss", "accuracy", "val_loss", "val_accuracy",
                                                   "val_r2", "samples_per_sec") if key in final}
+    # The epochs first: the event stream shows a peer's heartbeats before its result.
+    heartbeats.insert_many(
+        {"session_id": session.id, "peer": result["peer"], "round": result["round"],
+         **{key: epoch.get(key) for key in heartbeats.METRICS}, "epoch": epoch["epoch"]}
+        for epoch in result.get("history", [])
+    )
     sessions.record_peer_result(
         session.id, result["peer"], status, final=final, samples=result["samples"], round=result["round"],
         weights_url=result.get("weights_url"), **progress,
     )
     # A federated peer fetches its shard once and keeps it for later rounds: bytes add up.
     sessions.add_bytes_fetched(session.id, result["peer"], result["bytes_fetched"])
-    heartbeats.insert_many(
-        {"session_id": session.id, "peer": result["peer"], "round": result["round"],
-         **{key: epoch.get(key) for key in heartbeats.METRICS}, "epoch": epoch["epoch"]}
-        for epoch in result.get("history", [])
-    )

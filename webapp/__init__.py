@@ -25,11 +25,10 @@ def create_app(test_config: dict[str, Any] | None = None, settings: Settings | N
 
     models.ensure_connected(app.config["MONGODB_URI"])
 
-    from webapp import errors, extensions, polling
+    from webapp import errors, extensions
 
     api = extensions.init_app(app)
     errors.init_app(app, api)
-    polling.init_app(app, float(app.config["API_CACHE_SECONDS"]))
 
     from webapp.auth import blp as auth
     from webapp.datasets import blp as datasets
@@ -55,7 +54,6 @@ def _config(settings: Settings) -> dict[str, Any]:
         "JWT_SECRET_KEY": settings.jwt_secret_key,
         "JWT_ACCESS_TOKEN_EXPIRES": settings.jwt_expires_seconds,
         "BCRYPT_ROUNDS": settings.bcrypt_rounds,
-        "API_CACHE_SECONDS": settings.api_cache_seconds,
         "MAX_CONTENT_LENGTH": settings.max_upload_mb * 1024 * 1024,
         # Form fields are small; the cap above is for the file.
         "MAX_FORM_MEMORY_SIZE": 1024 * 1024,

@@ -22,12 +22,13 @@ from flask_smorest import abort
 from werkzeug.datastructures import FileStorage
 
 from models import Dataset, PeerRun, TrainingSession, User
+from models import event as events
 from models import peer as peers
-from models.session import FAILED, FEDERATED
+from models import session as sessions
+from models.session import FAILED, FEDERATED, PENDING
 from tasks.storage import HashingReader
 from trainer.split import shard
 from trainer.table import DatasetError, Table, read_table, split_indices
-from webapp import polling
 from webapp.extensions import dispatcher, storage
 
 log = logging.getLogger(__name__)
@@ -98,15 +99,12 @@ def _start(user: User, form: dict[str, Any], upload: Upload) -> TrainingSession:
         session = _document(session_id, user, form, table, names, url, upload)
         session.save()
         saved = True
-        polling.changed(user.id)  # the owner's training-status now names this session
+        events.append(session_id, [events.status(PENDING, at=session.created_at)])
         dispatcher().run_session(str(session_id))
     except Exception as exc:
         peers.release(session_id)
         if saved:
-            TrainingSession.objects(id=session_id).update_one(
-                set__status=FAILED, set__reason=f"could not reach the coordinator: {exc}"
-            )
-            polling.changed(user.id)
+            sessions.finish(session_id, FAILED, f"could not reach the coordinator: {exc}")
         log.exception("starting session %s failed", session_id)
         abort(503, message="the platform could not start the session; no peer was kept, try again")
     return session

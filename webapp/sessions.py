@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from flask import Response, stream_with_context
+from flask import Response, current_app, request, stream_with_context
 from flask.views import MethodView
 from flask_jwt_extended import current_user, jwt_required
 from flask_smorest import abort
 
 from models import Heartbeat, TrainingSession
 from models import session as sessions
-from webapp import launch, polling
+from webapp import launch, stream
 from webapp.extensions import Blueprint, dispatcher, storage
-from webapp.polling import polled
 from webapp.schemas import (
     HeartbeatPageSchema,
     HeartbeatQuerySchema,
@@ -63,7 +62,6 @@ class Sessions(MethodView):
 
 @blp.route("/training-status")
 class TrainingStatus(MethodView):
-    @polled
     @jwt_required()
     @blp.response(200, TrainingStatusSchema)
     @blp.doc(security=AUTH)
@@ -77,7 +75,6 @@ class TrainingStatus(MethodView):
 
 @blp.route("/<session_id>")
 class Session(MethodView):
-    @polled
     @jwt_required()
     @blp.response(200, SessionSchema)
     @blp.doc(security=AUTH)
@@ -98,8 +95,32 @@ class Cancel(MethodView):
         if session.finished:
             abort(409, message=f"the session has already ended ({session.status})")
         dispatcher().cancel_session(session_id)
-        polling.changed(current_user.id)
         return {"session_id": session_id, "status": session.status, "reason": "cancellation requested"}
+
+
+LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer", "minimum": 0},
+                 "description": "resume after this event id (what the client last received)"}
+
+
+@blp.route("/<session_id>/events")
+class Events(MethodView):
+    @jwt_required()
+    @blp.response(200, description="Server-Sent Events: status, heartbeat, round, peer, then end (see docs/api.md)",
+                  content_type=stream.MIMETYPE)
+    @blp.doc(security=AUTH, parameters=[LAST_EVENT_ID])
+    def get(self, session_id: str):
+        """The session's events from its start (or after Last-Event-ID), then live until it ends."""
+        session = _owned(session_id)
+        try:
+            last = stream.parse_last_event_id(request.headers.get("Last-Event-ID"))
+        except ValueError:
+            abort(400, message="Last-Event-ID must be an event id (a non-negative integer)",
+                  errors={"Last-Event-ID": ["not a non-negative integer"]})
+        if request.method == "HEAD":
+            # What webapp/asgi.py asks before it streams this request itself (no thread held while open).
+            return Response(status=200, mimetype=stream.MIMETYPE, headers=stream.HEADERS)
+        frames = stream.frames(stream.hub(current_app.extensions), stream.Cursor(session.id, last))
+        return Response(frames, mimetype=stream.MIMETYPE, headers=stream.HEADERS)
 
 
 @blp.route("/<session_id>/heartbeats")

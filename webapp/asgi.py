@@ -1,0 +1,131 @@
+"""The API as an ASGI app, as granian serves it (`make api`, `make run`, compose, the Dockerfile).
+
+Every request but an open event stream is the Flask app's, run in a small thread pool by a2wsgi's
+WSGI-to-ASGI adapter. `GET /sessions/<id>/events` asks the Flask app first (the same route, as HEAD:
+its token check, ownership and Last-Event-ID parsing, and any error in the API's JSON shape), then
+streams here as a coroutine on granian's event loop: an open stream holds no thread, so hundreds of
+them leave the app's threads to the other requests (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from a2wsgi import WSGIMiddleware
+from bson import ObjectId
+from flask import Flask
+
+from webapp import stream
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+EVENTS = re.compile(r"/sessions/(?P<session_id>[^/]+)/events")
+# The app's threads: Python runs one at a time, so more only wait on each other (bench/api.py); a
+# few let a slow request (an upload, a model download) overlap with quick ones.
+THREADS = 4
+
+
+class Api:
+    """Flask for every request, except that a permitted event stream is served as a coroutine."""
+
+    def __init__(self, flask_app: Flask, threads: int = THREADS) -> None:
+        self.flask = flask_app
+        self.wsgi = WSGIMiddleware(flask_app, workers=threads)
+        self.hub = stream.hub(flask_app.extensions)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and (match := EVENTS.fullmatch(scope["path"])):
+            await self.events(scope, receive, send, match["session_id"])
+            return
+
+        async def coroutine_receive() -> dict[str, Any]:
+            # The ASGI spec promises an awaitable; a2wsgi hands it to run_coroutine_threadsafe, which
+            # wants a coroutine (granian's receive returns a future).
+            return await receive()
+
+        await self.wsgi(scope, coroutine_receive, send)
+
+    async def events(self, scope: Scope, receive: Receive, send: Send, session_id: str) -> None:
+        allowed = await self._ask_flask({**scope, "method": "HEAD"})
+        if allowed != 200:
+            # Flask answers the GET itself: the same refusal, with its JSON body.
+            await self.wsgi(scope, _no_body, send)
+            return
+        headers = dict((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"])
+        cursor = stream.Cursor(ObjectId(session_id), stream.parse_last_event_id(headers.get("last-event-id")))
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", f"{stream.MIMETYPE}; charset=utf-8".encode()),
+            *((k.lower().encode(), v.encode()) for k, v in stream.HEADERS.items()),
+        ]})
+        streaming = asyncio.ensure_future(self._stream(cursor, send))
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({streaming, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (streaming, gone):
+                task.cancel()
+            await asyncio.gather(streaming, gone, return_exceptions=True)
+        if streaming.done() and not streaming.cancelled() and streaming.exception() is None:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _ask_flask(self, scope: Scope) -> int:
+        status = 500
+
+        async def keep_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+
+        await self.wsgi(scope, _no_body, keep_status)
+        return status
+
+    async def _stream(self, cursor: stream.Cursor, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        arrived: asyncio.Queue = asyncio.Queue()
+        session = str(cursor.session_id)
+
+        def deliver(batch: Any) -> None:  # called on the listener's thread
+            loop.call_soon_threadsafe(arrived.put_nowait, batch)
+
+        await asyncio.to_thread(self.hub.subscribe, session, deliver)
+        try:
+            await _send_events(send, await asyncio.to_thread(cursor.start))
+            while not cursor.ended:
+                try:
+                    batch = await asyncio.wait_for(arrived.get(), stream.KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    await send({"type": "http.response.body", "body": stream.KEEPALIVE.encode(), "more_body": True})
+                    continue
+                taken, gap = cursor.take(batch) if batch is not stream.RESYNC else ([], True)
+                if gap:
+                    taken += await asyncio.to_thread(cursor.catch_up)
+                await _send_events(send, taken)
+        finally:
+            self.hub.unsubscribe(session, deliver)
+
+
+async def _send_events(send: Send, events: list[dict[str, Any]]) -> None:
+    if events:
+        body = "".join(stream.frame(event) for event in events).encode()
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+
+
+async def _no_body() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app() -> Api:
+    """Granian's factory (`granian --interface asgi --factory webapp.asgi:create_app`)."""
+    from webapp import create_app as create_flask_app
+
+    return Api(create_flask_app())
