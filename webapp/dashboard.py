@@ -6,7 +6,7 @@ under webapp/static/vendor/), so it works offline and needs no build step.
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, make_response, render_template
+from flask import Blueprint, Response, current_app, make_response, render_template
 
 bp = Blueprint("dashboard", __name__)
 
@@ -27,3 +27,9 @@ def index() -> Response:
     response = make_response(render_template("dashboard.html"))
     response.headers["Content-Security-Policy"] = POLICY
     return response
+
+
+@bp.get("/favicon.ico")
+def favicon() -> Response:
+    """Browsers ask every page's origin for this (the API docs' page too)."""
+    return current_app.send_static_file("dashboard/favicon.svg")

@@ -73,6 +73,9 @@ def test_the_api_docs_load_swagger_ui_from_this_server(client):
     assert any(url.endswith("swagger-ui-bundle.js") for url in bodies)
     # The validator badge would load an image from swagger.io.
     assert '"validatorUrl": null' in response.text
+    # Browsers ask for /favicon.ico on every page; a 404 there is an error in the page's console.
+    with client.get("/favicon.ico") as icon:
+        assert icon.status_code == 200 and icon.mimetype == "image/svg+xml"
 
 
 def test_the_vendored_libraries_keep_their_licences(client):

@@ -6,10 +6,12 @@ export const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "
   "#65a30d", "#4f46e5", "#b45309"];
 
 const HEIGHT = 240;
+// Epochs and rounds are whole numbers: no tick at 1.25.
+const WHOLE = [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000];
 
 export class LineChart {
-  constructor(container, { title, xLabel, yLabel, range = null, xValue = (v) => number(v) }) {
-    this.options = { title, xLabel, yLabel, range, xValue };
+  constructor(container, { title, xLabel, yLabel, range = null, xRange = null, xValue = (v) => number(v) }) {
+    this.options = { title, xLabel, yLabel, range, xRange, xValue };
     this.series = new Map(); // key → {label, color, dash, width, points: Map(x → y)}
     this.el = h("div", { class: "chart", dataset: { points: "0" } });
     this.empty = h("p", { class: "chart-empty" }, `${title}: waiting for the first results…`);
@@ -59,13 +61,14 @@ export class LineChart {
   }
 
   uplotOptions(count) {
-    const { title, xLabel, yLabel, range, xValue } = this.options;
+    const { title, xLabel, yLabel, range, xRange, xValue } = this.options;
     const axis = { stroke: "#4b5563", grid: { stroke: "#e5e7eb" }, ticks: { stroke: "#e5e7eb" } };
     return {
       ...this.size(),
       title,
-      scales: { x: { time: false }, y: range ? { range } : {} },
-      axes: [{ ...axis, label: xLabel }, { ...axis, label: yLabel, size: 56 }],
+      // A fixed x range (the whole session's epochs or rounds): the curves grow across it.
+      scales: { x: xRange ? { time: false, range: xRange } : { time: false }, y: range ? { range } : {} },
+      axes: [{ ...axis, label: xLabel, incrs: WHOLE }, { ...axis, label: yLabel, size: 56 }],
       cursor: { drag: { x: false, y: false } },
       series: [
         { label: xLabel, value: (u, v) => (v === null ? "–" : xValue(v)) },

@@ -42,19 +42,33 @@ class SessionPage {
       h("section", { class: "card" }, h("h2", {}, this.federated ? "Global model, round by round" : "Curves"), charts),
       h("section", { class: "card" }, h("h2", {}, "Peers"),
         h("div", { class: "scroll" }, h("table", { class: "list", id: "peer-runs" },
-          h("thead", {}, h("tr", {}, ["Peer", "Status", "Progress", "Loss", this.regression ? "Val R²" : "Val accuracy",
-            "Samples/s", "Settings"].map((t) => h("th", {}, t)))),
+          h("thead", {}, h("tr", {}, ["Peer", "Status", "Progress", "Loss", this.metricName(), "Samples/s",
+            "Settings"].map((t) => h("th", {}, t)))),
           this.rows))),
     );
     const x = this.federated ? "round" : "epoch";
     const xValue = this.federated ? (v) => (Number.isInteger(v) ? `round ${v}` : number(v, 3)) : undefined;
-    this.loss = new LineChart(charts, { title: "Loss", xLabel: x, yLabel: "loss", xValue });
+    const xRange = this.federated ? [0, session.federated.rounds]
+      : [1, Math.max(2, ...session.peers.map((p) => p.epochs || 1))];
+    const common = { xLabel: x, xValue, xRange };
+    this.loss = new LineChart(charts, { title: "Loss", yLabel: "loss", ...common });
     this.metric = this.regression
-      ? new LineChart(charts, { title: "Validation R²", xLabel: x, yLabel: "R²", xValue })
-      : new LineChart(charts, { title: "Accuracy", xLabel: x, yLabel: "accuracy", range: [0, 1.02], xValue });
+      ? new LineChart(charts, { title: "Validation R²", yLabel: "R²", ...common })
+      : new LineChart(charts, { title: "Accuracy", yLabel: "accuracy", range: [0, 1.02], ...common });
     this.defineSeries();
     this.renderHeader();
     this.renderRows();
+  }
+
+  // Sweep peers validate on held-out rows; federated peers only train on their shard (the global model is validated).
+  metricName() {
+    if (this.regression) return this.federated ? "R²" : "Val R²";
+    return this.federated ? "Accuracy" : "Val accuracy";
+  }
+
+  metricOf(p) {
+    if (this.regression) return number(p.val_r2);
+    return percent(this.federated ? p.accuracy : p.val_accuracy);
   }
 
   defineSeries() {
@@ -218,7 +232,7 @@ class SessionPage {
         h("td", { class: "progress-cell" }, h("progress", { max: String(total), value: String(done) }),
           h("div", { class: "small" }, label)),
         h("td", { class: "num" }, number(p.loss)),
-        h("td", { class: "num" }, this.regression ? number(p.val_r2) : percent(p.val_accuracy)),
+        h("td", { class: "num" }, this.metricOf(p)),
         h("td", { class: "num" }, number(p.samples_per_sec, 3)),
         h("td", { class: "small wrap" }, settings));
     }));
