@@ -126,7 +126,9 @@ class JsonLines:
         pass
 
     def event(self, event: Event) -> None:
-        print(json.dumps({"event": event.type, "id": event.id, "data": event.data}), flush=True)
+        # The stream's ids are integers (sent as text, as SSE does).
+        number = int(event.id) if event.id is not None and event.id.isdigit() else event.id
+        print(json.dumps({"event": event.type, "id": number, "data": event.data}), flush=True)
 
     def retry(self, problem: str, delay: float) -> None:
         print(f"connection lost ({problem}); reconnecting in {delay:g} s", file=sys.stderr, flush=True)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import socket
 import stat
-import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import requests
 
 from settings import ROOT
 from tests.client.test_cli import run
+from tests.e2e.dropping_proxy import DroppingProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -97,7 +96,7 @@ def test_a_failed_session_exits_1(platform, two_peers, cli, unique):
 
 def test_watch_resumes_after_a_dropped_connection_losing_and_repeating_nothing(platform, two_peers, cli):
     session_id = cli("start", str(WINE), "--peers", "2", "--epochs", "6", "--detach").stdout.strip()
-    proxy = CuttingProxy(int(platform.base_url.rsplit(":", 1)[1]), after=1500)
+    proxy = DroppingProxy(int(platform.base_url.rsplit(":", 1)[1]), after=1500)
     try:
         # The same login works through the proxy's address once signed in there.
         assert cli("login", "--email", cli.email, url=proxy.url).returncode == 0
@@ -110,80 +109,10 @@ def test_watch_resumes_after_a_dropped_connection_losing_and_repeating_nothing(p
     events = lines(done.stdout)
     ids = [int(e["id"]) for e in events]
     assert ids == list(range(ids[0], ids[0] + len(ids))), "an event was lost or repeated"
+    assert int(proxy.last_complete_event_id()) in ids[:-1]  # the cut fell mid-stream
     beats = [(e["data"]["peer"], e["data"]["epoch"]) for e in events if e["event"] == "heartbeat"]
     assert sorted(beats) == sorted((p, e) for p in two_peers for e in range(1, 7))
     assert events[-1]["event"] == "end" and events[-1]["data"]["status"] == "COMPLETED"
-
-
-class CuttingProxy:
-    """A TCP proxy to the API that closes the first event stream after `after` bytes of its answer."""
-
-    def __init__(self, upstream_port: int, after: int) -> None:
-        self.upstream_port = upstream_port
-        self.after = after
-        self.cuts = 0
-        self.lock = threading.Lock()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            state = {"stream_from": None, "sent": 0}
-            threading.Thread(target=self._requests, args=(client, upstream, state), daemon=True).start()
-            threading.Thread(target=self._answers, args=(upstream, client, state), daemon=True).start()
-
-    def _requests(self, client: socket.socket, upstream: socket.socket, state: dict) -> None:
-        self._pipe(client, upstream, lambda data: self._watch_for_stream(data, state))
-
-    def _watch_for_stream(self, data: bytes, state: dict) -> None:
-        if b"/events HTTP/1." in data:
-            with self.lock:
-                if self.cuts == 0 and state["stream_from"] is None:
-                    state["stream_from"] = state["sent"]
-
-    def _answers(self, upstream: socket.socket, client: socket.socket, state: dict) -> None:
-        def send(data: bytes) -> bool:
-            start = state["stream_from"]
-            if start is not None and state["sent"] + len(data) - start >= self.after:
-                client.sendall(data[: max(0, start + self.after - state["sent"])])
-                with self.lock:
-                    self.cuts += 1
-                return False
-            client.sendall(data)
-            state["sent"] += len(data)
-            return True
-
-        self._pipe(upstream, client, None, send)
-
-    @staticmethod
-    def _pipe(source: socket.socket, target: socket.socket, seen=None, send=None) -> None:
-        try:
-            while data := source.recv(65536):
-                if seen:
-                    seen(data)
-                if send is not None:
-                    if not send(data):
-                        break
-                else:
-                    target.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, target):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sock.close()
 
 
 def test_the_token_file_is_private_even_when_rewritten(cli, tmp_path: Path):
