@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from bson import ObjectId
@@ -54,7 +54,11 @@ class Heartbeat(Document):
     }
 
 
-METRICS = ("epochs", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2", "samples_per_sec", "seconds")
+# When the peer finished the epoch (Unix seconds, the trainer's `finished_at`): stored as `sent_at`, so a
+# heartbeat has it whichever writer stores it (the monitor from the event, the coordinator from the history).
+FINISHED_AT = "finished_at"
+METRICS = ("epochs", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2", "samples_per_sec", "seconds",
+           FINISHED_AT)
 
 
 def _document(hb: dict[str, Any], received_at: datetime) -> dict[str, Any]:
@@ -66,9 +70,11 @@ def _document(hb: dict[str, Any], received_at: datetime) -> dict[str, Any]:
                            "peer": str(hb["peer"]), "round": round_, "epoch": epoch}
     for name in METRICS:
         value = hb.get(name)
-        if value is not None:
+        if value is not None and name != FINISHED_AT:
             doc[name] = int(value) if name == "epochs" else float(value)
-    if hb.get("sent_at") is not None:
+    if hb.get(FINISHED_AT) is not None:
+        doc["sent_at"] = datetime.fromtimestamp(float(hb[FINISHED_AT]), UTC).replace(tzinfo=None)
+    elif hb.get("sent_at") is not None:
         doc["sent_at"] = hb["sent_at"]
     doc["received_at"] = received_at
     return doc

@@ -117,8 +117,12 @@ def storage_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def app(db: str, storage_dir: Path):
     from webapp import create_app
+    from webapp.stream import EXTENSION
 
-    return create_app({"TESTING": True, "MONGODB_URI": db, "STORAGE_URL": str(storage_dir), "BCRYPT_ROUNDS": 4})
+    app = create_app({"TESTING": True, "MONGODB_URI": db, "STORAGE_URL": str(storage_dir), "BCRYPT_ROUNDS": 4})
+    yield app
+    if EXTENSION in app.extensions:  # a test that streamed: stop this app's event listener
+        app.extensions[EXTENSION].close()
 
 
 @pytest.fixture

@@ -77,6 +77,7 @@ class EpochMetrics:
     samples_per_sec: float  # training rows per second of the epoch's training (validation excluded)
     seconds: float  # wall time of the epoch, validation included
     samples: int = 0  # training rows seen this epoch
+    finished_at: float | None = None  # wall clock (Unix seconds) when the epoch ended, as the reporter's heartbeat
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form: plain numbers, None for anything missing or not finite."""
@@ -333,6 +334,7 @@ def _train(
             samples_per_sec=rows / trained if trained > 0 else 0.0,
             seconds=time.perf_counter() - start,
             samples=rows,
+            finished_at=time.time(),
         )
         history.append(metrics)
         if on_epoch_end is not None:

@@ -7,8 +7,8 @@ from http import HTTPStatus
 from typing import Any
 
 import flask_smorest
-from flask import Flask, jsonify
-from werkzeug.exceptions import HTTPException, InternalServerError
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException, InternalServerError, MethodNotAllowed
 
 from webapp.extensions import jwt
 
@@ -43,6 +43,8 @@ def _flatten(errors: Any, prefix: str = "") -> list[str]:
 
 def handle_http_exception(error: HTTPException):
     code = error.code or 500
+    if code == 304:
+        return _not_modified()
     data = getattr(error, "data", None) or {}
     errors = data.get("errors") or data.get("messages")
     if isinstance(error, InternalServerError):
@@ -63,6 +65,18 @@ def handle_http_exception(error: HTTPException):
     response.status_code = code
     for name, value in (data.get("headers") or {}).items():
         response.headers[name] = value
+    if isinstance(error, MethodNotAllowed) and error.valid_methods:
+        response.headers["Allow"] = ", ".join(sorted(error.valid_methods))
+    return response
+
+
+def _not_modified() -> Response:
+    # flask-smorest's ETag check (@blp.etag) found the client's copy current: no body, and the tag it
+    # sent back (RFC 9110 wants the ETag on a 304).
+    response = Response(status=304)
+    tags = list(request.if_none_match.as_set())
+    if len(tags) == 1:
+        response.set_etag(tags[0])
     return response
 
 

@@ -69,9 +69,11 @@ def init_app(app: Flask) -> flask_smorest.Api:
             app.config["STORAGE_URL"], app.config["S3_ENDPOINT_URL"], app.config["S3_REGION"]
         )
     if DISPATCHER not in app.extensions:
+        from tasks import feed
         from tasks.celery import app as celery_app
 
         app.extensions[DISPATCHER] = Dispatcher(celery_app, app.config["COORDINATOR_QUEUE"])
+        feed.install(celery_app)  # the session events this process stores (a start, a failed start) are announced
     return api
 
 

@@ -6,7 +6,7 @@ from flask.views import MethodView
 from flask_jwt_extended import jwt_required
 
 from models import Peer
-from models.peer import ONLINE
+from models.peer import OFFLINE, ONLINE
 from webapp.extensions import Blueprint
 from webapp.schemas import PeerListSchema
 
@@ -16,9 +16,11 @@ blp = Blueprint("peers", __name__, url_prefix="/peers", description="Peer worker
 @blp.route("")
 class Peers(MethodView):
     @jwt_required()
+    @blp.etag
     @blp.response(200, PeerListSchema)
     @blp.doc(security=[{"bearerAuth": []}])
     def get(self):
-        """Every known peer with its status; `online` counts the ones free to train."""
+        """Every known peer with its status; `online` counts the reachable ones, `free` those idle among them."""
         peers = list(Peer.objects.order_by("name"))
-        return {"peers": peers, "online": sum(p.status == ONLINE for p in peers), "total": len(peers)}
+        return {"peers": peers, "online": sum(p.status != OFFLINE for p in peers),
+                "free": sum(p.status == ONLINE for p in peers), "total": len(peers)}

@@ -75,7 +75,8 @@ class PeerSchema(ma.Schema):
 
 class PeerListSchema(ma.Schema):
     peers = fields.List(fields.Nested(PeerSchema))
-    online = fields.Integer(metadata={"description": "peers ready to take a session"})
+    online = fields.Integer(metadata={"description": "peers reachable now: ONLINE (idle) or TRAINING"})
+    free = fields.Integer(metadata={"description": "peers idle and ready to take a session (ONLINE)"})
     total = fields.Integer()
 
 

@@ -52,6 +52,7 @@ class Start(MethodView):
 @blp.route("")
 class Sessions(MethodView):
     @jwt_required()
+    @blp.etag
     @blp.response(200, SessionListSchema)
     @blp.doc(security=AUTH)
     def get(self):
@@ -63,6 +64,7 @@ class Sessions(MethodView):
 @blp.route("/training-status")
 class TrainingStatus(MethodView):
     @jwt_required()
+    @blp.etag
     @blp.response(200, TrainingStatusSchema)
     @blp.doc(security=AUTH)
     def get(self):
@@ -76,6 +78,7 @@ class TrainingStatus(MethodView):
 @blp.route("/<session_id>")
 class Session(MethodView):
     @jwt_required()
+    @blp.etag
     @blp.response(200, SessionSchema)
     @blp.doc(security=AUTH)
     def get(self, session_id: str):
@@ -105,8 +108,8 @@ LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "schema": {"type": "in
 @blp.route("/<session_id>/events")
 class Events(MethodView):
     @jwt_required()
-    @blp.response(200, description="Server-Sent Events: status, heartbeat, round, peer, then end (see docs/api.md)",
-                  content_type=stream.MIMETYPE)
+    @blp.response(200, {"type": "string"}, content_type=stream.MIMETYPE,
+                  description="Server-Sent Events: status, heartbeat, round, peer, then end (see docs/api.md)")
     @blp.doc(security=AUTH, parameters=[LAST_EVENT_ID])
     def get(self, session_id: str):
         """The session's events from its start (or after Last-Event-ID), then live until it ends."""
@@ -126,6 +129,7 @@ class Events(MethodView):
 @blp.route("/<session_id>/heartbeats")
 class Heartbeats(MethodView):
     @jwt_required()
+    @blp.etag
     @blp.arguments(HeartbeatQuerySchema, location="query")
     @blp.response(200, HeartbeatPageSchema)
     @blp.doc(security=AUTH)
@@ -149,6 +153,7 @@ class Heartbeats(MethodView):
 @blp.route("/<session_id>/rounds")
 class Rounds(MethodView):
     @jwt_required()
+    @blp.etag
     @blp.response(200, RoundListSchema)
     @blp.doc(security=AUTH)
     def get(self, session_id: str):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,22 @@ from typing import Any
 import requests
 
 from settings import ROOT
+
+
+def sse(chunks: Iterable[bytes | str]) -> Iterator[dict[str, Any]]:
+    """Server-Sent Events from a response's chunks, as {"id": int, "event": str, "data": object}; comments skipped."""
+    buffer = ""
+    for chunk in chunks:
+        buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
+        while "\n\n" in buffer:
+            block, buffer = buffer.split("\n\n", 1)
+            fields: dict[str, str] = {}
+            for line in block.split("\n"):
+                if line and not line.startswith(":"):
+                    name, _, value = line.partition(": ")
+                    fields[name] = value
+            if fields:
+                yield {"id": int(fields["id"]), "event": fields["event"], "data": json.loads(fields["data"])}
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
@@ -143,6 +160,15 @@ class Api:
             return session if session["status"] not in ("PENDING", "RUNNING") else None
 
         return wait_until(finished, timeout, f"session {session_id} to finish", interval=0.2)
+
+    def events(self, session_id: str, last_event_id: int | None = None) -> Iterator[dict[str, Any]]:
+        """Follow the session's event stream until the server closes it (after `end`)."""
+        headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+        with self.http.get(f"{self.base}/sessions/{session_id}/events", headers=headers, stream=True,
+                           timeout=60) as r:
+            assert r.status_code == 200, r.text
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            yield from sse(r.iter_content(chunk_size=None))
 
     def heartbeats(self, session_id: str, **query: Any) -> list[dict[str, Any]]:
         r = self.get(f"/sessions/{session_id}/heartbeats", page_size=1000, **query)

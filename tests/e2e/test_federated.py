@@ -43,6 +43,17 @@ def test_a_federated_session_trains_one_model_on_shards(platform, two_peers, dig
         beats = user.heartbeats(session_id, peer=peer)
         assert [(b["round"], b["epoch"]) for b in beats] == [
             (r, e) for r in range(ROUNDS) for e in range(1, LOCAL_EPOCHS + 1)]
+        assert all(b["sent_at"] for b in beats)
+
+    # The event stream tells the same story: each round's global metrics after its heartbeats, then the end.
+    stream = list(user.events(session_id))
+    kinds = [e["event"] for e in stream]
+    assert kinds.count("round") == ROUNDS and kinds.count("heartbeat") == ROUNDS * LOCAL_EPOCHS * 2
+    assert [e["data"]["metrics"] for e in stream if e["event"] == "round"] == [r["metrics"] for r in rounds]
+    for event in (e for e in stream if e["event"] == "round"):
+        before = [e["data"] for e in stream[:stream.index(event)] if e["event"] == "heartbeat"]
+        assert sum(b["round"] == event["data"]["round"] for b in before) == LOCAL_EPOCHS * 2
+    assert kinds[-1] == "end" and stream[-1]["data"]["status"] == "COMPLETED"
     size = digits_csv.stat().st_size
     fetched = [p["bytes_fetched"] for p in session["peers"]]
     assert all(0 < f < 0.6 * size for f in fetched)

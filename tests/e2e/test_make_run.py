@@ -26,6 +26,10 @@ def test_make_run_serves_a_session_on_the_sample_csv(tmp_path):
         hp = json.dumps([{"learning_rate": 0.01, "epochs": 20}, {"learning_rate": 0.001, "epochs": 20}])
         response = user.start(ROOT / "samples" / "wine.csv", num_peers=2, hyperparameters=hp)
         assert response.status_code == 202, response.text
+        # Followed live through granian's ASGI path, from the start to the end.
+        stream = list(user.events(response.json()["session_id"]))
+        assert [e["event"] for e in stream].count("heartbeat") == 40 and stream[-1]["event"] == "end"
+        assert [e["id"] for e in stream] == list(range(1, len(stream) + 1))
         session = user.wait_finished(response.json()["session_id"], timeout=60)
         assert session["status"] == "COMPLETED", session
         assert session["results"]["best_value"] > 0.8

@@ -157,3 +157,43 @@ def test_cancelling_stops_the_peers_and_frees_them(platform, two_peers, digits_c
     quick = json.dumps({"learning_rate": 0.01, "epochs": 2, "hidden": [32]})
     again = user.start(digits_csv, num_peers=2, hyperparameters=quick).json()["session_id"]
     assert user.wait_finished(again, timeout=30)["status"] == "COMPLETED"
+
+
+def test_the_event_stream_shows_every_epoch_of_every_peer_once_and_survives_a_reconnect(platform, two_peers,
+                                                                                           digits_csv):
+    from tests.e2e.platform import wait_until
+
+    user = platform.user()
+    epochs = 12
+    hp = json.dumps({"learning_rate": 0.01, "epochs": epochs, "hidden": [64], "batch_size": 32})
+    response = user.start(digits_csv, num_peers=2, hyperparameters=hp)
+    assert response.status_code == 202, response.text
+    session_id = response.json()["session_id"]
+
+    # A watcher that drops its connection mid-session and comes back with the last id it saw.
+    seen: list[dict] = []
+    for event in user.events(session_id):
+        seen.append(event)
+        if sum(e["event"] == "heartbeat" for e in seen) == epochs // 2:
+            break
+    assert user.session(session_id)["status"] == "RUNNING", "reconnect while the peers still train"
+    seen += list(user.events(session_id, last_event_id=seen[-1]["id"]))
+    whole = list(user.events(session_id))  # after the end: the whole log, replayed
+
+    assert seen == whole
+    assert [e["id"] for e in whole] == sorted({e["id"] for e in whole})  # strictly increasing
+    beats = [(e["data"]["peer"], e["data"]["epoch"]) for e in whole if e["event"] == "heartbeat"]
+    assert sorted(beats) == sorted((peer, epoch) for peer in two_peers for epoch in range(1, epochs + 1))
+    assert all(e["data"]["sent_at"] and e["data"]["loss"] > 0 for e in whole if e["event"] == "heartbeat")
+    assert [e["event"] for e in whole].count("end") == 1 and whole[-1]["event"] == "end"
+    assert whole[-1]["data"] == {"status": "COMPLETED", "reason": None}
+    statuses = [e["data"]["status"] for e in whole if e["event"] == "status"]
+    assert statuses == ["PENDING", "RUNNING", "COMPLETED"]
+    # What the stream showed is what was stored.
+    stored = wait_until(lambda: user.heartbeats(session_id), 5, "the heartbeats")
+    assert len(stored) == 2 * epochs
+
+    # Another user cannot follow it.
+    other = platform.user()
+    refused = other.get(f"/sessions/{session_id}/events")
+    assert refused.status_code == 404 and refused.json()["code"] == 404

@@ -14,7 +14,7 @@ from trainer.model import ModelConfig, SimpleDNN
 from trainer.table import read_table
 from trainer.weights import WeightsError
 
-TIMING = {"samples_per_sec", "seconds"}
+TIMING = {"samples_per_sec", "seconds", "finished_at"}
 
 
 def _fit(data: Dataset, hidden=(64,), epochs=20, batch_size=32, seed=0, **options):

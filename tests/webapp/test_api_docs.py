@@ -8,7 +8,12 @@ def test_openapi_document_describes_every_route(client):
     assert spec["openapi"].startswith("3.")
     paths = set(spec["paths"])
     assert {"/auth/signup", "/auth/signin", "/peers", "/sessions/start", "/sessions", "/sessions/training-status",
-            "/sessions/{session_id}", "/sessions/{session_id}/heartbeats", "/healthz"} <= paths
+            "/sessions/{session_id}", "/sessions/{session_id}/heartbeats", "/sessions/{session_id}/events",
+            "/healthz"} <= paths
+    detail = spec["paths"]["/sessions/{session_id}"]["get"]
+    assert "304" in detail["responses"] and any(p.get("name") == "If-None-Match" or "IF_NONE_MATCH" in str(p)
+                                                for p in detail["parameters"])
+    assert "text/event-stream" in spec["paths"]["/sessions/{session_id}/events"]["get"]["responses"]["200"]["content"]
     start = spec["paths"]["/sessions/start"]["post"]
     form = start["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert {"file", "num_peers", "hyperparameters"} <= set(_properties(spec, form))
@@ -44,6 +49,9 @@ def test_unknown_routes_and_methods_use_the_error_shape(client):
     response = client.delete("/auth/signup")
     assert response.status_code == 405
     assert response.json["status"] == "Method Not Allowed"
+    assert "POST" in response.headers["Allow"].split(", ") and "DELETE" not in response.headers["Allow"]
+    response = client.post("/sessions/training-status", headers={"Authorization": "Bearer x"})
+    assert response.status_code == 405 and "GET" in response.headers["Allow"]
 
 
 def test_a_malformed_json_body_is_400(client):

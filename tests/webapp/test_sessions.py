@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from bson import ObjectId
 
 from models import Heartbeat, Peer, TrainingSession, User
 from models.heartbeat import insert_many
@@ -325,3 +326,41 @@ def test_too_few_rows_for_one_shard_per_peer_is_400(client, auth, online_peers, 
     assert response.status_code == 400, response.json
     assert "shards" in response.json["message"]
     assert Peer.objects(status=TRAINING).count() == 0
+
+
+def test_polled_routes_answer_conditional_gets(client, auth, online_peers, csv_path):
+    online_peers(2)
+    session_id = start(client, auth, csv_path, num_peers="1").json["session_id"]
+    for path in (f"/sessions/{session_id}", "/sessions/training-status", "/sessions", "/peers",
+                 f"/sessions/{session_id}/heartbeats", f"/sessions/{session_id}/rounds"):
+        first = client.get(path, headers=auth)
+        assert first.status_code == 200 and first.headers["ETag"], path
+        again = client.get(path, headers={**auth, "If-None-Match": first.headers["ETag"]})
+        assert again.status_code == 304 and again.data == b"", path
+        assert again.headers["ETag"] == first.headers["ETag"]
+        stale = client.get(path, headers={**auth, "If-None-Match": '"something-else"'})
+        assert stale.status_code == 200 and stale.json == first.json, path
+    # A change shows: the old tag no longer matches.
+    tag = client.get(f"/sessions/{session_id}", headers=auth).headers["ETag"]
+    from models import session as sessions
+
+    sessions.record_progress(ObjectId(session_id), Peer.objects(status=TRAINING).first().name, {"epoch": 1})
+    changed = client.get(f"/sessions/{session_id}", headers={**auth, "If-None-Match": tag})
+    assert changed.status_code == 200 and changed.headers["ETag"] != tag
+    # Another user's tag for the same path is no key to this one's data.
+    bob = client.get(f"/sessions/{session_id}", headers={**signup_other(client), "If-None-Match": tag})
+    assert bob.status_code == 404
+
+
+def signup_other(client) -> dict[str, str]:
+    client.post("/auth/signup", json={"username": "bob", "email": "bob@example.com", "password": "correct horse"})
+    token = client.post("/auth/signin", json={"email": "bob@example.com", "password": "correct horse"}).json
+    return {"Authorization": f"Bearer {token['access_token']}"}
+
+
+def test_peers_counts_reachable_and_free_apart(client, auth, online_peers, csv_path):
+    online_peers(3)
+    start(client, auth, csv_path, num_peers="1")  # one is TRAINING now
+    Peer.objects(status=ONLINE).first().update(set__status="OFFLINE")
+    body = client.get("/peers", headers=auth).json
+    assert (body["online"], body["free"], body["total"]) == (2, 1, 3)

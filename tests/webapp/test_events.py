@@ -1,0 +1,184 @@
+"""GET /sessions/<id>/events: a session's events replayed from the log, then live, once each, ending with `end`.
+
+The writers here are the models' own state changes (what the coordinator and the monitor call), so the
+stream sees exactly what a deployment's would; announcements travel over the test run's broker.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+
+import pytest
+from bson import ObjectId
+
+from models import TrainingSession
+from models import event as events
+from models import session as sessions
+from models.heartbeat import insert_many
+from tests.datasets import blobs_csv
+from tests.e2e.platform import sse
+
+EPOCHS = 3
+
+
+@pytest.fixture
+def csv_path(tmp_path: Path) -> Path:
+    return blobs_csv(tmp_path / "blobs.csv", rows=60, features=3, classes=2)
+
+
+@pytest.fixture
+def started(client, auth, online_peers, csv_path) -> tuple[str, list[str]]:
+    """A PENDING session on two peers: its id and peer names."""
+    online_peers(2)
+    with csv_path.open("rb") as f:
+        response = client.post("/sessions/start", headers=auth, content_type="multipart/form-data",
+                               data={"num_peers": "2", "file": (f, csv_path.name)})
+    assert response.status_code == 202, response.json
+    return response.json["session_id"], response.json["assigned_peers"]
+
+
+def beats(session_id: str, peer: str, epochs=range(1, EPOCHS + 1)) -> list[dict]:
+    return [{"session_id": ObjectId(session_id), "peer": peer, "round": 0, "epoch": e, "epochs": EPOCHS,
+             "loss": 1.0 / e, "accuracy": 0.5 + e / 10} for e in epochs]
+
+
+def run_to_the_end(session_id: str, names: list[str]) -> None:
+    """What the coordinator and the monitor write for a sweep, repeats included."""
+    sid = ObjectId(session_id)
+    assert sessions.start_running(sid, {name: f"task-{name}" for name in names}, deadline_seconds=60)
+    for name in names:
+        insert_many(beats(session_id, name, [1, 2]))  # the monitor, epoch by epoch
+    insert_many(beats(session_id, names[0]))  # the coordinator stores a returned history: 1 and 2 again
+    sessions.record_peer_result(sid, names[0], "COMPLETED")
+    insert_many(beats(session_id, names[1], [2, 3]))
+    sessions.record_peer_result(sid, names[1], "COMPLETED")
+    sessions.record_peer_result(sid, names[1], "COMPLETED")  # an errback or a redelivery says it again
+    assert sessions.finish(sid, "COMPLETED")
+
+
+def read(client, session_id: str, headers: dict, last: int | None = None) -> list[dict]:
+    if last is not None:
+        headers = {**headers, "Last-Event-ID": str(last)}
+    response = client.get(f"/sessions/{session_id}/events", headers=headers)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.mimetype == "text/event-stream" and response.headers["Cache-Control"] == "no-cache"
+    return list(sse([response.get_data()]))
+
+
+def test_a_finished_session_replays_every_event_once_and_ends(client, auth, started):
+    session_id, names = started
+    run_to_the_end(session_id, names)
+    stream = read(client, session_id, auth)
+    assert [e["id"] for e in stream] == list(range(1, len(stream) + 1))
+    assert [e["event"] for e in stream][:4] == ["status", "status", "peer", "peer"]
+    assert [e["data"]["status"] for e in stream if e["event"] == "status"] == ["PENDING", "RUNNING", "COMPLETED"]
+    assert stream[-1] == {"id": stream[-1]["id"], "event": "end", "data": {"status": "COMPLETED", "reason": None}}
+    assert sum(e["event"] == "end" for e in stream) == 1
+    heartbeats = [(e["data"]["peer"], e["data"]["epoch"]) for e in stream if e["event"] == "heartbeat"]
+    assert sorted(heartbeats) == sorted((name, epoch) for name in names for epoch in range(1, EPOCHS + 1))
+    first = next(e["data"] for e in stream if e["event"] == "heartbeat")
+    assert set(first) == set(events.HEARTBEAT_FIELDS) and first["epochs"] == EPOCHS and first["loss"] == 1.0
+    peers = [(e["data"]["peer"], e["data"]["status"]) for e in stream if e["event"] == "peer"]
+    assert sorted(peers) == sorted((name, status) for name in names for status in ("RUNNING", "COMPLETED"))
+
+
+def test_resuming_after_any_event_sends_exactly_the_rest(client, auth, started):
+    session_id, names = started
+    run_to_the_end(session_id, names)
+    whole = read(client, session_id, auth)
+    for last in range(len(whole)):
+        assert read(client, session_id, auth, last=last) == whole[last:], last
+    # A client that had the end already gets it again, and nothing else.
+    assert read(client, session_id, auth, last=whole[-1]["id"] + 5) == whole[-1:]
+
+
+def follow(client, session_id: str, headers: dict, into: queue.Queue) -> threading.Thread:
+    def run() -> None:
+        response = client.get(f"/sessions/{session_id}/events", headers=headers, buffered=False)
+        try:
+            for event in sse(response.response):
+                into.put(event)
+        finally:
+            response.close()
+            into.put(None)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def next_event(arrived: queue.Queue) -> dict:
+    event = arrived.get(timeout=10)
+    assert event is not None, "the stream closed early"
+    return event
+
+
+def test_a_live_stream_follows_the_session_and_closes_after_the_end(client, auth, started):
+    session_id, names = started
+    sid = ObjectId(session_id)
+    arrived: queue.Queue = queue.Queue()
+    thread = follow(client, session_id, auth, arrived)
+    assert next_event(arrived)["data"]["status"] == "PENDING"
+    assert sessions.start_running(sid, {name: f"task-{name}" for name in names}, deadline_seconds=60)
+    assert [next_event(arrived)["event"] for _ in range(3)] == ["status", "peer", "peer"]
+    insert_many(beats(session_id, names[0], [1]))
+    assert next_event(arrived)["data"]["epoch"] == 1
+    # An announcement lost on the way (or overtaken by another writer's): the next one shows the gap,
+    # and the stream finds the missing event in the log.
+    events.announce_with(None)
+    try:
+        insert_many(beats(session_id, names[0], [2]))
+    finally:
+        from tasks import feed
+        from tasks.celery import app as celery_app
+
+        feed.install(celery_app)
+    insert_many(beats(session_id, names[0], [3]))
+    assert [next_event(arrived)["data"]["epoch"] for _ in range(2)] == [2, 3]
+    assert sessions.finish(sid, "CANCELLED", "cancelled by the user")
+    finished_at = events.iso(TrainingSession.objects.get(id=session_id).finished_at)
+    assert next_event(arrived)["data"] == {"status": "CANCELLED", "reason": "cancelled by the user", "at": finished_at}
+    assert next_event(arrived)["event"] == "end"
+    assert arrived.get(timeout=10) is None  # closed after the end
+    thread.join(5)
+
+
+def test_a_session_that_ended_without_its_end_in_the_log_gets_one(client, auth, started):
+    session_id, _ = started
+    # Ended by a writer that died before logging it (or before the log existed).
+    TrainingSession.objects(id=session_id).update_one(set__status="FAILED", set__reason="the coordinator died")
+    stream = read(client, session_id, auth)
+    assert [(e["event"], e["data"]["status"]) for e in stream] == [("status", "PENDING"), ("status", "FAILED"),
+                                                                   ("end", "FAILED")]
+    assert stream[-1]["data"]["reason"] == "the coordinator died"
+    assert read(client, session_id, auth) == stream  # healed once
+
+
+def test_a_federated_round_is_an_event(client, auth, started):
+    from models import Round
+
+    session_id, names = started
+    round_doc = Round(round=0, metrics={"val_loss": 0.4, "val_accuracy": 0.9, "val_rows": 12, "samples": 48},
+                      peers=names, rejected={}, outliers={})
+    events.record_round(session_id, round_doc)
+    events.record_round(session_id, round_doc)  # a redelivered aggregate
+    sessions.finish(ObjectId(session_id), "COMPLETED")
+    rounds = [e["data"] for e in read(client, session_id, auth) if e["event"] == "round"]
+    assert rounds == [{"round": 0, "metrics": {"val_loss": 0.4, "val_accuracy": 0.9, "val_rows": 12, "samples": 48},
+                       "peers": names, "rejected": {}, "outliers": {}}]
+
+
+def test_only_the_owner_may_follow_a_session(client, auth, signup, started):
+    session_id, _ = started
+    url = f"/sessions/{session_id}/events"
+    bob = signup("bob")
+    for headers, code in ((bob, 404), ({}, 401), ({"Authorization": "Bearer nonsense"}, 401)):
+        response = client.get(url, headers=headers)
+        assert response.status_code == code
+        assert response.mimetype == "application/json" and response.json["code"] == code
+    assert client.get("/sessions/not-an-id/events", headers=auth).status_code == 404
+    response = client.get(url, headers={**auth, "Last-Event-ID": "seven"})
+    assert response.status_code == 400 and "Last-Event-ID" in response.json["message"]
+    assert client.head(url, headers=auth).status_code == 200
