@@ -169,8 +169,7 @@ def peers(state: State, as_json: bool) -> None:
         table.add_row(p["name"], p["status"], p.get("hostname") or "", _local(p.get("last_seen")),
                       p.get("session_id") or "")
     state.console.print(table)
-    free = answer.get("free", answer.get("online"))
-    state.console.print(f"{answer['total']} known, {free} free to train")
+    state.console.print(f"{answer['total']} known, {answer['online']} online, {answer['free']} free to train")
 
 
 FEDERATED_ONLY = ("rounds", "local_epochs", "partition", "alpha", "aggregation", "min_peers")

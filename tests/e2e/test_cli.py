@@ -43,6 +43,11 @@ def test_start_watches_a_sweep_to_the_end_and_exits_0(platform, two_peers, cli, 
     assert platform.base_url in login["logins"]
     assert stat.S_IMODE((tmp_path / "peertrain" / "credentials.json").stat().st_mode) == 0o600
 
+    peers = json.loads(cli("peers", "--json").stdout)
+    assert {p["name"]: p["status"] for p in peers["peers"] if p["name"] in two_peers} == dict.fromkeys(two_peers,
+                                                                                                         "ONLINE")
+    assert f"{len(peers['peers'])} known, " in cli("peers").stdout
+
     hp = json.dumps([{"learning_rate": 0.01}, {"learning_rate": 0.001}])
     done = cli("start", str(WINE), "--peers", "2", "--epochs", str(EPOCHS), "--hp", hp, "--json")
     assert done.returncode == 0, done.stderr

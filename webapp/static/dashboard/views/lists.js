@@ -47,8 +47,7 @@ export async function peersView(root, signal) {
 
   const load = async () => {
     const answer = await request("/peers", { signal });
-    const free = answer.free ?? answer.online;
-    summary.textContent = `${answer.total} known · ${free} free to train`;
+    summary.textContent = `${answer.total} known · ${answer.online} online · ${answer.free} free to train`;
     body.replaceChildren(...answer.peers.map((p) => h("tr", {},
       h("td", {}, h("strong", {}, p.name)),
       h("td", {}, badge(p.status)),

@@ -247,7 +247,7 @@ export async function newSessionView(root, signal) {
   });
 
   const peers = await request("/peers", { signal });
-  const free = peers.free ?? peers.online;
+  const { free } = peers;
   peersHint.textContent = `${free} of ${peers.total} peer${peers.total === 1 ? "" : "s"} free to train now`;
   if (free > 0) {
     state.peers = Math.min(2, free);
