@@ -62,4 +62,4 @@ compose-check:
 	docker-compose config -q
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache peertrain.egg-info

@@ -68,6 +68,8 @@ class Cli(click.Group):
             return super().invoke(ctx)
         except ApiError as exc:
             lines = [f"error: {exc.message}"] + [f"  {field}: {_text(msg)}" for field, msg in exc.errors.items()]
+            if exc.status == 401 and ctx.invoked_subcommand not in ("login", "signup"):
+                lines.append("  sign in again: peertrain login --email EMAIL")
             click.echo("\n".join(lines), err=True)
         except httpx.TransportError as exc:
             click.echo(f"error: cannot reach {ctx.obj.url if ctx.obj else 'the API'}: {exc}", err=True)
@@ -126,7 +128,7 @@ def main(ctx: click.Context, url: str | None) -> None:
 @json_option
 @click.pass_obj
 def signup(state: State, email: str, username: str | None, password: str | None, as_json: bool) -> None:
-    """Create an account, and sign in with it."""
+    """Create an account and sign in."""
     password = _password(password, confirm=True)
     api = state.api(signed_in=False)
     name = username or re.sub(r"[^A-Za-z0-9_.-]", "_", email.split("@")[0]).ljust(3, "_")[:40]
@@ -140,7 +142,10 @@ def signup(state: State, email: str, username: str | None, password: str | None,
 @json_option
 @click.pass_obj
 def login(state: State, email: str, password: str | None, as_json: bool) -> None:
-    """Sign in; the token is kept for this URL in your config directory."""
+    """Sign in and keep the token for this URL.
+
+    The token goes to credentials.json in your config directory (~/.config/peertrain), readable by you only.
+    """
     state.sign_in(state.api(signed_in=False), email, _password(password, confirm=False), as_json)
 
 
@@ -219,7 +224,11 @@ def _hyperparameters(hp_json: str | None, num_peers: int, **overrides: Any) -> A
 def start(state: State, file: Path, num_peers: int, mode: str, epochs: int | None, learning_rate: float | None,
           batch_size: int | None, hp_json: str | None, target: str | None, features: str | None, task: str | None,
           detach: bool, as_json: bool, **federated: Any) -> None:
-    """Start a session on FILE (a CSV with a header row) and watch it to the end."""
+    """Start a session on a CSV and watch it.
+
+    FILE is a CSV with a header row. The command follows the session to its end (exit status 0 when it
+    COMPLETED, 1 otherwise) unless --detach is given.
+    """
     given = {k: v for k, v in federated.items() if v is not None}
     if mode == "sweep" and given:
         names = ", ".join("--" + k.replace("_", "-") for k in given)
@@ -248,7 +257,11 @@ def start(state: State, file: Path, num_peers: int, mode: str, epochs: int | Non
 @json_option
 @click.pass_obj
 def watch_command(state: State, session_id: str, as_json: bool) -> None:
-    """Follow a session until it ends: a bar per peer, or a line (--json: an object) per event."""
+    """Follow a session to its end.
+
+    A progress bar per peer on a terminal; otherwise a line (--json: an object) per event. Exit status 0
+    when the session COMPLETED, 1 when it FAILED or was CANCELLED.
+    """
     _watch(state, state.api(), session_id, as_json)
 
 
@@ -281,7 +294,7 @@ def sessions(state: State, as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def show(state: State, session_id: str, as_json: bool) -> None:
-    """One session: status, settings, each peer's progress and the result."""
+    """One session with each peer's progress."""
     s = state.api().session(session_id)
     if as_json:
         return emit(s)
@@ -304,7 +317,7 @@ def show(state: State, session_id: str, as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def cancel(state: State, session_id: str, as_json: bool) -> None:
-    """Stop a pending or running session; its peers are freed."""
+    """Stop a pending or running session."""
     answer = state.api().cancel(session_id)
     if as_json:
         return emit(answer)

@@ -62,3 +62,13 @@ def test_the_cli_loads_none_of_the_servers_code():
             "'settings', 'flask', 'celery', 'mongoengine', 'torch', 'numpy', 'pandas', 'boto3'}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_laptop_install_gets_the_versions_the_platform_is_tested_with():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["scripts"] == {"peertrain": "client.cli:main"}
+    pinned = {line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()}
+    for requirement in project["dependencies"]:
+        assert requirement in pinned, f"{requirement} differs from requirements.txt"
