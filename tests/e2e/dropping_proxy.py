@@ -5,16 +5,20 @@ from __future__ import annotations
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 
 class DroppingProxy:
     """Relays connections to the API on `upstream_port`; the first `GET …/events` answer is cut after `after`
-    bytes (headers included) by closing both ends. `received` keeps what the client got of that answer."""
+    bytes (headers included): nothing more is passed on, and both ends are closed `linger` seconds later (so
+    the client has read what it got, as over a link that goes silent, then dies). `received` keeps what the
+    client got of that answer."""
 
-    def __init__(self, upstream_port: int, after: int) -> None:
+    def __init__(self, upstream_port: int, after: int, linger: float = 1.0) -> None:
         self.upstream_port = upstream_port
         self.after = after
+        self.linger = linger
         self.cuts = 0
         self.received = b""
         self.lock = threading.Lock()
@@ -73,6 +77,7 @@ class DroppingProxy:
                 with self.lock:
                     self.cuts += 1
                 state["stream_from"] = None
+                time.sleep(self.linger)
             return not cut
 
         return send

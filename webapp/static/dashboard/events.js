@@ -11,13 +11,13 @@ export class SseParser {
   constructor(dispatch) {
     this.dispatch = dispatch;
     this.buffer = "";
+    this.id = null; // the last event ID: it carries over to events that name none, as in EventSource
     this.reset();
   }
 
   reset() {
     this.type = "";
     this.data = [];
-    this.id = null;
   }
 
   push(text) {
