@@ -36,6 +36,7 @@ lint: build-dev
 bench: build-dev
 	$(BIN)/python bench/trainer.py
 	$(BIN)/python bench/api.py
+	$(BIN)/python bench/stream.py
 	$(BIN)/python bench/session.py
 	$(BIN)/python bench/federated.py
 

@@ -87,7 +87,7 @@ def platform_app() -> Any:
     from tasks.celery import app
     from tasks.inprocess import InProcessWorkers
     from webapp import create_app
-    from webapp.asgi import Api
+    from webapp.asgi import serve
 
     consumer = monitor.build(app, settings)
     threading.Thread(target=consumer.run, name="monitor", daemon=True).start()
@@ -99,7 +99,7 @@ def platform_app() -> Any:
     if settings.embedded_broker:
         for name in _peer_names(settings):
             workers.start(f"peer.{name}", f"peer.{name}@{host}")
-    return Api(create_app(settings=settings))
+    return serve(create_app(settings=settings))
 
 
 def _peer_names(settings: Settings) -> list[str]:

@@ -1,19 +1,20 @@
-"""Benchmark the served API: req/s and latency of the two polling routes at 50 concurrent clients.
+"""Benchmark the served API: polling latency without a response cache, beside hundreds of open event streams.
 
-The API is served as `make api`, `make run` and docker-compose serve it: granian (HTTP in Rust) with
-one worker process, whose app factory (bench/api_app.py) builds the real app on mongomock and seeds it there
-(mongomock lives in one process, so one worker). Rows: two floors on the same server (a bare WSGI
-hello-world and a one-route Flask app), the two routes with one user's token from every client and
-with a user per client, the same routes with the response cache off (API_CACHE_SECONDS=0: every
-request checks the token, loads the user and reads the session), and the routes on werkzeug's
-threaded development server (`flask --app webapp run`) inside this process, for comparison.
+The API is served as `make api`, `make run` and docker-compose serve it: granian's ASGI interface with one
+worker process (webapp/asgi.py: event streams are coroutines on its loop, every other request runs the
+Flask app in a2wsgi's threads), whose app factory (bench/api_app.py) builds the real app on mongomock and
+seeds it there (mongomock lives in one process, so one worker). The baseline is the serving it replaced,
+granian's WSGI interface with one app thread, measured in the same run: faster per request, but one open
+stream holds its only thread.
 
-The load generator runs in its own process: one event loop over raw keep-alive sockets with a
-prebuilt request, cheap enough not to take the server's CPU on a 2-core machine. Closed loop (each
-client sends its next request as soon as the previous answer arrives) measures saturation: by
-Little's law p50 ≈ clients / throughput, so p99 ≤ 20 ms at 50 clients needs well over 2,500 req/s.
-"Paced" rows are open loop: 50 clients polling at half the measured saturation rate, latency counted
-from each request's scheduled time.
+Rows: floors (bare hello-worlds on each interface, Flask through the adapter); each route at saturation
+(closed loop: each client sends its next request as soon as the previous answer arrives; by Little's law
+p50 ≈ clients / throughput); then what the issue asks: 50 clients each polling GET /sessions/<id> once a
+second (open loop, latency counted from each request's scheduled time), alone and with 200 event streams
+open on the same process, following a session that gets 10 events a second (2,000 frames a second out).
+
+The load generator runs in its own process: one event loop over raw keep-alive sockets with a prebuilt
+request, cheap enough not to take the server's CPU on a 2-core machine; the streams are held by another.
 
 Run: .venv/bin/python bench/api.py [--seconds S] [--clients N] [--users U] [--sessions S] [--profile N]
 """
@@ -24,16 +25,13 @@ import argparse
 import atexit
 import http.client
 import json
-import logging
 import multiprocessing
 import os
-import resource
 import selectors
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -213,7 +211,7 @@ def _setup_env() -> None:
 
 
 def build_app(storage_dir: str, **config: Any) -> Any:
-    """The real API, configured as the tests configure it, on mongomock (API_CACHE_SECONDS from the environment)."""
+    """The real API, configured as the tests configure it, on mongomock."""
     import models
     from webapp import create_app
 
@@ -222,8 +220,9 @@ def build_app(storage_dir: str, **config: Any) -> Any:
                        "JWT_SECRET_KEY": SECRET, **config})
 
 
-def _call(port: int, method: str, path: str, body: dict | None = None, headers: dict | None = None) -> Any:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+def _call(port: int, method: str, path: str, body: dict | None = None, headers: dict | None = None,
+          timeout: float = 10) -> Any:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     conn.request(method, path, body=json.dumps(body) if body is not None else None,
                  headers={"Content-Type": "application/json", **(headers or {})})
     response = conn.getresponse()
@@ -244,8 +243,9 @@ HYPERPARAMETERS = [
 ]
 
 
-def make_session(owner_id: str, minutes_ago: float, epochs: int = 20) -> Any:
-    """A finished 4-peer sweep on the wine data, as the coordinator leaves one, with its heartbeats."""
+def make_session(owner_id: str, minutes_ago: float, epochs: int = 20, status: str = "COMPLETED") -> Any:
+    """A finished 4-peer sweep on the wine data, as the coordinator leaves one, with its heartbeats (and their
+    events); `status="RUNNING"`: one still going, whose event stream stays open."""
     from datetime import timedelta
 
     from bson import ObjectId
@@ -271,7 +271,7 @@ def make_session(owner_id: str, minutes_ago: float, epochs: int = 20) -> Any:
                      "val_loss": 1.2 / e, "val_accuracy": 1 - 0.6 / e, "samples_per_sec": 40_000.0, "seconds": 0.004}
                     for e in range(1, epochs + 1)]
     session = TrainingSession(
-        owner_id=ObjectId(owner_id), status=COMPLETED, mode="sweep", task="classification", target="label",
+        owner_id=ObjectId(owner_id), status=status, mode="sweep", task="classification", target="label",
         features=FEATURES, seed=7,
         dataset=Dataset(filename="wine.csv", url=f"s3://peertrain/users/{owner_id}/datasets/wine.csv",
                         bytes=10_974, sha256="9" * 64, rows=178, columns=14, classes=["0", "1", "2"]),
@@ -290,7 +290,7 @@ def seed_app(app: Any, users: int, sessions_per_user: int) -> dict[str, list]:
     """`users` accounts with `sessions_per_user` sessions each, made through the app's test client (the
     database lives in the serving process); every user's Authorization header and newest session."""
     client = app.test_client()
-    seeded: dict[str, list] = {"headers": [], "sessions": []}
+    seeded: dict[str, list] = {"headers": [], "sessions": [], "owners": []}
     for u in range(users):
         email, password = f"user{u:03d}@example.com", "correct horse battery"
         user = client.post("/auth/signup", json={"username": f"user{u:03d}", "email": email, "password": password})
@@ -301,39 +301,18 @@ def seed_app(app: Any, users: int, sessions_per_user: int) -> dict[str, list]:
             session = make_session(user.json["id"], minutes_ago=(sessions_per_user - s) * 60 + u)
         seeded["headers"].append({"Authorization": f"Bearer {token.json['access_token']}"})
         seeded["sessions"].append(str(session.id))
+        seeded["owners"].append(user.json["id"])
     return seeded
 
 
-class InProcessServer:
-    """`app` on werkzeug's threaded development server (`flask run`), in a thread of this process."""
-
-    name = "werkzeug threaded development server, in-process (flask run)"
-
-    def __init__(self, app: Any) -> None:
-        from werkzeug.serving import make_server
-
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
-        self.port = self.server.server_port
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def cpu(self) -> float:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 class GranianServer:
-    """A target of bench/api_app.py served by granian, as `make api` and docker-compose serve the API:
-    one worker process (mongomock lives in one process) with one thread for the app."""
+    """A target of bench/api_app.py served by granian with one worker process (mongomock lives in one
+    process): ASGI as `make api`, `make run` and docker-compose serve the API now, or WSGI with one app
+    thread as they served it before the event stream."""
 
-    name = "granian, 1 worker, 1 app thread (make api, make run)"
-
-    def __init__(self, target: str, factory: bool = False, users: int = 0, sessions: int = 0,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(self, target: str, interface: str = "asgi", factory: bool = False, users: int = 0,
+                 sessions: int = 0, env: dict[str, str] | None = None) -> None:
+        self.name = GRANIAN_NAMES[interface]
         with socket.socket() as probe:  # a free port; granian binds it a moment later
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -341,12 +320,12 @@ class GranianServer:
         seed = os.path.join(self.folder.name, "seed.json")
         env = {**os.environ, "BENCH_API_SEED": seed, "BENCH_API_USERS": str(users),
                "BENCH_API_SESSIONS": str(sessions), **(env or {})}
-        command = [sys.executable, "-m", "granian", *GRANIAN_OPTIONS, "--port", str(self.port),
+        command = [sys.executable, "-m", "granian", *GRANIAN_OPTIONS[interface], "--port", str(self.port),
                    *(["--factory"] if factory else []), f"bench.api_app:{target}"]
         self.process = subprocess.Popen(command, cwd=ROOT, env=env)
         deadline = time.monotonic() + 120
         atexit.register(self.close)  # never leave a server behind, even when the bench fails
-        seeded = target == "create"
+        seeded = target.startswith("create")
         while not self._answers() or (seeded and not os.path.exists(seed)):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"granian did not start: {command}")
@@ -382,8 +361,77 @@ class GranianServer:
         self.folder.cleanup()
 
 
-GRANIAN_OPTIONS = ["--interface", "wsgi", "--host", "127.0.0.1", "--workers", "1", "--blocking-threads", "1",
-                   "--no-ws", "--log-level", "warning"]
+GRANIAN_OPTIONS = {
+    "asgi": ["--interface", "asgi", "--host", "127.0.0.1", "--workers", "1", "--no-ws", "--log-level", "warning"],
+    "wsgi": ["--interface", "wsgi", "--host", "127.0.0.1", "--workers", "1", "--blocking-threads", "1", "--no-ws",
+             "--log-level", "warning"],
+}
+GRANIAN_NAMES = {"asgi": "granian ASGI, 1 worker: streams as coroutines, Flask in 4 threads (make api, make run)",
+                 "wsgi": "granian WSGI, 1 worker, 1 app thread (the serving before the stream)"}
+
+
+# --- open event streams ---------------------------------------------------------------------------
+
+
+def _hold_streams(pipe: Any) -> None:
+    """Hold event streams open for the parent: open N, read everything until told to stop, report."""
+    job = pipe.recv()
+    request = ("\r\n".join([f"GET {job['path']} HTTP/1.1", "Host: 127.0.0.1",
+                             *(f"{k}: {v}" for k, v in job["headers"].items())]) + "\r\n\r\n").encode()
+    selector = selectors.DefaultSelector()
+    received = {}
+    for _ in range(job["streams"]):
+        sock = socket.create_connection(("127.0.0.1", job["port"]), timeout=30)
+        sock.sendall(request)
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+        received[sock] = b""
+    events, ok, caught_up = 0, 0, False
+    newest = dict.fromkeys(received, 0)  # the highest event id each stream has received
+    while not pipe.poll():
+        for key, _ in selector.select(0.05):
+            data = key.fileobj.recv(65536)
+            if not data:
+                selector.unregister(key.fileobj)
+                continue
+            head = received[key.fileobj]
+            if len(head) < 64:
+                received[key.fileobj] = head + data
+            if caught_up:
+                events += data.count(b"\nevent: ")  # live events only, after every replay
+            ids = [int(line[4:]) for line in data.split(b"\n") if line.startswith(b"id: ")]
+            if ids:
+                newest[key.fileobj] = max(newest[key.fileobj], *ids)
+        if not caught_up and min(newest.values()) >= job["replayed"]:
+            caught_up = True  # every stream has had its replay: from now on only live events flow
+            pipe.send("open")
+    for sock, head in received.items():
+        ok += head.startswith(b"HTTP/1.1 200")
+        sock.close()
+    pipe.send({"events": events, "ok": ok})
+
+
+class Streams:
+    """`n` clients following one session's event stream from another process, for as long as the block lasts."""
+
+    def __init__(self, port: int, path: str, headers: dict[str, str], n: int, replayed: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.pipe, child = context.Pipe()
+        self.process = context.Process(target=_hold_streams, args=(child,), daemon=True)
+        self.process.start()
+        began = time.monotonic()
+        self.pipe.send({"port": port, "path": path, "headers": headers, "streams": n, "replayed": replayed})
+        assert self.pipe.poll(300), "the streams did not catch up within 300 s"
+        assert self.pipe.recv() == "open"
+        self.opened = time.monotonic() - began  # opening and replaying every stream's history
+        self.began = time.monotonic()
+
+    def close(self) -> dict[str, Any]:
+        self.pipe.send("stop")
+        report = self.pipe.recv()
+        self.process.join(10)
+        report["seconds"] = time.monotonic() - self.began
+        return report
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -396,6 +444,7 @@ class Row:
     result: dict[str, Any]
     floor: Row | None = None
     note: str = ""
+    target: bool = True  # whether p99 ≤ 20 ms is asked of this row (not of saturation rows)
     ms: dict[str, float] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -412,7 +461,7 @@ class Row:
         ratio = ""
         if self.floor is not None:
             ratio = f"{self.rps / self.floor.rps:5.2f} {self.ms['p99'] / self.floor.ms['p99']:6.1f}"
-        verdict = "pass" if self.ms["p99"] <= TARGET_P99_MS else "FAIL"
+        verdict = ("pass" if self.ms["p99"] <= TARGET_P99_MS else "FAIL") if self.target else "-"
         return (f"{self.name:<34} {self.clients:>3} {self.requests:>7} {self.rps:>7.0f} "
                 f"{self.ms['p50']:>6.1f} {self.ms['p90']:>6.1f} {self.ms['p99']:>6.1f} {self.ms['max']:>6.1f} "
                 f"{verdict:>4} {self.result['server_cpu']:>4.0%} {self.result['client_cpu']:>4.0%} "
@@ -479,9 +528,12 @@ def profile(app: Any, header: dict[str, str], session_id: str, n: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per row")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per closed-loop row")
+    parser.add_argument("--paced-seconds", type=float, default=20.0, help="measured seconds per paced row")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each row")
     parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--streams", type=int, default=200, help="event streams held open beside the polls")
+    parser.add_argument("--events", type=float, default=10.0, help="events a second the followed session gets")
     parser.add_argument("--processes", type=int, default=1, help="client processes")
     parser.add_argument("--users", type=int, default=50)
     parser.add_argument("--sessions", type=int, default=4, help="sessions per user")
@@ -490,19 +542,12 @@ def main() -> None:
 
     _setup_env()
     sys.stdout.reconfigure(line_buffering=True)
-    from settings import Settings
-
-    cache = Settings.from_env().api_cache_seconds
-    # No per-request access log; the NullHandler stops werkzeug from adding its own stderr handler.
-    access_log = logging.getLogger("werkzeug")
-    access_log.setLevel(logging.WARNING)
-    access_log.addHandler(logging.NullHandler())
     generator = LoadGenerator(args.processes)
     n = args.clients
-    print(f"peertrain API on 127.0.0.1, mongomock; {n} keep-alive clients (raw sockets, {args.processes} "
-          f"process(es)); {args.warmup:g} s warm-up + {args.seconds:g} s per row; {args.users} users x "
-          f"{args.sessions} sessions (4 peers, {len(FEATURES)} features each); API_CACHE_SECONDS={cache:g}; "
-          f"{os.cpu_count()} CPUs")
+    print(f"peertrain API on 127.0.0.1, mongomock, no response cache; {n} keep-alive clients (raw sockets, "
+          f"{args.processes} process(es)); {args.warmup:g} s warm-up + {args.seconds:g} s per closed-loop row, "
+          f"{args.paced_seconds:g} s per paced row; {args.users} users x {args.sessions} sessions (4 peers, "
+          f"{len(FEATURES)} features each); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(HEADER)
 
     def show(row: Row) -> Row:
@@ -510,7 +555,8 @@ def main() -> None:
         return row
 
     def load(server: Any, requests: list, clients: int = n, interval: float = 0.0) -> dict:
-        return generator.run(server, requests, clients, args.warmup, args.seconds, interval)
+        seconds = args.paced_seconds if interval else args.seconds
+        return generator.run(server, requests, clients, args.warmup, seconds, interval)
 
     def routes(seeded: dict) -> dict[str, list]:
         one, every = seeded["headers"][0], seeded["headers"]
@@ -520,7 +566,6 @@ def main() -> None:
             "GET /sessions/<id>, a user each": [
                 (f"/sessions/{s}", h) for s, h in zip(seeded["sessions"], every, strict=True)
             ],
-            "GET /sessions/training-status, a user each": [("/sessions/training-status", h) for h in every],
         }
 
     def check(server: Any, requests: list) -> None:
@@ -528,52 +573,89 @@ def main() -> None:
             code, body = _call(server.port, "GET", path, headers=header)
             assert code == 200 and (body.get("id") or body.get("session_id")), (path, code, body)
 
-    print(f"-- {GranianServer.name} --")
-    floors = GranianServer("hello_wsgi")
-    floor = show(Row("floor: bare WSGI hello", n, load(floors, [("/", {})])))
+    rows: dict[str, Row] = {}
+    # Before: WSGI with one app thread (fast per request, but an open stream would hold that thread).
+    print(f"-- {GRANIAN_NAMES['wsgi']} --")
+    floors = GranianServer("hello_wsgi", "wsgi")
+    floor = show(Row("floor: bare WSGI hello", n, load(floors, [("/", {})]), target=False))
     floors.close()
-    floors = GranianServer("hello_flask", factory=True)
-    show(Row("floor: Flask hello (jsonify)", n, load(floors, [("/hello", {})]), floor))
-    floors.close()
-    api = GranianServer("create", factory=True, users=args.users, sessions=args.sessions)
-    rows = {}
-    for name, requests in routes(api.seed).items():
-        check(api, requests)
-        rows[name] = show(Row(name, n, load(api, requests), floor))
-    api.close()
-    uncached = GranianServer("create", factory=True, users=args.users, sessions=args.sessions,
-                             env={"API_CACHE_SECONDS": "0"})
-    saturation = {}
-    for name, requests in list(routes(uncached.seed).items())[:2]:
-        row = show(Row(f"{name}, no cache", n, load(uncached, requests), floor, note="API_CACHE_SECONDS=0"))
-        saturation[name] = (row, requests)
-    for name, (row, requests) in saturation.items():
-        rate = row.rps / 2
-        show(Row(f"{name}, no cache, paced", n, load(uncached, requests, interval=n / rate), floor,
-                 note=f"open loop: {rate:.0f} req/s offered (50% of saturation)"))
-    uncached.close()
+    before = GranianServer("create_wsgi", "wsgi", factory=True, users=args.users, sessions=args.sessions)
+    for name, requests in list(routes(before.seed).items())[:2]:
+        check(before, requests)
+        rows[f"wsgi {name}"] = show(Row(name, n, load(before, requests), floor, note="saturation", target=False))
+    rows["wsgi paced"] = show(Row("50 clients x 1 poll/s", n, load(before, routes(before.seed)[
+        "GET /sessions/<id>, a user each"], interval=1.0), note="open loop, a user each"))
+    blocked = _blocked_by_one_stream(before)
+    print(f"{'  one open stream, then a GET':<34} {blocked}")
+    before.close()
 
-    print(f"-- {InProcessServer.name} --")
-    storage = tempfile.TemporaryDirectory(prefix="peertrain-bench-")
-    app = build_app(storage.name, API_CACHE_SECONDS=cache)
-    seeded = seed_app(app, args.users, args.sessions)
-    local = InProcessServer(app)
-    for name, requests in list(routes(seeded).items())[:2]:
-        show(Row(name, n, load(local, requests)))
-    local.close()
+    # Now: ASGI; streams are coroutines, the Flask app runs in a2wsgi's threads.
+    print(f"-- {GRANIAN_NAMES['asgi']} --")
+    floors = GranianServer("hello_asgi", "asgi")
+    asgi_floor = show(Row("floor: bare ASGI hello", n, load(floors, [("/", {})]), floor, target=False))
+    floors.close()
+    floors = GranianServer("hello_flask_asgi", "asgi", factory=True)
+    show(Row("floor: Flask hello via a2wsgi", n, load(floors, [("/hello", {})]), asgi_floor, target=False))
+    floors.close()
+    api = GranianServer("create", "asgi", factory=True, users=args.users, sessions=args.sessions,
+                        env={"BENCH_API_EVENTS": str(args.events)})
+    paths = routes(api.seed)
+    for name, requests in list(paths.items())[:2]:
+        check(api, requests)
+        rows[f"asgi {name}"] = show(Row(name, n, load(api, requests), rows[f"wsgi {name}"],
+                                        note="saturation; x = vs WSGI above", target=False))
+    polled = paths["GET /sessions/<id>, a user each"]
+    paced = show(Row("50 clients x 1 poll/s", n, load(api, polled, interval=1.0), rows["wsgi paced"],
+                     note="open loop, a user each; x = vs WSGI above"))
+    rows["paced"] = paced
+    stream_path = f"/sessions/{api.seed['running']}/events"
+    _, page = _call(api.port, "GET", f"/sessions/{api.seed['running']}/heartbeats?page_size=1",
+                    headers=api.seed["headers"][0])
+    streams = Streams(api.port, stream_path, api.seed["headers"][0], args.streams, replayed=page["total"])
+    print(f"{'':<34} {args.streams} streams opened and replayed {page['total']:,} events each in "
+          f"{streams.opened:.1f} s")
+    with_streams = show(Row(f"50 x 1 poll/s + {args.streams} streams", n, load(api, polled, interval=1.0), paced,
+                            note=f"x = vs no streams; the followed session gets {args.events:g} events/s"))
+    held = streams.close()
+    rows["streams"] = with_streams
+    print(f"{'':<34} streams: {held['ok']}/{args.streams} answered 200; live, {held['events']:,} events delivered "
+          f"in {held['seconds']:.1f} s ({held['events'] / held['seconds']:,.0f}/s, "
+          f"{held['events'] / held['seconds'] / args.streams:.1f}/s per stream)")
+    api.close()
     generator.close()
 
-    d, s = rows["GET /sessions/<id>"], rows["GET /sessions/training-status"]
-    worst = max(row.ms["p99"] for row in rows.values())
+    worst = max(paced.ms["p99"], with_streams.ms["p99"])
     verdict = "met" if worst <= TARGET_P99_MS else "NOT met"
-    print(f"\nsummary (granian): GET /sessions/<id> {d.rps:.0f} req/s p50 {d.ms['p50']:.1f} ms "
-          f"p99 {d.ms['p99']:.1f} ms; GET /sessions/training-status {s.rps:.0f} req/s p50 {s.ms['p50']:.1f} ms "
-          f"p99 {s.ms['p99']:.1f} ms at {n} clients; worst p99 of the four polled rows {worst:.1f} ms "
-          f"(target p99 ≤ {TARGET_P99_MS:g} ms: {verdict}); floor {floor.rps:.0f} req/s p99 {floor.ms['p99']:.1f} ms")
+    d_before, d_now = rows["wsgi GET /sessions/<id>"], rows["asgi GET /sessions/<id>"]
+    print(f"\nsummary: 50 clients polling GET /sessions/<id> once a second: p99 {paced.ms['p99']:.1f} ms, with "
+          f"{args.streams} open streams p99 {with_streams.ms['p99']:.1f} ms (target p99 ≤ {TARGET_P99_MS:g} ms: "
+          f"{verdict}); saturation {d_now.rps:.0f} req/s ASGI vs {d_before.rps:.0f} req/s WSGI "
+          f"({d_now.rps / d_before.rps:.2f}x), floor {floor.rps:.0f} req/s; load average now "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if args.profile:
-        profiled = build_app(storage.name, API_CACHE_SECONDS=0)
-        profile(profiled, seeded["headers"][0], seeded["sessions"][0], args.profile)
-    storage.cleanup()
+        storage = tempfile.TemporaryDirectory(prefix="peertrain-bench-")
+        app = build_app(storage.name)
+        seeded = seed_app(app, 1, args.sessions)
+        profile(app, seeded["headers"][0], seeded["sessions"][0], args.profile)
+        storage.cleanup()
+
+
+def _blocked_by_one_stream(server: Any) -> str:
+    """What one open event stream does to a WSGI server with one app thread: the next request waits."""
+    seeded = server.seed
+    running = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    header = seeded["headers"][0]
+    running.sendall((f"GET /sessions/{seeded['running']}/events HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: {header['Authorization']}\r\n\r\n").encode())
+    time.sleep(0.5)
+    began = time.monotonic()
+    try:
+        code, _ = _call(server.port, "GET", "/sessions/training-status", headers=header, timeout=3)
+        answer = f"answered {code} after {time.monotonic() - began:.2f} s"
+    except OSError:
+        answer = f"no answer within {time.monotonic() - began:.0f} s: the stream holds the only app thread"
+    running.close()
+    return answer
 
 
 if __name__ == "__main__":

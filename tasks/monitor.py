@@ -143,7 +143,7 @@ class EventConsumer:
     Messages are acknowledged only once their heartbeats are written.
     """
 
-    def __init__(self, app: Celery, monitor: Monitor, queue: str, flush_every: float = 0.2,
+    def __init__(self, app: Celery, monitor: Monitor, queue: str, flush_every: float = 0.05,
                  sweep_every: float = 1.0, max_length: int = 1_000_000, message_ttl: float = 86400) -> None:
         self.app = app
         self.monitor = monitor

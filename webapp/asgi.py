@@ -10,6 +10,8 @@ them leave the app's threads to the other requests (docs/benchmarks.md).
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,6 +25,8 @@ from webapp import stream
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+log = logging.getLogger(__name__)
 
 EVENTS = re.compile(r"/sessions/(?P<session_id>[^/]+)/events")
 # The app's threads: Python runs one at a time, so more only wait on each other (bench/api.py); a
@@ -70,7 +74,11 @@ class Api:
             for task in (streaming, gone):
                 task.cancel()
             await asyncio.gather(streaming, gone, return_exceptions=True)
-        if streaming.done() and not streaming.cancelled() and streaming.exception() is None:
+        if streaming.done() and not streaming.cancelled():
+            if streaming.exception() is not None:
+                # The stream is cut (the client reconnects with Last-Event-ID and resumes).
+                log.error("the event stream of session %s failed", session_id, exc_info=streaming.exception())
+                return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _ask_flask(self, scope: Scope) -> int:
@@ -124,8 +132,18 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
+def serve(flask_app: Flask) -> Api:
+    """`flask_app` as this process serves it, once it has started up."""
+    api = Api(flask_app)
+    # What exists by now (modules, botocore's service models, the app) lives as long as the process. Out of
+    # the collector's sight, a full collection no longer walks it: those pauses (50-260 ms measured by
+    # bench/api.py) set the polling routes' p99.
+    gc.freeze()
+    return api
+
+
 def create_app() -> Api:
     """Granian's factory (`granian --interface asgi --factory webapp.asgi:create_app`)."""
     from webapp import create_app as create_flask_app
 
-    return Api(create_flask_app())
+    return serve(create_flask_app())

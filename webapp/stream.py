@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import uuid
@@ -43,8 +44,21 @@ RESYNC = None  # delivered instead of a batch: announcements may have been misse
 
 def frame(event: dict[str, Any]) -> str:
     """One event in Server-Sent Events form."""
-    data = json.dumps(event["data"], separators=(",", ":"), allow_nan=False)
+    try:
+        data = json.dumps(event["data"], separators=(",", ":"), allow_nan=False)
+    except ValueError:  # a NaN or infinity (a peer's numbers are not trusted): JSON has no such thing
+        data = json.dumps(_finite(event["data"]), separators=(",", ":"), allow_nan=False)
     return f"id: {event['seq']}\nevent: {event['kind']}\ndata: {data}\n\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 KEEPALIVE = ": keep-alive\n\n"
@@ -97,10 +111,11 @@ class Cursor:
 
     def catch_up(self) -> list[dict[str, Any]]:
         """Read the log after `last` (blocking) and take it."""
-        taken, _ = self.take(events.after(self.session_id, self.last))
+        # The log itself is the record: a hole in it (only events deleted by hand make one) is skipped.
+        taken, _ = self.take(events.after(self.session_id, self.last), the_log=True)
         return taken
 
-    def take(self, batch: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
+    def take(self, batch: list[dict[str, Any]], the_log: bool = False) -> tuple[list[dict[str, Any]], bool]:
         """The events of `batch` to send; True as well when it skips ahead (the log has the events between)."""
         out = []
         for event in batch:
@@ -108,7 +123,7 @@ class Cursor:
                 break
             if event["seq"] <= self.last:
                 continue  # replayed and announced both, or announced twice
-            if event["seq"] != self.last + 1:
+            if event["seq"] != self.last + 1 and not the_log:
                 return out, True
             self.last = event["seq"]
             if event["key"] in self.seen:

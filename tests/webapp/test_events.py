@@ -182,3 +182,12 @@ def test_only_the_owner_may_follow_a_session(client, auth, signup, started):
     response = client.get(url, headers={**auth, "Last-Event-ID": "seven"})
     assert response.status_code == 400 and "Last-Event-ID" in response.json["message"]
     assert client.head(url, headers=auth).status_code == 200
+
+
+def test_numbers_json_cannot_carry_are_sent_as_null(client, auth, started):
+    # A peer's event is not trusted: a NaN loss must not break the stream of its session.
+    session_id, names = started
+    insert_many([{**beats(session_id, names[0], [1])[0], "loss": float("nan"), "accuracy": float("inf")}])
+    sessions.finish(ObjectId(session_id), "FAILED", "diverged")
+    [beat] = [e["data"] for e in read(client, session_id, auth) if e["event"] == "heartbeat"]
+    assert beat["loss"] is None and beat["accuracy"] is None and beat["epoch"] == 1
