@@ -215,6 +215,28 @@ def test_a_session_page_resumes_its_stream_after_the_connection_drops(platform, 
         proxy.close()
 
 
+def test_a_federated_session_draws_the_global_model_round_by_round(platform, two_peers, browser):
+    user = platform.user()
+    rounds, local = 3, 2
+    started = user.start(DIGITS, num_peers=2, mode="federated", rounds=rounds, local_epochs=local,
+                         hyperparameters=json.dumps({"learning_rate": 0.003, "hidden": [64]}))
+    assert started.status_code == 202, started.text
+    session_id = started.json()["session_id"]
+    visit = Visit(browser, platform.base_url, LAPTOP, token=user.http.headers["Authorization"].split()[1])
+    try:
+        visit.page.goto(f"{platform.base_url}/#/sessions/{session_id}")
+        visit.page.wait_for_selector("#status[data-status=COMPLETED]", timeout=120_000)
+        # A point per round for the global model, and the peers' local epochs between rounds.
+        visit.page.wait_for_selector(f".chart[data-points='{rounds * local}']")
+        assert "global model (val)" in visit.page.inner_text(".charts")
+        assert visit.page.inner_text("#peer-runs").count(f"round {rounds}/{rounds} · epoch {local}/{local}") == 2
+        assert "Result global model: val_accuracy" in visit.page.inner_text("#results")
+        visit.shot("laptop-8-federated")
+        visit.check()
+    finally:
+        visit.close()
+
+
 def test_the_api_docs_render_offline(platform, browser):
     visit = Visit(browser, platform.base_url, LAPTOP)
     try:
