@@ -13,9 +13,10 @@ build: $(STAMP)
 build-dev: $(DEV_STAMP)
 
 # Reinstall only when the requirements change.
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .  # the peertrain command
 	touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP) requirements-dev.txt
@@ -67,4 +68,4 @@ compose-check:
 	docker-compose config -q
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache peertrain.egg-info

@@ -38,12 +38,18 @@ log = logging.getLogger("peertrain")
 WALKTHROUGH = """
 peertrain is running.
 
+  dashboard  {base}/   (sign up, upload a CSV, watch the curves)
   API        {base}
   API docs   {base}/docs   (OpenAPI: {base}/openapi.json)
   peers      {peers}
   storage    {storage}
 
-Try it (in another shell):
+Try it from another shell with the CLI (`.venv/bin/peertrain --help`):
+
+  .venv/bin/peertrain --url {base} signup --email ann@example.com
+  .venv/bin/peertrain start {sample} --peers 2
+
+Or with curl:
 
   curl -s -X POST {base}/auth/signup -H 'Content-Type: application/json' \\
        -d '{{"username": "ann", "email": "ann@example.com", "password": "correct horse"}}'

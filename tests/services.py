@@ -41,3 +41,11 @@ def require(available: bool, what: str) -> None:
     if ON_CI:
         pytest.fail(f"{what} is required on CI but is not available")
     pytest.skip(f"{what} is not available")
+
+
+# Debian's chromium (`apt-get install chromium`), driven by Playwright without a browser download of its own.
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+
+
+def chromium_installed() -> bool:
+    return os.access(CHROMIUM, os.X_OK)

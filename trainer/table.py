@@ -23,6 +23,7 @@ __all__ = [
     "Table",
     "check_splittable",
     "fit_normalization",
+    "read_columns",
     "read_features",
     "read_table",
     "shard",
@@ -89,6 +90,11 @@ def read_table(
     else:
         y, found = _numeric_target(file, frame, target), None
     return Table(features=chosen, target=target, task=task, x=x, y=y, classes=found, columns=columns)
+
+
+def read_columns(source: Source) -> list[str]:
+    """The column names of a CSV's header, checked as `read_table` checks them (to offer a target to pick)."""
+    return _read_header(CsvFile(source))
 
 
 def read_features(source: Source, features: Sequence[str]) -> np.ndarray:

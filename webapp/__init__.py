@@ -31,15 +31,19 @@ def create_app(test_config: dict[str, Any] | None = None, settings: Settings | N
     errors.init_app(app, api)
 
     from webapp.auth import blp as auth
+    from webapp.datasets import blp as datasets
     from webapp.health import blp as health
     from webapp.peers import blp as peers
     from webapp.sessions import blp as sessions
 
-    for blueprint in (auth, peers, sessions, health):
+    for blueprint in (auth, peers, sessions, datasets, health):
         api.register_blueprint(blueprint)
     from webapp import objects
 
     app.register_blueprint(objects.blp)  # peers' door to local storage; not part of the documented API
+    from webapp.dashboard import bp as dashboard
+
+    app.register_blueprint(dashboard)
     return app
 
 
@@ -67,7 +71,10 @@ def _config(settings: Settings) -> dict[str, Any]:
         "OPENAPI_URL_PREFIX": "/",
         "OPENAPI_JSON_PATH": "openapi.json",
         "OPENAPI_SWAGGER_UI_PATH": "/docs",
-        "OPENAPI_SWAGGER_UI_URL": "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/",
+        # Swagger UI's files are vendored (webapp/static/vendor/), so /docs works offline; no validator badge,
+        # which would load an image from swagger.io.
+        "OPENAPI_SWAGGER_UI_URL": "/static/vendor/swagger-ui/",
+        "OPENAPI_SWAGGER_UI_CONFIG": {"validatorUrl": None},
         "API_SPEC_OPTIONS": {
             "components": {
                 "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}

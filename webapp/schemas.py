@@ -209,6 +209,43 @@ class StartedSchema(ma.Schema):
     assigned_peers = fields.List(fields.String())
 
 
+# --- previewing a dataset ---------------------------------------------------------------------
+
+class PreviewRequestSchema(StrictSchema):
+    """The multipart form of `POST /datasets/preview`: the fields of a start that decide how the CSV is read."""
+
+    file = Upload(required=True, metadata={"description": "the dataset, a CSV with a header row"})
+    target = fields.String(
+        load_default=None, validate=validate.Length(min=1, max=200),
+        metadata={"description": "default: `label` when the file has such a column, else the last column"},
+    )
+    features = NameList(load_default=None, metadata={"type": "string", "description": "comma-separated or JSON list"})
+    task = fields.String(load_default="classification", validate=validate.OneOf(["classification", "regression"]))
+    mode = fields.String(load_default=SWEEP, validate=validate.OneOf(MODES))
+    num_peers = fields.Integer(load_default=1, validate=validate.Range(min=1, max=MAX_PEERS))
+    seed = fields.Integer(load_default=0, validate=validate.Range(min=0, max=2**31 - 1))
+    partition = fields.String(load_default="iid", validate=validate.OneOf(["iid", "label_skew"]))
+    alpha = fields.Float(load_default=0.5, validate=validate.Range(min=0.01, max=1000))
+
+
+class PreviewHeadSchema(ma.Schema):
+    columns = fields.List(fields.String(), metadata={"description": "the features, then the target"})
+    rows = fields.List(fields.List(fields.Raw()), metadata={"description": "values as the trainer reads them"})
+
+
+class PreviewSchema(ma.Schema):
+    filename = fields.String()
+    bytes = fields.Integer()
+    rows = fields.Integer()
+    columns = fields.List(fields.String(), metadata={"description": "every column of the header"})
+    target = fields.String()
+    task = fields.String()
+    features = fields.List(fields.String())
+    classes = fields.List(fields.String(), allow_none=True)
+    class_counts = fields.Dict(keys=fields.String(), values=fields.Integer(), allow_none=True)
+    head = fields.Nested(PreviewHeadSchema)
+
+
 # --- reading sessions -------------------------------------------------------------------------
 
 class DatasetSchema(ma.Schema):

@@ -37,3 +37,5 @@ def test_make_run_serves_a_session_on_the_sample_csv(tmp_path):
         assert user.get(f"/sessions/{session['id']}/model").content[:8]
         banner = log.read_text()
         assert f"{base}/docs" in banner and "curl" in banner
+        assert f"{base}/ " in banner and "peertrain start" in banner
+        assert "<title>peertrain</title>" in user.get("/").text  # the dashboard, served by granian too

@@ -1,0 +1,344 @@
+"""`peertrain`: sign in, start a session on a CSV and watch it train, read sessions and peers, get the model.
+
+Exit status: 0 done (a watched session COMPLETED), 1 the session FAILED or was CANCELLED, or the server
+refused or could not be reached, 2 a usage error (bad options, not signed in).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from client.api import Api, ApiError
+from client.credentials import Credentials, Login
+from client.watch import StreamLost, display_for, metrics, result, watch
+
+COMPLETED = "COMPLETED"
+INTERRUPTED = 130
+
+
+class State:
+    """What every command shares: the API's address, the saved logins, the consoles."""
+
+    def __init__(self, url: str | None) -> None:
+        self.credentials = Credentials()
+        self.url = (url or self.credentials.url).rstrip("/")
+        # Text as it is (no markup, no colouring of numbers), and long lines unbroken in logs and pipes.
+        self.console = Console(highlight=False, markup=False, soft_wrap=True)
+        if not self.console.is_terminal:
+            self.console.width = 240  # tables in pipes and logs keep ids whole rather than fit 80 columns
+
+    def api(self, signed_in: bool = True) -> Api:
+        if not signed_in:
+            return Api(self.url)
+        login = self.credentials.login(self.url)
+        if login is None:
+            raise click.UsageError(f"not signed in to {self.url}: run `peertrain login --email EMAIL` first")
+        if login.expired:
+            raise click.UsageError(f"the sign-in to {self.url} has expired: "
+                                   f"run `peertrain login --email {login.email}`")
+        return Api(self.url, login.token)
+
+    def sign_in(self, api: Api, email: str, password: str, as_json: bool) -> None:
+        answer = api.signin(email, password)
+        login = Login(answer["access_token"], answer["username"], email, time.time() + answer["expires_in"])
+        self.credentials.save(self.url, login)
+        if as_json:
+            emit({"url": self.url, "username": login.username, "email": email, "expires_in": answer["expires_in"]})
+        else:
+            self.console.print(f"signed in to {self.url} as {login.username} (token kept in {self.credentials.path})")
+
+
+class Cli(click.Group):
+    """Reports the server's refusals and unreachable servers in one line, exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ApiError as exc:
+            lines = [f"error: {exc.message}"] + [f"  {field}: {_text(msg)}" for field, msg in exc.errors.items()]
+            if exc.status == 401 and ctx.invoked_subcommand not in ("login", "signup"):
+                lines.append("  sign in again: peertrain login --email EMAIL")
+            click.echo("\n".join(lines), err=True)
+        except httpx.TransportError as exc:
+            click.echo(f"error: cannot reach {ctx.obj.url if ctx.obj else 'the API'}: {exc}", err=True)
+        except StreamLost as exc:
+            click.echo(f"error: lost the event stream and could not reopen it ({exc})", err=True)
+        ctx.exit(1)
+
+
+def _text(message: Any) -> str:
+    if isinstance(message, list):
+        return " ".join(_text(m) for m in message)
+    if isinstance(message, dict):
+        return "; ".join(f"{k}: {_text(v)}" for k, v in message.items())
+    return str(message)
+
+
+def _local(iso: str | None) -> str:
+    """An API timestamp in this machine's time zone, to the second."""
+    if not iso:
+        return ""
+    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def emit(data: Any) -> None:
+    """One JSON document on stdout."""
+    click.echo(json.dumps(data))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+password_option = click.option("--password", envvar="PEERTRAIN_PASSWORD", metavar="P",
+                               help="Default: $PEERTRAIN_PASSWORD, else asked for on a terminal.")
+
+
+def _password(password: str | None, confirm: bool) -> str:
+    if password:
+        return password
+    if not sys.stdin.isatty():
+        raise click.UsageError("give --password or set PEERTRAIN_PASSWORD")
+    return click.prompt("Password", hide_input=True, confirmation_prompt=confirm)
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--url", envvar="PEERTRAIN_URL", metavar="URL",
+              help="The API's address. Default: $PEERTRAIN_URL, else the last one signed in to, else "
+                   "http://127.0.0.1:8000.")
+@click.pass_context
+def main(ctx: click.Context, url: str | None) -> None:
+    """Train neural networks on peers: start sessions on CSV files and watch them."""
+    ctx.obj = State(url)
+
+
+@main.command()
+@click.option("--email", required=True)
+@click.option("--username", help="Default: the part of the email before the @.")
+@password_option
+@json_option
+@click.pass_obj
+def signup(state: State, email: str, username: str | None, password: str | None, as_json: bool) -> None:
+    """Create an account and sign in."""
+    password = _password(password, confirm=True)
+    api = state.api(signed_in=False)
+    name = username or re.sub(r"[^A-Za-z0-9_.-]", "_", email.split("@")[0]).ljust(3, "_")[:40]
+    api.signup(name, email, password)
+    state.sign_in(api, email, password, as_json)
+
+
+@main.command()
+@click.option("--email", required=True)
+@password_option
+@json_option
+@click.pass_obj
+def login(state: State, email: str, password: str | None, as_json: bool) -> None:
+    """Sign in and keep the token for this URL.
+
+    The token goes to credentials.json in your config directory (~/.config/peertrain), readable by you only.
+    """
+    state.sign_in(state.api(signed_in=False), email, _password(password, confirm=False), as_json)
+
+
+@main.command()
+@json_option
+@click.pass_obj
+def logout(state: State, as_json: bool) -> None:
+    """Forget the token kept for this URL."""
+    found = state.credentials.forget(state.url)
+    if as_json:
+        emit({"url": state.url, "forgotten": found})
+    else:
+        state.console.print(f"signed out of {state.url}" if found else f"was not signed in to {state.url}")
+
+
+@main.command()
+@json_option
+@click.pass_obj
+def peers(state: State, as_json: bool) -> None:
+    """The peers and their status."""
+    answer = state.api().peers()
+    if as_json:
+        return emit(answer)
+    table = Table("peer", "status", "host", "last seen", "session", box=box.SIMPLE)
+    for p in answer["peers"]:
+        table.add_row(p["name"], p["status"], p.get("hostname") or "", _local(p.get("last_seen")),
+                      p.get("session_id") or "")
+    state.console.print(table)
+    state.console.print(f"{answer['total']} known, {answer['online']} online, {answer['free']} free to train")
+
+
+FEDERATED_ONLY = ("rounds", "local_epochs", "partition", "alpha", "aggregation", "min_peers")
+
+
+def _hyperparameters(hp_json: str | None, num_peers: int, **overrides: Any) -> Any:
+    hp: Any = {}
+    if hp_json:
+        try:
+            hp = json.loads(hp_json)
+        except ValueError as exc:
+            raise click.BadParameter(f"not valid JSON ({exc})", param_hint="--hp") from None
+    items = hp if isinstance(hp, list) else [hp]
+    if not all(isinstance(item, dict) for item in items):
+        raise click.BadParameter("give a JSON object, or a list of one object per peer", param_hint="--hp")
+    if isinstance(hp, list) and len(hp) != num_peers:
+        raise click.BadParameter(f"a list needs one object per peer ({num_peers}); got {len(hp)}", param_hint="--hp")
+    for item in items:
+        item.update({k: v for k, v in overrides.items() if v is not None})
+    return hp
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--peers", "num_peers", type=click.IntRange(min=1), required=True, help="How many peers train.")
+@click.option("--mode", type=click.Choice(["sweep", "federated"]), default="sweep", show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), help="Sweep: epochs for every peer.")
+@click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True),
+              help="Learning rate for every peer.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size for every peer.")
+@click.option("--hp", "hp_json", metavar="JSON",
+              help='Hyperparameters: one object for every peer, or a list with one per peer, e.g. '
+                   '\'[{"learning_rate": 0.01}, {"learning_rate": 0.001}]\'.')
+@click.option("--target", help="The target column (default: label).")
+@click.option("--features", metavar="A,B,...", help="Feature columns (default: all but the target).")
+@click.option("--task", type=click.Choice(["classification", "regression"]))
+@click.option("--rounds", type=click.IntRange(min=1), help="Federated: rounds.")
+@click.option("--local-epochs", type=click.IntRange(min=1), help="Federated: epochs per peer per round.")
+@click.option("--partition", type=click.Choice(["iid", "label_skew"]), help="Federated: how data is split.")
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True),
+              help="Federated label skew: smaller is more skewed.")
+@click.option("--aggregation", type=click.Choice(["fedavg", "median", "trimmed_mean"]), help="Federated.")
+@click.option("--min-peers", type=click.IntRange(min=1), help="Federated: a round goes on with this many.")
+@click.option("--detach", is_flag=True, help="Print the session's id and return instead of watching it.")
+@json_option
+@click.pass_obj
+def start(state: State, file: Path, num_peers: int, mode: str, epochs: int | None, learning_rate: float | None,
+          batch_size: int | None, hp_json: str | None, target: str | None, features: str | None, task: str | None,
+          detach: bool, as_json: bool, **federated: Any) -> None:
+    """Start a session on a CSV and watch it.
+
+    FILE is a CSV with a header row. The command follows the session to its end (exit status 0 when it
+    COMPLETED, 1 otherwise) unless --detach is given.
+    """
+    given = {k: v for k, v in federated.items() if v is not None}
+    if mode == "sweep" and given:
+        names = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise click.UsageError(f"{names}: only for --mode federated")
+    if mode == "federated" and epochs is not None:
+        raise click.UsageError("--epochs is for sweeps: a federated session trains --rounds × --local-epochs")
+    hp = _hyperparameters(hp_json, num_peers, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size)
+    form = {"num_peers": str(num_peers), "mode": mode, "hyperparameters": json.dumps(hp)}
+    for key, value in {"target": target, "features": features, "task": task, **given}.items():
+        if value is not None:
+            form[key] = str(value)
+    api = state.api()
+    started = api.start(file, form)
+    session_id = started["session_id"]
+    if detach:
+        return emit(started) if as_json else state.console.print(session_id)
+    if as_json:
+        emit({"event": "started", "id": None, "data": started})
+    else:
+        state.console.print(f"started session {session_id} on {', '.join(started['assigned_peers'])}")
+    _watch(state, api, session_id, as_json)
+
+
+@main.command(name="watch")
+@click.argument("session_id", metavar="ID")
+@json_option
+@click.pass_obj
+def watch_command(state: State, session_id: str, as_json: bool) -> None:
+    """Follow a session to its end.
+
+    A progress bar per peer on a terminal; otherwise a line (--json: an object) per event. Exit status 0
+    when the session COMPLETED, 1 when it FAILED or was CANCELLED.
+    """
+    _watch(state, state.api(), session_id, as_json)
+
+
+def _watch(state: State, api: Api, session_id: str, as_json: bool) -> None:
+    try:
+        status = watch(api, session_id, display_for(state.console, as_json))
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped watching; the session goes on (peertrain watch {session_id})", err=True)
+        status = None
+    ctx = click.get_current_context()
+    ctx.exit(INTERRUPTED if status is None else 0 if status == COMPLETED else 1)
+
+
+@main.command()
+@json_option
+@click.pass_obj
+def sessions(state: State, as_json: bool) -> None:
+    """Your sessions, newest first."""
+    answer = state.api().sessions()
+    if as_json:
+        return emit(answer)
+    table = Table("id", "created", "status", "mode", "dataset", "peers", box=box.SIMPLE)
+    for s in answer["items"]:
+        table.add_row(s["id"], _local(s["created_at"]), s["status"], s["mode"], s["filename"], str(s["num_peers"]))
+    state.console.print(table)
+
+
+@main.command()
+@click.argument("session_id", metavar="ID")
+@json_option
+@click.pass_obj
+def show(state: State, session_id: str, as_json: bool) -> None:
+    """One session with each peer's progress."""
+    s = state.api().session(session_id)
+    if as_json:
+        return emit(s)
+    out = state.console
+    out.print(f"session {s['id']}: {s['status']}" + (f" ({s['reason']})" if s.get("reason") else ""))
+    out.print(f"{s['mode']} on {s['dataset']['filename']} ({s['dataset']['rows']} rows), target {s['target']}")
+    table = Table("peer", "status", "epoch", "metrics", "error", box=box.SIMPLE)
+    for p in s["peers"]:
+        table.add_row(p["name"], p["status"], f"{p.get('epoch', 0)}/{p.get('epochs') or '?'}", metrics(p),
+                      p.get("error") or "")
+    out.print(table)
+    if result(s):
+        out.print(result(s))
+    if s.get("model_available"):
+        out.print(f"model: peertrain model {s['id']} -o model.safetensors")
+
+
+@main.command()
+@click.argument("session_id", metavar="ID")
+@json_option
+@click.pass_obj
+def cancel(state: State, session_id: str, as_json: bool) -> None:
+    """Stop a pending or running session."""
+    answer = state.api().cancel(session_id)
+    if as_json:
+        return emit(answer)
+    state.console.print(f"cancellation requested for session {session_id}")
+
+
+@main.command()
+@click.argument("session_id", metavar="ID")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, path_type=Path), required=True,
+              help="Where to write the model (a safetensors file).")
+@json_option
+@click.pass_obj
+def model(state: State, session_id: str, output: Path, as_json: bool) -> None:
+    """Download a finished session's model."""
+    partial = output.with_name(output.name + ".part")
+    try:
+        with partial.open("wb") as out:
+            size = state.api().model(session_id, out)
+        partial.replace(output)
+    finally:
+        partial.unlink(missing_ok=True)
+    if as_json:
+        return emit({"session_id": session_id, "path": str(output), "bytes": size})
+    state.console.print(f"wrote {output} ({size:,} bytes)")

@@ -1,0 +1,229 @@
+"""Watching a session: its event stream followed to the end across dropped connections, shown as bars or lines."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import httpx
+from httpx_sse import SSEError
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+
+from client.api import Api, ApiError, Event
+
+RECONNECT_FOR = 300.0  # seconds without a working stream before giving up
+MAX_DELAY = 5.0
+
+
+class StreamLost(Exception):
+    """The stream could not be reopened for RECONNECT_FOR seconds."""
+
+
+class Display(Protocol):
+    def begin(self, session: dict[str, Any]) -> None: ...
+    def event(self, event: Event) -> None: ...
+    def retry(self, problem: str, delay: float) -> None: ...
+    def finish(self, end: dict[str, Any], session: dict[str, Any] | None) -> None: ...
+
+
+def follow(api: Api, session_id: str, on_event: Callable[[Event], None],
+           on_retry: Callable[[str, float], None], give_up_after: float = RECONNECT_FOR) -> dict[str, Any]:
+    """Read the session's events until `end` (returns its data), reconnecting with Last-Event-ID when dropped."""
+    last_id: str | None = None
+    delay = 0.5
+    failing_since: float | None = None
+    while True:
+        try:
+            for event in api.events(session_id, last_id):
+                if event.id is not None:
+                    last_id = event.id
+                failing_since, delay = None, 0.5
+                on_event(event)
+                if event.type == "end":
+                    return event.data
+            problem = "the server closed the stream"
+        except (httpx.TransportError, SSEError) as exc:
+            problem = str(exc) or type(exc).__name__
+        except ApiError as exc:
+            if exc.status < 500:
+                raise
+            problem = exc.message
+        now = time.monotonic()
+        failing_since = failing_since or now
+        if now - failing_since > give_up_after:
+            raise StreamLost(problem)
+        on_retry(problem, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, MAX_DELAY)
+
+
+def watch(api: Api, session_id: str, display: Display) -> str:
+    """Show the session until it ends; returns its final status."""
+    display.begin(api.session(session_id))
+    end = follow(api, session_id, display.event, display.retry)
+    session = None if isinstance(display, JsonLines) else api.session(session_id)
+    display.finish(end, session)
+    return end["status"]
+
+
+def metrics(data: dict[str, Any]) -> str:
+    """`loss 0.41 acc 88.1% val_loss 0.45 val_acc 86.0%`, leaving out what is missing."""
+    parts = []
+    for key, label in (("loss", "loss"), ("accuracy", "acc"), ("val_loss", "val_loss"),
+                       ("val_accuracy", "val_acc"), ("val_r2", "val_r2")):
+        value = data.get(key)
+        if value is None:
+            continue
+        parts.append(f"{label} {value * 100:.1f}%" if "acc" in label else f"{label} {value:.4g}")
+    return " ".join(parts)
+
+
+def result(session: dict[str, Any] | None) -> str:
+    r = (session or {}).get("results") or {}
+    if not r.get("metric") or r.get("best_value") is None:
+        return ""
+    who = f"best peer {r['best_peer']}" if r.get("best_peer") else "global model"
+    value = r["best_value"]
+    return f"{who}: {r['metric']} " + (f"{value * 100:.1f}%" if "accuracy" in r["metric"] else f"{value:.4g}")
+
+
+class Plan:
+    """What the session's static facts say about its progress: epochs per peer, rounds."""
+
+    def __init__(self, session: dict[str, Any]) -> None:
+        self.session = session
+        self.federated = session.get("mode") == "federated"
+        fed = session.get("federated") or {}
+        self.rounds = fed.get("rounds", 1)
+        self.local_epochs = fed.get("local_epochs", 1)
+        self.epochs = {p["name"]: p.get("epochs") or 1 for p in session.get("peers", [])}
+
+    def total(self, peer: str) -> int:
+        return self.rounds * self.local_epochs if self.federated else self.epochs.get(peer, 1)
+
+    def done(self, beat: dict[str, Any]) -> int:
+        return beat["round"] * self.local_epochs + beat["epoch"] if self.federated else beat["epoch"]
+
+    def step(self, beat: dict[str, Any]) -> str:
+        if self.federated:
+            return f"round {beat['round'] + 1}/{self.rounds} epoch {beat['epoch']}/{beat['epochs']}"
+        return f"epoch {beat['epoch']}/{beat['epochs']}"
+
+    def describe(self) -> str:
+        s = self.session
+        names = ", ".join(p["name"] for p in s.get("peers", []))
+        return f"session {s['id']}: {s['mode']} on {s['dataset']['filename']}, peers {names}"
+
+
+class JsonLines:
+    """One JSON object per event on stdout, for scripts: {"event", "id", "data"}."""
+
+    def begin(self, session: dict[str, Any]) -> None:
+        pass
+
+    def event(self, event: Event) -> None:
+        # The stream's ids are integers (sent as text, as SSE does).
+        number = int(event.id) if event.id is not None and event.id.isdigit() else event.id
+        print(json.dumps({"event": event.type, "id": number, "data": event.data}), flush=True)
+
+    def retry(self, problem: str, delay: float) -> None:
+        print(f"connection lost ({problem}); reconnecting in {delay:g} s", file=sys.stderr, flush=True)
+
+    def finish(self, end: dict[str, Any], session: dict[str, Any] | None) -> None:
+        pass
+
+
+class Lines:
+    """A plain line per event, for logs and pipes (stdout is not a terminal)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.plan: Plan | None = None
+
+    def say(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def begin(self, session: dict[str, Any]) -> None:
+        self.plan = Plan(session)
+        self.say(self.plan.describe())
+
+    def event(self, event: Event) -> None:
+        d, plan = event.data, self.plan
+        if event.type == "heartbeat":
+            self.say(f"{d['peer']} {plan.step(d)} {metrics(d)}")
+        elif event.type == "round":
+            self.say(f"round {d['round'] + 1}/{plan.rounds} global model {metrics(d.get('metrics') or {})}"
+                     + "".join(f"; {peer} left out: {why}" for peer, why in (d.get("rejected") or {}).items()))
+        elif event.type == "status":
+            self.say(f"status {d['status']}" + (f": {d['reason']}" if d.get("reason") else ""))
+        elif event.type == "peer":
+            self.say(f"{d['peer']} {d['status']}" + (f": {d['error']}" if d.get("error") else ""))
+
+    def retry(self, problem: str, delay: float) -> None:
+        self.say(f"connection lost ({problem}); reconnecting in {delay:g} s")
+
+    def finish(self, end: dict[str, Any], session: dict[str, Any] | None) -> None:
+        summary = result(session)
+        self.say(f"{end['status']}" + (f": {end['reason']}" if end.get("reason") else "")
+                 + (f" ({summary})" if summary else ""))
+
+
+class Bars(Lines):
+    """One progress bar per peer (and one for the global model's rounds), for a terminal."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(console)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<12}"),
+            BarColumn(bar_width=24),
+            TextColumn("{task.fields[step]:<22}"),
+            TextColumn("{task.fields[metrics]}"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def say(self, text: str) -> None:
+        self.progress.console.print(text, markup=False, highlight=False)
+
+    def begin(self, session: dict[str, Any]) -> None:
+        super().begin(session)
+        plan = self.plan
+        for peer in plan.epochs:
+            self.tasks[peer] = self.progress.add_task(peer, total=plan.total(peer), step="waiting", metrics="")
+        if plan.federated:
+            self.tasks[""] = self.progress.add_task("global", total=plan.rounds, step=f"round 0/{plan.rounds}",
+                                                    metrics="")
+        self.progress.start()
+
+    def event(self, event: Event) -> None:
+        d, plan = event.data, self.plan
+        if event.type == "heartbeat" and d.get("peer") in self.tasks:
+            self.progress.update(self.tasks[d["peer"]], completed=plan.done(d), step=plan.step(d), metrics=metrics(d))
+        elif event.type == "round" and "" in self.tasks:
+            self.progress.update(self.tasks[""], completed=d["round"] + 1,
+                                 step=f"round {d['round'] + 1}/{plan.rounds}", metrics=metrics(d.get("metrics") or {}))
+            for peer, why in (d.get("rejected") or {}).items():
+                self.say(f"round {d['round'] + 1}: {peer} left out: {why}")
+        elif event.type == "peer" and d.get("peer") in self.tasks:
+            self.progress.update(self.tasks[d["peer"]], description=f"{d['peer']} {d['status'].lower()}"
+                                 if d["status"] != "RUNNING" else d["peer"])
+            if d.get("error"):
+                self.say(f"{d['peer']} {d['status']}: {d['error']}")
+        elif event.type == "status":
+            super().event(event)
+
+    def finish(self, end: dict[str, Any], session: dict[str, Any] | None) -> None:
+        self.progress.stop()
+        super().finish(end, session)
+
+
+def display_for(console: Console, as_json: bool) -> Display:
+    """JSON lines for scripts, bars on a terminal, plain lines otherwise."""
+    if as_json:
+        return JsonLines()
+    return Bars(console) if console.is_terminal else Lines(console)

@@ -1,0 +1,128 @@
+"""The `peertrain` command against the real platform: start and watch sessions, --json, exit statuses, resuming."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+import requests
+
+from settings import ROOT
+from tests.client.test_cli import run
+from tests.e2e.dropping_proxy import DroppingProxy
+
+pytestmark = pytest.mark.e2e
+
+WINE = ROOT / "samples" / "wine.csv"
+EPOCHS = 4
+
+
+@pytest.fixture
+def cli(platform, tmp_path):
+    """`peertrain` as a signed-up user of the platform, with a config directory of its own."""
+    email = f"cli-{tmp_path.name[-12:]}@example.com".lower()
+
+    def peertrain(*args: str, url: str = platform.base_url):
+        return run("--url", url, *args, home=tmp_path, PEERTRAIN_PASSWORD="correct horse")
+
+    done = peertrain("signup", "--email", email, "--json")
+    assert done.returncode == 0, done.stderr
+    peertrain.email = email
+    peertrain.home = tmp_path
+    return peertrain
+
+
+def lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines()]
+
+
+def test_start_watches_a_sweep_to_the_end_and_exits_0(platform, two_peers, cli, tmp_path):
+    login = json.loads((tmp_path / "peertrain" / "credentials.json").read_text())
+    assert platform.base_url in login["logins"]
+    assert stat.S_IMODE((tmp_path / "peertrain" / "credentials.json").stat().st_mode) == 0o600
+
+    peers = json.loads(cli("peers", "--json").stdout)
+    assert {p["name"]: p["status"] for p in peers["peers"] if p["name"] in two_peers} == dict.fromkeys(two_peers,
+                                                                                                         "ONLINE")
+    assert f"{len(peers['peers'])} known, " in cli("peers").stdout
+
+    hp = json.dumps([{"learning_rate": 0.01}, {"learning_rate": 0.001}])
+    done = cli("start", str(WINE), "--peers", "2", "--epochs", str(EPOCHS), "--hp", hp, "--json")
+    assert done.returncode == 0, done.stderr
+    events = lines(done.stdout)
+    assert events[0]["event"] == "started" and sorted(events[0]["data"]["assigned_peers"]) == sorted(two_peers)
+    session_id = events[0]["data"]["session_id"]
+    stream = events[1:]
+    assert stream[-1] == {"event": "end", "id": stream[-1]["id"], "data": {"status": "COMPLETED", "reason": None}}
+    ids = [int(e["id"]) for e in stream]
+    assert ids == sorted(set(ids)), "event ids repeat or go back"
+    beats = [e["data"] for e in stream if e["event"] == "heartbeat"]
+    assert sorted((b["peer"], b["epoch"]) for b in beats) == sorted((p, e) for p in two_peers
+                                                                    for e in range(1, EPOCHS + 1))
+    # --epochs applied to both peers' settings, each kept its own learning rate.
+    shown = json.loads(cli("show", session_id, "--json").stdout)
+    assert [p["hyperparameters"]["learning_rate"] for p in shown["peers"]] == [0.01, 0.001]
+    assert {p["epochs"] for p in shown["peers"]} == {EPOCHS}
+
+    # Watching a finished session replays it, in plain lines since stdout is not a terminal.
+    replay = cli("watch", session_id)
+    assert replay.returncode == 0, replay.stderr
+    text = replay.stdout.splitlines()
+    for peer in two_peers:
+        assert sum(line.startswith(f"{peer} epoch ") for line in text) == EPOCHS
+        assert f"{peer} epoch {EPOCHS}/{EPOCHS} loss " in replay.stdout
+    assert text[-1].startswith("COMPLETED (best peer ")
+
+    listed = json.loads(cli("sessions", "--json").stdout)
+    assert [s["id"] for s in listed["items"]] == [session_id]
+    model = cli.home / "model.safetensors"
+    saved = json.loads(cli("model", session_id, "-o", str(model), "--json").stdout)
+    assert saved["bytes"] == model.stat().st_size > 0
+    token = login["logins"][platform.base_url]["token"]
+    served = requests.get(f"{platform.base_url}/sessions/{session_id}/model",
+                          headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert model.read_bytes() == served.content
+
+
+def test_a_failed_session_exits_1(platform, two_peers, cli, unique):
+    broken = unique("clibroken")
+    platform.start_peers(broken, S3_ENDPOINT_URL="http://127.0.0.1:9")  # it cannot fetch the data
+    try:
+        done = cli("start", str(WINE), "--peers", "3", "--epochs", "200")
+    finally:
+        platform.stop_peer(broken)
+    assert done.returncode == 1, done
+    last = done.stdout.splitlines()[-1]
+    assert last.startswith("FAILED: ") and f"peer {broken} failed" in last
+    assert f"{broken} FAILED: " in done.stdout  # the peer's own error, as it happened
+
+
+def test_watch_resumes_after_a_dropped_connection_losing_and_repeating_nothing(platform, two_peers, cli):
+    session_id = cli("start", str(WINE), "--peers", "2", "--epochs", "6", "--detach").stdout.strip()
+    proxy = DroppingProxy(int(platform.base_url.rsplit(":", 1)[1]), after=1500)
+    try:
+        # The same login works through the proxy's address once signed in there.
+        assert cli("login", "--email", cli.email, url=proxy.url).returncode == 0
+        done = cli("watch", session_id, "--json", url=proxy.url)
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1
+    assert done.returncode == 0, done.stderr
+    assert "reconnecting" in done.stderr
+    events = lines(done.stdout)
+    ids = [int(e["id"]) for e in events]
+    assert ids == list(range(ids[0], ids[0] + len(ids))), "an event was lost or repeated"
+    assert int(proxy.last_complete_event_id()) in ids[:-1]  # the cut fell mid-stream
+    beats = [(e["data"]["peer"], e["data"]["epoch"]) for e in events if e["event"] == "heartbeat"]
+    assert sorted(beats) == sorted((p, e) for p in two_peers for e in range(1, 7))
+    assert events[-1]["event"] == "end" and events[-1]["data"]["status"] == "COMPLETED"
+
+
+def test_the_token_file_is_private_even_when_rewritten(cli, tmp_path: Path):
+    path = tmp_path / "peertrain" / "credentials.json"
+    path.chmod(0o644)
+    assert cli("login", "--email", cli.email).returncode == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700

@@ -1,0 +1,249 @@
+"""The dashboard in a real browser (Debian's chromium driven by Playwright) against the real platform.
+
+A user signs up, uploads a sample CSV, starts a session, watches the curves grow to COMPLETED and
+downloads the model; nothing the pages load comes from another origin. Screenshots of each step, on a
+laptop-sized and a phone-sized screen, go to var/screenshots/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from settings import ROOT
+from tests import services
+from tests.e2e.dropping_proxy import DroppingProxy
+
+pytestmark = pytest.mark.e2e
+
+SCREENSHOTS = ROOT / "var" / "screenshots"
+DIGITS = ROOT / "samples" / "digits.csv"
+EPOCHS = 10
+# As root, chromium needs --no-sandbox; the rest keep it from calling home.
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+LAPTOP = {"width": 1366, "height": 768}
+PHONE = {"width": 390, "height": 844}
+# Every change of a chart's point count, recorded from the page's first moment.
+RECORD_POINTS = """
+window.__points = [];
+new MutationObserver((changes) => {
+  for (const c of changes) window.__points.push(Number(c.target.dataset.points));
+}).observe(document, {subtree: true, attributes: true, attributeFilter: ["data-points"]});
+"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    services.require(services.chromium_installed(), f"Debian's chromium at {services.CHROMIUM}")
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=services.CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+class Visit:
+    """A browser context on the platform that records what would make the page wrong for a user."""
+
+    def __init__(self, browser, base_url: str, viewport: dict, mobile: bool = False, token: str | None = None) -> None:
+        self.base = base_url
+        self.context = browser.new_context(viewport=viewport, is_mobile=mobile, has_touch=mobile,
+                                           accept_downloads=True)
+        self.context.add_init_script(RECORD_POINTS)
+        if token:  # signed in already, as after the sign-in form
+            saved = json.dumps({"token": token, "username": "ann", "expiresAt": 4102444800000})
+            self.context.add_init_script(f"localStorage.setItem('peertrain.auth', {json.dumps(saved)})")
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(30_000)
+        self.foreign: list[str] = []
+        self.errors: list[str] = []
+        self.page.on("request", self._request)
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+
+    def _request(self, request) -> None:
+        url = request.url
+        if not (url.startswith(self.base + "/") or url.startswith(("data:", "blob:"))):
+            self.foreign.append(url)
+
+    def shot(self, name: str) -> None:
+        self.page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=True)
+
+    def check(self, *expected: str) -> None:
+        """Nothing from other origins; no error in the console but those `expected` (each once)."""
+        assert self.foreign == [], f"the page requested other origins: {self.foreign}"
+        errors = list(self.errors)
+        for text in expected:
+            found = [e for e in errors if text in e]
+            assert len(found) == 1, (text, errors)
+            errors.remove(found[0])
+        assert errors == [], f"the page logged errors: {errors}"
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def test_a_user_signs_up_starts_a_session_watches_it_and_downloads_the_model(platform, two_peers, browser):
+    visit = Visit(browser, platform.base_url, LAPTOP)
+    page = visit.page
+    try:
+        page.goto(platform.base_url + "/")
+        page.wait_for_selector("form#signin")
+        visit.shot("laptop-1-signin")
+        page.click("text=Sign up")
+        name = f"web{uuid.uuid4().hex[:6]}"
+        page.fill("input[name=username]", name)
+        page.fill("input[name=email]", f"{name}@example.com")
+        page.fill("input[name=password]", "correct horse")
+        page.click("button[type=submit]")
+        page.wait_for_selector("text=No sessions yet")
+
+        page.click("nav >> text=New session")
+        # A file the server would refuse: its own message, and no way to start.
+        page.set_input_files("input[type=file]", files=[{"name": "bad.csv", "mimeType": "text/csv",
+                                                          "buffer": b"a;b;label\n1;2;0\n3;4;1\n"}])
+        page.wait_for_selector("#preview .alert")
+        assert "';' as the separator: use commas" in page.inner_text("#preview .alert")
+        assert page.is_disabled("button:has-text('Start training')")
+        page.set_input_files("input[type=file]", str(DIGITS))
+        # The server's reading of the file: its rows, classes and first rows.
+        page.wait_for_selector("#preview table")
+        assert "1,797 rows" in page.inner_text("#preview") or "1797 rows" in page.inner_text("#preview")
+        assert "10 classes" in page.inner_text("#preview")
+        assert page.input_value("select[name=target]") == "label"
+        page.fill("input[name=num_peers]", "2")
+        page.check("input[name=per_peer]")
+        rows = page.locator("table.per-peer tbody tr")
+        assert rows.count() == 2
+        for row, lr in zip(range(2), ("0.01", "0.001"), strict=True):
+            rows.nth(row).locator("input[name=learning_rate]").fill(lr)
+            rows.nth(row).locator("input[name=epochs]").fill(str(EPOCHS))
+            rows.nth(row).locator("input[name=batch_size]").fill("4")  # slow enough to watch the curves grow
+            rows.nth(row).locator("input[name=hidden]").fill("64")
+        visit.shot("laptop-2-new-session")
+        page.click("button:has-text('Start training')")
+
+        page.wait_for_selector("#status")
+        session_id = page.url.rsplit("/", 1)[1]
+        page.wait_for_selector(".chart:not([data-points='0'])")
+        visit.shot("laptop-3-session-running")
+        page.wait_for_selector("#status[data-status=COMPLETED]", timeout=120_000)
+        page.wait_for_selector(f".chart[data-points='{EPOCHS}']")
+        visit.shot("laptop-4-session-completed")
+
+        # The curves grew as the stream delivered the epochs, not in one piece at the end.
+        counts = page.evaluate("window.__points")
+        assert any(0 < count < EPOCHS for count in counts) and counts[-1] == EPOCHS, counts
+        table = page.inner_text("#peer-runs")
+        for peer in two_peers:
+            assert peer in table
+        assert table.count("COMPLETED") == 2 and table.count(f"epoch {EPOCHS}/{EPOCHS}") == 2
+        assert "Result best peer" in page.inner_text("#results")
+
+        with page.expect_download() as download:
+            page.click("#download")
+        saved = download.value.path().read_bytes()
+        token = json.loads(page.evaluate("localStorage.getItem('peertrain.auth')"))["token"]
+        served = requests.get(f"{platform.base_url}/sessions/{session_id}/model",
+                              headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert saved == served.content and len(saved) > 1000
+
+        page.click("nav >> text=Sessions")
+        page.wait_for_selector("#sessions tbody tr")
+        assert "COMPLETED" in page.inner_text("#sessions")
+        visit.shot("laptop-5-sessions")
+        page.click("nav >> text=Peers")
+        page.wait_for_selector("#peers tbody tr")
+        visit.shot("laptop-6-peers")
+        visit.check("status of 400")  # the refused bad.csv's preview, which the browser notes too
+
+        # The same session on a phone: replayed from its start, readable without zooming.
+        phone = Visit(browser, platform.base_url, PHONE, mobile=True, token=token)
+        try:
+            phone.page.goto(f"{platform.base_url}/#/sessions/{session_id}")
+            phone.page.wait_for_selector("#status[data-status=COMPLETED]")
+            phone.page.wait_for_selector(f".chart[data-points='{EPOCHS}']")
+            width = phone.page.evaluate("document.documentElement.scrollWidth")
+            assert width <= PHONE["width"], f"the page is {width} px wide on a {PHONE['width']} px screen"
+            phone.shot("phone-1-session")
+            phone.page.click("nav >> text=New session")
+            phone.page.set_input_files("input[type=file]", str(DIGITS))
+            phone.page.wait_for_selector("#preview table")
+            assert phone.page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+            phone.shot("phone-2-new-session")
+            phone.check()
+        finally:
+            phone.close()
+    finally:
+        visit.close()
+
+
+def test_a_session_page_resumes_its_stream_after_the_connection_drops(platform, two_peers, browser):
+    user = platform.user()
+    hp = json.dumps({"learning_rate": 0.01, "epochs": EPOCHS, "batch_size": 4, "hidden": [64]})
+    started = user.start(DIGITS, num_peers=2, hyperparameters=hp)
+    assert started.status_code == 202, started.text
+    session_id = started.json()["session_id"]
+    proxy = DroppingProxy(int(platform.base_url.rsplit(":", 1)[1]), after=2000)
+    visit = Visit(browser, proxy.url, LAPTOP, token=user.http.headers["Authorization"].split()[1])
+    resumed_after = []
+
+    def stream_opened(route) -> None:
+        resumed_after.append(route.request.all_headers().get("last-event-id"))
+        route.continue_()
+
+    visit.page.route("**/events", stream_opened)
+    try:
+        visit.page.goto(f"{proxy.url}/#/sessions/{session_id}")
+        visit.page.wait_for_selector("#status[data-status=COMPLETED]", timeout=120_000)
+        visit.page.wait_for_selector(f".chart[data-points='{EPOCHS}']")
+        assert proxy.cuts == 1
+        # Reopened once, asking for what follows the last event it had whole; the server replays the rest.
+        assert resumed_after == [None, proxy.last_complete_event_id()]
+        assert visit.page.inner_text("#peer-runs").count(f"epoch {EPOCHS}/{EPOCHS}") == 2
+        visit.shot("laptop-7-session-resumed")
+        visit.check("net::ERR_INCOMPLETE_CHUNKED_ENCODING")  # the browser's own note of the cut
+    finally:
+        visit.close()
+        proxy.close()
+
+
+def test_a_federated_session_draws_the_global_model_round_by_round(platform, two_peers, browser):
+    user = platform.user()
+    rounds, local = 3, 2
+    started = user.start(DIGITS, num_peers=2, mode="federated", rounds=rounds, local_epochs=local,
+                         hyperparameters=json.dumps({"learning_rate": 0.003, "hidden": [64]}))
+    assert started.status_code == 202, started.text
+    session_id = started.json()["session_id"]
+    visit = Visit(browser, platform.base_url, LAPTOP, token=user.http.headers["Authorization"].split()[1])
+    try:
+        visit.page.goto(f"{platform.base_url}/#/sessions/{session_id}")
+        visit.page.wait_for_selector("#status[data-status=COMPLETED]", timeout=120_000)
+        # A point per round for the global model, and the peers' local epochs between rounds.
+        visit.page.wait_for_selector(f".chart[data-points='{rounds * local}']")
+        assert "global model (val)" in visit.page.inner_text(".charts")
+        assert visit.page.inner_text("#peer-runs").count(f"round {rounds}/{rounds} · epoch {local}/{local}") == 2
+        assert "Result global model: val_accuracy" in visit.page.inner_text("#results")
+        visit.shot("laptop-8-federated")
+        visit.check()
+    finally:
+        visit.close()
+
+
+def test_the_api_docs_render_offline(platform, browser):
+    visit = Visit(browser, platform.base_url, LAPTOP)
+    try:
+        visit.page.goto(platform.base_url + "/docs")
+        visit.page.wait_for_selector(".swagger-ui .info .title")
+        visit.page.get_by_text("/sessions/{session_id}/events", exact=True).first.wait_for()
+        visit.shot("laptop-docs")
+        visit.check()
+    finally:
+        visit.close()

@@ -1,0 +1,93 @@
+// Live line charts on uPlot (vendored): named series of (x, y) points, redrawn at most once a frame.
+
+import { h, number } from "./dom.js";
+
+export const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#db2777",
+  "#65a30d", "#4f46e5", "#b45309"];
+
+const HEIGHT = 240;
+// Epochs and rounds are whole numbers: no tick at 1.25.
+const WHOLE = [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000];
+
+export class LineChart {
+  constructor(container, { title, xLabel, yLabel, range = null, xRange = null, xValue = (v) => number(v) }) {
+    this.options = { title, xLabel, yLabel, range, xRange, xValue };
+    this.series = new Map(); // key → {label, color, dash, width, points: Map(x → y)}
+    this.el = h("div", { class: "chart", dataset: { points: "0" } });
+    this.empty = h("p", { class: "chart-empty" }, `${title}: waiting for the first results…`);
+    container.append(h("figure", { class: "chart-box" }, this.empty, this.el));
+    this.plot = null;
+    this.rebuild = true;
+    this.frame = 0;
+    this.observer = new ResizeObserver(() => this.plot && this.plot.setSize(this.size()));
+    this.observer.observe(this.el);
+  }
+
+  define(key, { label, color, dash = null, width = 2 }) {
+    if (this.series.has(key)) return;
+    this.series.set(key, { label, color, dash, width, points: new Map() });
+    this.rebuild = true;
+  }
+
+  point(key, x, y) {
+    if (y === null || y === undefined || !Number.isFinite(y)) return;
+    this.series.get(key).points.set(x, y);
+    if (!this.frame) this.frame = requestAnimationFrame(() => this.draw());
+  }
+
+  size() {
+    return { width: Math.max(this.el.clientWidth, 200), height: HEIGHT };
+  }
+
+  data() {
+    const all = new Set();
+    for (const s of this.series.values()) for (const x of s.points.keys()) all.add(x);
+    const xs = [...all].sort((a, b) => a - b);
+    return [xs, ...[...this.series.values()].map((s) => xs.map((x) => (s.points.has(x) ? s.points.get(x) : null)))];
+  }
+
+  draw() {
+    this.frame = 0;
+    const data = this.data();
+    this.el.dataset.points = String(data[0].length);
+    this.empty.hidden = data[0].length > 0;
+    if (!this.plot || this.rebuild) {
+      if (this.plot) this.plot.destroy();
+      this.plot = new window.uPlot(this.uplotOptions(data[0].length), data, this.el);
+      this.rebuild = false;
+    } else {
+      this.plot.setData(data);
+    }
+  }
+
+  uplotOptions(count) {
+    const { title, xLabel, yLabel, range, xRange, xValue } = this.options;
+    const axis = { stroke: "#4b5563", grid: { stroke: "#e5e7eb" }, ticks: { stroke: "#e5e7eb" } };
+    return {
+      ...this.size(),
+      title,
+      // A fixed x range (the whole session's epochs or rounds): the curves grow across it.
+      scales: { x: xRange ? { time: false, range: xRange } : { time: false }, y: range ? { range } : {} },
+      axes: [{ ...axis, label: xLabel, incrs: WHOLE }, { ...axis, label: yLabel, size: 56 }],
+      cursor: { drag: { x: false, y: false } },
+      series: [
+        { label: xLabel, value: (u, v) => (v === null ? "–" : xValue(v)) },
+        ...[...this.series.values()].map((s) => ({
+          label: s.label,
+          stroke: s.color,
+          width: s.width,
+          dash: s.dash || undefined,
+          spanGaps: true,
+          points: { show: count <= 30 },
+          value: (u, v) => (v === null ? "–" : number(v)),
+        })),
+      ],
+    };
+  }
+
+  destroy() {
+    this.observer.disconnect();
+    if (this.frame) cancelAnimationFrame(this.frame);
+    if (this.plot) this.plot.destroy();
+  }
+}

@@ -1,0 +1,102 @@
+// A session's event stream (GET /sessions/<id>/events, Server-Sent Events) read with fetch():
+// EventSource cannot send the Authorization header. After a dropped connection it reconnects with
+// Last-Event-ID, so the server replays exactly what was missed.
+
+import { auth, ApiError, signedOut } from "./api.js";
+
+const MAX_DELAY_MS = 5000;
+
+// Parse SSE text as it arrives: call `dispatch({type, id, data})` for every complete event.
+export class SseParser {
+  constructor(dispatch) {
+    this.dispatch = dispatch;
+    this.buffer = "";
+    this.id = null; // the last event ID: it carries over to events that name none, as in EventSource
+    this.reset();
+  }
+
+  reset() {
+    this.type = "";
+    this.data = [];
+  }
+
+  push(text) {
+    this.buffer += text;
+    let end;
+    while ((end = this.buffer.indexOf("\n")) >= 0) {
+      let line = this.buffer.slice(0, end);
+      this.buffer = this.buffer.slice(end + 1);
+      if (line.endsWith("\r")) line = line.slice(0, -1);
+      this.line(line);
+    }
+  }
+
+  line(line) {
+    if (line === "") {
+      if (this.data.length) this.dispatch({ type: this.type || "message", id: this.id, data: this.data.join("\n") });
+      this.reset();
+      return;
+    }
+    if (line.startsWith(":")) return; // a comment: the server's keep-alive
+    const colon = line.indexOf(":");
+    const name = colon < 0 ? line : line.slice(0, colon);
+    let value = colon < 0 ? "" : line.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (name === "event") this.type = value;
+    else if (name === "data") this.data.push(value);
+    else if (name === "id" && !value.includes("\0")) this.id = value;
+  }
+}
+
+// Follow the stream until its `end` event (resolves with that event's data) or until `signal` aborts.
+// `onEvent(type, data, id)` gets every event; `onState("live" | "reconnecting" | "ended")` the connection's.
+export async function follow(path, { onEvent, onState = () => {}, signal }) {
+  let lastId = null;
+  let delay = 500;
+  while (!signal.aborted) {
+    let ended = null;
+    try {
+      const headers = { Accept: "text/event-stream", ...auth.headers() };
+      if (lastId !== null) headers["Last-Event-ID"] = lastId;
+      const response = await fetch(path, { headers, signal, cache: "no-store" });
+      if (!response.ok) {
+        const type = response.headers.get("Content-Type") || "";
+        const error = new ApiError(response.status, type.includes("json") ? await response.json() : null);
+        if (response.status === 401) signedOut();
+        if (response.status < 500) throw Object.assign(error, { fatal: true });
+        throw error;
+      }
+      onState("live");
+      const parser = new SseParser((event) => {
+        if (event.id !== null) lastId = event.id;
+        let data = null;
+        try {
+          data = JSON.parse(event.data);
+        } catch {
+          return; // not ours to read
+        }
+        delay = 500;
+        onEvent(event.type, data, event.id);
+        if (event.type === "end") ended = data;
+      });
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      while (ended === null) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        parser.push(value);
+      }
+      if (ended !== null) {
+        reader.cancel().catch(() => {});
+        onState("ended");
+        return ended;
+      }
+    } catch (error) {
+      if (signal.aborted) return null;
+      if (error.fatal) throw error;
+    }
+    onState("reconnecting");
+    await new Promise((resolve) => setTimeout(resolve, delay));
+    delay = Math.min(delay * 2, MAX_DELAY_MS);
+  }
+  return null;
+}

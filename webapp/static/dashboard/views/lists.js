@@ -1,0 +1,60 @@
+// The sessions list and the peers page: tables refreshed while they are shown.
+
+import { request } from "../api.js";
+import { FINISHED, ago, badge, h, repeat, when } from "../dom.js";
+
+export async function sessionsView(root, signal) {
+  const body = h("tbody");
+  const table = h("div", { class: "scroll" }, h("table", { class: "list", id: "sessions" },
+    h("thead", {}, h("tr", {}, ["Started", "Dataset", "Mode", "Peers", "Status", ""].map((t) => h("th", {}, t)))),
+    body));
+  const empty = h("p", { class: "muted", hidden: true }, "No sessions yet. ", h("a", { href: "#/new" },
+    "Start one"), " on the peers that are online.");
+  root.append(h("section", { class: "card" },
+    h("div", { class: "row between" }, h("h1", {}, "Sessions"), h("a", { class: "button primary", href: "#/new" },
+      "New session")),
+    table, empty));
+
+  const load = async () => {
+    const { items } = await request("/sessions", { signal });
+    empty.hidden = items.length > 0;
+    table.hidden = items.length === 0;
+    body.replaceChildren(...items.map((s) => {
+      const link = `#/sessions/${s.id}`;
+      return h("tr", {},
+        h("td", {}, h("a", { href: link }, when(s.created_at))),
+        h("td", { class: "wrap" }, s.filename),
+        h("td", {}, s.mode),
+        h("td", { class: "num" }, s.num_peers),
+        h("td", {}, badge(s.status), s.reason ? h("div", { class: "reason" }, s.reason) : null),
+        h("td", {}, h("a", { href: link }, "Open")));
+    }));
+    return items.some((s) => !FINISHED.has(s.status));
+  };
+  await load();
+  repeat(5, () => load().catch(() => {}), signal);
+}
+
+export async function peersView(root, signal) {
+  const summary = h("p", { class: "muted" });
+  const body = h("tbody");
+  root.append(h("section", { class: "card" }, h("h1", {}, "Peers"), summary,
+    h("div", { class: "scroll" }, h("table", { class: "list", id: "peers" },
+      h("thead", {}, h("tr", {}, ["Peer", "Status", "Host", "Last seen", "Session"].map((t) => h("th", {}, t)))),
+      body)),
+    h("p", { class: "muted small" }, "A peer is a machine running ",
+      h("code", {}, "make peer NAME=…"), "; it shows here once it reports in.")));
+
+  const load = async () => {
+    const answer = await request("/peers", { signal });
+    summary.textContent = `${answer.total} known · ${answer.online} online · ${answer.free} free to train`;
+    body.replaceChildren(...answer.peers.map((p) => h("tr", {},
+      h("td", {}, h("strong", {}, p.name)),
+      h("td", {}, badge(p.status)),
+      h("td", { class: "wrap" }, p.hostname || "–"),
+      h("td", {}, ago(p.last_seen)),
+      h("td", { class: "mono" }, p.session_id ? p.session_id.slice(-8) : "–"))));
+  };
+  await load();
+  repeat(5, () => load().catch(() => {}), signal);
+}

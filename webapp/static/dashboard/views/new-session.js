@@ -1,0 +1,256 @@
+// The new-session form: upload a CSV and see it as the server reads it (POST /datasets/preview),
+// pick the target and features, the mode, the peers and their hyperparameters, then start.
+
+import { request } from "../api.js";
+import { alertBox, field, h } from "../dom.js";
+
+const HP_DEFAULTS = { learning_rate: 0.001, epochs: 10, batch_size: 64, hidden: "128, 64", optimizer: "adam",
+  dropout: 0 };
+const HP_FIELDS = [
+  ["learning_rate", "Learning rate", { type: "number", step: "any", min: "0" }],
+  ["epochs", "Epochs", { type: "number", min: "1", max: "1000", step: "1" }],
+  ["batch_size", "Batch size", { type: "number", min: "1", step: "1" }],
+  ["hidden", "Hidden layers", { type: "text", inputmode: "numeric", placeholder: "128, 64" }],
+  ["optimizer", "Optimizer", null],
+  ["dropout", "Dropout", { type: "number", min: "0", max: "0.9", step: "0.05" }],
+];
+
+function select(name, options, value) {
+  return h("select", { name }, options.map(([v, label]) => h("option", { value: v, selected: v === value }, label)));
+}
+
+function hpControl(key, attrs, value, onInput) {
+  const control = key === "optimizer"
+    ? select(key, [["adam", "Adam"], ["sgd", "SGD"]], value)
+    : h("input", { name: key, ...attrs, value: String(value) });
+  control.addEventListener("input", () => onInput(control.value));
+  return control;
+}
+
+function parseHp(values, federated) {
+  const hp = {
+    learning_rate: Number(values.learning_rate),
+    batch_size: Number(values.batch_size),
+    optimizer: values.optimizer,
+    dropout: Number(values.dropout),
+    hidden: String(values.hidden).split(/[\s,]+/).filter(Boolean).map(Number),
+  };
+  if (!federated) hp.epochs = Number(values.epochs);
+  return hp;
+}
+
+export async function newSessionView(root, signal) {
+  const state = {
+    file: null, preview: null, target: null, task: "classification", features: null, mode: "sweep",
+    peers: 2, perPeer: false, hpAll: { ...HP_DEFAULTS }, hpEach: [],
+  };
+  let previewing = null;
+
+  // --- the dataset -------------------------------------------------------------------------
+  const fileInput = h("input", { type: "file", name: "file", accept: ".csv,text/csv", required: true });
+  const targetSelect = h("select", { name: "target", disabled: true });
+  const taskSelect = select("task", [["classification", "classification"], ["regression", "regression"]],
+    state.task);
+  const features = h("div", { class: "checks", id: "features" });
+  const previewBox = h("div", { class: "preview", id: "preview" }, h("p", { class: "muted" },
+    "Choose a CSV with a header row: its columns and first rows show here as the server reads them."));
+
+  const renderPreview = () => {
+    const p = state.preview;
+    if (!p) return;
+    targetSelect.disabled = false;
+    targetSelect.replaceChildren(...p.columns.map((c) => h("option", { value: c, selected: c === p.target }, c)));
+    features.replaceChildren(...p.columns.filter((c) => c !== p.target).map((c) => {
+      const box = h("input", { type: "checkbox", value: c, checked: p.features.includes(c) });
+      box.addEventListener("change", () => {
+        state.features = [...features.querySelectorAll("input:checked")].map((b) => b.value);
+        refresh();
+      });
+      return h("label", { class: "check" }, box, c);
+    }));
+    const classes = p.classes
+      ? h("p", {}, h("strong", {}, `${p.classes.length} classes: `),
+        p.classes.map((c) => `${c} (${p.class_counts[c]})`).join(", "))
+      : h("p", {}, h("strong", {}, "Regression"), ` on ${p.target}`);
+    previewBox.replaceChildren(
+      h("p", { class: "facts" }, h("strong", {}, p.filename), ` · ${p.rows.toLocaleString()} rows · `,
+        `${p.columns.length} columns · ${(p.bytes / 1024).toFixed(1)} KiB`),
+      classes,
+      h("div", { class: "scroll" }, h("table", { class: "list head" },
+        h("thead", {}, h("tr", {}, p.head.columns.map((c) => h("th", { class: c === p.target ? "target" : "" }, c)))),
+        h("tbody", {}, p.head.rows.map((row) => h("tr", {}, row.map((v, i) =>
+          h("td", { class: p.head.columns[i] === p.target ? "target" : "num" },
+            String(v)))))))),
+      h("p", { class: "muted small" }, `First ${p.head.rows.length} rows; the target column is highlighted.`));
+  };
+
+  const refresh = async () => {
+    if (!state.file) return;
+    if (previewing) previewing.abort();
+    previewing = new AbortController();
+    const data = new FormData();
+    data.append("file", state.file);
+    data.append("task", state.task);
+    if (state.target) data.append("target", state.target);
+    if (state.features) data.append("features", JSON.stringify(state.features));
+    if (state.mode === "federated") {
+      data.append("mode", "federated");
+      data.append("num_peers", String(state.peers));
+      data.append("partition", form.elements.partition.value);
+    }
+    previewBox.classList.add("busy");
+    try {
+      state.preview = await request("/datasets/preview", { method: "POST", form: data, signal: previewing.signal });
+      state.target = state.preview.target;
+      renderPreview();
+      startButton.disabled = false;
+    } catch (error) {
+      if (error.name === "AbortError") return;
+      state.preview = null;
+      startButton.disabled = true;
+      previewBox.replaceChildren(alertBox(error));
+    } finally {
+      previewBox.classList.remove("busy");
+    }
+  };
+
+  fileInput.addEventListener("change", () => {
+    state.file = fileInput.files[0] || null;
+    state.target = null;
+    state.features = null;
+    refresh();
+  });
+  targetSelect.addEventListener("change", () => {
+    state.target = targetSelect.value;
+    state.features = null;
+    refresh();
+  });
+  taskSelect.addEventListener("change", () => {
+    state.task = taskSelect.value;
+    refresh();
+  });
+
+  // --- the training ------------------------------------------------------------------------
+  const peersInput = h("input", { type: "number", name: "num_peers", min: "1", max: "64", step: "1",
+    value: String(state.peers), required: true });
+  const peersHint = h("small", { class: "hint" });
+  const modeControl = h("div", { class: "segmented", role: "radiogroup" },
+    [["sweep", "Sweep: every peer its own settings"], ["federated", "Federated: one model, data split"]].map(
+      ([value, label]) => h("label", {}, h("input", { type: "radio", name: "mode", value,
+        checked: value === state.mode }), label)));
+  const hpTable = h("div", { class: "hp" });
+  const perPeerToggle = h("input", { type: "checkbox", name: "per_peer" });
+  const federated = h("fieldset", { class: "grid", hidden: true },
+    h("legend", {}, "Federated rounds"),
+    field("Rounds", h("input", { type: "number", name: "rounds", min: "1", max: "1000", value: "5" })),
+    field("Local epochs per round", h("input", { type: "number", name: "local_epochs", min: "1", max: "1000",
+      value: "1" })),
+    field("Partition", select("partition", [["iid", "IID (even split)"], ["label_skew", "label skew"]], "iid")),
+    field("Skew α", h("input", { type: "number", name: "alpha", min: "0.01", step: "any", value: "0.5" }),
+      "smaller: more skewed"),
+    field("Aggregation", select("aggregation", [["fedavg", "FedAvg"], ["median", "median"],
+      ["trimmed_mean", "trimmed mean"]], "fedavg")),
+    field("Minimum peers", h("input", { type: "number", name: "min_peers", min: "1", max: "64",
+      placeholder: "all" }), "a round goes on with this many"),
+  );
+  const problem = h("div", { id: "start-problem" });
+  const startButton = h("button", { type: "submit", class: "primary", disabled: true }, "Start training");
+
+  const renderHp = () => {
+    const isFederated = state.mode === "federated";
+    const shown = HP_FIELDS.filter(([key]) => !(isFederated && key === "epochs"));
+    if (!state.perPeer) {
+      hpTable.replaceChildren(h("div", { class: "grid" }, shown.map(([key, label, attrs]) =>
+        field(label, hpControl(key, attrs, state.hpAll[key], (v) => { state.hpAll[key] = v; })))));
+      return;
+    }
+    while (state.hpEach.length < state.peers) state.hpEach.push({ ...state.hpAll });
+    state.hpEach.length = state.peers;
+    hpTable.replaceChildren(h("div", { class: "scroll" }, h("table", { class: "list per-peer" },
+      h("thead", {}, h("tr", {}, h("th", {}, "Peer"), shown.map(([, label]) => h("th", {}, label)))),
+      h("tbody", {}, state.hpEach.map((values, i) => h("tr", {}, h("td", {}, `#${i + 1}`),
+        shown.map(([key, , attrs]) => h("td", {}, hpControl(key, attrs, values[key], (v) => { values[key] = v; })))))))));
+  };
+
+  const form = h("form", { class: "stack", id: "new-session" },
+    h("section", { class: "card" }, h("h1", {}, "New session"),
+      h("fieldset", { class: "grid" }, h("legend", {}, "Dataset"),
+        field("CSV file", fileInput, null, "wide"),
+        field("Target column", targetSelect),
+        field("Task", taskSelect)),
+      h("details", { class: "features" }, h("summary", {}, "Feature columns"), features),
+      previewBox),
+    h("section", { class: "card" }, h("h2", {}, "Training"),
+      modeControl,
+      h("div", { class: "grid" }, h("label", { class: "field" }, h("span", { class: "label" }, "Peers"), peersInput,
+        peersHint)),
+      federated,
+      h("fieldset", {}, h("legend", {}, "Hyperparameters"),
+        h("label", { class: "check" }, perPeerToggle, "Set them per peer"),
+        hpTable),
+      problem,
+      h("div", { class: "row" }, startButton)));
+  root.append(form);
+
+  form.addEventListener("change", (event) => {
+    const name = event.target.name;
+    if (name === "mode") {
+      state.mode = form.elements.mode.value;
+      federated.hidden = state.mode !== "federated";
+      renderHp();
+      refresh();
+    } else if (name === "partition") {
+      refresh();
+    }
+  });
+  peersInput.addEventListener("input", () => {
+    const n = Number(peersInput.value);
+    if (!Number.isInteger(n) || n < 1 || n > 64) return;
+    state.peers = n;
+    if (state.perPeer) renderHp();
+  });
+  peersInput.addEventListener("change", () => { if (state.mode === "federated") refresh(); });
+  perPeerToggle.addEventListener("change", () => {
+    state.perPeer = perPeerToggle.checked;
+    renderHp();
+  });
+  renderHp();
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    problem.replaceChildren();
+    const isFederated = state.mode === "federated";
+    const data = new FormData();
+    data.append("file", state.file);
+    data.append("num_peers", String(state.peers));
+    data.append("mode", state.mode);
+    data.append("task", state.task);
+    data.append("target", state.target);
+    if (state.features) data.append("features", JSON.stringify(state.features));
+    const hp = state.perPeer ? state.hpEach.map((v) => parseHp(v, isFederated)) : parseHp(state.hpAll, isFederated);
+    data.append("hyperparameters", JSON.stringify(hp));
+    if (isFederated) {
+      for (const name of ["rounds", "local_epochs", "partition", "aggregation", "min_peers"]) {
+        const value = form.elements[name].value;
+        if (value !== "") data.append(name, value);
+      }
+      if (form.elements.partition.value === "label_skew") data.append("alpha", form.elements.alpha.value);
+    }
+    startButton.disabled = true;
+    try {
+      const started = await request("/sessions/start", { method: "POST", form: data });
+      location.hash = `#/sessions/${started.session_id}`;
+    } catch (error) {
+      problem.replaceChildren(alertBox(error));
+      startButton.disabled = false;
+    }
+  });
+
+  const peers = await request("/peers", { signal });
+  const { free } = peers;
+  peersHint.textContent = `${free} of ${peers.total} peer${peers.total === 1 ? "" : "s"} free to train now`;
+  if (free > 0) {
+    state.peers = Math.min(2, free);
+    peersInput.value = String(state.peers);
+  }
+}

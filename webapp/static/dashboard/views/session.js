@@ -1,0 +1,247 @@
+// One session: its facts (GET /sessions/<id>), then live curves and the peers' table from its event stream.
+
+import { download, request } from "../api.js";
+import { LineChart, PALETTE } from "../charts.js";
+import { FINISHED, alertBox, badge, h, number, percent, when } from "../dom.js";
+import { follow } from "../events.js";
+
+const PROGRESS = ["epoch", "epochs", "round", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2",
+  "samples_per_sec"];
+
+export async function sessionView(root, id, signal) {
+  const path = `/sessions/${encodeURIComponent(id)}`;
+  const page = new SessionPage(root, await request(path, { signal }), path, signal);
+  signal.addEventListener("abort", () => page.destroy());
+  page.follow();
+}
+
+class SessionPage {
+  constructor(root, session, path, signal) {
+    this.session = session;
+    this.path = path;
+    this.signal = signal;
+    this.federated = session.mode === "federated";
+    this.regression = session.task === "regression";
+    this.peers = new Map(session.peers.map((p, i) => [p.name, { ...p, color: PALETTE[i % PALETTE.length] }]));
+    this.rowsFrame = 0;
+
+    this.status = h("span");
+    this.facts = h("p", { class: "facts" });
+    this.reason = h("div");
+    this.connection = h("span", { class: "connection", id: "connection" });
+    this.actions = h("div", { class: "row" });
+    this.results = h("div", { id: "results" });
+    this.rows = h("tbody");
+    const charts = h("div", { class: "charts" });
+    root.append(
+      h("section", { class: "card" },
+        h("div", { class: "row between" },
+          h("h1", {}, `Session `, h("span", { class: "mono" }, session.id.slice(-8)), " ", this.status),
+          this.connection),
+        this.facts, this.reason, this.actions, this.results),
+      h("section", { class: "card" }, h("h2", {}, this.federated ? "Global model, round by round" : "Curves"), charts),
+      h("section", { class: "card" }, h("h2", {}, "Peers"),
+        h("div", { class: "scroll" }, h("table", { class: "list", id: "peer-runs" },
+          h("thead", {}, h("tr", {}, ["Peer", "Status", "Progress", "Loss", this.metricName(), "Samples/s",
+            "Settings"].map((t) => h("th", {}, t)))),
+          this.rows))),
+    );
+    const x = this.federated ? "round" : "epoch";
+    const xValue = this.federated ? (v) => (Number.isInteger(v) ? `round ${v}` : number(v, 3)) : undefined;
+    const xRange = this.federated ? [0, session.federated.rounds]
+      : [1, Math.max(2, ...session.peers.map((p) => p.epochs || 1))];
+    const common = { xLabel: x, xValue, xRange };
+    this.loss = new LineChart(charts, { title: "Loss", yLabel: "loss", ...common });
+    this.metric = this.regression
+      ? new LineChart(charts, { title: "Validation R²", yLabel: "R²", ...common })
+      : new LineChart(charts, { title: "Accuracy", yLabel: "accuracy", range: [0, 1.02], ...common });
+    this.defineSeries();
+    this.renderHeader();
+    this.renderRows();
+  }
+
+  // Sweep peers validate on held-out rows; federated peers only train on their shard (the global model is validated).
+  metricName() {
+    if (this.regression) return this.federated ? "R²" : "Val R²";
+    return this.federated ? "Accuracy" : "Val accuracy";
+  }
+
+  metricOf(p) {
+    if (this.regression) return number(p.val_r2);
+    return percent(this.federated ? p.accuracy : p.val_accuracy);
+  }
+
+  defineSeries() {
+    if (this.federated) {
+      const global = { color: "#111827", width: 3 };
+      this.loss.define("global", { label: "global model (val)", ...global });
+      this.metric.define("global", { label: "global model (val)", ...global });
+    }
+    for (const [name, peer] of this.peers) {
+      const thin = this.federated ? 1 : 2;
+      this.loss.define(`${name}:train`, { label: `${name} train`, color: peer.color, width: thin });
+      if (!this.federated) this.loss.define(`${name}:val`, { label: `${name} val`, color: peer.color, dash: [6, 4] });
+      if (this.regression) {
+        this.metric.define(`${name}:val`, { label: `${name} val`, color: peer.color, width: thin, dash: [6, 4] });
+      } else {
+        this.metric.define(`${name}:train`, { label: `${name} train`, color: peer.color, width: thin });
+        if (!this.federated) {
+          this.metric.define(`${name}:val`, { label: `${name} val`, color: peer.color, dash: [6, 4] });
+        }
+      }
+    }
+  }
+
+  follow() {
+    follow(`${this.path}/events`, {
+      signal: this.signal,
+      onEvent: (type, data) => this.onEvent(type, data),
+      onState: (state) => this.setConnection(state),
+    }).catch((error) => {
+      this.setConnection("stopped");
+      this.reason.replaceChildren(alertBox(error));
+    });
+  }
+
+  onEvent(type, data) {
+    if (type === "status") {
+      Object.assign(this.session, { status: data.status, reason: data.reason });
+      this.renderHeader();
+    } else if (type === "heartbeat") {
+      this.heartbeat(data);
+    } else if (type === "round") {
+      const x = data.round + 1;
+      this.loss.point("global", x, data.metrics.val_loss);
+      this.metric.point("global", x, this.regression ? data.metrics.val_r2 : data.metrics.val_accuracy);
+    } else if (type === "peer") {
+      const peer = this.peers.get(data.peer);
+      if (peer) Object.assign(peer, { status: data.status, error: data.error ?? peer.error });
+      this.scheduleRows();
+    } else if (type === "end") {
+      Object.assign(this.session, { status: data.status, reason: data.reason });
+      this.renderHeader();
+      // The results and the model are facts of the finished session.
+      request(this.path, { signal: this.signal }).then((session) => {
+        this.session = session;
+        for (const run of session.peers) Object.assign(this.peers.get(run.name) || {}, run);
+        this.renderHeader();
+        this.renderRows();
+      }).catch(() => {});
+    }
+  }
+
+  heartbeat(beat) {
+    const peer = this.peers.get(beat.peer);
+    if (!peer) return;
+    for (const key of PROGRESS) if (key in beat) peer[key] = beat[key];
+    if (peer.status === "PENDING") peer.status = "RUNNING";
+    // Federated: a peer's local epochs fill the space between two rounds of the global model.
+    const x = this.federated ? beat.round + beat.epoch / beat.epochs : beat.epoch;
+    this.loss.point(`${beat.peer}:train`, x, beat.loss);
+    if (!this.federated) this.loss.point(`${beat.peer}:val`, x, beat.val_loss);
+    if (this.regression) {
+      this.metric.point(`${beat.peer}:val`, x, beat.val_r2);
+    } else {
+      this.metric.point(`${beat.peer}:train`, x, beat.accuracy);
+      if (!this.federated) this.metric.point(`${beat.peer}:val`, x, beat.val_accuracy);
+    }
+    this.scheduleRows();
+  }
+
+  setConnection(state) {
+    const text = { live: "● live", reconnecting: "reconnecting…", ended: "", stopped: "stream stopped" }[state];
+    this.connection.textContent = text ?? state;
+    this.connection.className = `connection ${state}`;
+  }
+
+  renderHeader() {
+    const s = this.session;
+    this.status.replaceChildren(badge(s.status));
+    this.status.id = "status";
+    this.status.dataset.status = s.status;
+    const settings = this.federated
+      ? `${s.federated.rounds} rounds × ${s.federated.local_epochs} local epochs, ${s.federated.partition}, `
+        + `${s.federated.aggregation}`
+      : `${s.peers.length} peers, each its own settings`;
+    this.facts.replaceChildren(
+      h("strong", {}, s.mode), ` · ${s.dataset.filename} (${s.dataset.rows.toLocaleString()} rows) · `,
+      `target ${s.target} · ${settings} · started ${when(s.created_at)}`,
+      s.finished_at ? ` · finished ${when(s.finished_at)}` : "");
+    this.reason.replaceChildren(s.reason && s.status !== "COMPLETED"
+      ? h("div", { class: "alert", role: "alert" }, s.reason) : "");
+    const finished = FINISHED.has(s.status);
+    const cancel = h("button", { type: "button", id: "cancel", disabled: finished, onclick: () => this.cancel(cancel) },
+      "Cancel");
+    const model = h("button", { type: "button", class: "primary", id: "download", disabled: !s.model_available,
+      title: s.model_available ? "a safetensors file; python -m trainer.predict uses it" : "no model yet",
+      onclick: () => download(`${this.path}/model`, `peertrain-${s.id}.safetensors`).catch((error) =>
+        this.reason.replaceChildren(alertBox(error))) }, "Download model");
+    this.actions.replaceChildren(...(finished ? [] : [cancel]), model);
+    this.renderResults();
+  }
+
+  renderResults() {
+    const r = this.session.results || {};
+    if (!r.metric) {
+      this.results.replaceChildren();
+      return;
+    }
+    const value = r.metric.includes("accuracy") ? percent(r.best_value) : number(r.best_value);
+    const best = r.best_peer ? `best peer ${r.best_peer}: ` : "global model: ";
+    this.results.replaceChildren(h("p", { class: "result" }, h("strong", {}, "Result "), `${best}${r.metric} ${value}`));
+  }
+
+  async cancel(button) {
+    button.disabled = true;
+    try {
+      await request(`${this.path}/cancel`, { method: "POST" });
+    } catch (error) {
+      this.reason.replaceChildren(alertBox(error));
+      button.disabled = false;
+    }
+  }
+
+  scheduleRows() {
+    if (!this.rowsFrame) this.rowsFrame = requestAnimationFrame(() => this.renderRows());
+  }
+
+  renderRows() {
+    this.rowsFrame = 0;
+    const fed = this.session.federated || {};
+    this.rows.replaceChildren(...[...this.peers.values()].map((p) => {
+      let done = 0;
+      let total = 1;
+      let label = "waiting";
+      if (this.federated && p.epochs) {
+        total = fed.rounds * fed.local_epochs;
+        done = Math.min(total, p.epoch ? p.round * fed.local_epochs + p.epoch : 0);
+        if (p.epoch) label = `round ${p.round + 1}/${fed.rounds} · epoch ${p.epoch}/${fed.local_epochs}`;
+      } else if (p.epochs) {
+        total = p.epochs;
+        done = p.epoch || 0;
+        if (p.epoch) label = `epoch ${p.epoch}/${p.epochs}`;
+      }
+      const hp = p.hyperparameters || {};
+      const settings = [`lr ${hp.learning_rate}`, this.federated ? null : `${hp.epochs} epochs`,
+        `batch ${hp.batch_size}`, `${hp.optimizer}`, `hidden [${(hp.hidden || []).join(", ")}]`]
+        .filter(Boolean).join(" · ");
+      return h("tr", { dataset: { peer: p.name } },
+        h("td", {}, h("span", { class: "swatch", "aria-hidden": "true", dataset: { color: p.color } }),
+          h("strong", {}, p.name)),
+        h("td", {}, badge(p.status), p.error ? h("div", { class: "reason" }, p.error) : null),
+        h("td", { class: "progress-cell" }, h("progress", { max: String(total), value: String(done) }),
+          h("div", { class: "small" }, label)),
+        h("td", { class: "num" }, number(p.loss)),
+        h("td", { class: "num" }, this.metricOf(p)),
+        h("td", { class: "num" }, number(p.samples_per_sec, 3)),
+        h("td", { class: "small wrap" }, settings));
+    }));
+    for (const swatch of this.rows.querySelectorAll(".swatch")) swatch.style.background = swatch.dataset.color;
+  }
+
+  destroy() {
+    this.loss.destroy();
+    this.metric.destroy();
+    if (this.rowsFrame) cancelAnimationFrame(this.rowsFrame);
+  }
+}
