@@ -10,6 +10,7 @@ import flask_smorest
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException, InternalServerError
 
+from webapp import outages
 from webapp.extensions import jwt
 
 log = logging.getLogger(__name__)
@@ -121,5 +122,11 @@ def init_app(app: Flask, api: flask_smorest.Api) -> None:
 def _unhandled(error: Exception):
     if isinstance(error, HTTPException):
         return handle_http_exception(error)
+    if outages.transient(error):
+        log.warning("a service did not answer", exc_info=error)
+        response = jsonify(payload(503, "a service the API needs did not answer; try again shortly"))
+        response.status_code = 503
+        response.headers["Retry-After"] = "5"
+        return response
     wrapped = InternalServerError(original_exception=error)
     return handle_http_exception(wrapped)

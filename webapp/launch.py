@@ -27,7 +27,7 @@ from models.session import FAILED, FEDERATED
 from tasks.storage import HashingReader
 from trainer.split import shard
 from trainer.table import DatasetError, Table, read_table, split_indices
-from webapp import polling
+from webapp import outages, polling
 from webapp.extensions import dispatcher, storage
 
 log = logging.getLogger(__name__)
@@ -101,14 +101,19 @@ def _start(user: User, form: dict[str, Any], upload: Upload) -> TrainingSession:
         polling.changed(user.id)  # the owner's training-status now names this session
         dispatcher().run_session(str(session_id))
     except Exception as exc:
+        # Whatever failed, nothing stays claimed and the session does not wait for a coordinator.
         peers.release(session_id)
+        outage = outages.transient(exc)
         if saved:
-            TrainingSession.objects(id=session_id).update_one(
-                set__status=FAILED, set__reason=f"could not reach the coordinator: {exc}"
-            )
+            reason = ("could not reach the coordinator; start the session again" if outage
+                      else "internal error while starting; it has been logged")
+            TrainingSession.objects(id=session_id).update_one(set__status=FAILED, set__reason=reason)
             polling.changed(user.id)
-        log.exception("starting session %s failed", session_id)
-        abort(503, message="the platform could not start the session; no peer was kept, try again")
+        if not outage:
+            raise  # a bug: the error handler logs it with its traceback and answers 500
+        log.warning("starting session %s: a service did not answer", session_id, exc_info=True)
+        abort(503, message="the platform could not start the session (a service it needs did not answer); "
+                           "no peer was kept, try again", headers={"Retry-After": "5"})
     return session
 
 

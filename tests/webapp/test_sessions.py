@@ -198,6 +198,7 @@ def test_when_the_coordinator_cannot_be_reached_peers_are_released(app, auth, on
     online_peers(2)
     response = start(app.test_client(), auth, csv_path)
     assert response.status_code == 503
+    assert "try again" in response.json["message"] and int(response.headers["Retry-After"]) > 0
     assert Peer.objects(status=TRAINING).count() == 0
     assert Peer.objects(status=ONLINE).count() == 2
     session = TrainingSession.objects.get()
@@ -325,3 +326,59 @@ def test_too_few_rows_for_one_shard_per_peer_is_400(client, auth, online_peers, 
     assert response.status_code == 400, response.json
     assert "shards" in response.json["message"]
     assert Peer.objects(status=TRAINING).count() == 0
+
+
+@pytest.mark.parametrize(
+    ("form", "field", "words"),
+    [
+        ({"features": "[abc"}, "features", "not valid JSON"),
+        ({"features": "[" * 100_000}, "features", "nested too deeply"),
+        ({"hyperparameters": "[" * 100_000}, "hyperparameters", "nested too deeply"),
+    ],
+)
+def test_json_text_that_cannot_be_decoded_is_400_naming_the_field(client, auth, online_peers, csv_path, form, field,
+                                                                  words):
+    online_peers(2)
+    response = start(client, auth, csv_path, **form)
+    assert response.status_code == 400, response.json
+    assert list(response.json["errors"]) == [field]
+    assert words in response.json["message"]
+    assert Peer.objects(status=TRAINING).count() == 0
+
+
+def test_a_file_sent_as_a_plain_field_is_400_showing_the_at_sign(client, auth, online_peers):
+    # curl -F file=samples/wine.csv (without the @) sends the path as text, not the file.
+    online_peers(2)
+    response = client.post("/sessions/start", headers=auth, data={"num_peers": "1", "file": "samples/wine.csv"},
+                           content_type="multipart/form-data")
+    assert response.status_code == 400, response.json
+    assert list(response.json["errors"]) == ["file"]
+    assert "-F file=@samples/wine.csv" in response.json["message"]
+
+
+def test_an_unknown_hyperparameter_lists_the_valid_keys(client, auth, online_peers, csv_path):
+    online_peers(2)
+    response = start(client, auth, csv_path, hyperparameters={"lr": 0.1})
+    assert response.status_code == 400, response.json
+    message = response.json["message"]
+    assert "lr" in message
+    for key in ("batch_size", "epochs", "learning_rate", "hidden", "optimizer", "dropout"):
+        assert key in message
+
+
+def test_a_bug_while_starting_is_a_logged_500_not_a_503(app, auth, online_peers, csv_path, caplog):
+    from webapp.extensions import DISPATCHER, Dispatcher
+
+    class Broken(Dispatcher):
+        def run_session(self, session_id: str) -> None:
+            raise KeyError("a bug, not an outage")
+
+    app.extensions[DISPATCHER] = Broken(None, "coordinator")
+    online_peers(2)
+    response = start(app.test_client(), auth, csv_path)
+    assert response.status_code == 500
+    assert response.json["message"] == "internal error; it has been logged"
+    assert "a bug, not an outage" not in response.get_data(as_text=True)
+    assert "Traceback" in caplog.text and "a bug, not an outage" in caplog.text
+    assert Peer.objects(status=TRAINING).count() == 0
+    assert TrainingSession.objects.get().status == "FAILED"
