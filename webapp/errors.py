@@ -12,6 +12,7 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 
 from webapp import outages
 from webapp.extensions import jwt
+from webapp.passwords import Busy
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,11 @@ def _revoked_token(header: dict, data: dict):
     return _unauthorized("the access token has been revoked; sign in again")
 
 
+@jwt.token_verification_failed_loader
+def _foreign_token(header: dict, data: dict):
+    return _unauthorized("invalid access token: it names no account of this server; sign in again")
+
+
 @jwt.user_lookup_error_loader
 def _user_gone(header: dict, data: dict):
     response = jsonify(payload(404, "the user of this token no longer exists"))
@@ -117,6 +123,14 @@ def init_app(app: Flask, api: flask_smorest.Api) -> None:
     api.handle_http_exception = handle_http_exception
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(Exception, _unhandled)
+    app.register_error_handler(Busy, _busy)
+
+
+def _busy(error: Busy):
+    response = jsonify(payload(503, "the server is busy checking other passwords; try again in a second"))
+    response.status_code = 503
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 def _unhandled(error: Exception):

@@ -12,6 +12,7 @@ from marshmallow import fields, validate
 from werkzeug.datastructures import FileStorage
 
 from models.session import FEDERATED, MODES, SWEEP
+from models.user import email_error
 
 MAX_PEERS = 64
 
@@ -49,6 +50,13 @@ class SignupSchema(StrictSchema):
     )
     email = fields.Email(required=True, validate=validate.Length(max=254))
     password = fields.String(required=True, load_only=True, validate=validate.Length(min=8, max=256))
+
+    @ma.validates("email")
+    def _storable(self, value: str, **kwargs: Any) -> None:
+        # What marshmallow calls an email is wider than what the account store accepts.
+        problem = email_error(value)
+        if problem:
+            raise ma.ValidationError(problem)
 
 
 class SigninSchema(StrictSchema):
