@@ -43,7 +43,7 @@ monitor: build
 
 api: build
 	$(BIN)/granian --interface wsgi --factory --host $${HOST:-127.0.0.1} --port $${PORT:-8000} \
-		--workers $${API_WORKERS:-2} --blocking-threads 1 --no-ws webapp:create_app
+		--workers $${API_WORKERS:-2} --blocking-threads $${API_THREADS:-2} --no-ws webapp:create_app
 
 flower: build
 	$(BIN)/celery -A tasks flower --address=127.0.0.1 --port=$${FLOWER_PORT:-5555}

@@ -112,10 +112,11 @@ def main() -> None:
     base = f"http://{settings.host}:{settings.port}"
     print(WALKTHROUGH.format(base=base, peers=", ".join(names) or "none (start some with `make peer NAME=...`)",
                              storage=settings.storage_url, sample=Path(ROOT, "samples", "wine.csv")), flush=True)
-    # One worker: mongomock and the in-memory broker live in one process. One app thread: more only
-    # queue on the GIL (bench/api.py). Granian handles Ctrl-C and SIGTERM, then returns.
+    # One worker: mongomock and the in-memory broker live in one process. Two app threads: a sign-in's
+    # bcrypt hash holds one while the other serves the rest (bench/signin.py). Granian handles Ctrl-C and
+    # SIGTERM, then returns.
     server = Granian("embedded:platform_app", address=settings.host, port=settings.port,
-                     interface=Interfaces.WSGI, workers=1, blocking_threads=1, websockets=False, factory=True,
+                     interface=Interfaces.WSGI, workers=1, blocking_threads=2, websockets=False, factory=True,
                      working_dir=Path(ROOT), workers_kill_timeout=15)  # a worker stuck on exit is killed
     try:
         server.serve()

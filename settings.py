@@ -60,7 +60,10 @@ def _opt(env: str, default, help: str):
 class Settings:
     """Typed view of the environment; build with `Settings.from_env()`."""
 
-    env: str = _opt("PEERTRAIN_ENV", DEVELOPMENT, "`development` or `production`; production needs a JWT secret")
+    env: str = _opt(
+        "PEERTRAIN_ENV", DEVELOPMENT, "`development` or `production`; production needs a strong JWT secret"
+        " (see JWT_SECRET_KEY)"
+    )
     host: str = _opt("HOST", "127.0.0.1", "address the API listens on")
     port: int = _opt("PORT", 8000, "port the API listens on")
     broker_url: str = _opt("BROKER_URL", "memory://localhost/", "Celery broker, e.g. `amqp://guest:guest@127.0.0.1:5672//`")

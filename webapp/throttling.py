@@ -69,7 +69,7 @@ def init_app(app: Flask, blueprint: flask.Blueprint) -> Limiter:
 
 def _retry_after() -> int:
     limit = current_app.extensions[LIMITER].current_limit
-    return max(1, math.ceil(limit.reset_at - time.time())) if limit is not None else 60
+    return max(1, math.ceil(limit.window.reset_time - time.time())) if limit is not None else 60
 
 
 def _message(whose: str) -> str:
