@@ -63,6 +63,10 @@ def handle_http_exception(error: HTTPException):
         message = "the upload is larger than this server accepts"
     response = jsonify(payload(code, message, _strip_locations(errors) if errors else None))
     response.status_code = code
+    # The exception's own headers: a 405's Allow (RFC 9110), a 401's WWW-Authenticate.
+    for name, value in error.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
     for name, value in (data.get("headers") or {}).items():
         response.headers[name] = value
     return response

@@ -11,6 +11,7 @@ from flask_jwt_extended import JWTManager
 from flask_smorest import abort
 from webargs.flaskparser import FlaskParser
 from werkzeug.datastructures import CombinedMultiDict
+from werkzeug.routing import BaseConverter
 
 from tasks.storage import Storage, open_storage
 from webapp.passwords import Passwords
@@ -32,6 +33,12 @@ class Parser(FlaskParser):
             abort(400, message="send JSON: a JSON object body with the header Content-Type: application/json "
                                "(curl: -H 'Content-Type: application/json' -d '{...}')")
         return super().load_json(req, schema)
+
+
+class ObjectIdConverter(BaseConverter):
+    """A path segment that can be a database id (24 hex digits), so `/sessions/start` is never one."""
+
+    regex = "[0-9a-fA-F]{24}"
 
 
 class Blueprint(flask_smorest.Blueprint):
@@ -73,7 +80,9 @@ def init_app(app: Flask) -> flask_smorest.Api:
     if isinstance(expires, int):
         app.config["JWT_ACCESS_TOKEN_EXPIRES"] = timedelta(seconds=expires)
     jwt.init_app(app)
+    app.url_map.converters["objectid"] = ObjectIdConverter
     api = flask_smorest.Api(app)
+    api.register_converter(ObjectIdConverter, lambda _: {"type": "string", "pattern": f"^{ObjectIdConverter.regex}$"})
     if STORAGE not in app.extensions:
         app.extensions[STORAGE] = open_storage(
             app.config["STORAGE_URL"], app.config["S3_ENDPOINT_URL"], app.config["S3_REGION"]

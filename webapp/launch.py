@@ -61,7 +61,7 @@ def spooled(upload: FileStorage) -> Iterator[Upload]:
 def inspect_upload(upload: Upload, form: dict[str, Any]) -> Table:
     """Read and validate the CSV with the trainer's own reader; a bad file is a 400 naming the problem."""
     try:
-        table = read_table(upload.path, target=form["target"], features=form["features"], task=form["task"])
+        table = read_table(upload.path, target=form["target"], features=form.get("features"), task=form["task"])
         train_rows, _ = split_indices(table.y, VALIDATION_FRACTION, seed=form["seed"],
                                       stratify=table.classes is not None)
         if form["mode"] == FEDERATED:
@@ -128,7 +128,7 @@ def _document(session_id: ObjectId, user: User, form: dict[str, Any], table: Tab
         federated = {
             key: form[key] for key in ("rounds", "local_epochs", "partition", "alpha", "aggregation")
         }
-        federated["min_peers"] = form["min_peers"] or len(names)
+        federated["min_peers"] = form.get("min_peers") or len(names)
     return TrainingSession(
         id=session_id,
         owner_id=user.id,

@@ -171,9 +171,10 @@ class StartSessionSchema(StrictSchema):
 
     file = CSVUpload(required=True, metadata={"description": "the dataset, a CSV with a header row"})
     num_peers = fields.Integer(required=True, validate=validate.Range(min=1, max=MAX_PEERS))
+    # Optional form fields have no load_default of None: a form cannot send null, so the document must not
+    # call them nullable; consumers read them with .get().
     hyperparameters = JSONString(
         '{"learning_rate": 0.01} or [{"epochs": 5}, {"epochs": 20}]',
-        load_default=None,
         metadata={
             "description": "JSON: one object for every peer, or a list of exactly num_peers objects "
             "with batch_size, epochs, learning_rate, hidden, optimizer, dropout",
@@ -181,7 +182,7 @@ class StartSessionSchema(StrictSchema):
         },
     )
     target = fields.String(load_default="label", validate=validate.Length(min=1, max=200))
-    features = NameList(load_default=None, metadata={"type": "string", "description": "comma-separated or JSON list"})
+    features = NameList(metadata={"type": "string", "description": "comma-separated or JSON list"})
     task = fields.String(load_default="classification", validate=validate.OneOf(["classification", "regression"]))
     mode = fields.String(load_default=SWEEP, validate=validate.OneOf(MODES))
     seed = fields.Integer(load_default=0, validate=validate.Range(min=0, max=2**31 - 1))
@@ -191,7 +192,7 @@ class StartSessionSchema(StrictSchema):
     partition = fields.String(load_default="iid", validate=validate.OneOf(["iid", "label_skew"]))
     alpha = fields.Float(load_default=0.5, validate=validate.Range(min=0.01, max=1000))
     aggregation = fields.String(load_default="fedavg", validate=validate.OneOf(["fedavg", "median", "trimmed_mean"]))
-    min_peers = fields.Integer(load_default=None, validate=validate.Range(min=1, max=MAX_PEERS))
+    min_peers = fields.Integer(validate=validate.Range(min=1, max=MAX_PEERS))
 
     @ma.validates_schema
     def _peer_settings(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -230,7 +231,7 @@ class StartSessionSchema(StrictSchema):
     def _federated(data: dict[str, Any]) -> None:
         if data["task"] != "classification" and data["partition"] == "label_skew":
             raise ma.ValidationError("label_skew partitions need class labels (task=classification)", "partition")
-        if data["min_peers"] is not None and data["min_peers"] > data["num_peers"]:
+        if data.get("min_peers") is not None and data["min_peers"] > data["num_peers"]:
             raise ma.ValidationError("cannot exceed num_peers", "min_peers")
         shapes = {(tuple(h["hidden"]), h["dropout"]) for h in data["hyperparameters"]}
         if len(shapes) > 1:

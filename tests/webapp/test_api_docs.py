@@ -44,6 +44,15 @@ def test_unknown_routes_and_methods_use_the_error_shape(client):
     response = client.delete("/auth/signup")
     assert response.status_code == 405
     assert response.json["status"] == "Method Not Allowed"
+    assert set(response.headers["Allow"].split(", ")) == {"POST", "OPTIONS"}
+
+
+def test_a_session_route_allows_only_its_own_methods(client):
+    # /sessions/start is not a session id: GET on it is not allowed, rather than a search for session "start".
+    response = client.get("/sessions/start")
+    assert response.status_code == 405
+    assert set(response.headers["Allow"].split(", ")) == {"POST", "OPTIONS"}
+    assert client.get("/sessions/not-an-id").status_code == 404
 
 
 def test_a_malformed_json_body_is_400(client):
