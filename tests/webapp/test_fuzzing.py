@@ -81,7 +81,8 @@ def test_generated_requests_get_no_5xx_and_documented_answers(served, tmp_path):
                f"{base}/openapi.json", "--header", f"Authorization: {headers['Authorization']}",
                "--checks", "all", "--max-examples", "60", "--seed", "20261129", "--workers", "1",
                "--report", "json", "--report-json-path", str(report), "--no-color"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    # In a scratch folder: hypothesis and schemathesis keep example databases and caches in the working one.
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     summary = json.loads(report.read_text()) if report.exists() else {}
     assert result.returncode == 0, result.stdout[-12000:] + result.stderr[-3000:]
     assert summary["operations"]["tested"] == summary["operations"]["total"] == 12
