@@ -41,9 +41,11 @@ def create_app(test_config: dict[str, Any] | None = None, settings: Settings | N
     from webapp.auth import blp as auth
     from webapp.health import blp as health
     from webapp.peers import blp as peers
+    from webapp.schemas import HyperparametersSchema
     from webapp.sessions import blp as sessions
 
     throttling.init_app(app, auth)
+    api.spec.components.schema("Hyperparameters", schema=HyperparametersSchema)  # see schemas.HYPERPARAMETERS_REF
     for blueprint in (auth, peers, sessions, health):
         api.register_blueprint(blueprint)
     return app

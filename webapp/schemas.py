@@ -101,7 +101,8 @@ class HyperparametersSchema(StrictSchema):
     batch_size = fields.Integer(load_default=64, validate=validate.Range(min=1, max=65536))
     epochs = fields.Integer(load_default=10, validate=validate.Range(min=1, max=1000))
     learning_rate = fields.Float(
-        load_default=0.001, validate=validate.Range(min=0, max=10, min_inclusive=False)
+        load_default=0.001, validate=validate.Range(min=0, max=10, min_inclusive=False),
+        metadata={"exclusiveMinimum": True},  # OpenAPI 3.0's spelling of min_inclusive=False
     )
     hidden = fields.List(
         fields.Integer(validate=validate.Range(min=1, max=4096)),
@@ -121,6 +122,10 @@ def _decode_json(text: str, example: str) -> Any:
             f"not valid JSON ({exc.msg} at character {exc.pos + 1}); write it like {example}") from None
     except RecursionError:
         raise ma.ValidationError(f"nested too deeply to read; write it like {example}") from None
+
+
+# The component create_app registers HyperparametersSchema as, for the form field that carries it as JSON.
+HYPERPARAMETERS_REF = "#/components/schemas/Hyperparameters"
 
 
 class JSONString(fields.Field):
@@ -176,13 +181,14 @@ class StartSessionSchema(StrictSchema):
     hyperparameters = JSONString(
         '{"learning_rate": 0.01} or [{"epochs": 5}, {"epochs": 20}]',
         metadata={
-            "description": "JSON: one object for every peer, or a list of exactly num_peers objects "
-            "with batch_size, epochs, learning_rate, hidden, optimizer, dropout",
-            "type": "string",
+            "description": "JSON: one object for every peer, or a list of exactly num_peers objects",
+            # A multipart part holding an object or array is JSON text (OpenAPI 3.0, "Encoding Object").
+            "oneOf": [{"$ref": HYPERPARAMETERS_REF},
+                      {"type": "array", "items": {"$ref": HYPERPARAMETERS_REF}, "minItems": 1, "maxItems": MAX_PEERS}],
         },
     )
     target = fields.String(load_default="label", validate=validate.Length(min=1, max=200))
-    features = NameList(metadata={"type": "string", "description": "comma-separated or JSON list"})
+    features = NameList(metadata={"type": "string", "minLength": 1, "description": "comma-separated or JSON list"})
     task = fields.String(load_default="classification", validate=validate.OneOf(["classification", "regression"]))
     mode = fields.String(load_default=SWEEP, validate=validate.OneOf(MODES))
     seed = fields.Integer(load_default=0, validate=validate.Range(min=0, max=2**31 - 1))

@@ -8,7 +8,6 @@ import pytest
 
 from tests import services
 from webapp import create_app
-from webapp.extensions import passwords
 
 
 @pytest.fixture
@@ -117,6 +116,8 @@ def test_a_bad_limit_setting_stops_the_api_naming_it(db, storage_dir):
 
 
 def test_a_sign_in_finding_every_hashing_slot_busy_is_503_at_once(app, client, signup, auth):
+    from webapp.extensions import passwords
+
     signup("bob", password="pw-123456")
     with app.app_context(), passwords().slot():  # another sign-in is hashing
         busy = client.post("/auth/signin", json={"email": "bob@example.com", "password": "pw-123456"})
