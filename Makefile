@@ -27,6 +27,7 @@ lint: build
 bench: build
 	$(BIN)/python bench/trainer.py
 	$(BIN)/python bench/api.py
+	$(BIN)/python bench/signin.py
 	$(BIN)/python bench/session.py
 	$(BIN)/python bench/federated.py
 
