@@ -1,4 +1,4 @@
-"""docker-compose's nginx in front of `make api`: slow clients never hold the API's one app thread,
+"""docker-compose's nginx in front of `make api`: slow clients never hold the API's app threads,
 and an upload over the cap is refused in the API's own error shape."""
 
 from __future__ import annotations
