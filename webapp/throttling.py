@@ -20,7 +20,7 @@ from flask_limiter.util import get_remote_address
 from models.user import fold
 from webapp.errors import payload
 
-LIMITER = "limiter"
+LIMITER = "peertrain.limiter"  # Flask-Limiter keeps its own set under "limiter"
 # The answers that count against an account: a wrong password, a name or email already taken.
 FAILED = (401, 409)
 
