@@ -8,11 +8,10 @@ mongomock) with 1 or 2 app threads. Rows:
 
 - baseline: the probes alone, 1 app thread; every ratio is against its p99.
 - as before: 1 app thread, throttling off: each sign-in holds the only thread for a whole hash.
-- slots at normal priority: 2 app threads, one hashing slot (PASSWORD_HASHING_SLOTS=1), throttling off:
-  a sign-in finding the slot busy gets 503 at once, so hashing never holds the thread the probes need;
-  the hashing thread at the process's own CPU priority.
-- slots: the same as shipped, the hashing thread at nice 10 (webapp.passwords.HASHING_NICENESS), so
-  the threads serving requests get the CPU first.
+- slots: 2 app threads, one hashing slot (PASSWORD_HASHING_SLOTS=1), throttling off: a sign-in finding
+  the slot busy gets 503 at once, so hashing never holds the thread the probes need. Eight clients that
+  never pause then keep one core hashing and the other answering 503s: the worst case, as from many
+  addresses and accounts at once.
 - shipped: the same with the default throttling (all eight clients come from one address).
 - floor: 2 threads, the eight clients hammering GET /nowhere (a 404): what any cheap request costs the
   probes when clients never pause, sign-in or not.
@@ -59,10 +58,6 @@ def serve() -> Any:
     from webapp import create_app
     from webapp.passwords import Passwords
 
-    if "BENCH_SIGNIN_NICENESS" in os.environ:  # the "normal priority" row: hashing threads not lowered
-        import webapp.passwords
-
-        webapp.passwords.HASHING_NICENESS = int(os.environ["BENCH_SIGNIN_NICENESS"])
     models.connect(DB_URI)
     app = create_app({"MONGODB_URI": DB_URI, "STORAGE_URL": tempfile.mkdtemp(prefix="peertrain-bench-"),
                       "JWT_SECRET_KEY": SECRET})
@@ -242,14 +237,11 @@ def main() -> None:
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     os.environ.setdefault("JWT_SECRET_KEY", SECRET)
-    sys.path.insert(0, ROOT)
-    from webapp.passwords import HASHING_NICENESS
 
     off = {"AUTH_LIMIT_PER_ADDRESS": UNLIMITED, "AUTH_LIMIT_PER_ACCOUNT": UNLIMITED}
     rows = [  # name, app threads, extra environment, hammering clients, what they send
         ("baseline (no sign-ins), 1 thread", 1, off, 0, _signin),
         ("as before: 1 thread, no throttling", 1, off, args.clients, _signin),
-        ("slots at normal priority, no throttl.", 2, {**off, "BENCH_SIGNIN_NICENESS": "0"}, args.clients, _signin),
         ("slots: 2 threads, no throttling", 2, off, args.clients, _signin),
         ("shipped: 2 threads, throttled", 2, {}, args.clients, _signin),
         ("floor: 2 threads, GET /nowhere", 2, off, args.clients, _nowhere),
@@ -272,8 +264,7 @@ def main() -> None:
         baseline = baseline or result
     shipped = worst["shipped: 2 threads, throttled"]
     print(f"\nsummary: worst probe p99 while {args.clients} clients hammer sign-in: as before "
-          f"{worst['as before: 1 thread, no throttling']:.0f} ms, hashing slots at normal priority "
-          f"{worst['slots at normal priority, no throttl.']:.0f} ms, at nice {HASHING_NICENESS} "
+          f"{worst['as before: 1 thread, no throttling']:.0f} ms, with hashing slots "
           f"{worst['slots: 2 threads, no throttling']:.0f} ms, shipped {shipped:.0f} ms "
           f"(target ≤ {TARGET_P99_MS:g} ms: {'met' if shipped <= TARGET_P99_MS else 'NOT met'})")
 
