@@ -13,6 +13,9 @@ mongomock) with 1 or 2 app threads. Rows:
   never pause then keep one core hashing and the other answering 503s: the worst case, as from many
   addresses and accounts at once.
 - shipped: the same with the default throttling (all eight clients come from one address).
+- shipped, each client its own address: the eight clients behind a trusted proxy that names a different
+  address for each; throttling then lets each account's first failures through, a burst of hashing
+  that lasts most of the row.
 - floor: 2 threads, the eight clients hammering GET /nowhere (a 404): what any cheap request costs the
   probes when clients never pause, sign-in or not.
 - baseline, 2 threads: the probes alone on two app threads.
@@ -154,12 +157,12 @@ def _probes(port: int, token: str, start: float, end: float, interval: float, pi
     pipe.send((results, dict(errors)))
 
 
-def _hammer(port: int, request: tuple[str, str, str | None], end: float, answers: Counter) -> None:
-    method, path, body = request
+def _hammer(port: int, request: tuple[str, str, str | None, dict[str, str]], end: float, answers: Counter) -> None:
+    method, path, body, headers = request
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     while time.monotonic() < end:
         try:
-            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json", **headers})
             response = conn.getresponse()
             response.read()
         except (ConnectionError, http.client.HTTPException):
@@ -173,12 +176,18 @@ def _hammer(port: int, request: tuple[str, str, str | None], end: float, answers
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
 
-def _signin(i: int) -> tuple[str, str, str | None]:
-    return "POST", "/auth/signin", json.dumps({"email": f"user{i + 1:02d}@example.com", "password": "wrong"})
+def _signin(i: int) -> tuple[str, str, str | None, dict[str, str]]:
+    return "POST", "/auth/signin", json.dumps({"email": f"user{i + 1:02d}@example.com", "password": "wrong"}), {}
 
 
-def _nowhere(i: int) -> tuple[str, str, str | None]:
-    return "GET", "/nowhere", None
+def _signin_apart(i: int) -> tuple[str, str, str | None, dict[str, str]]:
+    # Each client from an address of its own, as the trusted proxy (TRUSTED_PROXIES=1) reports it.
+    method, path, body, _ = _signin(i)
+    return method, path, body, {"X-Forwarded-For": f"198.51.100.{i + 1}"}
+
+
+def _nowhere(i: int) -> tuple[str, str, str | None, dict[str, str]]:
+    return "GET", "/nowhere", None, {}
 
 
 def measure(server: Server, clients: int, warmup: float, seconds: float, rate: float,
@@ -244,6 +253,7 @@ def main() -> None:
         ("as before: 1 thread, no throttling", 1, off, args.clients, _signin),
         ("slots: 2 threads, no throttling", 2, off, args.clients, _signin),
         ("shipped: 2 threads, throttled", 2, {}, args.clients, _signin),
+        ("shipped, each client its own address", 2, {"TRUSTED_PROXIES": "1"}, args.clients, _signin_apart),
         ("floor: 2 threads, GET /nowhere", 2, off, args.clients, _nowhere),
         ("baseline (no sign-ins), 2 threads", 2, off, 0, _signin),
     ]
