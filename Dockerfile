@@ -20,4 +20,4 @@ RUN useradd --create-home peertrain
 USER peertrain
 EXPOSE 8000
 CMD ["granian", "--interface", "wsgi", "--factory", "--host", "0.0.0.0", "--port", "8000", "--workers", "2", \
-     "--blocking-threads", "1", "--no-ws", "webapp:create_app"]
+     "--blocking-threads", "2", "--no-ws", "webapp:create_app"]

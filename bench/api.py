@@ -329,9 +329,9 @@ class InProcessServer:
 
 class GranianServer:
     """A target of bench/api_app.py served by granian, as `make api` and docker-compose serve the API:
-    one worker process (mongomock lives in one process) with one thread for the app."""
+    one worker process (mongomock lives in one process) with two app threads."""
 
-    name = "granian, 1 worker, 1 app thread (make api, make run)"
+    name = "granian, 1 worker, 2 app threads (make api, make run)"
 
     def __init__(self, target: str, factory: bool = False, users: int = 0, sessions: int = 0,
                  env: dict[str, str] | None = None) -> None:
@@ -383,7 +383,7 @@ class GranianServer:
         self.folder.cleanup()
 
 
-GRANIAN_OPTIONS = ["--interface", "wsgi", "--host", "127.0.0.1", "--workers", "1", "--blocking-threads", "1",
+GRANIAN_OPTIONS = ["--interface", "wsgi", "--host", "127.0.0.1", "--workers", "1", "--blocking-threads", "2",
                    "--no-ws", "--log-level", "warning"]
 
 
