@@ -382,3 +382,45 @@ def test_a_bug_while_starting_is_a_logged_500_not_a_503(app, auth, online_peers,
     assert "Traceback" in caplog.text and "a bug, not an outage" in caplog.text
     assert Peer.objects(status=TRAINING).count() == 0
     assert TrainingSession.objects.get().status == "FAILED"
+
+
+@pytest.fixture
+def storage_goes_down(app):
+    """Make object storage stop answering: a real S3 client aimed at a port nothing listens on."""
+    import boto3
+    from botocore.config import Config
+
+    from tasks.storage import S3Storage
+    from webapp.extensions import STORAGE
+
+    def down() -> None:
+        client = boto3.client("s3", endpoint_url="http://127.0.0.1:1", region_name="us-east-1",
+                              aws_access_key_id="x", aws_secret_access_key="x",
+                              config=Config(retries={"max_attempts": 1}, connect_timeout=1))
+        app.extensions[STORAGE] = S3Storage("peertrain", client=client)
+
+    return down
+
+
+def test_storage_not_answering_a_start_is_503_and_keeps_nothing(app, auth, online_peers, csv_path,
+                                                               storage_goes_down):
+    online_peers(2)
+    storage_goes_down()
+    response = start(app.test_client(), auth, csv_path)
+    assert response.status_code == 503, response.json
+    assert "try again" in response.json["message"] and "127.0.0.1" not in response.json["message"]
+    assert int(response.headers["Retry-After"]) > 0
+    assert Peer.objects(status=ONLINE).count() == 2
+    assert TrainingSession.objects.count() == 0
+
+
+def test_storage_not_answering_a_download_is_503(app, client, auth, online_peers, csv_path, storage_goes_down):
+    online_peers(1)
+    session_id = start(client, auth, csv_path, num_peers="1").json["session_id"]
+    TrainingSession.objects(id=session_id).update_one(set__status="COMPLETED",
+                                                      set__model_url="s3://peertrain/model.safetensors")
+    storage_goes_down()
+    response = client.get(f"/sessions/{session_id}/model", headers=auth)
+    assert response.status_code == 503
+    assert response.json["message"] == "a service the API needs did not answer; try again shortly"
+    assert int(response.headers["Retry-After"]) > 0
