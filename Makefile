@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: build run test lint bench peer coordinator monitor api flower compose-check clean
+.PHONY: build run test lint bench peer register coordinator monitor api flower compose-check clean
 
 build: $(STAMP)
 
@@ -33,8 +33,13 @@ bench: build
 
 # The distributed processes, for when BROKER_URL, RESULT_BACKEND, MONGODB_URI and STORAGE_URL name real services.
 NAME ?= $(shell hostname)
+# A peer machine: with the variables `make register` wrote to $(NAME).env in its environment, and nothing else.
 peer: build
-	$(BIN)/celery -A tasks worker -Q peer.$(NAME) -n peer.$(NAME)@%h -c 1 -E --loglevel=INFO
+	$(BIN)/celery -A tasks.peer worker -Q peer.$(NAME) -n peer.$(NAME)@%h -c 1 --without-gossip --without-mingle \
+		--loglevel=INFO
+
+register: build
+	$(BIN)/python -m tasks.registry add $(NAME) --env-file $(NAME).env
 
 coordinator: build
 	$(BIN)/celery -A tasks worker -Q $${COORDINATOR_QUEUE:-coordinator} -n coordinator@%h -E --loglevel=INFO

@@ -4,7 +4,9 @@ With no service URLs set, everything lives in one process: the API, the coordina
 and LOCAL_PEERS peers, over Celery's in-memory broker and result backend, mongomock and a local
 storage directory. With BROKER_URL (and the others) pointing at real services, the API, the
 coordinator and the monitor still share one process, and the local peers become real `celery worker`
-processes that consume the real broker, as peers on other machines do.
+processes that consume the real broker, as peers on other machines do: each is registered with a
+broker login of its own (through RabbitMQ's management API) and given nothing else — its tasks
+carry grants to the objects they need, served by this API's `/objects/` route from local storage.
 
 The API is served by granian, as in production. Granian runs the app in a worker process of its own,
 so that process is the one everything above lives in (`platform_app`, its app factory); this one
@@ -26,7 +28,9 @@ from granian import Granian
 from granian.constants import Interfaces
 
 import models
+from models import peer as peers
 from settings import ROOT, Settings
+from tasks import registry
 from tasks.storage import S3Storage, from_settings
 
 log = logging.getLogger("peertrain")
@@ -58,16 +62,17 @@ Stop with Ctrl-C.
 
 
 def _peer_processes(settings: Settings, names: list[str]) -> list[subprocess.Popen]:
-    # Peers get no database settings, exactly as on a peer machine.
-    env = {key: value for key, value in os.environ.items() if key not in ("MONGODB_URI", "JWT_SECRET_KEY")}
-    return [
-        subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", f"peer.{name}", "-n",
-             f"peer.{name}@%h", "-c", "1", "-E", f"--loglevel={settings.log_level}"],
-            cwd=ROOT, env=env,
-        )
-        for name in names
-    ]
+    """Each local peer as its own `celery worker` process, with its own login and nothing else."""
+    processes = []
+    for name in names:
+        enrolment = registry.issue_login(name, settings)
+        # A peer machine's environment: its login and the exchanges it reports on, no other credentials.
+        env = {key: value for key, value in os.environ.items()
+               if not key.startswith(("BROKER_", "RESULT_", "MONGODB_", "STORAGE_", "S3_", "AWS_", "JWT_"))}
+        env.update(enrolment.environment, LOG_LEVEL=settings.log_level)
+        command = enrolment.command.replace("--loglevel=INFO", f"--loglevel={settings.log_level}")
+        processes.append(subprocess.Popen([sys.executable, "-m", *command.split()], cwd=ROOT, env=env))
+    return processes
 
 
 def platform_app() -> Any:
@@ -78,20 +83,26 @@ def platform_app() -> Any:
     models.connect(settings.mongodb_uri)
 
     from tasks import monitor
+    from tasks import peer as peer_app
     from tasks.celery import app
     from tasks.inprocess import InProcessWorkers
     from webapp import create_app
 
+    names = _peer_names(settings)
+    for name in names:  # the local peers' logins were issued by the supervising process (main)
+        if peers.Peer.objects(name=name).first() is None:
+            peers.register(name)
     consumer = monitor.build(app, settings)
     threading.Thread(target=consumer.run, name="monitor", daemon=True).start()
     if not consumer.ready.wait(30):
         raise SystemExit("the monitor could not reach the broker")
     host = socket.gethostname()
-    workers = InProcessWorkers(app)
-    workers.start(settings.coordinator_queue, f"coordinator@{host}")
+    workers = InProcessWorkers()
+    workers.start(app, settings.coordinator_queue, f"coordinator@{host}")
     if settings.embedded_broker:
-        for name in _peer_names(settings):
-            workers.start(f"peer.{name}", f"peer.{name}@{host}")
+        for name in names:
+            login = registry.issue_login(name, settings).environment["BROKER_URL"]
+            workers.start(peer_app.create_app(login, settings), f"peer.{name}", f"peer.{name}@{host}")
     return create_app(settings=settings)
 
 

@@ -7,7 +7,10 @@ Point the URLs at real services and the same code runs distributed.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
+import secrets
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -21,6 +24,9 @@ PLACEHOLDER_SECRET = "change-me-to-a-long-random-string"
 # HS256 signs with a SHA-256 HMAC: a key shorter than the hash's 32 bytes weakens it (RFC 7518, 3.2).
 MIN_SECRET_BYTES = 32
 
+
+# Development without JWT_SECRET_KEY: one random secret for this process (its API and coordinator share it).
+_PROCESS_SECRET = secrets.token_urlsafe(32)
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -70,6 +76,23 @@ class Settings:
     result_backend: str = _opt(
         "RESULT_BACKEND", "cache+memory://", "Celery result backend; must support chords, e.g. `redis://127.0.0.1:6379/0`"
     )
+    broker_admin_url: str = _opt(
+        "BROKER_ADMIN_URL", "",
+        "RabbitMQ management API with administrator credentials, for registering peers "
+        "(empty: BROKER_URL's user on port 15672)",
+    )
+    peer_broker_url: str = _opt(
+        "PEER_BROKER_URL", "",
+        "the broker's address as peer machines reach it (empty: BROKER_URL's); credentials are each peer's own",
+    )
+    broker_ca_file: str = _opt(
+        "BROKER_CA_FILE", "",
+        "CA certificate that signed the broker's (`amqps://`) and Redis's (`rediss://`) TLS certificates",
+    )
+    broker_cert_file: str = _opt(
+        "BROKER_CERT_FILE", "", "client certificate for TLS to the broker, when it asks for one"
+    )
+    broker_key_file: str = _opt("BROKER_KEY_FILE", "", "private key of `BROKER_CERT_FILE`")
     mongodb_uri: str = _opt(
         "MONGODB_URI", "mongomock://localhost/peertrain", "MongoDB URI; `mongomock://` keeps it inside one process"
     )
@@ -110,6 +133,13 @@ class Settings:
     )
     max_upload_mb: int = _opt("MAX_UPLOAD_MB", 200, "largest accepted dataset upload, in MiB (bigger: 413)")
     coordinator_queue: str = _opt("COORDINATOR_QUEUE", "coordinator", "queue the coordinator worker consumes")
+    results_queue: str = _opt(
+        "RESULTS_QUEUE", "peertrain.results",
+        "exchange and queue peers report their tasks' results to (the coordinator reads it)",
+    )
+    public_url: str = _opt(
+        "PUBLIC_URL", "", "the API's address as peers reach it, for grants on local storage (empty: http://HOST:PORT)"
+    )
     event_exchange: str = _opt(
         "EVENT_EXCHANGE", "celeryev", "exchange Celery events travel on; deployments sharing a broker need their own"
     )
@@ -146,6 +176,21 @@ class Settings:
     @property
     def development(self) -> bool:
         return self.env == DEVELOPMENT
+
+    @property
+    def grant_key(self) -> bytes:
+        """The key that signs storage grants on local storage (derived from the JWT secret, never the same)."""
+        problem = secret_problem(self.jwt_secret_key)
+        if problem and not self.development:
+            # Grants signed with a key anyone can derive would open every stored object to every peer.
+            raise RuntimeError(f"{problem}: outside development storage grants cannot be signed with it")
+        secret = (self.jwt_secret_key or _PROCESS_SECRET).encode()
+        return hmac.new(secret, b"peertrain storage grants", hashlib.sha256).digest()
+
+    @property
+    def public_base_url(self) -> str:
+        """Where peers reach the API."""
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     @property
     def embedded_broker(self) -> bool:

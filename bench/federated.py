@@ -24,9 +24,11 @@ import json
 import logging
 import os
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -37,7 +39,11 @@ from typing import Any
 for _key in ("BROKER_URL", "RESULT_BACKEND", "MONGODB_URI", "STORAGE_URL", "S3_ENDPOINT_URL"):
     os.environ.pop(_key, None)
 SCRATCH = Path(tempfile.mkdtemp(prefix="peertrain-bench-federated-"))
+with socket.socket() as _s:  # the API's port, known before anything reads PUBLIC_URL (peers' grants name it)
+    _s.bind(("127.0.0.1", 0))
+    API_PORT = _s.getsockname()[1]
 os.environ.update(
+    PUBLIC_URL=f"http://127.0.0.1:{API_PORT}",
     STORAGE_URL=str(SCRATCH / "storage"), MONGODB_URI="mongomock://localhost/peertrain-bench-federated",
     PEERTRAIN_ENV="development", JWT_SECRET_KEY="bench-secret-that-is-long-enough-for-hs256",
     BCRYPT_ROUNDS="4", PEER_THREADS="1", LOG_LEVEL="WARNING",
@@ -105,9 +111,14 @@ def centralized(csv: Path, seed: int, args: argparse.Namespace) -> float:
 
 
 class Platform:
-    """The embedded platform: coordinator and peers as in-process workers, the API as a test client."""
+    """The embedded platform: coordinator and peers as in-process workers, the API as a test client (and
+    served over HTTP, for the peers' storage grants)."""
 
     def __init__(self, peers: int) -> None:
+        from werkzeug.serving import make_server
+
+        from tasks import peer as peer_app
+        from tasks import registry
         from tasks.celery import app
         from tasks.inprocess import InProcessWorkers
         from webapp import create_app
@@ -115,12 +126,16 @@ class Platform:
         settings = Settings.from_env()
         assert settings.embedded_broker, settings.broker_url
         models.connect(settings.mongodb_uri)
-        self.workers = InProcessWorkers(app)
-        self.workers.start(settings.coordinator_queue, "coordinator@bench")
+        self.workers = InProcessWorkers()
+        self.workers.start(app, settings.coordinator_queue, "coordinator@bench")
         self.peers = [f"bench{i}" for i in range(1, peers + 1)]
         for name in self.peers:
-            self.workers.start(f"peer.{name}", f"peer.{name}@bench")
-        self.client = create_app({"TESTING": True}, settings=settings).test_client()
+            login = registry.add(name, settings).environment["BROKER_URL"]
+            self.workers.start(peer_app.create_app(login, settings), f"peer.{name}", f"peer.{name}@bench")
+        api = create_app({"TESTING": True}, settings=settings)
+        self.server = make_server("127.0.0.1", API_PORT, api, threaded=True)
+        threading.Thread(target=self.server.serve_forever, name="api", daemon=True).start()
+        self.client = api.test_client()
         account = {"username": "bench", "email": "bench@example.com", "password": "correct horse"}
         assert self.client.post("/auth/signup", json=account).status_code == 201
         signin = self.client.post("/auth/signin", json={k: account[k] for k in ("email", "password")})
@@ -157,6 +172,7 @@ class Platform:
         raise RuntimeError(f"session {session_id} did not finish within {SESSION_TIMEOUT:g} s")
 
     def close(self) -> None:
+        self.server.shutdown()
         self.workers.stop()
 
 
@@ -212,6 +228,7 @@ def bench_dataset(platform: Platform, name: str, args: argparse.Namespace) -> di
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per grant request would clutter
     hp = hyperparameters(args)
     print(f"federated benchmark: {PEERS} peers, rounds R={args.rounds}, local epochs E={args.local_epochs}, "
           f"centralized epochs R*E={args.rounds * args.local_epochs}; adam lr={hp['learning_rate']}, "

@@ -2,15 +2,17 @@
 
 Assembled as tests/e2e/conftest.py does it: API, coordinator (in-process worker) and monitor (EventConsumer
 thread) share this process, as they share mongomock; peers are real `celery worker` processes, 1 torch thread
-each; RabbitMQ and Redis are real; storage is a scratch directory. One cost-free deviation: this run uses an
-event exchange of its own (peers load this module as their app), so no other monitor on the broker lets its
+each, registered with broker logins of their own as an operator registers them (RabbitMQ's management API
+must answer); RabbitMQ and Redis are real; storage is a scratch directory the peers reach through the API's
+`/objects/` grants. This run uses an event exchange of its own, so no other monitor on the broker lets its
 sessions claim our peers, nor ours theirs.
 
 1. Sessions: a warm-up sweep sizes the epochs for ~10 s of training per peer. Each session is timed POST ->
    first GET showing COMPLETED (every 25 ms), and created_at -> finished_at, over the slowest peer's own
    training `seconds`; task events, heartbeats and result timestamps (one clock) give a timeline.
 2. Burst: another process sends N `task-heartbeat` events into the monitor's durable queue, timed until all
-   are stored. Baselines: a bare kombu consumer, the Monitor without a broker, `heartbeat.insert_many`.
+   are stored: a registered peer's own, for a session it is training (the monitor stores nothing else).
+   Baselines: a bare kombu consumer, the Monitor without a broker, `heartbeat.insert_many`.
 
 Run: .venv/bin/python bench/session.py [--repeats 3] [--train-seconds 10] [--burst 20000]
 """
@@ -37,8 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # Celery reads these when `tasks` is first imported, here and in the peers and senders we start: they
 # inherit this environment, so setdefault keeps the parent's run id and queue names.
 RUN_ID = os.environ.setdefault("BENCH_RUN_ID", uuid.uuid4().hex[:8])
+with __import__("socket").socket() as _s:  # the API's port, known before anything reads PUBLIC_URL
+    _s.bind(("127.0.0.1", 0))
+    os.environ.setdefault("BENCH_API_PORT", str(_s.getsockname()[1]))
 for _key, _value in {"BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//", "RESULT_BACKEND": "redis://127.0.0.1:6379/14",
                      "COORDINATOR_QUEUE": f"bench-{RUN_ID}.coordinator", "MONITOR_QUEUE": f"bench-{RUN_ID}.monitor",
+                     "RESULTS_QUEUE": f"bench-{RUN_ID}.results", "EVENT_EXCHANGE": f"bench-{RUN_ID}.celeryev",
+                     "PUBLIC_URL": f"http://127.0.0.1:{os.environ['BENCH_API_PORT']}",
                      "PEER_THREADS": "1", "LOG_LEVEL": "WARNING"}.items():
     os.environ.setdefault(_key, _value)
 
@@ -50,17 +57,15 @@ from kombu import Queue  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
 import models  # noqa: E402
-from models import Heartbeat, Peer, TrainingSession  # noqa: E402
+from models import Dataset, Heartbeat, Peer, PeerRun, TrainingSession  # noqa: E402
 from models import heartbeat as heartbeats  # noqa: E402
 from settings import Settings  # noqa: E402
-from tasks import monitor  # noqa: E402
+from tasks import monitor, protocol, registry  # noqa: E402
+from tasks.brokeradmin import BrokerAdmin  # noqa: E402
 from tasks.celery import app  # noqa: E402
 from tasks.inprocess import InProcessWorkers  # noqa: E402
 from tests.datasets import write_csv  # noqa: E402
 from tests.e2e.platform import Api, PeerProcess, peer_environment, wait_until  # noqa: E402
-
-app.conf.event_exchange = f"bench-{RUN_ID}.celeryev"
-__all__ = ["app"]  # `celery -A bench.session worker` starts a peer of this run
 
 PEERS, POLL, HEARTBEAT = 4, 0.025, "task-heartbeat"
 TARGET_RATIO, TARGET_OVERHEAD, TARGET_RATE = 1.10, 1.0, 2000.0
@@ -106,8 +111,10 @@ class Platform:
     def __init__(self) -> None:
         self.stack = ExitStack()  # run in reverse: the broker is cleaned up after everything has stopped
         self.queues = [os.environ["COORDINATOR_QUEUE"], os.environ["MONITOR_QUEUE"]]
-        self.stack.callback(self.delete, [app.conf.event_exchange, f"bench-{RUN_ID}.bare"])
+        self.stack.callback(self.delete, [app.conf.event_exchange, f"bench-{RUN_ID}.bare",
+                                          os.environ["RESULTS_QUEUE"]])
         self.peers: list[PeerProcess] = []
+        self.logins: list[str] = []
         self.events = Events()
 
     def start(self, scratch: Path) -> None:
@@ -125,19 +132,30 @@ class Platform:
         self.events.start()
         self.stack.callback(self.events.stop)
         assert self.consumer.ready.wait(30) and self.events.ready.wait(30), "cannot consume events"
-        workers = InProcessWorkers(app)
+        workers = InProcessWorkers()
         self.stack.callback(workers.stop)
-        workers.start(os.environ["COORDINATOR_QUEUE"], f"coordinator-{RUN_ID}@bench")
-        server = make_server("127.0.0.1", 0, create_app(), threaded=True)
+        workers.start(app, os.environ["COORDINATOR_QUEUE"], f"coordinator-{RUN_ID}@bench")
+        server = make_server("127.0.0.1", int(os.environ["BENCH_API_PORT"]), create_app(), threaded=True)
         threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
         self.stack.callback(server.shutdown)
         self.api = Api(f"http://127.0.0.1:{server.server_port}").sign_up_and_in(f"bench{RUN_ID}")
         self.stack.callback(self.stop_peers)
+        self.stack.callback(self.remove_logins)
         names = [f"bench{RUN_ID}{chr(97 + i)}" for i in range(PEERS)]
         for name in names:
-            self.queues.append(f"peer.{name}")
-            self.peers.append(PeerProcess(name, scratch, peer_environment(), app="bench.session"))
+            self.queues += [f"peer.{name}", f"peer.{name}.stop"]
+            self.peers.append(PeerProcess(name, scratch, peer_environment(**self.register(name))))
         wait_until(lambda: Peer.objects(name__in=names, status="ONLINE").count() == PEERS, 90, "peers ONLINE")
+
+    def register(self, name: str) -> dict[str, str]:
+        """Register a peer as an operator does; returns its machine's environment (its own login)."""
+        self.logins.append(protocol.broker_user(name))
+        return registry.add(name, Settings.from_env()).environment
+
+    def remove_logins(self) -> None:
+        admin = BrokerAdmin.from_settings(Settings.from_env())
+        for user in self.logins:
+            admin.remove_user(user)
 
     def stop_peers(self) -> None:
         while self.peers:
@@ -219,19 +237,35 @@ def sessions(platform: Platform, csv: Path, train_seconds: float, repeats: int) 
     print(f"\n  start request -> every train task running: {', '.join(f'{s * 1000:.0f} ms' for s in dispatch)}")
 
 
+BURST_PEER = f"burst{RUN_ID}"
+
+
 def beat(i: int, n: int) -> dict:
-    """The fields of the i-th of n heartbeats (4 peers, an epoch each), as tasks/training.py reports them."""
-    return {"peer": f"p{i % 4}", "round": 0, "epoch": i // 4 + 1, "epochs": n // 4, "loss": 1.0 / (i + 1),
+    """The fields of the i-th of n heartbeats (one peer, an epoch each), as tasks/training.py reports them."""
+    return {"peer": BURST_PEER, "round": 0, "epoch": i + 1, "epochs": n, "loss": 1.0 / (i + 1),
             "accuracy": 0.9, "val_loss": 0.4, "val_accuracy": 0.88, "val_r2": None, "samples_per_sec": 75e3,
             "seconds": 0.05}
 
 
-def _send(pipe, n: int, session: str, exchange: str) -> None:
-    """Child process: send n heartbeats through one dispatcher, as fast as a peer's could."""
-    app.conf.event_exchange = exchange
+def burst_session(n: int) -> str:
+    """A running session the burst peer trains, n epochs long: the monitor stores only such heartbeats."""
+    session = TrainingSession(owner_id=ObjectId(), target="label", status="RUNNING",
+                              dataset=Dataset(filename="x.csv", url="file:///x", bytes=1, sha256="0" * 64, rows=1,
+                                              columns=1),
+                              peers=[PeerRun(name=BURST_PEER, status="RUNNING", hyperparameters={"epochs": n})],
+                              launch={"round": 0, "group": "g", "body": "b", "peers": [BURST_PEER]}).save()
+    return str(session.id)
+
+
+def _send(pipe, n: int, session: str, exchange: str, login: str) -> None:
+    """Child process: send n heartbeats through one dispatcher of the peer's app, as fast as a peer's could."""
+    from tasks import peer as peer_app
+
+    sender = peer_app.create_app(login) if login else app
+    sender.conf.event_exchange = exchange
     # Our own connection, closed with AMQP's handshake before we report: a process that exited with a
     # pooled connection open (as `default_dispatcher()` leaves one) lost the tail of its burst here.
-    with app.connection_for_write() as connection, app.events.Dispatcher(connection) as dispatcher:
+    with sender.connection_for_write() as connection, sender.events.Dispatcher(connection) as dispatcher:
         dispatcher.send("bench-warmup")  # connected and declared before the clock starts
         pipe.send("ready")
         pipe.recv()
@@ -242,12 +276,12 @@ def _send(pipe, n: int, session: str, exchange: str) -> None:
     pipe.send((began, ended))
 
 
-def burst(n: int, exchange: str, wait) -> tuple[float, float, float, str]:
+def burst(n: int, exchange: str, wait, login: str = "", session: str = "") -> tuple[float, float, float, str]:
     """Send n heartbeats from another process; `wait()` returns once they are through. (sent/s, done/s, lag, id)"""
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe()
-    session = str(ObjectId())
-    sender = ctx.Process(target=_send, args=(there, n, session, exchange), daemon=True)
+    session = session or str(ObjectId())
+    sender = ctx.Process(target=_send, args=(there, n, session, exchange, login), daemon=True)
     sender.start()
     try:
         assert here.poll(60) and here.recv() == "ready", "the sender did not start"
@@ -296,8 +330,10 @@ def bursts(platform: Platform, n: int, repeats: int) -> None:
 
     print(f"\n== burst of {n:,} task-heartbeat events from another process (target: >= {TARGET_RATE:,.0f} stored/s)")
     best = 0.0
+    login = platform.register(BURST_PEER)["BROKER_URL"]
     for i in range(repeats):
-        sent, done, lag, session = burst(n, app.conf.event_exchange, lambda t=deployed.stored + n: stored(t))
+        sent, done, lag, session = burst(n, app.conf.event_exchange, lambda t=deployed.stored + n: stored(t),
+                                         login, burst_session(n))
         lost = n - Heartbeat.objects(session_id=ObjectId(session)).count()
         best = max(best, done)
         print(f"  run {i + 1}: sent {sent:6,.0f}/s   stored {done:6,.0f}/s (first send -> all {n:,} in MongoDB,"
@@ -305,9 +341,10 @@ def bursts(platform: Platform, n: int, repeats: int) -> None:
     exchange = f"bench-{RUN_ID}.bare"
     sent, floor, lag, _ = burst(n, exchange, bare_consumer(n, exchange))
     print(f"  baseline: bare kombu consumer, same burst       {floor:6,.0f}/s   (sent {sent:,.0f}/s, lag {lag:.2f} s)")
-    direct, session, t0 = monitor.Monitor(peer_timeout=60), str(ObjectId()), time.perf_counter()
+    direct, session, t0 = monitor.Monitor(peer_timeout=60), burst_session(n), time.perf_counter()
     for i in range(n):
-        direct.on_event({"type": HEARTBEAT, "session": session, "timestamp": time.time(), **beat(i, n)})
+        direct.on_event({"type": HEARTBEAT, "session": session, "timestamp": time.time(), **beat(i, n)},
+                        protocol.broker_user(BURST_PEER))
     direct.flush()
     fed = n / (time.perf_counter() - t0)
     print(f"  baseline: Monitor.on_event + flush, no broker  {fed:6,.0f}/s")

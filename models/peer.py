@@ -1,4 +1,8 @@
-"""Peers: the worker machines that train, and the atomic claim that hands them to one session."""
+"""Peers: the registered worker machines that train, and the atomic claim that hands them to one session.
+
+A peer exists here only once it is registered (`python -m tasks.registry add NAME`, which also issues
+its broker login); the monitor marks registered peers ONLINE or OFFLINE, and never adds one.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ class Peer(Document):
     session_id = ObjectIdField()
     last_seen = DateTimeField()
     online_since = DateTimeField()
+    registered_at = DateTimeField(default=utcnow)
 
     meta = {"collection": "peers", "indexes": ["status", "session_id"]}
 
@@ -37,13 +42,27 @@ def queue_for(name: str) -> str:
     return f"peer.{name}"
 
 
-def seen(name: str, hostname: str, at: datetime | None = None) -> None:
-    """Record a sign of life; an OFFLINE (or new) peer becomes ONLINE, a TRAINING one stays TRAINING."""
+def register(name: str) -> Peer:
+    """Add a peer, OFFLINE until its worker shows up; NotUniqueError if the name is taken."""
+    peer = Peer(name=name, status=OFFLINE)
+    peer.save(force_insert=True)
+    return peer
+
+
+def unregister(name: str) -> Peer | None:
+    """Remove a peer; returns it as it was (None if it was not registered)."""
+    return Peer.objects(name=name).modify(remove=True)
+
+
+def seen(name: str, hostname: str, at: datetime | None = None) -> bool:
+    """Record a sign of life of a registered peer; an OFFLINE one becomes ONLINE, a TRAINING one stays so.
+
+    False (and nothing recorded) when no such peer is registered."""
     at = at or utcnow()
-    Peer.objects(name=name).update_one(
-        upsert=True, set__hostname=hostname, set__last_seen=at, set_on_insert__status=OFFLINE
-    )
+    if not Peer.objects(name=name).update_one(set__hostname=hostname, set__last_seen=at):
+        return False
     Peer.objects(name=name, status=OFFLINE).update_one(set__status=ONLINE, set__online_since=at)
+    return True
 
 
 def gone(name: str) -> Peer | None:

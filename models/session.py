@@ -98,7 +98,10 @@ class TrainingSession(Document):
     dataset = EmbeddedDocumentField(Dataset, required=True)
     peers = EmbeddedDocumentListField(PeerRun)
     federated = DictField()  # the user's federated settings: rounds, local_epochs, partition, ...
+    min_peers = IntField(min_value=1)  # peers that must finish a round for the session to go on (None: all)
+    round_timeout = IntField(min_value=1)  # seconds a round may take before peers still training are left out
     plan = DictField()  # the coordinator's: where each shard is, normalisation, the model's shape
+    launch = DictField()  # the current round's chord: round, group id, body id, peers in header order
     rounds = EmbeddedDocumentListField(Round)
     results = DictField()
     model_url = StringField()
@@ -130,6 +133,16 @@ class TrainingSession(Document):
     @property
     def finished(self) -> bool:
         return self.status not in ACTIVE
+
+    @property
+    def quorum(self) -> int:
+        """How many peers must finish each round (the federated settings' `min_peers` in older sessions)."""
+        return self.min_peers or self.federated.get("min_peers") or len(self.peers)
+
+    def can_lose(self, peer: str) -> bool:
+        """True if the session can go on without `peer` (enough peers that have not failed remain)."""
+        remaining = sum(1 for run in self.peers if run.name != peer and run.status != FAILED)
+        return remaining >= self.quorum
 
 
 # A save() of a session (its creation, or a rewrite of a loaded one) is a write too.
@@ -163,24 +176,32 @@ def view(session_id: str, owner_id: ObjectId) -> dict[str, Any] | None:
     """A session as a plain dict, for reading only: skipping document objects halves the API's cost."""
     if not ObjectId.is_valid(session_id):
         return None
-    return TrainingSession.objects(id=session_id, owner_id=owner_id).exclude("plan").as_pymongo().first()
+    return TrainingSession.objects(id=session_id, owner_id=owner_id).exclude("plan", "launch").as_pymongo().first()
 
 
-def start_running(session_id: ObjectId, task_ids: dict[str, str], deadline_seconds: float) -> bool:
-    """PENDING → RUNNING, recording each peer's task id; False if the session is no longer pending."""
+def start_running(session_id: ObjectId, task_ids: dict[str, str], launch: dict[str, Any],
+                  deadline_seconds: float) -> bool:
+    """PENDING → RUNNING, recording each peer's task id and the chord; False if the session is no longer pending."""
     now = utcnow()
     return bool(
         TrainingSession.objects(id=session_id, status=PENDING).update_one(
             set__status=RUNNING, set__started_at=now, set__deadline=now + timedelta(seconds=deadline_seconds),
-            **_task_updates(session_id, task_ids),
+            set__launch=launch, **_task_updates(session_id, task_ids),
         )
     )
 
 
-def next_round(session_id: ObjectId, round_: int, task_ids: dict[str, str]) -> bool:
-    """Record a new round's task ids on a RUNNING session; False if it has ended meanwhile."""
+def next_round(session_id: ObjectId, round_: int, task_ids: dict[str, str], launch: dict[str, Any]) -> bool:
+    """Record round `round_`'s task ids and chord on a RUNNING session whose current round is the one before;
+    False if it has ended meanwhile, or the round was launched already (a redelivered `aggregate`)."""
     updates = _task_updates(session_id, task_ids)
-    return bool(TrainingSession.objects(id=session_id, status=RUNNING).update_one(**updates))
+    return bool(TrainingSession.objects(id=session_id, status=RUNNING, launch__round=round_ - 1).update_one(
+        set__launch=launch, **updates))
+
+
+def rounds_overdue(now: datetime) -> list[TrainingSession]:
+    """Running sessions whose current round is past its deadline (`round_timeout`)."""
+    return list(TrainingSession.objects(status=RUNNING, launch__deadline__lt=now).only("id", "launch", "peers"))
 
 
 def overdue(now: datetime, pending_for: timedelta) -> list[TrainingSession]:
@@ -206,6 +227,11 @@ def finish(session_id: ObjectId, status: str, reason: str | None = None, **field
 def by_task_id(task_id: str) -> TrainingSession | None:
     """The session one of whose peers runs task `task_id`."""
     return TrainingSession.objects(peers__task_id=task_id).first()
+
+
+def run_of_task(session: TrainingSession, task_id: str) -> PeerRun | None:
+    """The peer run that was given task `task_id` in `session`'s current round."""
+    return next((run for run in session.peers if run.task_id == task_id), None)
 
 
 def record_progress(session_id: ObjectId, peer: str, fields: dict[str, Any]) -> None:

@@ -18,25 +18,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from celery import states
-from celery.result import AsyncResult
 
 from models import Round, TrainingSession
 from models import session as sessions
 from tasks import lifecycle
-from tasks.celery import app
-from tasks.rounds import launch_round, record_result, session_prefix, storage
+from tasks.rounds import grants, launch_round, record_result, session_prefix, storage
+from tasks.storage import StorageError
 from trainer.csvfile import CsvFile
 from trainer.loop import evaluate
 from trainer.model import ModelConfig, SimpleDNN
 from trainer.normalization import Normalization, fit_normalization
-from trainer.split import shard, split_indices
+from trainer.split import VALIDATION_FRACTION, shard, split_indices
 from trainer.table import Table, read_table
 from trainer.weights import (
     Checkpoint,
     WeightsError,
     average,
     checkpoint_bytes,
+    max_state_bytes,
     median,
     state_from_bytes,
     state_to_bytes,
@@ -45,7 +44,6 @@ from trainer.weights import (
 
 log = logging.getLogger(__name__)
 
-VALIDATION_FRACTION = 0.2
 # A peer whose weights sit this many times farther from the aggregate than the typical peer's is
 # reported as an outlier (the median and trimmed mean outvote it; FedAvg would not).
 OUTLIER_FACTOR = 10.0
@@ -93,15 +91,19 @@ def start(session: TrainingSession) -> None:
     launch_round(session, 0, specs(session, 0, initial))
 
 
+def weights_key(session: TrainingSession, round_: int, peer: str) -> str:
+    return f"{session_prefix(session)}/rounds/{round_}/{peer}.safetensors"
+
+
 def specs(session: TrainingSession, round_: int, weights_url: str) -> list[dict[str, Any]]:
     """One `train` argument per peer still in the session, starting from the global weights."""
     plan, settings_ = session.plan, session.federated
+    config = ModelConfig.from_dict(plan["model"])
     return [
         {
-            "session": str(session.id),
             "peer": run.name,
+            "session": str(session.id),
             "round": round_,
-            "data_url": plan["shards"][run.name],
             "target": session.target,
             "features": list(session.features),
             "task": session.task,
@@ -109,10 +111,9 @@ def specs(session: TrainingSession, round_: int, weights_url: str) -> list[dict[
             "normalization": plan["normalization"],
             "seed": session.seed + round_,
             "hyperparameters": {**run.hyperparameters, "epochs": settings_["local_epochs"]},
-            "initial_weights_url": weights_url,
             "keep_data": True,
             "last_round": round_ + 1 == settings_["rounds"],
-            "weights_key": f"{session_prefix(session)}/rounds/{round_}/{run.name}.safetensors",
+            **grants(plan["shards"][run.name], weights_key(session, round_, run.name), config, weights_url),
         }
         for run in session.peers
         if run.status != sessions.FAILED
@@ -120,24 +121,39 @@ def specs(session: TrainingSession, round_: int, weights_url: str) -> list[dict[
 
 
 def aggregate_round(session: TrainingSession, round_: int, results: list[dict[str, Any]]) -> None:
-    """Check and combine the peers' weights, evaluate the global model, then go on or finish."""
+    """Check and combine the peers' weights, evaluate the global model, then go on or finish.
+
+    Safe to run twice for one round (a redelivered `aggregate`): a round that is not the session's
+    current one, or is recorded already, changes nothing but launching the next round if that is
+    still to do."""
     plan, settings_ = session.plan, session.federated
+    if session.launch.get("round") != round_:
+        log.info("session %s: round %s is not the current round; nothing to aggregate", session.id, round_)
+        return
+    recorded = next((r for r in session.rounds if r.round == round_), None)
+    if recorded is not None:
+        _next(session, round_)
+        return
     config = ModelConfig.from_dict(plan["model"])
     store = storage()
     states, samples, rejected = {}, {}, {}
     for result in results:
-        record_result(session, result, sessions.RUNNING)
+        # The collector named the result's peer from its own records; the sample count and where
+        # the weights are come from the coordinator's plan, never from what the peer says.
+        peer = result["peer"]
+        record_result(session, result, sessions.RUNNING, samples=plan["shard_rows"][peer])
         try:
-            if result.get("stopped") or not result.get("samples"):
+            if result["stopped"]:
                 raise WeightsError("it stopped before finishing the round")
-            states[result["peer"]] = state_from_bytes(store.get_bytes(result["weights_url"]), config)
-            samples[result["peer"]] = result["samples"]
-        except (WeightsError, ValueError) as exc:
-            rejected[result["peer"]] = str(exc)
-    if len(states) < settings_["min_peers"]:
+            url = store.url(weights_key(session, round_, peer))
+            states[peer] = state_from_bytes(store.get_bytes(url, max_state_bytes(config)), config)
+            samples[peer] = plan["shard_rows"][peer]
+        except (WeightsError, ValueError, StorageError) as exc:
+            rejected[peer] = str(exc)
+    if len(states) < session.quorum:
         lifecycle.end(session.id, sessions.FAILED,
                       f"round {round_}: only {len(states)} peer(s) returned usable weights, "
-                      f"{settings_['min_peers']} needed; rejected: {_listing(rejected)}")
+                      f"{session.quorum} needed; rejected: {_listing(rejected)}")
         return
 
     names = sorted(states)
@@ -150,14 +166,22 @@ def aggregate_round(session: TrainingSession, round_: int, results: list[dict[st
                                    state_to_bytes(merged, {"round": round_}))
     round_doc = Round(round=round_, metrics={**metrics, "samples": sum(samples.values())}, peers=names,
                       rejected=rejected, outliers=outliers)
-    TrainingSession.objects(id=session.id, status=sessions.RUNNING).update_one(
+    # Recorded once: the filter refuses a second copy of the same round.
+    TrainingSession.objects(id=session.id, status=sessions.RUNNING, rounds__round__ne=round_).update_one(
         push__rounds=round_doc, set__plan__global_url=global_url)
+    session.reload()
+    _next(session, round_)
 
-    if round_ + 1 < settings_["rounds"]:
-        session.reload()
-        launch_round(session, round_ + 1, specs(session, round_ + 1, global_url))
+
+def _next(session: TrainingSession, round_: int) -> None:
+    """After `round_` is recorded: launch the next round (once: launch_round is conditional) or finish."""
+    if round_ + 1 < session.federated["rounds"]:
+        launch_round(session, round_ + 1, specs(session, round_ + 1, session.plan["global_url"]))
         return
-    _finish(session, model, config, metrics)
+    config = ModelConfig.from_dict(session.plan["model"])
+    model = SimpleDNN(config)
+    model.load_state_dict(state_from_bytes(storage().get_bytes(session.plan["global_url"]), config))
+    _finish(session, model, config, session.rounds[-1].metrics)
 
 
 def _finish(session: TrainingSession, model: SimpleDNN, config: ModelConfig, metrics: dict[str, Any]) -> None:
@@ -225,24 +249,6 @@ def _evaluate(model: SimpleDNN, session: TrainingSession) -> dict[str, Any]:
     if config.task == "classification":
         return {"val_loss": scores["loss"], "val_accuracy": scores["accuracy"], "val_rows": scores["samples"]}
     return {"val_loss": scores["loss"], "val_r2": scores["r2"], "val_rows": scores["samples"]}
-
-
-def recover_round(session: TrainingSession, round_: int) -> None:
-    """A peer failed this round and the others may carry on: aggregate the results that did arrive."""
-    results = []
-    for run in session.peers:
-        if run.status == sessions.FAILED or not run.task_id:
-            continue
-        result = AsyncResult(run.task_id, app=app)
-        if result.state == states.SUCCESS:
-            results.append(result.result)
-    aggregate_round(session, round_, results)
-
-
-def tolerate(session: TrainingSession, peer: str) -> bool:
-    """A peer failed mid-round: True if the session can go on without it (enough peers remain)."""
-    remaining = sum(1 for run in session.peers if run.name != peer and run.status != sessions.FAILED)
-    return remaining >= session.federated.get("min_peers", len(session.peers))
 
 
 def _listing(rejected: dict[str, str]) -> str:

@@ -1,7 +1,8 @@
 """Celery workers running as threads of the current process.
 
 The embedded mode needs them (its broker, result backend and mongomock database exist only inside
-one process), and so do tests whose coordinator must share the test's mongomock database.
+one process), and so do tests whose coordinator must share the test's mongomock database. Each
+worker may belong to its own app: in-process peers run the peer's app, each with its own login.
 """
 
 from __future__ import annotations
@@ -10,38 +11,52 @@ import threading
 from dataclasses import dataclass, field
 
 from celery import Celery
-from celery.contrib.testing.worker import TestWorkController
-from celery.result import _set_task_join_will_block
+from celery.worker import WorkController
 from celery.worker import state as worker_state
+
+
+class ThreadWorker(WorkController):
+    """A worker that says when its consumer is ready, so the next one can be started after it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.ready = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def on_consumer_ready(self, consumer) -> None:
+        self.ready.set()
 
 
 @dataclass
 class InProcessWorkers:
     """Workers started one after another in threads; stopped together."""
 
-    app: Celery
-    workers: list[TestWorkController] = field(default_factory=list)
+    workers: list[ThreadWorker] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
 
-    def start(self, queue: str, hostname: str, loglevel: str = "WARNING") -> TestWorkController:
-        """Start a worker consuming `queue`, named `hostname`, and wait until it consumes."""
-        self.app.finalize()
-        self.app.loader.import_default_modules()
-        worker = TestWorkController(
-            app=self.app, hostname=hostname, queues=[queue], pool="solo", concurrency=1,
+    def start(self, app: Celery, queue: str, hostname: str, loglevel: str = "WARNING",
+              timeout: float = 30.0) -> ThreadWorker:
+        """Start a worker of `app` consuming `queue`, named `hostname`, and wait until it consumes."""
+        app.finalize()
+        app.loader.import_default_modules()
+        worker = ThreadWorker(
+            app=app, hostname=hostname, queues=[queue], pool="solo", concurrency=1,
             without_heartbeat=False, without_mingle=True, without_gossip=True, task_events=True,
             loglevel=loglevel, ready_callback=None,
             # Several workers in one process must not share one event loop: on a real broker the
             # shared connection state corrupts (UnexpectedFrame).
             use_eventloop=False,
         )
-        thread = threading.Thread(target=worker.start, name=f"worker:{hostname}", daemon=True)
+        def run() -> None:
+            # The solo pool runs tasks in this thread under Celery's current app, which is per thread.
+            app.set_current()
+            worker.start()
+
+        thread = threading.Thread(target=run, name=f"worker:{hostname}", daemon=True)
         thread.start()
-        # Queue selection is app-wide (app.amqp.queues.select): the next worker may only select its
-        # queue after this one has built its consumer, or one would consume the other's queue.
-        worker.ensure_started()
-        # Starting a worker marks the whole process as one where joining a result would block.
-        _set_task_join_will_block(False)
+        # Queue selection is app-wide (app.amqp.queues.select): the next worker of the same app may
+        # only select its queue after this one has built its consumer, or one would consume the other's.
+        if not worker.ready.wait(timeout):
+            raise RuntimeError(f"worker {hostname} did not start within {timeout:g} s")
         self.workers.append(worker)
         self.threads.append(thread)
         return worker

@@ -7,16 +7,31 @@ while the user cancels) exactly one wins and the others do nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from bson import ObjectId
 
 from models import TrainingSession
 from models import peer as peers
 from models import session as sessions
-from tasks.cancellation import request_stop
+from tasks import protocol
 from tasks.celery import app
 
 log = logging.getLogger(__name__)
+
+
+def request_stop(session_id: str, names: Iterable[str], reason: str) -> None:
+    """Tell each peer, on its own stop queue, that `session_id` is over: it stops between batches.
+
+    A notice reaches a peer that is training for the session within a second, and a task of the
+    session still queued behind it ends as soon as it starts.
+    """
+    notice = protocol.stop_notice(session_id, reason)
+    with app.producer_or_acquire() as producer:
+        for name in names:
+            queue = protocol.stop_queue(name)
+            producer.publish(notice, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
+                             serializer="json", delivery_mode=2, retry=True)
 
 
 def end(session_id: str | ObjectId, status: str, reason: str | None = None, **fields) -> bool:
@@ -30,11 +45,7 @@ def end(session_id: str | ObjectId, status: str, reason: str | None = None, **fi
     if session is None:
         return False
     if status != sessions.COMPLETED:
-        request_stop(app, str(session_id), reason or status)
-        # Tasks still queued (a peer with a backlog) never start; running ones see the stop marker.
-        task_ids = [run.task_id for run in session.peers if run.task_id]
-        if task_ids:
-            app.control.revoke(task_ids)
+        request_stop(str(session_id), [run.name for run in session.peers], reason or status)
         for run in session.peers:
             if run.status in sessions.ACTIVE:
                 # The culprit of a failure was recorded already; the others were stopped, not failed.

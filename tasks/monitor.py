@@ -5,15 +5,30 @@ them OFFLINE (failing the session they were training for), and every `task-heart
 task sends is stored once and shown as the peer's latest progress. Heartbeats are buffered and
 written in batches, so a burst costs one insert per batch rather than one per event.
 
+Liveness is judged on evidence: a peer is lost when it has been silent while the monitor itself was
+connected and receiving. A broker outage suspends the judgement, and after the monitor reconnects
+peers get `reconnect_grace` seconds more to reconnect too (Celery's workers back off up to 30 s). A
+lost peer, and a peer still training when its round's deadline (`round_timeout`) passes, is reported
+to the coordinator (`peertrain.peer_lost`), which leaves it out while the session's quorum allows.
+
+Events are believed only from the peer they are about. Peers stamp every event with their broker
+user (`user_id`, which RabbitMQ checks against the sender's login), so an event naming peer `a` counts
+only when `a` sent it and `a` is registered; a heartbeat also only for a session and round `a` is
+training, with an epoch within that round's. Everything else is dropped and counted
+(`Monitor.dropped`, logged).
+
 Run it with `python -m tasks.monitor`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,7 +44,7 @@ from models import peer as peers
 from models import session as sessions
 from models import utcnow
 from settings import Settings
-from tasks import lifecycle
+from tasks import lifecycle, protocol
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +55,7 @@ PROGRESS = ("round", "epoch", "epochs", "loss", "accuracy", "val_loss", "val_acc
 
 def peer_name(hostname: str | None) -> str | None:
     """`peer.<name>@host` → `<name>`; None for workers that are not peers (the coordinator, …)."""
-    if not hostname or not hostname.startswith(PEER_PREFIX):
+    if not isinstance(hostname, str) or not hostname.startswith(PEER_PREFIX):
         return None
     return hostname[len(PEER_PREFIX):].split("@", 1)[0] or None
 
@@ -48,48 +63,103 @@ def peer_name(hostname: str | None) -> str | None:
 class Monitor:
     """Applies events to the database; thread-safe, so a consumer thread and a timer can share it."""
 
-    def __init__(self, peer_timeout: float, start_timeout: float = 600.0, batch_size: int = 2000) -> None:
+    def __init__(self, peer_timeout: float, start_timeout: float = 600.0, batch_size: int = 2000,
+                 clock=time.monotonic, lose: Callable[[str, str, int, str], None] | None = None,
+                 reconnect_grace: float = 30.0) -> None:
         self.peer_timeout = timedelta(seconds=peer_timeout)
         self.start_timeout = timedelta(seconds=start_timeout)
         self.batch_size = batch_size
+        self.clock = clock
+        self.lose = lose or _send_peer_lost
+        self.reconnect_grace = reconnect_grace
+        # Monotonic time since which the monitor has been receiving events (None: not connected), and
+        # the extra time peers get after that before their silence counts.
+        self._receiving_since: float | None = None
+        self._grace = 0.0
+        self._was_connected = False
+        self._reported: set[tuple[str, str, int]] = set()
         self._lock = threading.Lock()
         self._beats: list[dict[str, Any]] = []
         self._latest: dict[tuple[ObjectId, str], dict[str, Any]] = {}
+        # (session, peer) -> (round, epochs) it is training, or None; kept briefly (read per burst, not per event).
+        self._assignments: dict[tuple[ObjectId, str], tuple[float, tuple[int, int] | None]] = {}
         self.stored = 0
+        self.dropped: Counter[str] = Counter()
+        self._next_report = 0.0
 
     # --- events ------------------------------------------------------------------------------
 
-    def on_event(self, event: dict[str, Any]) -> None:
+    def on_event(self, event: dict[str, Any], sender: str | None = None) -> None:
+        """Apply one event that broker user `sender` (the message's verified user_id) published."""
         kind = event.get("type")
         if kind == HEARTBEAT:
-            self._heartbeat(event)
-        elif kind in ("worker-online", "worker-heartbeat"):
+            self._heartbeat(event, protocol.peer_of(sender))
+        elif kind in ("worker-online", "worker-heartbeat", "worker-offline"):
             name = peer_name(event.get("hostname"))
-            if name:
-                peers.seen(name, event["hostname"])
-        elif kind == "worker-offline":
-            name = peer_name(event.get("hostname"))
-            if name:
+            if name is None:
+                return  # the platform's own workers (the coordinator): nothing to track
+            if name != protocol.peer_of(sender):
+                self._drop("not its own worker", f"{kind} for peer {name} sent by {sender!r}")
+            elif kind == "worker-offline":
                 self._lost(name, "its worker shut down")
+            elif not peers.seen(name, event["hostname"]):
+                self._drop("unregistered peer", f"{kind} from {name}, which is not registered")
 
-    def _heartbeat(self, event: dict[str, Any]) -> None:
+    def _drop(self, reason: str, detail: str) -> None:
+        self.dropped[reason] += 1
+        if self.dropped[reason] == 1 or self.clock() >= self._next_report:
+            self._next_report = self.clock() + 10.0
+            log.warning("dropped an event (%s): %s; dropped so far: %s", reason, detail, dict(self.dropped))
+
+    def _assignment(self, session_id: ObjectId, peer: str, round_: int) -> tuple[int, int] | None:
+        """The (round, epochs per round) `peer` is training for `session_id`, or None if it is not."""
+        key = (session_id, peer)
+        cached = self._assignments.get(key)
+        if cached is not None and cached[0] > self.clock() and cached[1] is not None and cached[1][0] >= round_:
+            return cached[1]
+        session = sessions.TrainingSession.objects(id=session_id, status__in=sessions.ACTIVE).only(
+            "peers", "launch", "mode", "federated").first()
+        found = None
+        if session is not None and peer in session.launch.get("peers", []):
+            run = session.peer(peer)
+            epochs = (session.federated["local_epochs"] if session.mode == sessions.FEDERATED
+                      else run.hyperparameters["epochs"])
+            found = (session.launch["round"], epochs)
+        if len(self._assignments) > 10_000:
+            self._assignments.clear()
+        self._assignments[key] = (self.clock() + 1.0, found)
+        return found
+
+    def _heartbeat(self, event: dict[str, Any], sender: str | None) -> None:
         try:
             session_id = ObjectId(event["session"])
-            beat = {
-                "session_id": session_id,
-                "peer": str(event["peer"]),
-                "round": int(event.get("round") or 0),
-                "epoch": int(event["epoch"]),
-                "sent_at": datetime.fromtimestamp(event["timestamp"], UTC).replace(tzinfo=None)
-                if "timestamp" in event else None,
-                **{name: event.get(name) for name in heartbeats.METRICS},
-            }
-        except (KeyError, TypeError, ValueError, InvalidId):
-            log.warning("ignoring a malformed heartbeat: %r", event)
+            peer, round_, epoch = event["peer"], event.get("round") or 0, event["epoch"]
+            if not (isinstance(peer, str) and isinstance(round_, int) and isinstance(epoch, int)):
+                raise TypeError("peer, round and epoch must be text and whole numbers")
+            metrics = {name: event.get(name) for name in heartbeats.METRICS}
+            if any(v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v))
+                   for v in metrics.values()):
+                raise TypeError("metrics must be finite numbers")
+        except (KeyError, TypeError, ValueError, InvalidId) as exc:
+            self._drop("malformed heartbeat", f"{exc} in {str(event)[:200]}")
             return
+        if peer != sender:
+            self._drop("not its own heartbeat", f"heartbeat for peer {peer!r} sent by {sender!r}")
+            return
+        assigned = self._assignment(session_id, peer, round_)
+        if assigned is None or assigned[0] != round_ or not 1 <= epoch <= assigned[1]:
+            self._drop("not its task", f"peer {peer}: session {session_id} round {round_} epoch {epoch} is not "
+                                        f"one it is training ({assigned})")
+            return
+        beat = {
+            "session_id": session_id, "peer": peer, "round": round_, "epoch": epoch,
+            "sent_at": datetime.fromtimestamp(event["timestamp"], UTC).replace(tzinfo=None)
+            if isinstance(event.get("timestamp"), int | float) else None,
+            **metrics, "epochs": assigned[1],
+        }
         with self._lock:
             self._beats.append(beat)
-            key = (session_id, beat["peer"])
+            key = (session_id, peer)
             latest = self._latest.get(key)
             if latest is None or (latest["round"], latest["epoch"]) <= (beat["round"], beat["epoch"]):
                 self._latest[key] = beat
@@ -114,16 +184,49 @@ class Monitor:
         self.stored += new
         return new
 
+    # --- liveness ------------------------------------------------------------------------------
+
+    def receiving(self) -> None:
+        """The monitor is connected and consuming again; after an outage, peers get time to reconnect."""
+        if self._receiving_since is None:
+            self._grace = self.reconnect_grace if self._was_connected else 0.0
+            self._was_connected = True
+            self._receiving_since = self.clock()
+
+    def blind(self) -> None:
+        """The monitor lost the broker: it can no longer tell a silent peer from an unheard one."""
+        if self._receiving_since is not None:
+            log.warning("monitor disconnected: peers' silence is not judged until it is back")
+        self._receiving_since = None
+
+    def judging(self) -> bool:
+        """True when silence is evidence: connected long enough for every live peer to have been heard."""
+        since = self._receiving_since
+        return since is not None and self.clock() - since >= self.peer_timeout.total_seconds() + self._grace
+
     def sweep(self) -> list[str]:
-        """Mark peers silent for too long OFFLINE and fail sessions past their deadline; returns the peers."""
+        """Report silent peers and rounds past their deadline; fail sessions past theirs. Returns lost peers."""
         now = utcnow()
-        lost = [p.name for p in peers.silent_since(now - self.peer_timeout)]
-        for name in lost:
-            self._lost(name, f"no heartbeat for {self.peer_timeout.total_seconds():g} s")
+        lost = []
+        if self.judging():
+            lost = [p.name for p in peers.silent_since(now - self.peer_timeout)]
+            for name in lost:
+                self._lost(name, f"went offline (no heartbeat for {self.peer_timeout.total_seconds():g} s)")
+        for session in sessions.rounds_overdue(now):
+            round_ = session.launch["round"]
+            for run in session.peers:
+                key = (str(session.id), run.name, round_)
+                if run.name in session.launch["peers"] and run.status == sessions.RUNNING and key not in self._reported:
+                    self._reported.add(key)
+                    timeout = (session.launch["deadline"] - session.launch["started_at"]).total_seconds()
+                    self.lose(str(session.id), run.name, round_,
+                              f"did not finish round {round_} within its {timeout:g} s")
         for session in sessions.overdue(now, self.start_timeout):
             why = ("it ran past its deadline" if session.status == sessions.RUNNING
                    else "no coordinator started it in time")
             lifecycle.end(session.id, sessions.FAILED, f"the session was stopped: {why}")
+        if len(self._reported) > 100_000:
+            self._reported.clear()
         return lost
 
     def _lost(self, name: str, why: str) -> None:
@@ -132,7 +235,17 @@ class Monitor:
             return
         log.info("peer %s is OFFLINE: %s", name, why)
         if before.status == peers.TRAINING and before.session_id is not None:
-            lifecycle.end(before.session_id, sessions.FAILED, f"peer {name} went offline ({why})")
+            session = sessions.TrainingSession.objects(id=before.session_id).only("launch").first()
+            if session is not None and name in session.launch.get("peers", []):
+                self.lose(str(before.session_id), name, session.launch["round"], why)
+
+
+def _send_peer_lost(session_id: str, peer: str, round_: int, reason: str) -> None:
+    """Hand a lost peer to the coordinator, which decides whether its session goes on without it."""
+    from tasks.celery import app
+
+    app.send_task("peertrain.peer_lost", args=[session_id, peer, round_, reason],
+                  queue=app.conf.task_default_queue)
 
 
 class EventConsumer:
@@ -169,10 +282,11 @@ class EventConsumer:
                     connection.ensure_connection(max_retries=1)
                     pause = 0.5
                     self._consume(connection)
-            except Exception:
+            except Exception as exc:
+                self.monitor.blind()
                 if self.stopped.is_set():
                     break
-                log.exception("event consumer lost its connection; retrying in %.1f s", pause)
+                log.warning("event consumer lost its connection (%s); retrying in %.1f s", exc, pause)
                 self.stopped.wait(pause)
                 pause = min(pause * 2, 10.0)
 
@@ -185,8 +299,10 @@ class EventConsumer:
         bulk_ack = connection.transport.driver_type == "amqp"
 
         def on_message(body: Any, message: Any) -> None:
+            sender = message.properties.get("user_id")
             for event in body if isinstance(body, list) else (body,):
-                self.monitor.on_event(event)
+                if isinstance(event, dict):
+                    self.monitor.on_event(event, sender)
             pending.append(message)
 
         def settle() -> None:
@@ -202,6 +318,7 @@ class EventConsumer:
         consumer = connection.Consumer(queues=[self.queue(connection)], callbacks=[on_message], accept=["json"],
                                        no_ack=False, prefetch_count=5000)
         with consumer:
+            self.monitor.receiving()
             self.ready.set()
             now = time.monotonic()
             next_flush, next_sweep = now + self.flush_every, now

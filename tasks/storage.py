@@ -1,24 +1,32 @@
 """Object storage for datasets, shards and weights: S3 (or any S3-compatible server) or a local directory.
 
-Objects are named by URL, `s3://bucket/key` or `file:///path`, so a URL recorded on a session is all a
-peer needs to fetch it. Reads and writes stream through file objects; nothing is held twice in memory.
+Objects are named by URL, `s3://bucket/key` or `file:///path`; only the platform's own processes hold
+storage credentials and read or write by those URLs. A peer gets *grants* instead: URLs that let it
+read one object, or write one, until they expire — S3 presigned URLs, or for local storage URLs of
+the API's `/objects/` route signed with a key only the platform holds (`LocalGrants`).
+Reads and writes stream through file objects; nothing is held twice in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from settings import Settings
 
 CHUNK = 1 << 20
+OCTET_STREAM = "application/octet-stream"
+# S3's longest presigned lifetime (SigV4).
+MAX_GRANT_SECONDS = 7 * 24 * 3600
 
 
 class StorageError(RuntimeError):
@@ -32,17 +40,60 @@ class Storage(Protocol):
     def put(self, key: str, stream: BinaryIO) -> str: ...
     def put_bytes(self, key: str, data: bytes) -> str: ...
     def download(self, url: str, path: str | os.PathLike) -> int: ...
-    def get_bytes(self, url: str) -> bytes: ...
+    def get_bytes(self, url: str, max_bytes: int | None = None) -> bytes: ...
+    def grant_read(self, url: str, seconds: int) -> str: ...
+    def grant_write(self, key: str, seconds: int, max_bytes: int) -> str: ...
     def iter_chunks(self, url: str) -> Iterator[bytes]: ...
     def delete_prefix(self, key: str) -> None: ...
     def ping(self) -> None: ...
 
 
+class LocalGrants:
+    """Grants on local storage: URLs of the API's `/objects/<key>` route, signed with the platform's key.
+
+    The signature covers the method, the key, the expiry and (for writes) the size cap, so a grant
+    opens one object for one purpose until it expires, and cannot be turned into another.
+    """
+
+    def __init__(self, base_url: str, key: bytes, clock=time.time) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.key = key
+        self.clock = clock
+
+    def _signature(self, method: str, key: str, expires: int, max_bytes: int | None) -> str:
+        message = f"{method}\n{key}\n{expires}\n{'' if max_bytes is None else max_bytes}".encode()
+        return hmac.new(self.key, message, hashlib.sha256).hexdigest()
+
+    def url(self, method: str, key: str, seconds: int, max_bytes: int | None = None) -> str:
+        expires = int(self.clock()) + min(seconds, MAX_GRANT_SECONDS)
+        query = {"expires": expires, **({} if max_bytes is None else {"max_bytes": max_bytes}),
+                 "signature": self._signature(method, key, expires, max_bytes)}
+        return f"{self.base_url}/objects/{quote(key)}?{urlencode(query)}"
+
+    def check(self, method: str, key: str, expires: str, signature: str, max_bytes: str | None = None) -> int | None:
+        """The write cap (None for reads) if the grant is genuine and current; StorageError otherwise."""
+        try:
+            expiry, cap = int(expires), None if max_bytes is None else int(max_bytes)
+        except (TypeError, ValueError):
+            raise StorageError("the grant is malformed") from None
+        expected = self._signature(method, key, expiry, cap)
+        if not hmac.compare_digest(expected, signature or ""):
+            raise StorageError("the grant's signature does not match")
+        if expiry < self.clock():
+            raise StorageError("the grant has expired")
+        return cap
+
+
 class LocalStorage:
     """Objects as files under one directory (the embedded default)."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, grants: LocalGrants | None = None) -> None:
         self.root = Path(root).resolve()
+        self.grants = grants
+
+    def key_of(self, url: str) -> str:
+        """The key of an object's URL (the inverse of `url`)."""
+        return self._path_of(url).relative_to(self.root).as_posix()
 
     def url(self, key: str) -> str:
         return self._path(key).as_uri()
@@ -82,11 +133,26 @@ class LocalStorage:
             raise StorageError(f"no object at {url}") from None
         return os.path.getsize(path)
 
-    def get_bytes(self, url: str) -> bytes:
+    def get_bytes(self, url: str, max_bytes: int | None = None) -> bytes:
+        path = self._path_of(url)
         try:
-            return self._path_of(url).read_bytes()
+            with path.open("rb") as f:
+                _check_size(url, os.fstat(f.fileno()).st_size, max_bytes)
+                return f.read()
         except FileNotFoundError:
             raise StorageError(f"no object at {url}") from None
+
+    def grant_read(self, url: str, seconds: int) -> str:
+        return self._grants().url("GET", self.key_of(url), seconds)
+
+    def grant_write(self, key: str, seconds: int, max_bytes: int) -> str:
+        self._path(key)  # refuse a key outside the directory now, not when the peer writes
+        return self._grants().url("PUT", key, seconds, max_bytes)
+
+    def _grants(self) -> LocalGrants:
+        if self.grants is None:
+            raise StorageError("local storage was opened without a signing key: it cannot grant access")
+        return self.grants
 
     def iter_chunks(self, url: str) -> Iterator[bytes]:
         path = self._path_of(url)
@@ -116,8 +182,12 @@ class S3Storage:
                  region: str | None = None) -> None:
         if client is None:
             import boto3
+            from botocore.config import Config
 
-            client = boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region or None)
+            # Presigned URLs name the endpoint as given (path style), signed with SigV4 as MinIO wants.
+            config = Config(signature_version="s3v4", s3={"addressing_style": "path"} if endpoint_url else {})
+            client = boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region or None,
+                                  config=config)
         self.client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/")
@@ -166,8 +236,28 @@ class S3Storage:
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"could not read {url}: {exc}") from exc
 
-    def get_bytes(self, url: str) -> bytes:
-        return self._body(url).read()
+    def get_bytes(self, url: str, max_bytes: int | None = None) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = self._locate(url)
+        try:
+            response = self.client.get_object(Bucket=bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not read {url}: {exc}") from exc
+        with response["Body"] as body:
+            _check_size(url, response["ContentLength"], max_bytes)
+            return body.read()
+
+    def grant_read(self, url: str, seconds: int) -> str:
+        bucket, key = self._locate(url)
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=min(seconds, MAX_GRANT_SECONDS))
+
+    def grant_write(self, key: str, seconds: int, max_bytes: int) -> str:
+        # A presigned PUT cannot cap the size it accepts: whoever reads the object caps it (get_bytes).
+        return self.client.generate_presigned_url(
+            "put_object", Params={"Bucket": self.bucket, "Key": self._key(key), "ContentType": OCTET_STREAM},
+            ExpiresIn=min(seconds, MAX_GRANT_SECONDS))
 
     def iter_chunks(self, url: str) -> Iterator[bytes]:
         return self._body(url).iter_chunks(CHUNK)
@@ -197,12 +287,19 @@ class S3Storage:
             self.client.create_bucket(Bucket=self.bucket)
 
 
+def _check_size(url: str, size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise StorageError(f"{url} holds {size:,} bytes, more than the {max_bytes:,} allowed")
+
+
 def from_settings(settings: Settings) -> LocalStorage | S3Storage:
-    """The storage that STORAGE_URL, S3_ENDPOINT_URL and S3_REGION configure."""
-    return open_storage(settings.storage_url, settings.s3_endpoint_url, settings.s3_region)
+    """The storage that STORAGE_URL, S3_ENDPOINT_URL and S3_REGION configure (local grants name PUBLIC_URL)."""
+    return open_storage(settings.storage_url, settings.s3_endpoint_url, settings.s3_region,
+                        LocalGrants(settings.public_base_url, settings.grant_key))
 
 
-def open_storage(url: str, endpoint_url: str = "", region: str = "") -> LocalStorage | S3Storage:
+def open_storage(url: str, endpoint_url: str = "", region: str = "",
+                 grants: LocalGrants | None = None) -> LocalStorage | S3Storage:
     """Storage for `url`: `s3://bucket[/prefix]`, `file:///dir` or a plain directory path."""
     parts = urlsplit(url)
     if parts.scheme == "s3":
@@ -210,10 +307,10 @@ def open_storage(url: str, endpoint_url: str = "", region: str = "") -> LocalSto
             raise ValueError(f"STORAGE_URL {url!r} names no bucket")
         return S3Storage(parts.netloc, parts.path, endpoint_url=endpoint_url, region=region)
     if parts.scheme == "file":
-        return LocalStorage(parts.path)
+        return LocalStorage(parts.path, grants)
     if parts.scheme:
         raise ValueError(f"STORAGE_URL {url!r}: use s3://bucket/prefix, file:///dir or a directory")
-    return LocalStorage(url)
+    return LocalStorage(url, grants)
 
 
 class HashingReader:

@@ -1,7 +1,10 @@
-"""The peer's task: fetch the data, train with `trainer`, report each epoch, store the weights.
+"""The peer's task: check the spec, fetch the data through its grant, train with `trainer`, report, upload.
 
-It runs on peer machines, which hold no database credentials: progress leaves as Celery events
-(`task-heartbeat`, persisted by the monitor), the result as the task's return value.
+It runs on peer machines, which hold no database or storage credentials: data and weights move
+through the grants in the spec (tasks/transfer.py), progress leaves as Celery events
+(`task-heartbeat`, verified and persisted by the monitor), the outcome as the task's return value,
+which the peer's app reports to the coordinator (tasks/peer.py). The spec is checked against the
+platform's limits before anything runs: a peer does not train what the API would have refused.
 """
 
 from __future__ import annotations
@@ -10,77 +13,119 @@ import hashlib
 import logging
 import os
 import tempfile
-from functools import cache
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from celery import Task
+from celery import Celery, Task
 
 from settings import Settings
-from tasks.cancellation import stop_check
-from tasks.celery import app
-from tasks.storage import from_settings
+from tasks import protocol, transfer
 from trainer.dataset import Dataset, prepare
+from trainer.limits import LimitError, check_hyperparameters, check_table_size
 from trainer.loop import EpochMetrics, TrainConfig
 from trainer.loop import train as fit
 from trainer.memory import keep_freed_memory
 from trainer.model import ModelConfig, SimpleDNN
 from trainer.normalization import Normalization
+from trainer.split import VALIDATION_FRACTION
 from trainer.table import read_table
-from trainer.weights import Checkpoint, checkpoint_bytes, state_from_bytes, state_to_bytes
+from trainer.weights import max_state_bytes, state_from_bytes, state_to_bytes
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT = "task-heartbeat"
+# One quick retry: an epoch must not wait on a broker that is away.
+EVENT_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+# A dataset or shard larger than this is refused before it fills the disk (the API takes 200 MiB by default).
+MAX_DATA_BYTES = 4 << 30
+_TEXT_KEYS = ("session", "data", "data_id", "weights", "target", "task")
 
 
-@cache
-def _settings() -> Settings:
-    return Settings.from_env()
+def register(app: Celery, settings: Settings) -> None:
+    """Add the `train` task to a peer's app: acknowledged when done, killed past the time limit."""
+    notices: list[protocol.StopNotices] = []
+    # Outcomes of recent tasks: a message redelivered after a broker outage (it could not be acknowledged)
+    # gets the same answer again at once instead of a second training.
+    done: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    @app.task(name="peertrain.train", bind=True, shared=False, acks_late=True, time_limit=settings.train_time_limit,
+              soft_time_limit=max(1, settings.train_time_limit - 30))
+    def train(self: Task, spec: dict[str, Any]) -> dict[str, Any]:
+        """Train one peer's model as `spec` says (built by the coordinator); return a small JSON result."""
+        if self.request.id in done:
+            return done[self.request.id]
+        if not notices:
+            notices.append(protocol.StopNotices(self.app, protocol.peer_of(protocol.identity(self.app)) or "unknown"))
+        result = done[self.request.id] = run(self, check_spec(spec), notices[0], settings)
+        while len(done) > 16:
+            done.popitem(last=False)
+        return result
 
 
-@cache
-def _storage():
-    return from_settings(_settings())
+def check_spec(spec: Any) -> dict[str, Any]:
+    """The spec if every field is of the right kind and within the platform's limits; LimitError otherwise."""
+    if not isinstance(spec, dict):
+        raise LimitError("the task's argument must be an object")
+    for key in _TEXT_KEYS:
+        if not isinstance(spec.get(key), str) or not spec[key]:
+            raise LimitError(f"the task lacks {key!r}")
+    if not isinstance(spec.get("features"), list) or not all(isinstance(f, str) for f in spec["features"]):
+        raise LimitError("the task's features must be a list of column names")
+    round_, seed = spec.get("round", 0), spec.get("seed", 0)
+    if not (isinstance(round_, int) and 0 <= round_ <= 10_000 and isinstance(seed, int) and 0 <= seed < 2**32):
+        raise LimitError("the task's round or seed is out of range")
+    if spec["task"] not in ("classification", "regression"):
+        raise LimitError(f"unknown task kind {spec['task']!r}")
+    if not isinstance(spec.get("hyperparameters"), dict):
+        raise LimitError("the task's hyperparameters must be an object")
+    return {**spec, "round": round_, "seed": seed, "hyperparameters": check_hyperparameters(spec["hyperparameters"])}
 
 
-@app.task(name="peertrain.train", bind=True)
-def train(self: Task, spec: dict[str, Any]) -> dict[str, Any]:
-    """Train one peer's model as `spec` says (built by the coordinator) and return a small JSON result."""
-    session, peer, round_ = spec["session"], spec["peer"], spec.get("round", 0)
-    should_stop = stop_check(self.app, session)
-    result = {"peer": peer, "round": round_, "samples": 0, "final": {}, "history": [], "weights_url": None,
-              "bytes_fetched": 0, "seconds": 0.0, "stopped": True}
+def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, settings: Settings) -> dict[str, Any]:
+    session, round_ = spec["session"], spec["round"]
+
+    def should_stop() -> bool:
+        return notices.reason(session) is not None
+
+    result = {"round": round_, "final": {}, "history": [], "bytes_fetched": 0, "seconds": 0.0, "stopped": True}
     if should_stop():
-        return result  # redelivered after the session ended (this peer restarted, say): nothing to do
-    if _settings().peer_keep_memory:
+        return result  # queued before its session ended: nothing to do
+    if settings.peer_keep_memory:
         keep_freed_memory()  # process-wide and idempotent: a peer's reads and shuffles reuse its memory
 
     data, result["bytes_fetched"] = _fetch(spec)
     model = _model(spec, data)
     initial = None
-    if spec.get("initial_weights_url"):
-        initial = state_from_bytes(_storage().get_bytes(spec["initial_weights_url"]), model.config)
+    if spec.get("initial_weights"):
+        initial = state_from_bytes(transfer.fetch(spec["initial_weights"], max_state_bytes(model.config)),
+                                   model.config)
+    name = protocol.peer_of(protocol.identity(task.app))
+    unsent = 0
 
     def report(metrics: EpochMetrics) -> None:
-        self.send_event(HEARTBEAT, session=session, peer=peer, round=round_, **metrics.to_dict())
+        nonlocal unsent
+        try:
+            task.send_event(HEARTBEAT, retry=True, retry_policy=EVENT_RETRY, session=session, peer=name, round=round_,
+                            **metrics.to_dict())
+        except Exception as exc:  # the broker is away: train on; the result carries every epoch anyway
+            unsent += 1
+            if unsent == 1:
+                log.warning("heartbeats cannot be sent (%s); the result will carry them", exc)
 
     hp = spec["hyperparameters"]
-    config = TrainConfig(
-        batch_size=hp["batch_size"], epochs=hp["epochs"], learning_rate=hp["learning_rate"],
-        optimizer=hp.get("optimizer", "adam"), seed=spec.get("seed", 0), num_threads=_settings().peer_threads,
-    )
+    config = TrainConfig(batch_size=hp["batch_size"], epochs=hp["epochs"], learning_rate=hp["learning_rate"],
+                         optimizer=hp["optimizer"], seed=spec["seed"], num_threads=settings.peer_threads)
     trained = fit(model, data.train_x, data.train_y, config, data.val_x, data.val_y,
                   on_epoch_end=report, should_stop=should_stop, initial_state=initial)
-    weights = _weights(spec, trained.model, data, trained.history)
+    # Only the weights: the coordinator knows the rest of the model (shape, features, scaling) itself.
+    transfer.upload(spec["weights"], state_to_bytes(trained.model.state_dict(), {"round": round_}))
     result.update(
-        samples=len(data.train_y),
         final=trained.final.to_dict() if trained.final else {},
         # The authoritative per-epoch record: the coordinator stores it, so a finished session has
         # every heartbeat even if some events were lost on the way to the monitor.
         history=[m.to_dict() for m in trained.history],
-        weights_url=_storage().put_bytes(spec["weights_key"], weights),
         seconds=trained.seconds,
         stopped=trained.stopped,
         device=trained.metadata.get("device"),
@@ -92,75 +137,60 @@ def _fetch(spec: dict[str, Any]) -> tuple[Dataset, int]:
     """The peer's data, read and validated, and how many bytes were downloaded for it."""
     if spec.get("keep_data"):
         # A federated shard is the same every round: fetch it once, drop it after the last round.
-        cache = ShardCache(Path(tempfile.gettempdir()) / "peertrain-shards" / spec["peer"])
-        path, fetched = cache.fetch(_storage(), spec["data_url"])
+        cache = ShardCache(Path(tempfile.gettempdir()) / "peertrain-shards")
+        path, fetched = cache.fetch(spec["data"], spec["data_id"])
         data = _dataset(spec, path)
         if spec.get("last_round"):
-            cache.drop(spec["data_url"])
+            cache.drop(spec["data_id"])
         return data, fetched
     with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
         path = Path(tmp) / "data.csv"
-        fetched = _storage().download(spec["data_url"], path)
+        fetched = transfer.download(spec["data"], path, MAX_DATA_BYTES)
         return _dataset(spec, path), fetched
 
 
 def _model(spec: dict[str, Any], data: Dataset) -> SimpleDNN:
     hp = spec["hyperparameters"]
     return SimpleDNN(ModelConfig(input_size=len(data.table.features), output_size=data.table.output_size,
-                                 hidden=tuple(hp["hidden"]), dropout=hp.get("dropout", 0.0), task=data.table.task),
-                      seed=spec.get("seed", 0))
+                                 hidden=tuple(hp["hidden"]), dropout=hp["dropout"], task=data.table.task),
+                      seed=spec["seed"])
 
 
 class ShardCache:
-    """Files fetched from storage, kept under one directory by URL (objects never change once written)."""
+    """Files fetched through grants, kept under one directory by the object's id (objects never change)."""
 
     def __init__(self, root: Path, keep: int = 8) -> None:
         self.root = root
         self.keep = keep
 
-    def _path(self, url: str) -> Path:
-        return self.root / f"{hashlib.sha256(url.encode()).hexdigest()[:32]}.csv"
+    def _path(self, object_id: str) -> Path:
+        return self.root / f"{hashlib.sha256(object_id.encode()).hexdigest()[:32]}.csv"
 
-    def fetch(self, storage, url: str) -> tuple[Path, int]:
-        """The local copy of `url` and how many bytes this call downloaded (0 when it was cached)."""
-        path = self._path(url)
+    def fetch(self, grant: str, object_id: str) -> tuple[Path, int]:
+        """The local copy of the object and how many bytes this call downloaded (0 when it was cached)."""
+        path = self._path(object_id)
         if path.exists():
             path.touch()
             return path, 0
         self.root.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.part")
-        fetched = storage.download(url, partial)
+        fetched = transfer.download(grant, partial, MAX_DATA_BYTES)
         os.replace(partial, path)
         # Sessions that ended early leave shards behind: keep only the most recently used few.
         for stale in sorted(self.root.glob("*.csv"), key=lambda p: p.stat().st_mtime)[:-self.keep]:
             stale.unlink(missing_ok=True)
         return path, fetched
 
-    def drop(self, url: str) -> None:
-        self._path(url).unlink(missing_ok=True)
+    def drop(self, object_id: str) -> None:
+        self._path(object_id).unlink(missing_ok=True)
 
 
 def _dataset(spec: dict[str, Any], path: Path) -> Dataset:
     table = read_table(path, target=spec["target"], features=spec["features"], task=spec["task"],
                        classes=spec.get("classes"))
+    check_table_size(table.rows, len(table.features))
     if spec.get("normalization"):
         # A federated shard: the whole file is training data, scaled like every other peer's.
         return Dataset.from_indices(table, np.arange(table.rows), None,
                                     Normalization.from_dict(spec["normalization"]))
-    return prepare(table, spec.get("validation_fraction", 0.2), seed=spec.get("seed", 0),
-                   stratify=table.classes is not None)
-
-
-def _weights(spec: dict[str, Any], model: SimpleDNN, data: Dataset, history: list[EpochMetrics]) -> bytes:
-    if spec.get("normalization"):
-        return state_to_bytes(model.state_dict(), {"peer": spec["peer"], "round": spec.get("round", 0)})
-    checkpoint = Checkpoint(
-        config=model.config,
-        features=data.table.features,
-        target=data.table.target,
-        classes=data.table.classes,
-        normalization=data.normalization,
-        metadata={"session": spec["session"], "peer": spec["peer"], "hyperparameters": spec["hyperparameters"],
-                  "history": [m.to_dict() for m in history]},
-    )
-    return checkpoint_bytes(model, checkpoint)
+    return prepare(table, VALIDATION_FRACTION, seed=spec["seed"], stratify=table.classes is not None)

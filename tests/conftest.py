@@ -15,11 +15,22 @@ from tests import services
 # queue names are chosen here, before any test module imports it. Queue names are unique to this
 # run so messages left by another run (or a `make run` on the same broker) never reach our workers.
 RUN_ID = uuid.uuid4().hex[:8]
-if services.rabbitmq_up() and services.redis_up():
-    os.environ.setdefault("BROKER_URL", services.RABBITMQ_URL)
+# A virtual host of this run's own on the real broker (made through the management API, deleted at
+# the end with everything in it), so peers' logins get rights on this run's resources only.
+VHOST = f"peertrain-test-{RUN_ID}"
+REAL_BROKER = services.rabbitmq_up() and services.redis_up() and services.rabbitmq_admin_up()
+if REAL_BROKER and "BROKER_URL" not in os.environ:
+    from tasks.brokeradmin import BrokerAdmin
+
+    BrokerAdmin(services.RABBITMQ_ADMIN_URL, "/").add_vhost(VHOST, "guest")
+    os.environ["BROKER_URL"] = services.RABBITMQ_URL.rstrip("/") + "/" + VHOST
+    os.environ.setdefault("BROKER_ADMIN_URL", services.RABBITMQ_ADMIN_URL)
     os.environ.setdefault("RESULT_BACKEND", services.REDIS_URL)
+else:
+    VHOST = ""
 os.environ.setdefault("COORDINATOR_QUEUE", f"test-{RUN_ID}.coordinator")
 os.environ.setdefault("MONITOR_QUEUE", f"test-{RUN_ID}.monitor")
+os.environ.setdefault("RESULTS_QUEUE", f"test-{RUN_ID}.results")
 # Workers' events go to every monitor bound to the exchange: another run's peers must not show up in ours.
 os.environ.setdefault("EVENT_EXCHANGE", f"test-{RUN_ID}.events")
 os.environ.setdefault("PEERTRAIN_ENV", "development")
@@ -61,30 +72,20 @@ def db() -> Iterator[str]:
         models.disconnect()
 
 
-BROKER_QUEUES: list[str] = [os.environ["COORDINATOR_QUEUE"], os.environ["MONITOR_QUEUE"]]
+PEER_USERS: list[str] = []  # broker logins the tests issued (users are not per virtual host)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _broker_cleanup() -> Iterator[None]:
-    """Delete this run's queues from a real broker afterwards (tests append the peer queues they make)."""
+    """Delete this run's virtual host (and every queue and exchange in it) and peer logins afterwards."""
     yield
-    from tasks.celery import app as celery_app
+    if VHOST:
+        from tasks.brokeradmin import BrokerAdmin
 
-    if celery_app.conf.broker_url.startswith("memory://"):
-        return
-    with celery_app.connection_for_write() as conn:
-        channel = conn.default_channel
-        # Celery declares a direct exchange named after each queue it routes to, and our event exchange.
-        for name in BROKER_QUEUES:
-            for delete in (channel.queue_delete, channel.exchange_delete):
-                try:
-                    delete(name)
-                except conn.channel_errors:
-                    channel = conn.channel()
-        try:
-            channel.exchange_delete(os.environ["EVENT_EXCHANGE"])
-        except conn.channel_errors:
-            pass
+        admin = BrokerAdmin(services.RABBITMQ_ADMIN_URL, VHOST)
+        for user in PEER_USERS:
+            admin.remove_user(user)
+        admin.remove_vhost(VHOST)
 
 
 @pytest.fixture(scope="session")
@@ -148,11 +149,12 @@ def auth(signup) -> dict[str, str]:
 
 @pytest.fixture
 def online_peers(db):
-    """Register `n` peers as ONLINE, as the monitor does when their workers beat."""
+    """Register `n` peers and mark them ONLINE, as the monitor does when their workers beat."""
 
     def make(n: int, prefix: str = "p") -> list[str]:
         names = [f"{prefix}{i}" for i in range(n)]
         for name in names:
+            models.peer.register(name)
             models.peer.seen(name, f"peer.{name}@test")
         assert Peer.objects(name__in=names, status=ONLINE).count() == n
         return names

@@ -8,6 +8,8 @@ import socket
 import pytest
 
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+# RabbitMQ's management API (the rabbitmq_management plugin): peers' logins are made through it.
+RABBITMQ_ADMIN_URL = os.environ.get("TEST_RABBITMQ_ADMIN_URL", "http://guest:guest@127.0.0.1:15672")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -22,6 +24,10 @@ def reachable(host: str, port: int, timeout: float = 0.5) -> bool:
 
 def rabbitmq_up() -> bool:
     return reachable("127.0.0.1", 5672)
+
+
+def rabbitmq_admin_up() -> bool:
+    return reachable("127.0.0.1", 15672)
 
 
 def redis_up() -> bool:

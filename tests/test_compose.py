@@ -27,16 +27,21 @@ def test_compose_file_is_valid_and_complete():
     assert "15672" in str(spec["rabbitmq"]["ports"])
 
 
-def test_peers_get_no_database_credentials_and_the_rest_do():
+def test_peers_get_only_their_own_login_and_the_platform_gets_the_rest():
     spec = config()["services"]
-    for name in ("peer-a", "peer-b"):
+    for name, other in (("peer-a", "peer-b"), ("peer-b", "peer-a")):
         env = spec[name]["environment"]
-        assert "MONGODB_URI" not in env and "JWT_SECRET_KEY" not in env
-        assert env["BROKER_URL"].startswith("amqp://") and env["RESULT_BACKEND"].startswith("redis://")
-        assert env["STORAGE_URL"].startswith("s3://")
-    for name in ("api", "coordinator", "monitor"):
-        assert spec[name]["environment"]["MONGODB_URI"].startswith("mongodb://")
+        assert not any(key.startswith(("BROKER", "RESULT", "MONGODB", "STORAGE", "S3", "AWS", "JWT")) for key in env)
+        mounts = [str(v.get("source") if isinstance(v, dict) else v) for v in spec[name]["volumes"]]
+        assert any(f"{name}-login" in m for m in mounts) and not any(f"{other}-login" in m for m in mounts)
+        assert "tasks.peer" in " ".join(spec[name]["command"]) and "--without-gossip" in " ".join(spec[name]["command"])
+    for name in ("api", "coordinator", "monitor", "register-peers"):
+        env = spec[name]["environment"]
+        assert env["MONGODB_URI"].startswith("mongodb://") and "@mongo:" in env["MONGODB_URI"]
     assert spec["api"]["environment"]["JWT_SECRET_KEY"]
+    # The database and Redis ask for passwords.
+    assert spec["mongo"]["environment"]["MONGO_INITDB_ROOT_PASSWORD"]
+    assert "--requirepass" in spec["redis"]["command"]
 
 
 def test_compose_refuses_to_start_without_secrets(tmp_path):
@@ -69,4 +74,4 @@ def test_the_api_is_reached_only_through_the_buffering_proxy():
 def test_the_api_counts_sign_ins_in_redis_per_address_nginx_saw():
     env = config()["services"]["api"]["environment"]
     assert env["TRUSTED_PROXIES"] == "1"  # nginx, the one proxy in front
-    assert env["RATE_LIMIT_STORAGE_URL"].startswith("redis://redis:")
+    assert env["RATE_LIMIT_STORAGE_URL"].startswith("redis://") and "@redis:6379/" in env["RATE_LIMIT_STORAGE_URL"]

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from trainer.table import Table
 
 STRATEGIES = ("iid", "label_skew")
+# The share of rows held out to validate on, wherever the platform splits a dataset.
+VALIDATION_FRACTION = 0.2
 _SKEW_ATTEMPTS = 20  # Dirichlet redraws before empty shards are topped up by hand
 
 

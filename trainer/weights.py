@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -193,6 +194,12 @@ def _tensors(data: bytes) -> dict[str, torch.Tensor]:
         return load_tensors(data)
     except (SafetensorError, ValueError, RuntimeError) as error:
         raise WeightsError(f"the weights file is damaged: {error}") from error
+
+
+def max_state_bytes(config: ModelConfig, metadata_bytes: int = 64 << 10) -> int:
+    """The most bytes state_to_bytes can take for a model of `config` (float32 tensors and a small header)."""
+    tensors = sum(math.prod(shape) for shape in config.parameter_shapes().values())
+    return 4 * tensors + 1024 * len(config.parameter_shapes()) + metadata_bytes
 
 
 def state_to_bytes(state: State, metadata: Mapping[str, Any] | None = None) -> bytes:

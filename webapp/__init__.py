@@ -48,6 +48,9 @@ def create_app(test_config: dict[str, Any] | None = None, settings: Settings | N
     api.spec.components.schema("Hyperparameters", schema=HyperparametersSchema)  # see schemas.HYPERPARAMETERS_REF
     for blueprint in (auth, peers, sessions, health):
         api.register_blueprint(blueprint)
+    from webapp import objects
+
+    app.register_blueprint(objects.blp)  # peers' door to local storage; not part of the documented API
     return app
 
 
@@ -58,6 +61,8 @@ def _config(settings: Settings) -> dict[str, Any]:
         "STORAGE_URL": settings.storage_url,
         "S3_ENDPOINT_URL": settings.s3_endpoint_url,
         "S3_REGION": settings.s3_region,
+        "PUBLIC_URL": settings.public_base_url,
+        "GRANT_KEY": settings.grant_key,
         "JWT_SECRET_KEY": settings.jwt_secret_key,
         "JWT_ACCESS_TOKEN_EXPIRES": settings.jwt_expires_seconds,
         "BCRYPT_ROUNDS": settings.bcrypt_rounds,
@@ -72,6 +77,7 @@ def _config(settings: Settings) -> dict[str, Any]:
         "MAX_FORM_MEMORY_SIZE": 1024 * 1024,
         "COORDINATOR_QUEUE": settings.coordinator_queue,
         "PEER_TIMEOUT_SECONDS": settings.peer_timeout_seconds,
+        "TRAIN_TIME_LIMIT": settings.train_time_limit,
         "API_TITLE": "peertrain",
         "API_VERSION": "1.0",
         "OPENAPI_VERSION": "3.0.3",

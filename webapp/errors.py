@@ -8,7 +8,7 @@ from typing import Any
 
 import flask_smorest
 from flask import Flask, jsonify
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
 
 from webapp import outages
 from webapp.extensions import jwt
@@ -59,7 +59,7 @@ def handle_http_exception(error: HTTPException):
         message = "invalid request: " + "; ".join(_flatten(errors))
     else:
         message = error.description or HTTPStatus(code).phrase
-    if code == 413:
+    if code == 413 and "message" not in data and error.description == RequestEntityTooLarge.description:
         message = "the upload is larger than this server accepts"
     response = jsonify(payload(code, message, _strip_locations(errors) if errors else None))
     response.status_code = code

@@ -13,7 +13,7 @@ from webargs.flaskparser import FlaskParser
 from werkzeug.datastructures import CombinedMultiDict
 from werkzeug.routing import BaseConverter
 
-from tasks.storage import Storage, open_storage
+from tasks.storage import LocalGrants, Storage, open_storage
 from webapp.passwords import Passwords
 
 
@@ -85,7 +85,8 @@ def init_app(app: Flask) -> flask_smorest.Api:
     api.register_converter(ObjectIdConverter, lambda _: {"type": "string", "pattern": f"^{ObjectIdConverter.regex}$"})
     if STORAGE not in app.extensions:
         app.extensions[STORAGE] = open_storage(
-            app.config["STORAGE_URL"], app.config["S3_ENDPOINT_URL"], app.config["S3_REGION"]
+            app.config["STORAGE_URL"], app.config["S3_ENDPOINT_URL"], app.config["S3_REGION"],
+            LocalGrants(app.config["PUBLIC_URL"], app.config["GRANT_KEY"]),
         )
     if PASSWORDS not in app.extensions:
         app.extensions[PASSWORDS] = Passwords(app.config["BCRYPT_ROUNDS"], app.config["PASSWORD_HASHING_SLOTS"])

@@ -137,6 +137,8 @@ def _document(session_id: ObjectId, user: User, form: dict[str, Any], table: Tab
         target=table.target,
         features=table.features,
         seed=form["seed"],
+        min_peers=form.get("min_peers"),
+        round_timeout=form.get("round_timeout") or current_app.config["TRAIN_TIME_LIMIT"],
         dataset=Dataset(
             filename=upload.filename,
             url=url,

@@ -198,7 +198,11 @@ class StartSessionSchema(StrictSchema):
     partition = fields.String(load_default="iid", validate=validate.OneOf(["iid", "label_skew"]))
     alpha = fields.Float(load_default=0.5, validate=validate.Range(min=0.01, max=1000))
     aggregation = fields.String(load_default="fedavg", validate=validate.OneOf(["fedavg", "median", "trimmed_mean"]))
+    # Either mode: how many peers must finish each round for the session to go on (default: all), and
+    # how long a round may take before the peers still training are left out.
     min_peers = fields.Integer(validate=validate.Range(min=1, max=MAX_PEERS))
+    round_timeout = fields.Integer(validate=validate.Range(min=1, max=7 * 24 * 3600),
+                                   metadata={"description": "seconds (default: the peers' training time limit)"})
 
     @ma.validates_schema
     def _peer_settings(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -230,6 +234,8 @@ class StartSessionSchema(StrictSchema):
         else:
             raise ma.ValidationError("must be a JSON object or a list of objects", "hyperparameters")
         data["hyperparameters"] = per_peer
+        if data.get("min_peers") is not None and num_peers is not None and data["min_peers"] > num_peers:
+            raise ma.ValidationError("cannot exceed num_peers", "min_peers")
         if data.get("mode") == FEDERATED:
             self._federated(data)
 
@@ -237,8 +243,6 @@ class StartSessionSchema(StrictSchema):
     def _federated(data: dict[str, Any]) -> None:
         if data["task"] != "classification" and data["partition"] == "label_skew":
             raise ma.ValidationError("label_skew partitions need class labels (task=classification)", "partition")
-        if data.get("min_peers") is not None and data["min_peers"] > data["num_peers"]:
-            raise ma.ValidationError("cannot exceed num_peers", "min_peers")
         shapes = {(tuple(h["hidden"]), h["dropout"]) for h in data["hyperparameters"]}
         if len(shapes) > 1:
             raise ma.ValidationError(
@@ -323,6 +327,9 @@ class SessionSchema(ma.Schema):
     dataset = fields.Nested(DatasetSchema)
     peers = fields.List(fields.Nested(PeerRunSchema))
     federated = fields.Dict(dump_default=dict)
+    min_peers = fields.Integer(allow_none=True, dump_default=None,
+                               metadata={"description": "peers that must finish each round (null: all)"})
+    round_timeout = fields.Integer(allow_none=True, dump_default=None)
     rounds = fields.List(fields.Nested(RoundSchema), dump_default=list)
     results = fields.Dict(dump_default=dict)
     model_available = fields.Function(lambda s: bool(s.get("model_url")))

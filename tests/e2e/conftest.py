@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from werkzeug.serving import make_server
@@ -33,16 +34,25 @@ class Platform:
     s3_endpoint: str
     log_dir: Path
     peers: dict[str, PeerProcess] = field(default_factory=dict)
+    environments: dict[str, dict[str, str]] = field(default_factory=dict)
+    monitor: Any = None  # the platform's tasks.monitor.Monitor: what it stored and dropped
 
     def user(self, name: str | None = None) -> Api:
         return Api(self.base_url).sign_up_and_in(name or f"user{uuid.uuid4().hex[:8]}")
 
-    def start_peers(self, *names: str, app: str = "tasks", **env: str) -> list[str]:
-        """Start peer processes (of Celery app `app`) and wait until the monitor has seen them ONLINE."""
-        environment = peer_environment(**{"STORAGE_URL": self.storage_url, "S3_ENDPOINT_URL": self.s3_endpoint,
-                                          "PEER_THREADS": "1", **env})
+    def register(self, name: str) -> dict[str, str]:
+        """Register peer `name` as an operator does; returns what its machine is given."""
+        from tasks import protocol, registry
+
+        enrolment = registry.add(name, Settings.from_env())
+        conftest.PEER_USERS.append(protocol.broker_user(name))
+        return enrolment.environment
+
+    def start_peers(self, *names: str, app: str = "tasks.peer", **env: str) -> list[str]:
+        """Register and start peer processes (of Celery app `app`); wait until the monitor sees them ONLINE."""
         for name in names:
-            conftest.BROKER_QUEUES.append(f"peer.{name}")
+            environment = peer_environment(**self.register(name), PEER_THREADS="1", **env)
+            self.environments[name] = environment
             self.peers[name] = PeerProcess(name, self.log_dir, environment, app=app)
         try:
             wait_until(lambda: Peer.objects(name__in=names, status=ONLINE).count() == len(names), 60,
@@ -64,7 +74,7 @@ class Platform:
 def platform(tmp_path_factory, s3_endpoint) -> Iterator[Platform]:
     # Package scope: one platform for every end-to-end module, torn down before other packages run
     # (their `db` fixture reconnects the documents, which the platform's threads must not see).
-    services.require(services.rabbitmq_up() and services.redis_up(), "RabbitMQ and Redis")
+    services.require(conftest.REAL_BROKER, "RabbitMQ (with its management plugin) and Redis")
     from tasks import monitor
     from tasks.celery import app
     from tasks.inprocess import InProcessWorkers
@@ -91,14 +101,14 @@ def platform(tmp_path_factory, s3_endpoint) -> Iterator[Platform]:
     monitor_thread = threading.Thread(target=consumer.run, name="monitor", daemon=True)
     monitor_thread.start()
     assert consumer.ready.wait(30), "the monitor could not consume events"
-    workers = InProcessWorkers(app)
-    workers.start(settings.coordinator_queue, f"coordinator-{conftest.RUN_ID}@test")
+    workers = InProcessWorkers()
+    workers.start(app, settings.coordinator_queue, f"coordinator-{conftest.RUN_ID}@test")
     api = create_app({"MONGODB_URI": db_uri, "STORAGE_URL": storage_url, "S3_ENDPOINT_URL": s3_endpoint})
     server = make_server("127.0.0.1", 0, api, threaded=True)
     threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
 
     platform = Platform(f"http://127.0.0.1:{server.server_port}", storage_url, s3_endpoint,
-                        tmp_path_factory.mktemp("logs"))
+                        tmp_path_factory.mktemp("logs"), monitor=consumer.monitor)
     try:
         yield platform
     finally:

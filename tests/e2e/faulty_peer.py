@@ -1,33 +1,52 @@
-"""A peer whose returned weights are corrupted, as a broken or malicious machine's would be.
+"""A peer that lies, as a broken or malicious machine would. Start it like any peer, with
+`-A tests.e2e.faulty_peer`; PEERTRAIN_TEST_FAULT says how:
 
-Start it like any peer, with `-A tests.e2e.faulty_peer`; PEERTRAIN_TEST_FAULT says how it lies:
-`nan` (non-finite weights, which validation rejects) or `noise` (finite but huge, which only a
-robust aggregation outvotes).
+- `nan`: uploads non-finite weights (validation rejects them);
+- `noise`: uploads finite but huge weights (only a robust aggregation outvotes them);
+- `claims`: trains honestly but its result claims 10^12 samples, perfect metrics, another peer's
+  name and weights somewhere else;
+- `keep`: trains honestly and writes its tasks' specs (grants included) to PEERTRAIN_TEST_KEEP, to
+  use them after its session has ended.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
 from tasks import training
-from tasks.celery import app
+from tasks.peer import app
 
 __all__ = ["app"]
 
 FAULT = os.environ.get("PEERTRAIN_TEST_FAULT", "nan")
-_honest_weights = training._weights
+_honest_bytes, _honest_run = training.state_to_bytes, training.run
 
 
-def _corrupted_weights(spec, model, data, history):
+def _corrupted(state, metadata=None):
     with torch.no_grad():
-        for tensor in model.state_dict().values():
+        for tensor in state.values():
             if FAULT == "nan":
                 tensor.fill_(float("nan"))
             else:
                 tensor.normal_(0.0, 1000.0)
-    return _honest_weights(spec, model, data, history)
+    return _honest_bytes(state, metadata)
 
 
-training._weights = _corrupted_weights
+def _lying_run(task, spec, notices, settings):
+    if FAULT == "keep":
+        with open(os.environ["PEERTRAIN_TEST_KEEP"], "a") as out:
+            out.write(json.dumps(spec) + "\n")
+    result = _honest_run(task, spec, notices, settings)
+    if FAULT == "claims":
+        result.update(samples=10**12, peer="someone-else", weights_url="s3://elsewhere/weights.safetensors")
+        result["final"] = {**result["final"], "val_accuracy": 1.0, "val_loss": 0.0}
+    return result
+
+
+if FAULT in ("nan", "noise"):
+    training.state_to_bytes = _corrupted
+else:
+    training.run = _lying_run

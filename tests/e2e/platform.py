@@ -30,23 +30,27 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
-def peer_environment(**overrides: str) -> dict[str, str]:
-    """A peer machine's environment: the broker, the result backend and storage, no database."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MONGODB_URI", "JWT_SECRET_KEY")}
-    env.update(overrides)
+# What only the platform's own processes hold; a peer machine gets none of it.
+PLATFORM_ONLY = ("BROKER_", "RESULT_", "MONGODB_", "STORAGE_", "S3_", "AWS_", "JWT_")
+
+
+def peer_environment(**enrolment: str) -> dict[str, str]:
+    """A peer machine's environment: what its registration printed (its own broker login), nothing else."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(PLATFORM_ONLY)}
+    env.update(enrolment)
     return env
 
 
 class PeerProcess:
-    """`celery -A tasks worker -Q peer.<name> -n peer.<name>@%h -c 1 -E`: a peer as users start one."""
+    """A peer as its owner starts one: the command `python -m tasks.registry add` prints."""
 
-    def __init__(self, name: str, log_dir: Path, env: dict[str, str], app: str = "tasks") -> None:
+    def __init__(self, name: str, log_dir: Path, env: dict[str, str], app: str = "tasks.peer") -> None:
         self.name = name
         self.log_path = log_dir / f"peer-{name}.log"
-        self._log = self.log_path.open("wb")
+        self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", f"peer.{name}", "-n", f"peer.{name}@%h",
-             "-c", "1", "-E", "--loglevel=INFO", "--without-mingle", "--without-gossip"],
+             "-c", "1", "--loglevel=INFO", "--without-mingle", "--without-gossip"],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 

@@ -101,14 +101,15 @@ def test_a_peer_with_corrupted_weights_is_rejected_or_outvoted(platform, two_pee
 def test_a_federated_session_goes_on_without_a_failed_peer_when_min_peers_allows(platform, two_peers,
                                                                                   digits_csv, unique):
     broken = unique("fedbroken")
-    platform.start_peers(broken, S3_ENDPOINT_URL="http://127.0.0.1:9")
+    # Its storage requests go through a proxy that refuses them: a machine that cannot reach storage.
+    platform.start_peers(broken, HTTP_PROXY="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
     try:
         user = platform.user()
         session_id = start_federated(user, digits_csv, 3, min_peers=2)
         session = user.wait_finished(session_id, timeout=180)
         assert session["status"] == "COMPLETED", session
         by_peer = {p["name"]: p for p in session["peers"]}
-        assert by_peer[broken]["status"] == "FAILED" and "StorageError" in by_peer[broken]["error"]
+        assert by_peer[broken]["status"] == "FAILED" and "TransferError" in by_peer[broken]["error"]
         assert all(broken not in r["peers"] for r in session["rounds"])
         assert len(session["rounds"]) == ROUNDS
         # Without the slack, the same failure ends the session.

@@ -70,9 +70,10 @@ def test_a_sweep_trains_each_peer_with_its_own_settings(platform, two_peers, dig
 
 
 def test_a_failing_peer_fails_the_session_quickly_and_frees_everyone(platform, two_peers, digits_csv, unique):
-    # A peer that cannot reach storage: its task raises at once, as a real misconfigured machine's would.
+    # A peer that cannot reach storage (its requests go through a proxy that refuses them): its task
+    # raises after a few quick retries, as a real misconfigured machine's would.
     broken = unique("broken")
-    platform.start_peers(broken, S3_ENDPOINT_URL="http://127.0.0.1:9")
+    platform.start_peers(broken, HTTP_PROXY="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
     try:
         user = platform.user()
         long = {"learning_rate": 0.001, "epochs": 1000, "hidden": [64]}
@@ -84,7 +85,7 @@ def test_a_failing_peer_fails_the_session_quickly_and_frees_everyone(platform, t
         elapsed = time.monotonic() - began
         assert session["status"] == "FAILED"
         assert f"peer {broken} failed" in session["reason"]
-        assert "StorageError" in session["reason"]
+        assert "TransferError" in session["reason"]
         # Far sooner than the healthy peers' 1,000 epochs would take.
         assert elapsed < 15, elapsed
         by_peer = {p["name"]: p for p in session["peers"]}

@@ -24,7 +24,7 @@ def test_every_kind_of_session_write_is_announced(db):
     listener = Listener()
     changes.subscribe(listener.on_change)
     sid = session.id
-    sessions.start_running(sid, {"a": "task-a", "b": "task-b"}, deadline_seconds=60)
+    sessions.start_running(sid, {"a": "task-a", "b": "task-b"}, {}, deadline_seconds=60)
     sessions.record_progress(sid, "a", {"epoch": 1})
     sessions.add_bytes_fetched(sid, "a", 100)
     sessions.record_peer_result(sid, "a", "COMPLETED")
@@ -41,7 +41,7 @@ def test_a_write_that_matched_nothing_is_not_announced(db):
     changes.subscribe(listener.on_change)
     sessions.finish(session.id, "FAILED")
     assert not sessions.finish(session.id, "COMPLETED")  # already ended: nothing changes
-    assert not sessions.start_running(ObjectId(), {}, deadline_seconds=60)
+    assert not sessions.start_running(ObjectId(), {}, {}, deadline_seconds=60)
     assert listener.heard == [str(session.id)]
 
 

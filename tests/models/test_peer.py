@@ -5,22 +5,46 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
+import pytest
 from bson import ObjectId
+from mongoengine import NotUniqueError
 
 from models import Peer, utcnow
 from models import peer as peers
 from models.peer import OFFLINE, ONLINE, TRAINING
 
 
-def test_a_peer_seen_for_the_first_time_is_online(db):
-    peers.seen("a", "peer.a@host1")
+def online(*names: str, at=None) -> None:
+    for name in names:
+        peers.register(name)
+        peers.seen(name, f"peer.{name}@h", at=at)
+
+
+def test_a_registered_peer_is_offline_until_seen_then_online(db):
+    peers.register("a")
+    assert Peer.objects.get(name="a").status == OFFLINE
+    assert peers.seen("a", "peer.a@host1")
     peer = Peer.objects.get(name="a")
     assert peer.status == ONLINE and peer.hostname == "peer.a@host1" and peer.queue == "peer.a"
     assert peer.last_seen is not None
 
 
+def test_an_unregistered_peer_is_never_recorded(db):
+    assert not peers.seen("stranger", "peer.stranger@h")
+    assert Peer.objects(name="stranger").count() == 0
+
+
+def test_a_name_registers_once_and_unregistering_forgets_it(db):
+    peers.register("a")
+    with pytest.raises(NotUniqueError):
+        peers.register("a")
+    assert peers.unregister("a").name == "a"
+    assert peers.unregister("a") is None
+    assert not peers.seen("a", "peer.a@h")
+
+
 def test_seen_keeps_a_training_peer_training(db):
-    peers.seen("a", "peer.a@h")
+    online("a")
     session = ObjectId()
     assert peers.claim(session, 1) == ["a"]
     peers.seen("a", "peer.a@h")
@@ -28,7 +52,7 @@ def test_seen_keeps_a_training_peer_training(db):
 
 
 def test_gone_then_seen_comes_back_online(db):
-    peers.seen("a", "peer.a@h")
+    online("a")
     before = peers.gone("a")
     assert before.status == ONLINE
     assert Peer.objects.get(name="a").status == OFFLINE
@@ -38,14 +62,13 @@ def test_gone_then_seen_comes_back_online(db):
 
 
 def test_silent_peers_are_found_by_their_last_beat(db):
-    peers.seen("fresh", "peer.fresh@h")
-    peers.seen("old", "peer.old@h", at=utcnow() - timedelta(minutes=1))
+    online("fresh")
+    online("old", at=utcnow() - timedelta(minutes=1))
     assert [p.name for p in peers.silent_since(utcnow() - timedelta(seconds=10))] == ["old"]
 
 
 def test_claim_is_all_or_nothing(db):
-    for name in "abc":
-        peers.seen(name, f"peer.{name}@h")
+    online(*"abc")
     assert peers.claim(ObjectId(), 4) == []
     assert Peer.objects(status=ONLINE).count() == 3
     got = peers.claim(ObjectId(), 2)
@@ -53,8 +76,7 @@ def test_claim_is_all_or_nothing(db):
 
 
 def test_release_frees_only_that_sessions_peers_and_leaves_offline_ones_offline(db):
-    for name in "abcd":
-        peers.seen(name, f"peer.{name}@h")
+    online(*"abcd")
     first, second = ObjectId(), ObjectId()
     mine = peers.claim(first, 2)
     theirs = peers.claim(second, 2)
@@ -67,8 +89,7 @@ def test_release_frees_only_that_sessions_peers_and_leaves_offline_ones_offline(
 
 
 def test_racing_claims_never_share_a_peer(db):
-    for i in range(10):
-        peers.seen(f"p{i}", f"peer.p{i}@h")
+    online(*(f"p{i}" for i in range(10)))
     results: dict[int, list[str]] = {}
     barrier = threading.Barrier(12)
 

@@ -22,11 +22,13 @@ def make_session(peers=("a", "b")) -> TrainingSession:
 
 def test_a_session_runs_then_ends_once(db):
     session = make_session()
-    assert sessions.start_running(session.id, {"a": "task-a", "b": "task-b"}, deadline_seconds=60)
-    assert not sessions.start_running(session.id, {"a": "x", "b": "y"}, deadline_seconds=60)
+    launch = {"round": 0, "group": "g", "body": "b", "peers": ["a", "b"]}
+    assert sessions.start_running(session.id, {"a": "task-a", "b": "task-b"}, launch, deadline_seconds=60)
+    assert not sessions.start_running(session.id, {"a": "x", "b": "y"}, launch, deadline_seconds=60)
     session.reload()
     assert session.status == "RUNNING" and [p.task_id for p in session.peers] == ["task-a", "task-b"]
-    assert sessions.by_task_id("task-b").id == session.id
+    assert sessions.by_task_id("task-b").id == session.id and session.launch == launch
+    assert sessions.run_of_task(session, "task-b").name == "b" and sessions.run_of_task(session, "x") is None
     assert sessions.finish(session.id, "FAILED", reason="peer b failed")
     assert not sessions.finish(session.id, "COMPLETED")
     session.reload()

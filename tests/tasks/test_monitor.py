@@ -17,12 +17,20 @@ from tasks.monitor import EventConsumer, Monitor, peer_name
 from tests.e2e.platform import wait_until
 
 
+def online(*names: str, at=None) -> None:
+    """Registered peers whose workers have been seen."""
+    for name in names:
+        peers.register(name)
+        peers.seen(name, f"peer.{name}@h", at=at)
+
+
 def make_session(names, status=sessions.RUNNING, **fields) -> TrainingSession:
     session = TrainingSession(
         owner_id=ObjectId(), target="label", status=status,
         dataset=Dataset(filename="d.csv", url="file:///x", bytes=1, sha256="0" * 64, rows=1, columns=1),
-        peers=[PeerRun(name=n, status=sessions.RUNNING if status == sessions.RUNNING else sessions.PENDING)
-               for n in names],
+        peers=[PeerRun(name=n, status=sessions.RUNNING if status == sessions.RUNNING else sessions.PENDING,
+                       hyperparameters={"epochs": 3}) for n in names],
+        launch={"round": 0, "group": "g", "body": "b", "peers": list(names)},
         **fields,
     ).save()
     # These peers, as a start request would have claimed them.
@@ -33,7 +41,7 @@ def make_session(names, status=sessions.RUNNING, **fields) -> TrainingSession:
 
 def heartbeat(session, peer, epoch, round=0, **metrics):
     return {"type": "task-heartbeat", "session": str(session.id), "peer": peer, "round": round, "epoch": epoch,
-            "epochs": 3, "loss": 1.0 / epoch, "timestamp": time.time(), **metrics}
+            "epochs": 3, "loss": 1.0 / (1 + epoch), "timestamp": time.time(), **metrics}
 
 
 @pytest.mark.parametrize(("hostname", "name"), [("peer.a@host", "a"), ("peer.gpu-1@x.y", "gpu-1"),
@@ -43,78 +51,179 @@ def test_peer_names_come_from_worker_hostnames(hostname, name):
 
 
 def test_worker_events_drive_peer_status(db):
+    peers.register("a")
     monitor = Monitor(peer_timeout=10)
-    monitor.on_event({"type": "worker-online", "hostname": "peer.a@host"})
-    monitor.on_event({"type": "worker-heartbeat", "hostname": "coordinator@host"})
+    monitor.on_event({"type": "worker-online", "hostname": "peer.a@host"}, "peer.a")
+    monitor.on_event({"type": "worker-heartbeat", "hostname": "coordinator@host"}, "guest")
     assert [(p.name, p.status) for p in Peer.objects] == [("a", "ONLINE")]
-    monitor.on_event({"type": "worker-offline", "hostname": "peer.a@host"})
+    monitor.on_event({"type": "worker-offline", "hostname": "peer.a@host"}, "peer.a")
     assert Peer.objects.get(name="a").status == "OFFLINE"
-    monitor.on_event({"type": "worker-heartbeat", "hostname": "peer.a@host"})
+    monitor.on_event({"type": "worker-heartbeat", "hostname": "peer.a@host"}, "peer.a")
     assert Peer.objects.get(name="a").status == "ONLINE"
+    assert not monitor.dropped
+
+
+def test_a_worker_that_is_not_registered_never_shows_online(db):
+    monitor = Monitor(peer_timeout=10)
+    monitor.on_event({"type": "worker-online", "hostname": "peer.mallory@host"}, "peer.mallory")
+    monitor.on_event({"type": "worker-heartbeat", "hostname": "peer.mallory@host"}, "peer.mallory")
+    assert Peer.objects.count() == 0 and monitor.dropped["unregistered peer"] == 2
+
+
+def test_events_about_another_peer_are_dropped_and_counted(db):
+    """Attack: peer `b` publishes worker events in `a`'s name to take it offline (and fail its session)."""
+    online("a", "b")
+    session = make_session(["a"])
+    monitor = Monitor(peer_timeout=10)
+    monitor.on_event({"type": "worker-offline", "hostname": "peer.a@host"}, "peer.b")
+    monitor.on_event({"type": "worker-offline", "hostname": "peer.a@host"}, None)  # the platform's login, unstamped
+    assert Peer.objects.get(name="a").status == "TRAINING"
+    assert TrainingSession.objects.get(id=session.id).status == "RUNNING"
+    assert monitor.dropped["not its own worker"] == 2
 
 
 def test_heartbeats_are_stored_once_and_show_as_progress(db):
-    peers.seen("a", "peer.a@h")
+    online("a")
     session = make_session(["a"])
     monitor = Monitor(peer_timeout=10)
     for epoch in (1, 2, 2, 3):
-        monitor.on_event(heartbeat(session, "a", epoch, val_accuracy=0.5 + epoch / 10))
-    monitor.on_event({"type": "task-heartbeat", "session": "not-an-id", "peer": "a", "epoch": 1})
-    monitor.on_event({"type": "task-heartbeat", "peer": "a"})
+        monitor.on_event(heartbeat(session, "a", epoch, val_accuracy=0.5 + epoch / 10), "peer.a")
+    monitor.on_event({"type": "task-heartbeat", "session": "not-an-id", "peer": "a", "epoch": 1}, "peer.a")
+    monitor.on_event({"type": "task-heartbeat", "peer": "a"}, "peer.a")
     assert monitor.flush() == 3
     assert [h.epoch for h in Heartbeat.objects(session_id=session.id)] == [1, 2, 3]
     run = TrainingSession.objects.get(id=session.id).peer("a")
     assert (run.epoch, run.epochs, run.val_accuracy) == (3, 3, 0.8)
     assert run.updated_at is not None
     # Replayed events (a redelivery) change nothing.
-    monitor.on_event(heartbeat(session, "a", 2))
+    monitor.on_event(heartbeat(session, "a", 2), "peer.a")
     assert monitor.flush() == 0
     assert Heartbeat.objects(session_id=session.id).count() == 3
 
 
-def test_a_peer_that_shuts_down_mid_session_fails_it_and_frees_the_others(db):
-    for name in ("a", "b"):
-        peers.seen(name, f"peer.{name}@h")
+@pytest.mark.parametrize(("peer", "sender", "session_round", "epoch", "why"), [
+    ("b", "peer.b", 0, 1, "not its task"),          # b is registered but not in this session
+    ("a", "peer.b", 0, 1, "not its own heartbeat"),  # b writes in a's name
+    ("a", None, 0, 1, "not its own heartbeat"),      # unstamped: not from a peer at all
+    ("a", "peer.a", 1, 1, "not its task"),           # a round it has not been given
+    ("a", "peer.a", 0, 999, "not its task"),         # epoch 999 of 3
+    ("a", "peer.a", 0, 0, "not its task"),
+])
+def test_a_forged_heartbeat_is_dropped_and_counted(db, peer, sender, session_round, epoch, why):
+    """Attack: a heartbeat for a session, round or epoch the sender is not training, or in another's name."""
+    online("a", "b")
+    session = make_session(["a"])
+    monitor = Monitor(peer_timeout=10)
+    monitor.on_event(heartbeat(session, peer, epoch, round=session_round), sender)
+    assert monitor.flush() == 0 and Heartbeat.objects.count() == 0
+    assert monitor.dropped[why] == 1
+    # The genuine heartbeat for that slot is still stored when it comes.
+    monitor.on_event(heartbeat(session, "a", 1), "peer.a")
+    assert monitor.flush() == 1
+
+
+def test_a_heartbeat_with_values_that_are_not_numbers_is_dropped(db):
+    online("a")
+    session = make_session(["a"])
+    monitor = Monitor(peer_timeout=10)
+    monitor.on_event(heartbeat(session, "a", 1, loss="lots"), "peer.a")
+    monitor.on_event(heartbeat(session, "a", 1, loss=float("nan")), "peer.a")
+    assert monitor.flush() == 0 and monitor.dropped["malformed heartbeat"] == 2
+
+
+class Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def judging_monitor(lost: list, clock: Clock | None = None, **options) -> Monitor:
+    """A monitor that has been receiving long enough to judge silence; lost peers go to `lost`."""
+    clock = clock or Clock()
+    monitor = Monitor(peer_timeout=10, clock=clock, lose=lambda *args: lost.append(args), **options)
+    monitor.receiving()
+    clock.now += 10
+    return monitor
+
+
+def test_a_peer_that_shuts_down_mid_session_is_reported_to_the_coordinator(db):
+    online("a", "b")
     session = make_session(["a", "b"])
-    Monitor(peer_timeout=10).on_event({"type": "worker-offline", "hostname": "peer.b@h"})
-    session.reload()
-    assert session.status == "FAILED" and "peer b went offline" in session.reason
-    assert Peer.objects.get(name="a").status == "ONLINE"
+    lost: list = []
+    judging_monitor(lost).on_event({"type": "worker-offline", "hostname": "peer.b@h"}, "peer.b")
+    assert lost == [(str(session.id), "b", 0, "its worker shut down")]
+    assert Peer.objects.get(name="a").status == "TRAINING"
     assert Peer.objects.get(name="b").status == "OFFLINE"
 
 
-def test_sweep_marks_silent_peers_offline_and_fails_their_session(db):
-    peers.seen("quiet", "peer.quiet@h", at=utcnow() - timedelta(seconds=30))
-    peers.seen("busy", "peer.busy@h")
+def test_silent_peers_are_marked_offline_and_reported(db):
+    online("quiet", at=utcnow() - timedelta(seconds=30))
+    online("busy")
     session = make_session(["quiet", "busy"])
-    assert Monitor(peer_timeout=10).sweep() == ["quiet"]
-    session.reload()
-    assert session.status == "FAILED" and "no heartbeat for 10 s" in session.reason
-    assert Peer.objects.get(name="busy").status == "ONLINE"
+    lost: list = []
+    assert judging_monitor(lost).sweep() == ["quiet"]
+    assert lost == [(str(session.id), "quiet", 0, "went offline (no heartbeat for 10 s)")]
+    assert Peer.objects.get(name="quiet").status == "OFFLINE" and Peer.objects.get(name="busy").status == "TRAINING"
+
+
+def test_silence_is_not_judged_while_the_monitor_cannot_hear(db):
+    """A broker outage: the monitor was disconnected, so a peer's silence is no evidence."""
+    online("quiet", at=utcnow() - timedelta(seconds=30))
+    make_session(["quiet"])
+    lost: list = []
+    clock = Clock()
+    monitor = judging_monitor(lost, clock, reconnect_grace=30)
+    monitor.blind()
+    assert monitor.sweep() == [] and not monitor.judging()
+    monitor.receiving()  # back: every peer gets the reconnection grace to show up again
+    clock.now += 10 + 29
+    assert monitor.sweep() == [] and lost == []
+    clock.now += 1
+    assert monitor.sweep() == ["quiet"] and len(lost) == 1
+
+
+def test_a_round_past_its_deadline_reports_the_peers_still_training_once(db):
+    online("slow", "quick")
+    now = utcnow()
+    session = make_session(["slow", "quick"])
+    TrainingSession.objects(id=session.id).update_one(
+        set__launch__started_at=now - timedelta(seconds=60), set__launch__deadline=now - timedelta(seconds=1),
+        set__peers__1__status="COMPLETED")
+    lost: list = []
+    monitor = judging_monitor(lost)
+    monitor.sweep()
+    monitor.sweep()
+    assert lost == [(str(session.id), "slow", 0, "did not finish round 0 within its 59 s")]
 
 
 def test_sweep_fails_sessions_past_their_deadline_or_never_started(db):
-    peers.seen("a", "peer.a@h")
-    peers.seen("b", "peer.b@h")
+    online("a", "b")
     late = make_session(["a"], deadline=utcnow() - timedelta(seconds=1))
     stuck = make_session(["b"], status=sessions.PENDING, created_at=utcnow() - timedelta(hours=1))
     fresh = make_session([], status=sessions.PENDING)
-    Monitor(peer_timeout=10, start_timeout=600).sweep()
+    judging_monitor([], start_timeout=600).sweep()
     assert "deadline" in TrainingSession.objects.get(id=late.id).reason
     assert "no coordinator" in TrainingSession.objects.get(id=stuck.id).reason
     assert TrainingSession.objects.get(id=fresh.id).status == "PENDING"
     assert Peer.objects(status="TRAINING").count() == 0
 
 
-def test_events_sent_while_the_monitor_is_down_are_applied_when_it_returns(db):
+def test_events_sent_while_the_monitor_is_down_are_applied_when_it_returns(db, settings):
+    from tasks import peer as peer_app
+    from tasks import protocol, registry
     from tasks.celery import app
-
-    queue = f"test-monitor-{uuid.uuid4().hex[:8]}"
     from tests import conftest
 
-    conftest.BROKER_QUEUES.append(queue)
-    peers.seen("a", "peer.a@h")
-    session = make_session(["a"])
+    queue = f"test-monitor-{uuid.uuid4().hex[:8]}"
+    name = f"a{conftest.RUN_ID}"
+    login = registry.add(name, settings).environment["BROKER_URL"]  # a real broker user when there is one
+    conftest.PEER_USERS.append(protocol.broker_user(name))
+    peers.seen(name, f"peer.{name}@h")
+    session = make_session([name])
 
     def run_consumer() -> tuple[EventConsumer, threading.Thread]:
         consumer = EventConsumer(app, Monitor(peer_timeout=60), queue, flush_every=0.05)
@@ -126,10 +235,11 @@ def test_events_sent_while_the_monitor_is_down_are_applied_when_it_returns(db):
     consumer, thread = run_consumer()
     consumer.stop()
     thread.join(10)
-    # The monitor is down: these go to its durable queue.
-    with app.events.default_dispatcher(hostname="peer.a@h") as dispatcher:
+    # The monitor is down: these go to its durable queue, stamped with the peer's own login.
+    peer = peer_app.create_app(login, settings)
+    with peer.events.default_dispatcher(hostname=f"peer.{name}@h") as dispatcher:
         for epoch in range(1, 4):
-            event = heartbeat(session, "a", epoch)
+            event = heartbeat(session, name, epoch)
             event.pop("type")
             event.pop("timestamp")
             dispatcher.send("task-heartbeat", **event)
@@ -139,3 +249,5 @@ def test_events_sent_while_the_monitor_is_down_are_applied_when_it_returns(db):
     finally:
         consumer.stop()
         thread.join(10)
+        with app.connection_for_write() as connection:
+            connection.default_channel.queue_delete(queue)

@@ -97,3 +97,52 @@ def test_hashing_reader_counts_and_hashes_in_one_pass():
         pass
     assert reader.bytes == len(data)
     assert reader.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_reads_are_capped_before_the_object_is_read(storage):
+    url = storage.put_bytes("w.safetensors", b"x" * 1000)
+    assert storage.get_bytes(url, max_bytes=1000) == b"x" * 1000
+    with pytest.raises(StorageError, match="more than the 999 allowed"):
+        storage.get_bytes(url, max_bytes=999)
+
+
+def test_s3_grants_read_and_write_one_object_over_plain_http(s3, tmp_path):
+    from tasks import transfer
+
+    url = s3.put_bytes("users/u/sessions/s/dataset.csv", b"a,b\n1,2\n")
+    read = s3.grant_read(url, 60)
+    assert "X-Amz-Signature" in read and transfer.fetch(read, 100) == b"a,b\n1,2\n"
+    write = s3.grant_write("users/u/sessions/s/peers/p/weights.safetensors", 60, max_bytes=100)
+    transfer.upload(write, b"weights")
+    assert s3.get_bytes(s3.url("users/u/sessions/s/peers/p/weights.safetensors")) == b"weights"
+    with pytest.raises(transfer.TransferError, match="more than the 3 allowed"):
+        transfer.fetch(read, 3)
+    # A grant is a credential: errors name the object, never the signature.
+    with pytest.raises(transfer.TransferError) as refused:
+        transfer.fetch(read.replace("dataset.csv", "missing.csv"), 100)
+    assert "Signature" not in str(refused.value) and "missing.csv" in str(refused.value)
+
+
+def test_local_grants_open_one_object_for_one_purpose_until_they_expire(tmp_path):
+    from tasks.storage import LocalGrants
+
+    now = [1000.0]
+    grants = LocalGrants("http://api.example", b"k" * 32, clock=lambda: now[0])
+    store = LocalStorage(tmp_path / "objects", grants)
+    url = grants.url("PUT", "a/w.safetensors", 60, max_bytes=500)
+    query = dict(part.split("=") for part in url.split("?")[1].split("&"))
+    assert url.startswith("http://api.example/objects/a/w.safetensors?")
+    assert grants.check("PUT", "a/w.safetensors", query["expires"], query["signature"], query["max_bytes"]) == 500
+    for method, key, expires, cap in (("GET", "a/w.safetensors", query["expires"], query["max_bytes"]),
+                                      ("PUT", "b/w.safetensors", query["expires"], query["max_bytes"]),
+                                      ("PUT", "a/w.safetensors", str(int(query["expires"]) + 1), query["max_bytes"]),
+                                      ("PUT", "a/w.safetensors", query["expires"], "10000000")):
+        with pytest.raises(StorageError, match="signature"):
+            grants.check(method, key, expires, query["signature"], cap)
+    now[0] += 61
+    with pytest.raises(StorageError, match="expired"):
+        grants.check("PUT", "a/w.safetensors", query["expires"], query["signature"], query["max_bytes"])
+    with pytest.raises(StorageError, match="leaves the storage directory"):
+        store.grant_write("../outside", 60, 10)
+    with pytest.raises(StorageError, match="cannot grant"):
+        LocalStorage(tmp_path / "objects").grant_read(store.url("a"), 60)

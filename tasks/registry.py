@@ -1,0 +1,166 @@
+"""Registering and removing peers: `python -m tasks.registry add|remove|list`.
+
+    python -m tasks.registry add gpu1 [--env-file gpu1.env]   # prints (or writes) all the peer machine needs
+    python -m tasks.registry remove gpu1                      # revokes its login at once
+    python -m tasks.registry list
+
+A peer machine gets exactly its own broker login (a user with rights on its own queues and the two
+exchanges it reports on) and the names of those exchanges: no database, storage or result-backend
+credentials. Its tasks then carry grants to the objects each one needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from celery.events.event import get_exchange
+from mongoengine import NotUniqueError
+
+import models
+from models import peer as peers
+from models import session as sessions
+from settings import Settings
+from tasks import lifecycle, protocol
+from tasks.brokeradmin import BrokerAdmin
+from tasks.celery import app
+
+log = logging.getLogger(__name__)
+
+WORKER_COMMAND = ("celery -A tasks.peer worker -Q peer.{name} -n peer.{name}@%h -c 1 "
+                  "--without-gossip --without-mingle --loglevel=INFO")
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """What a newly registered peer machine is given: its environment and the command to run."""
+
+    name: str
+    environment: dict[str, str]
+
+    @property
+    def command(self) -> str:
+        return WORKER_COMMAND.format(name=self.name)
+
+    def env_file(self) -> str:
+        return "".join(f"{key}={value}\n" for key, value in self.environment.items())
+
+
+def peer_broker_url(settings: Settings, user: str, password: str) -> str:
+    """The broker's address as peers reach it, with the peer's own login."""
+    parts = urlsplit(settings.peer_broker_url or settings.broker_url)
+    host = parts.hostname or "localhost"
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def declare_shared(settings: Settings) -> None:
+    """Declare what peers publish to but may not declare: the event exchange, the results exchange and queue."""
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        get_exchange(connection, name=settings.event_exchange)(channel).declare()
+        protocol.results_queue(settings.results_queue)(channel).declare()
+
+
+def issue_login(name: str, settings: Settings) -> Enrolment:
+    """Create peer `name`'s broker login (replacing any earlier one) and say what its machine needs."""
+    user, password = protocol.broker_user(name), secrets.token_urlsafe(24)
+    if settings.embedded_broker:
+        broker_url = f"memory://{user}@localhost/"  # in-process: the login names the peer, nothing checks it
+    else:
+        BrokerAdmin.from_settings(settings).add_user(
+            user, password, protocol.permissions(name, settings.event_exchange, settings.results_queue))
+        broker_url = peer_broker_url(settings, user, password)
+    declare_shared(settings)
+    environment = {"BROKER_URL": broker_url, "EVENT_EXCHANGE": settings.event_exchange,
+                   "RESULTS_QUEUE": settings.results_queue, "TRAIN_TIME_LIMIT": str(settings.train_time_limit)}
+    if settings.broker_ca_file:
+        environment["BROKER_CA_FILE"] = settings.broker_ca_file
+    return Enrolment(name, environment)
+
+
+def add(name: str, settings: Settings) -> Enrolment:
+    """Register peer `name` and issue its broker login; ValueError if the name is bad or taken."""
+    protocol.check_name(name)
+    try:
+        peers.register(name)
+    except NotUniqueError:
+        raise ValueError(f"a peer named {name!r} is registered already; remove it first") from None
+    try:
+        enrolment = issue_login(name, settings)
+    except Exception:
+        peers.unregister(name)
+        raise
+    log.info("peer %s registered", name)
+    return enrolment
+
+
+def remove(name: str, settings: Settings) -> bool:
+    """Revoke peer `name`: its login and connections go, and a session it was training fails; False if unknown."""
+    before = peers.unregister(name)
+    if not settings.embedded_broker:
+        BrokerAdmin.from_settings(settings).remove_user(protocol.broker_user(name))
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        for queue in (protocol.task_queue(name), protocol.stop_queue(name).name):
+            try:
+                channel.queue_delete(queue)
+            except connection.channel_errors:
+                channel = connection.channel()
+    if before is None:
+        return False
+    if before.status == peers.TRAINING and before.session_id is not None:
+        lifecycle.end(before.session_id, sessions.FAILED, f"peer {name} was removed from the platform")
+    log.info("peer %s removed", name)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.registry", description="Register and remove peers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    adding = commands.add_parser("add", help="register a peer and print what its machine needs")
+    adding.add_argument("name")
+    adding.add_argument("--env-file", help="write the peer's environment to this file (mode 0600) instead")
+    adding.add_argument("--rotate", action="store_true",
+                        help="if the peer is registered already, issue it a new login (the old one stops working)")
+    commands.add_parser("remove", help="revoke a peer's login and forget it").add_argument("name")
+    commands.add_parser("list", help="the registered peers")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
+    models.ensure_connected(settings.mongodb_uri)
+    try:
+        if args.command == "add":
+            known = args.rotate and peers.Peer.objects(name=args.name).first() is not None
+            enrolment = issue_login(args.name, settings) if known else add(args.name, settings)
+            if args.env_file:
+                fd = os.open(args.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as out:
+                    out.write(enrolment.env_file())
+                print(f"peer {args.name} registered; its environment is in {args.env_file}. On the peer machine:")
+            else:
+                print(f"peer {args.name} registered. Give its machine exactly this environment:\n")
+                print(enrolment.env_file())
+                print("and run there:")
+            print(f"  {enrolment.command}")
+        elif args.command == "remove":
+            if not remove(args.name, settings):
+                print(f"no peer named {args.name!r} was registered", file=sys.stderr)
+                return 1
+            print(f"peer {args.name} removed; its login no longer works")
+        else:
+            for peer in peers.Peer.objects.order_by("name"):
+                print(f"{peer.name}\t{peer.status}\t{peer.last_seen or '-'}")
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

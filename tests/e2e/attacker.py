@@ -1,0 +1,63 @@
+"""A hostile peer's toolbox: raw AMQP with exactly what one registered peer holds (its enrolment)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from amqp.exceptions import AccessRefused, PreconditionFailed
+from kombu import Connection, Exchange, Queue
+
+REFUSED = (AccessRefused, PreconditionFailed)
+
+
+class Attacker:
+    """Publishes and consumes over its own broker login, with publisher confirms so refusals surface at once."""
+
+    def __init__(self, environment: dict[str, str]) -> None:
+        self.environment = environment
+        self.url = environment["BROKER_URL"]
+        self.user = Connection(self.url).userid
+
+    def _connection(self) -> Connection:
+        return Connection(self.url, transport_options={"confirm_publish": True}, connect_timeout=10)
+
+    def publish(self, exchange: str, routing_key: str, body: Any, user_id: str | None = None,
+                headers: dict[str, Any] | None = None) -> None:
+        """Publish `body` as JSON; raises AccessRefused / PreconditionFailed when the broker refuses."""
+        with self._connection() as connection:
+            producer = connection.Producer()
+            producer.publish(body, exchange=exchange, routing_key=routing_key, serializer="json", declare=[],
+                             user_id=self.user if user_id is None else user_id, headers=headers or {})
+
+    def event(self, exchange: str, kind: str, user_id: str | None = None, **fields: Any) -> None:
+        """A Celery event, as a worker would publish it."""
+        body = {"type": kind, "timestamp": time.time(), "utcoffset": 0, "pid": 1, "clock": 1, **fields}
+        self.publish(exchange, kind.replace("-", "."), body, user_id=user_id,
+                     headers={"hostname": fields.get("hostname", "x")})
+
+    def task(self, exchange: str, routing_key: str, name: str, args: list[Any]) -> None:
+        """A hand-made Celery task message (protocol 2)."""
+        task_id = str(uuid.uuid4())
+        headers = {"lang": "py", "task": name, "id": task_id, "root_id": task_id, "parent_id": None,
+                   "group": None, "argsrepr": json.dumps(args)[:100], "kwargsrepr": "{}", "origin": "attacker",
+                   "retries": 0, "eta": None, "expires": None, "timelimit": [None, None]}
+        body = [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+        self.publish(exchange, routing_key, body, headers=headers)
+
+    def consume(self, queue: str) -> None:
+        """Try to read a queue (raises when refused)."""
+        with self._connection() as connection:
+            Queue(queue, Exchange(queue, "direct"), routing_key=queue)(connection.default_channel).declare(
+                nowait=False)
+            connection.default_channel.basic_get(queue)
+
+    def declare_exchange(self, name: str, kind: str = "topic") -> None:
+        with self._connection() as connection:
+            Exchange(name, kind, durable=True)(connection.default_channel).declare()
+
+    def delete_exchange(self, name: str) -> None:
+        with self._connection() as connection:
+            connection.default_channel.exchange_delete(name)
