@@ -37,6 +37,7 @@ bench: build-dev
 	$(BIN)/python bench/trainer.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/stream.py
+	$(BIN)/python bench/signin.py
 	$(BIN)/python bench/session.py
 	$(BIN)/python bench/federated.py
 

@@ -131,7 +131,8 @@ def main() -> None:
     print(WALKTHROUGH.format(base=base, peers=", ".join(names) or "none (start some with `make peer NAME=...`)",
                              storage=settings.storage_url, sample=Path(ROOT, "samples", "wine.csv")), flush=True)
     # One worker: mongomock and the in-memory broker live in one process. ASGI, so that open event streams
-    # hold no thread (webapp/asgi.py). Granian handles Ctrl-C and SIGTERM, then returns.
+    # hold no thread and a sign-in's bcrypt hash holds one of the Flask app's threads, not the process
+    # (webapp/asgi.py, bench/signin.py). Granian handles Ctrl-C and SIGTERM, then returns.
     server = Granian("embedded:platform_app", address=settings.host, port=settings.port,
                      interface=Interfaces.ASGI, workers=1, websockets=False, factory=True,
                      working_dir=Path(ROOT), workers_kill_timeout=15)  # a worker stuck on exit is killed

@@ -19,6 +19,11 @@ ROOT = Path(__file__).resolve().parent
 DEVELOPMENT = "development"
 PRODUCTION = "production"
 
+# .env.example's JWT_SECRET_KEY: a value everyone can read, so production refuses it like a short one.
+PLACEHOLDER_SECRET = "change-me-to-a-long-random-string"
+# HS256 signs with a SHA-256 HMAC: a key shorter than the hash's 32 bytes weakens it (RFC 7518, 3.2).
+MIN_SECRET_BYTES = 32
+
 
 # Development without JWT_SECRET_KEY: one random secret for this process (its API and coordinator share it).
 _PROCESS_SECRET = secrets.token_urlsafe(32)
@@ -61,7 +66,10 @@ def _opt(env: str, default, help: str):
 class Settings:
     """Typed view of the environment; build with `Settings.from_env()`."""
 
-    env: str = _opt("PEERTRAIN_ENV", DEVELOPMENT, "`development` or `production`; production needs a JWT secret")
+    env: str = _opt(
+        "PEERTRAIN_ENV", DEVELOPMENT, "`development` or `production`; production needs a strong JWT secret"
+        " (see JWT_SECRET_KEY)"
+    )
     host: str = _opt("HOST", "127.0.0.1", "address the API listens on")
     port: int = _opt("PORT", 8000, "port the API listens on")
     broker_url: str = _opt("BROKER_URL", "memory://localhost/", "Celery broker, e.g. `amqp://guest:guest@127.0.0.1:5672//`")
@@ -93,9 +101,33 @@ class Settings:
     )
     s3_endpoint_url: str = _opt("S3_ENDPOINT_URL", "", "S3-compatible endpoint (MinIO, moto); empty means AWS")
     s3_region: str = _opt("S3_REGION", "us-east-1", "S3 region (credentials come from the usual `AWS_*` variables)")
-    jwt_secret_key: str = _opt("JWT_SECRET_KEY", "", "secret that signs access tokens; required in production")
+    jwt_secret_key: str = _opt(
+        "JWT_SECRET_KEY", "", f"secret that signs access tokens; production requires one of at least"
+        f" {MIN_SECRET_BYTES} bytes that is not .env.example's placeholder"
+        " (`python3 -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+    )
     jwt_expires_seconds: int = _opt("JWT_EXPIRES_SECONDS", 3600, "lifetime of an access token")
     bcrypt_rounds: int = _opt("BCRYPT_ROUNDS", 12, "bcrypt cost factor for password hashes")
+    password_hashing_slots: int = _opt(
+        "PASSWORD_HASHING_SLOTS", 1, "bcrypt hashes one API process computes at once; a sign-in or sign-up finding"
+        " them all busy gets 503 with Retry-After at once (keep it below the server's app threads per process)"
+    )
+    auth_limit_per_address: str = _opt(
+        "AUTH_LIMIT_PER_ADDRESS", "20/minute", "sign-ins one client address may send (sign-ups counted apart);"
+        " more get 429 with Retry-After"
+    )
+    auth_limit_per_account: str = _opt(
+        "AUTH_LIMIT_PER_ACCOUNT", "5/minute;20/hour", "failed sign-ins for one email (taken sign-ups counted apart);"
+        " more get 429 with Retry-After, whichever address they come from"
+    )
+    rate_limit_storage_url: str = _opt(
+        "RATE_LIMIT_STORAGE_URL", "memory://", "where the sign-in counters live: `memory://` (each API process its"
+        " own) or `redis://host:6379/1` (shared by every API process)"
+    )
+    trusted_proxies: int = _opt(
+        "TRUSTED_PROXIES", 0, "proxies in front of the API whose X-Forwarded-For names the client (compose's nginx:"
+        " 1); 0 takes the connection's own address"
+    )
     max_upload_mb: int = _opt("MAX_UPLOAD_MB", 200, "largest accepted dataset upload, in MiB (bigger: 413)")
     coordinator_queue: str = _opt("COORDINATOR_QUEUE", "coordinator", "queue the coordinator worker consumes")
     results_queue: str = _opt(
@@ -145,6 +177,10 @@ class Settings:
     @property
     def grant_key(self) -> bytes:
         """The key that signs storage grants on local storage (derived from the JWT secret, never the same)."""
+        problem = secret_problem(self.jwt_secret_key)
+        if problem and not self.development:
+            # Grants signed with a key anyone can derive would open every stored object to every peer.
+            raise RuntimeError(f"{problem}: outside development storage grants cannot be signed with it")
         secret = (self.jwt_secret_key or _PROCESS_SECRET).encode()
         return hmac.new(secret, b"peertrain storage grants", hashlib.sha256).digest()
 
@@ -157,6 +193,17 @@ class Settings:
     def embedded_broker(self) -> bool:
         """True when the broker lives inside this process, so every worker must too."""
         return self.broker_url.startswith("memory://")
+
+
+def secret_problem(secret: str) -> str | None:
+    """Why `secret` must not sign tokens in production, or None when it may."""
+    if not secret:
+        return "JWT_SECRET_KEY is not set"
+    if secret == PLACEHOLDER_SECRET:
+        return "JWT_SECRET_KEY is .env.example's placeholder, which anyone can read"
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        return f"JWT_SECRET_KEY is {len(secret.encode())} bytes long; it needs at least {MIN_SECRET_BYTES}"
+    return None
 
 
 def options() -> list[Option]:

@@ -217,7 +217,8 @@ def build_app(storage_dir: str, **config: Any) -> Any:
 
     models.connect(DB_URI)
     return create_app({"MONGODB_URI": DB_URI, "STORAGE_URL": storage_dir, "BCRYPT_ROUNDS": 4,
-                       "JWT_SECRET_KEY": SECRET, **config})
+                       "JWT_SECRET_KEY": SECRET, "AUTH_LIMIT_PER_ADDRESS": "100000/minute",  # seeding: one address
+                       **config})
 
 
 def _call(port: int, method: str, path: str, body: dict | None = None, headers: dict | None = None,

@@ -69,3 +69,9 @@ def test_the_api_is_reached_only_through_the_buffering_proxy():
     assert (ROOT / "deploy" / "nginx.conf.template").samefile(source)
     # Both enforce one upload cap: the API's and nginx's refusals agree.
     assert spec["proxy"]["environment"]["MAX_UPLOAD_MB"] == spec["api"]["environment"]["MAX_UPLOAD_MB"]
+
+
+def test_the_api_counts_sign_ins_in_redis_per_address_nginx_saw():
+    env = config()["services"]["api"]["environment"]
+    assert env["TRUSTED_PROXIES"] == "1"  # nginx, the one proxy in front
+    assert env["RATE_LIMIT_STORAGE_URL"].startswith("redis://") and "@redis:6379/" in env["RATE_LIMIT_STORAGE_URL"]

@@ -7,9 +7,11 @@ import secrets
 from typing import Any
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 import models
-from settings import Settings
+from models import user as users
+from settings import DEVELOPMENT, Settings, secret_problem
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +24,15 @@ def create_app(test_config: dict[str, Any] | None = None, settings: Settings | N
     if test_config:
         app.config.update(test_config)
     _require_secret(app)
-
+    if app.config["TRUSTED_PROXIES"]:
+        # The client's address is the one the nearest trusted proxy appended to X-Forwarded-For.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=app.config["TRUSTED_PROXIES"])  # type: ignore[method-assign]
     models.ensure_connected(app.config["MONGODB_URI"])
+    clashes = users.add_missing_keys()
+    if clashes:
+        log.warning("accounts whose names differ from another's only in case: %s", ", ".join(clashes))
 
-    from webapp import errors, extensions
+    from webapp import errors, extensions, throttling
 
     api = extensions.init_app(app)
     errors.init_app(app, api)
@@ -34,8 +41,11 @@ def create_app(test_config: dict[str, Any] | None = None, settings: Settings | N
     from webapp.datasets import blp as datasets
     from webapp.health import blp as health
     from webapp.peers import blp as peers
+    from webapp.schemas import HyperparametersSchema
     from webapp.sessions import blp as sessions
 
+    throttling.init_app(app, auth)
+    api.spec.components.schema("Hyperparameters", schema=HyperparametersSchema)  # see schemas.HYPERPARAMETERS_REF
     for blueprint in (auth, peers, sessions, datasets, health):
         api.register_blueprint(blueprint)
     from webapp import objects
@@ -59,6 +69,11 @@ def _config(settings: Settings) -> dict[str, Any]:
         "JWT_SECRET_KEY": settings.jwt_secret_key,
         "JWT_ACCESS_TOKEN_EXPIRES": settings.jwt_expires_seconds,
         "BCRYPT_ROUNDS": settings.bcrypt_rounds,
+        "PASSWORD_HASHING_SLOTS": settings.password_hashing_slots,
+        "AUTH_LIMIT_PER_ADDRESS": settings.auth_limit_per_address,
+        "AUTH_LIMIT_PER_ACCOUNT": settings.auth_limit_per_account,
+        "RATE_LIMIT_STORAGE_URL": settings.rate_limit_storage_url,
+        "TRUSTED_PROXIES": settings.trusted_proxies,
         "MAX_CONTENT_LENGTH": settings.max_upload_mb * 1024 * 1024,
         # Form fields are small; the cap above is for the file.
         "MAX_FORM_MEMORY_SIZE": 1024 * 1024,
@@ -84,10 +99,15 @@ def _config(settings: Settings) -> dict[str, Any]:
 
 
 def _require_secret(app: Flask) -> None:
-    if app.config["JWT_SECRET_KEY"]:
+    problem = secret_problem(app.config["JWT_SECRET_KEY"])
+    if problem is None:
         return
-    if app.config["PEERTRAIN_ENV"] != "development":
-        raise RuntimeError("JWT_SECRET_KEY is not set: the API refuses to start without it outside development")
+    if app.config["PEERTRAIN_ENV"] != DEVELOPMENT:
+        raise RuntimeError(f"{problem}: outside development the API refuses to start without a strong secret; "
+                           "set one with python3 -c 'import secrets; print(secrets.token_urlsafe(48))'")
+    if app.config["JWT_SECRET_KEY"]:
+        log.warning("%s; accepted only because PEERTRAIN_ENV is development", problem)
+        return
     # A per-process secret: tokens die with the process, which is what a laptop run wants.
     app.config["JWT_SECRET_KEY"] = secrets.token_urlsafe(32)
     log.warning("JWT_SECRET_KEY is not set; using a random one for this development process")

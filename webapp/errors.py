@@ -10,7 +10,9 @@ import flask_smorest
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, InternalServerError, MethodNotAllowed, RequestEntityTooLarge
 
+from webapp import outages
 from webapp.extensions import jwt
+from webapp.passwords import Busy
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,10 @@ def handle_http_exception(error: HTTPException):
         message = "the upload is larger than this server accepts"
     response = jsonify(payload(code, message, _strip_locations(errors) if errors else None))
     response.status_code = code
+    # The exception's own headers: a 405's Allow (RFC 9110), a 401's WWW-Authenticate.
+    for name, value in error.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
     for name, value in (data.get("headers") or {}).items():
         response.headers[name] = value
     if isinstance(error, MethodNotAllowed) and error.valid_methods:
@@ -117,6 +123,11 @@ def _revoked_token(header: dict, data: dict):
     return _unauthorized("the access token has been revoked; sign in again")
 
 
+@jwt.token_verification_failed_loader
+def _foreign_token(header: dict, data: dict):
+    return _unauthorized("invalid access token: it names no account of this server; sign in again")
+
+
 @jwt.user_lookup_error_loader
 def _user_gone(header: dict, data: dict):
     response = jsonify(payload(404, "the user of this token no longer exists"))
@@ -130,10 +141,24 @@ def init_app(app: Flask, api: flask_smorest.Api) -> None:
     api.handle_http_exception = handle_http_exception
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(Exception, _unhandled)
+    app.register_error_handler(Busy, _busy)
+
+
+def _busy(error: Busy):
+    response = jsonify(payload(503, "the server is busy checking other passwords; try again in a second"))
+    response.status_code = 503
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 def _unhandled(error: Exception):
     if isinstance(error, HTTPException):
         return handle_http_exception(error)
+    if outages.transient(error):
+        log.warning("a service did not answer", exc_info=error)
+        response = jsonify(payload(503, "a service the API needs did not answer; try again shortly"))
+        response.status_code = 503
+        response.headers["Retry-After"] = "5"
+        return response
     wrapped = InternalServerError(original_exception=error)
     return handle_http_exception(wrapped)

@@ -8,10 +8,13 @@ from typing import Any
 import flask_smorest
 from flask import Flask, current_app
 from flask_jwt_extended import JWTManager
+from flask_smorest import abort
 from webargs.flaskparser import FlaskParser
 from werkzeug.datastructures import CombinedMultiDict
+from werkzeug.routing import BaseConverter
 
 from tasks.storage import LocalGrants, Storage, open_storage
+from webapp.passwords import Passwords
 
 
 class Parser(FlaskParser):
@@ -23,6 +26,19 @@ class Parser(FlaskParser):
 
     def load_multipart(self, req: Any, schema: Any) -> Any:
         return self._makeproxy(CombinedMultiDict([req.form, req.files]), schema)
+
+    def load_json(self, req: Any, schema: Any) -> Any:
+        # A form-encoded body would otherwise read as every field missing.
+        if not req.is_json:
+            abort(400, message="send JSON: a JSON object body with the header Content-Type: application/json "
+                               "(curl: -H 'Content-Type: application/json' -d '{...}')")
+        return super().load_json(req, schema)
+
+
+class ObjectIdConverter(BaseConverter):
+    """A path segment that can be a database id (24 hex digits), so `/sessions/start` is never one."""
+
+    regex = "[0-9a-fA-F]{24}"
 
 
 class Blueprint(flask_smorest.Blueprint):
@@ -37,6 +53,7 @@ jwt = JWTManager()
 
 STORAGE = "peertrain.storage"
 DISPATCHER = "peertrain.dispatcher"
+PASSWORDS = "peertrain.passwords"
 
 
 class Dispatcher:
@@ -63,12 +80,16 @@ def init_app(app: Flask) -> flask_smorest.Api:
     if isinstance(expires, int):
         app.config["JWT_ACCESS_TOKEN_EXPIRES"] = timedelta(seconds=expires)
     jwt.init_app(app)
+    app.url_map.converters["objectid"] = ObjectIdConverter
     api = flask_smorest.Api(app)
+    api.register_converter(ObjectIdConverter, lambda _: {"type": "string", "pattern": f"^{ObjectIdConverter.regex}$"})
     if STORAGE not in app.extensions:
         app.extensions[STORAGE] = open_storage(
             app.config["STORAGE_URL"], app.config["S3_ENDPOINT_URL"], app.config["S3_REGION"],
             LocalGrants(app.config["PUBLIC_URL"], app.config["GRANT_KEY"]),
         )
+    if PASSWORDS not in app.extensions:
+        app.extensions[PASSWORDS] = Passwords(app.config["BCRYPT_ROUNDS"], app.config["PASSWORD_HASHING_SLOTS"])
     if DISPATCHER not in app.extensions:
         from tasks import feed
         from tasks.celery import app as celery_app
@@ -84,3 +105,7 @@ def storage() -> Storage:
 
 def dispatcher() -> Dispatcher:
     return current_app.extensions[DISPATCHER]
+
+
+def passwords() -> Passwords:
+    return current_app.extensions[PASSWORDS]

@@ -27,13 +27,13 @@ from models import peer as peers
 from models import session as sessions
 from models.session import FAILED, FEDERATED, PENDING
 from tasks.storage import HashingReader
-from trainer.split import shard
+from trainer.split import VALIDATION_FRACTION, shard
 from trainer.table import DatasetError, Table, read_table, split_indices
+from webapp import outages
 from webapp.extensions import dispatcher, storage
 
 log = logging.getLogger(__name__)
 
-VALIDATION_FRACTION = 0.2
 
 
 @dataclass
@@ -62,7 +62,7 @@ def spooled(upload: FileStorage) -> Iterator[Upload]:
 def inspect_upload(upload: Upload, form: dict[str, Any]) -> Table:
     """Read and validate the CSV with the trainer's own reader; a bad file is a 400 naming the problem."""
     try:
-        table = read_table(upload.path, target=form["target"], features=form["features"], task=form["task"])
+        table = read_table(upload.path, target=form["target"], features=form.get("features"), task=form["task"])
         train_rows, _ = split_indices(table.y, VALIDATION_FRACTION, seed=form["seed"],
                                       stratify=table.classes is not None)
         if form["mode"] == FEDERATED:
@@ -102,11 +102,18 @@ def _start(user: User, form: dict[str, Any], upload: Upload) -> TrainingSession:
         events.append(session_id, [events.status(PENDING, at=session.created_at)])
         dispatcher().run_session(str(session_id))
     except Exception as exc:
+        # Whatever failed, nothing stays claimed and the session does not wait for a coordinator.
         peers.release(session_id)
+        outage = outages.transient(exc)
         if saved:
-            sessions.finish(session_id, FAILED, f"could not reach the coordinator: {exc}")
-        log.exception("starting session %s failed", session_id)
-        abort(503, message="the platform could not start the session; no peer was kept, try again")
+            reason = ("could not reach the coordinator; start the session again" if outage
+                      else "internal error while starting; it has been logged")
+            sessions.finish(session_id, FAILED, reason)
+        if not outage:
+            raise  # a bug: the error handler logs it with its traceback and answers 500
+        log.warning("starting session %s: a service did not answer", session_id, exc_info=True)
+        abort(503, message="the platform could not start the session (a service it needs did not answer); "
+                           "no peer was kept, try again", headers={"Retry-After": "5"})
     return session
 
 
@@ -121,7 +128,7 @@ def _document(session_id: ObjectId, user: User, form: dict[str, Any], table: Tab
         federated = {
             key: form[key] for key in ("rounds", "local_epochs", "partition", "alpha", "aggregation")
         }
-        federated["min_peers"] = form["min_peers"] or len(names)
+        federated["min_peers"] = form.get("min_peers") or len(names)
     return TrainingSession(
         id=session_id,
         owner_id=user.id,
@@ -130,8 +137,8 @@ def _document(session_id: ObjectId, user: User, form: dict[str, Any], table: Tab
         target=table.target,
         features=table.features,
         seed=form["seed"],
-        min_peers=form["min_peers"],
-        round_timeout=form["round_timeout"] or current_app.config["TRAIN_TIME_LIMIT"],
+        min_peers=form.get("min_peers"),
+        round_timeout=form.get("round_timeout") or current_app.config["TRAIN_TIME_LIMIT"],
         dataset=Dataset(
             filename=upload.filename,
             url=url,

@@ -9,8 +9,10 @@ from typing import Any
 import marshmallow as ma
 from flask_smorest.fields import Upload
 from marshmallow import fields, validate
+from werkzeug.datastructures import FileStorage
 
 from models.session import FEDERATED, MODES, SWEEP
+from models.user import email_error
 
 MAX_PEERS = 64
 
@@ -25,8 +27,15 @@ class UTCDateTime(fields.DateTime):
 
 
 class StrictSchema(ma.Schema):
+    """Refuses fields it does not know, naming the ones it does."""
+
     class Meta:
         unknown = ma.RAISE
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        known = ", ".join(name for name, field in self.fields.items() if not field.dump_only)
+        self.error_messages = {**self.error_messages, "unknown": f"unknown field; the valid ones are {known}"}
 
 
 # --- accounts ---------------------------------------------------------------------------------
@@ -41,6 +50,13 @@ class SignupSchema(StrictSchema):
     )
     email = fields.Email(required=True, validate=validate.Length(max=254))
     password = fields.String(required=True, load_only=True, validate=validate.Length(min=8, max=256))
+
+    @ma.validates("email")
+    def _storable(self, value: str, **kwargs: Any) -> None:
+        # What marshmallow calls an email is wider than what the account store accepts.
+        problem = email_error(value)
+        if problem:
+            raise ma.ValidationError(problem)
 
 
 class SigninSchema(StrictSchema):
@@ -86,7 +102,8 @@ class HyperparametersSchema(StrictSchema):
     batch_size = fields.Integer(load_default=64, validate=validate.Range(min=1, max=65536))
     epochs = fields.Integer(load_default=10, validate=validate.Range(min=1, max=1000))
     learning_rate = fields.Float(
-        load_default=0.001, validate=validate.Range(min=0, max=10, min_inclusive=False)
+        load_default=0.001, validate=validate.Range(min=0, max=10, min_inclusive=False),
+        metadata={"exclusiveMinimum": True},  # OpenAPI 3.0's spelling of min_inclusive=False
     )
     hidden = fields.List(
         fields.Integer(validate=validate.Range(min=1, max=4096)),
@@ -97,27 +114,45 @@ class HyperparametersSchema(StrictSchema):
     dropout = fields.Float(load_default=0.0, validate=validate.Range(min=0, max=0.9))
 
 
+def _decode_json(text: str, example: str) -> Any:
+    """Decode a form field's JSON text; what cannot be decoded is a ValidationError showing `example`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ma.ValidationError(
+            f"not valid JSON ({exc.msg} at character {exc.pos + 1}); write it like {example}") from None
+    except RecursionError:
+        raise ma.ValidationError(f"nested too deeply to read; write it like {example}") from None
+
+
+# The component create_app registers HyperparametersSchema as, for the form field that carries it as JSON.
+HYPERPARAMETERS_REF = "#/components/schemas/Hyperparameters"
+
+
 class JSONString(fields.Field):
     """A form field holding JSON text, decoded before validation."""
+
+    def __init__(self, example: str, **kwargs: Any) -> None:
+        self.example = example
+        super().__init__(**kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
         if not isinstance(value, str):
             return value
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ma.ValidationError(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+        return _decode_json(value, self.example)
 
 
 class NameList(fields.Field):
     """Column names as JSON list text or comma-separated text."""
 
+    EXAMPLE = '["f0", "f1"] or f0,f1'
+
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
         if isinstance(value, str):
             text = value.strip()
-            value = json.loads(text) if text.startswith("[") else [v for v in text.split(",")]
+            value = _decode_json(text, self.EXAMPLE) if text.startswith("[") else text.split(",")
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ma.ValidationError("give column names as a JSON list or comma-separated text")
+            raise ma.ValidationError(f"give column names as a JSON list or comma-separated text: {self.EXAMPLE}")
         names = [v.strip() for v in value if v.strip()]
         if not names:
             raise ma.ValidationError("name at least one feature column, or leave the field out")
@@ -126,21 +161,35 @@ class NameList(fields.Field):
         return names
 
 
+class CSVUpload(Upload):
+    """The dataset file part; a plain text field in its place is the `curl -F file=path` slip (no @)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> FileStorage:
+        if not isinstance(value, FileStorage):
+            shown = value if isinstance(value, str) and len(value) <= 200 else "path/to/data.csv"
+            raise ma.ValidationError(
+                f"send the CSV as a file part, not as text: with curl, -F file=@{shown} (note the @)")
+        return value
+
+
 class StartSessionSchema(StrictSchema):
     """The multipart form of `POST /sessions/start`: the CSV as the `file` part, and settings."""
 
-    file = Upload(required=True, metadata={"description": "the dataset, a CSV with a header row"})
+    file = CSVUpload(required=True, metadata={"description": "the dataset, a CSV with a header row"})
     num_peers = fields.Integer(required=True, validate=validate.Range(min=1, max=MAX_PEERS))
+    # Optional form fields have no load_default of None: a form cannot send null, so the document must not
+    # call them nullable; consumers read them with .get().
     hyperparameters = JSONString(
-        load_default=None,
+        '{"learning_rate": 0.01} or [{"epochs": 5}, {"epochs": 20}]',
         metadata={
-            "description": "JSON: one object for every peer, or a list of exactly num_peers objects "
-            "with batch_size, epochs, learning_rate, hidden, optimizer, dropout",
-            "type": "string",
+            "description": "JSON: one object for every peer, or a list of exactly num_peers objects",
+            # A multipart part holding an object or array is JSON text (OpenAPI 3.0, "Encoding Object").
+            "oneOf": [{"$ref": HYPERPARAMETERS_REF},
+                      {"type": "array", "items": {"$ref": HYPERPARAMETERS_REF}, "minItems": 1, "maxItems": MAX_PEERS}],
         },
     )
     target = fields.String(load_default="label", validate=validate.Length(min=1, max=200))
-    features = NameList(load_default=None, metadata={"type": "string", "description": "comma-separated or JSON list"})
+    features = NameList(metadata={"type": "string", "minLength": 1, "description": "comma-separated or JSON list"})
     task = fields.String(load_default="classification", validate=validate.OneOf(["classification", "regression"]))
     mode = fields.String(load_default=SWEEP, validate=validate.OneOf(MODES))
     seed = fields.Integer(load_default=0, validate=validate.Range(min=0, max=2**31 - 1))
@@ -152,8 +201,8 @@ class StartSessionSchema(StrictSchema):
     aggregation = fields.String(load_default="fedavg", validate=validate.OneOf(["fedavg", "median", "trimmed_mean"]))
     # Either mode: how many peers must finish each round for the session to go on (default: all), and
     # how long a round may take before the peers still training are left out.
-    min_peers = fields.Integer(load_default=None, validate=validate.Range(min=1, max=MAX_PEERS))
-    round_timeout = fields.Integer(load_default=None, validate=validate.Range(min=1, max=7 * 24 * 3600),
+    min_peers = fields.Integer(validate=validate.Range(min=1, max=MAX_PEERS))
+    round_timeout = fields.Integer(validate=validate.Range(min=1, max=7 * 24 * 3600),
                                    metadata={"description": "seconds (default: the peers' training time limit)"})
 
     @ma.validates_schema
@@ -369,4 +418,7 @@ class RoundListSchema(ma.Schema):
 
 class HealthSchema(ma.Schema):
     ok = fields.Boolean()
-    checks = fields.Dict(metadata={"description": "component → 'ok' or what went wrong"})
+    checks = fields.Dict(
+        keys=fields.String(), values=fields.String(metadata={"enum": ["ok", "unavailable"]}),
+        metadata={"description": "database, broker, storage → `ok` or `unavailable` (the API log says why)"},
+    )

@@ -26,6 +26,16 @@ blp = Blueprint("sessions", __name__, url_prefix="/sessions", description="Train
 AUTH = [{"bearerAuth": []}]
 
 
+def _links(status: int, session_id: str) -> dict:
+    """OpenAPI links from an answer naming a session (at runtime expression `session_id`) to its routes."""
+    routes = {"session": ("", "get"), "heartbeats": ("/heartbeats", "get"), "rounds": ("/rounds", "get"),
+              "model": ("/model", "get"), "cancel": ("/cancel", "post")}
+    links = {name: {"operationRef": f"#/paths/~1sessions~1{{session_id}}{suffix.replace('/', '~1')}/{method}",
+                    "parameters": {"session_id": session_id}}
+             for name, (suffix, method) in routes.items()}
+    return {"responses": {status: {"links": links}}}
+
+
 def _owned(session_id: str, load=sessions.get_owned) -> TrainingSession:
     """The caller's session (as `load` reads it), or 404: another user's session does not exist for them."""
     session = load(session_id, current_user.id)
@@ -41,7 +51,7 @@ class Start(MethodView):
     @blp.response(202, StartedSchema)
     @blp.alt_response(404, description="the token's user no longer exists")
     @blp.alt_response(413, description="the upload is over the size cap")
-    @blp.doc(security=AUTH)
+    @blp.doc(security=AUTH, **_links(202, "$response.body#/session_id"))
     def post(self, form: dict):
         """Start a training session on the uploaded CSV with `num_peers` peers."""
         session = launch.start(current_user, form, form["file"])
@@ -54,7 +64,7 @@ class Sessions(MethodView):
     @jwt_required()
     @blp.etag
     @blp.response(200, SessionListSchema)
-    @blp.doc(security=AUTH)
+    @blp.doc(security=AUTH, **_links(200, "$response.body#/items/0/id"))
     def get(self):
         """The caller's sessions, newest first."""
         items = list(sessions.for_owner(current_user.id))
@@ -66,7 +76,7 @@ class TrainingStatus(MethodView):
     @jwt_required()
     @blp.etag
     @blp.response(200, TrainingStatusSchema)
-    @blp.doc(security=AUTH)
+    @blp.doc(security=AUTH, **_links(200, "$response.body#/session_id"))
     def get(self):
         """The status of the caller's most recent session."""
         session = sessions.for_owner(current_user.id).only("id", "status", "reason").first()
@@ -75,7 +85,7 @@ class TrainingStatus(MethodView):
         return {"session_id": str(session.id), "status": session.status, "reason": session.reason}
 
 
-@blp.route("/<session_id>")
+@blp.route("/<objectid:session_id>")
 class Session(MethodView):
     @jwt_required()
     @blp.etag
@@ -86,7 +96,7 @@ class Session(MethodView):
         return _owned(session_id, sessions.view)
 
 
-@blp.route("/<session_id>/cancel")
+@blp.route("/<objectid:session_id>/cancel")
 class Cancel(MethodView):
     @jwt_required()
     @blp.response(202, TrainingStatusSchema)
@@ -105,10 +115,15 @@ LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "schema": {"type": "in
                  "description": "resume after this event id (what the client last received)"}
 
 
-@blp.route("/<session_id>/events")
+@blp.route("/<objectid:session_id>/events")
 class Events(MethodView):
     @jwt_required()
-    @blp.response(200, {"type": "string"}, content_type=stream.MIMETYPE,
+    @blp.response(200, {"type": "object", "properties": {"id": {"type": "string"},
+                                                         "event": {"type": "string",
+                                                                   "enum": ["status", "heartbeat", "round", "peer",
+                                                                            "end"]},
+                                                         "data": {"type": "string"}}},
+                  content_type=stream.MIMETYPE,
                   description="Server-Sent Events: status, heartbeat, round, peer, then end (see docs/api.md)")
     @blp.doc(security=AUTH, parameters=[LAST_EVENT_ID])
     def get(self, session_id: str):
@@ -126,7 +141,7 @@ class Events(MethodView):
         return Response(frames, mimetype=stream.MIMETYPE, headers=stream.HEADERS)
 
 
-@blp.route("/<session_id>/heartbeats")
+@blp.route("/<objectid:session_id>/heartbeats")
 class Heartbeats(MethodView):
     @jwt_required()
     @blp.etag
@@ -150,7 +165,7 @@ class Heartbeats(MethodView):
         }
 
 
-@blp.route("/<session_id>/rounds")
+@blp.route("/<objectid:session_id>/rounds")
 class Rounds(MethodView):
     @jwt_required()
     @blp.etag
@@ -161,7 +176,7 @@ class Rounds(MethodView):
         return {"items": _owned(session_id).rounds}
 
 
-@blp.route("/<session_id>/model")
+@blp.route("/<objectid:session_id>/model")
 class Model(MethodView):
     @jwt_required()
     @blp.response(200, description="the trained model, a safetensors file", content_type="application/octet-stream")

@@ -1,8 +1,10 @@
-"""docker-compose's nginx in front of `make api`: slow clients never hold the API's one app thread,
+"""docker-compose's nginx in front of `make api`: slow clients never hold the API's app threads,
 and an upload over the cap is refused in the API's own error shape."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import shutil
 import socket
@@ -50,7 +52,8 @@ def _site(api: str, port: int, max_upload_mb: int) -> str:
 def proxied(tmp_path: Path):
     services.require(shutil.which("nginx") is not None, "nginx (Debian's package)")
     env = {**os.environ, "API_WORKERS": "1", "MAX_UPLOAD_MB": "1", "PEERTRAIN_ENV": "production",
-           "MONGODB_URI": "mongomock://localhost/proxy", "STORAGE_URL": str(tmp_path / "storage")}
+           "MONGODB_URI": "mongomock://localhost/proxy", "STORAGE_URL": str(tmp_path / "storage"),
+           "TRUSTED_PROXIES": "1", "AUTH_LIMIT_PER_ADDRESS": "3/minute"}
     with make_target("api", env, tmp_path / "make-api.log") as base:
         port = _free_port()
         (tmp_path / "site.conf").write_text(_site(base.removeprefix("http://"), port, max_upload_mb=1))
@@ -83,3 +86,22 @@ def test_an_upload_over_the_cap_is_413_in_the_apis_error_shape(proxied):
     assert response.status_code == 413
     assert response.json() == {"code": 413, "status": "Request Entity Too Large",
                                "message": "the upload is larger than this server accepts"}
+
+
+def _signin_from(front: str, source: str, forwarded_for: str, email: str) -> int:
+    """A sign-in sent from the loopback address `source`, claiming to be `forwarded_for`."""
+    host, port = front.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10, source_address=(source, 0))
+    conn.request("POST", "/auth/signin", body=json.dumps({"email": email, "password": "pw-123456"}),
+                 headers={"Content-Type": "application/json", "X-Forwarded-For": forwarded_for})
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_sign_ins_are_counted_per_real_client_address_behind_the_proxy(proxied):
+    # Each attempt claims another address; nginx appends the real one, which is all the API believes.
+    codes = [_signin_from(proxied, "127.0.0.1", f"198.51.100.{i}", f"u{i}@example.com") for i in range(4)]
+    assert codes == [401, 401, 401, 429]
+    # Another real address is counted apart, whatever it claims.
+    assert _signin_from(proxied, "127.0.0.2", "127.0.0.1", "u9@example.com") == 401

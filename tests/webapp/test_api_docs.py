@@ -54,7 +54,30 @@ def test_unknown_routes_and_methods_use_the_error_shape(client):
     assert response.status_code == 405 and "GET" in response.headers["Allow"]
 
 
+def test_a_session_route_allows_only_its_own_methods(client):
+    # /sessions/start is not a session id: GET on it is not allowed, rather than a search for session "start".
+    response = client.get("/sessions/start")
+    assert response.status_code == 405
+    assert set(response.headers["Allow"].split(", ")) == {"POST", "OPTIONS"}
+    assert client.get("/sessions/not-an-id").status_code == 404
+
+
 def test_a_malformed_json_body_is_400(client):
     response = client.post("/auth/signup", data="{", content_type="application/json")
     assert response.status_code == 400
     assert response.json["code"] == 400
+
+
+def test_health_names_the_failing_check_but_never_its_exception_text(app, caplog):
+    from celery import Celery
+
+    from webapp.extensions import DISPATCHER, Dispatcher
+
+    # A real broker connection to a port nothing listens on.
+    unreachable = Celery("unreachable", broker="amqp://guest:guest@127.0.0.1:1//")
+    unreachable.conf.broker_connection_timeout = 1
+    app.extensions[DISPATCHER] = Dispatcher(unreachable, "coordinator")
+    response = app.test_client().get("/healthz")
+    assert response.status_code == 503
+    assert response.json == {"ok": False, "checks": {"database": "ok", "broker": "unavailable", "storage": "ok"}}
+    assert "Connection refused" in caplog.text or "111" in caplog.text  # the reason is in the log instead

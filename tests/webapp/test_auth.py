@@ -111,3 +111,91 @@ def test_production_refuses_to_start_without_a_jwt_secret(db):
     with pytest.raises(RuntimeError, match="JWT_SECRET_KEY"):
         create_app({"PEERTRAIN_ENV": "production", "JWT_SECRET_KEY": "", "MONGODB_URI": db})
     assert create_app({"PEERTRAIN_ENV": "production", "JWT_SECRET_KEY": "s" * 32, "MONGODB_URI": db})
+
+
+def test_an_internationalised_mailbox_is_400_saying_what_to_use(client):
+    account = {"username": "uwe", "email": "ü@exämple.com", "password": "pw-123456"}
+    response = client.post("/auth/signup", json=account)
+    assert response.status_code == 400, response.json
+    assert list(response.json["errors"]) == ["email"]
+    assert "before the @" in response.json["message"]
+    # The domain alone may be internationalised: it has an ASCII (xn--) form.
+    response = client.post("/auth/signup", json={**account, "email": "uwe@exämple.com"})
+    assert response.status_code == 201, response.json
+
+
+def test_a_signed_token_whose_subject_is_not_an_account_id_is_401(client, app):
+    import jwt as pyjwt
+
+    claims = {"sub": "not-an-account-id", "type": "access", "fresh": False}
+    token = pyjwt.encode(claims, app.config["JWT_SECRET_KEY"], "HS256")
+    response = client.get("/peers", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 401, response.json
+    assert "sign in again" in response.json["message"]
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "field"),
+    [
+        ({"username": "CaseUser", "email": "one@example.com"}, {"username": "caseuser", "email": "two@example.com"},
+         "username"),
+        ({"username": "ann", "email": "Ann@x.com"}, {"username": "bob", "email": "ann@x.com"}, "email"),
+    ],
+)
+def test_names_and_emails_differing_only_in_case_are_409(client, first, second, field):
+    assert client.post("/auth/signup", json={**first, "password": "pw-123456"}).status_code == 201
+    response = client.post("/auth/signup", json={**second, "password": "pw-123456"})
+    assert response.status_code == 409, response.json
+    assert list(response.json["errors"]) == [field]
+
+
+def test_the_database_itself_refuses_a_name_differing_only_in_case(db):
+    from mongoengine import NotUniqueError
+
+    User(username="CaseUser", email="one@example.com", password_hash="x").save()
+    with pytest.raises(NotUniqueError):
+        User(username="caseuser", email="two@example.com", password_hash="x").save()
+    with pytest.raises(NotUniqueError):
+        User(username="other", email="ONE@example.com", password_hash="x").save()
+
+
+def test_accounts_stored_before_case_folding_still_sign_in_and_keep_their_names(client, app):
+    from webapp import create_app
+
+    account = {"username": "OldTimer", "email": "old@example.com", "password": "pw-123456"}
+    assert client.post("/auth/signup", json=account).status_code == 201
+    # As earlier versions stored an account: no case-folded key.
+    User._get_collection().update_many({}, {"$unset": {"username_key": ""}})
+    restarted = create_app({k: app.config[k] for k in ("TESTING", "MONGODB_URI", "STORAGE_URL", "BCRYPT_ROUNDS")})
+    client = restarted.test_client()
+    signin = client.post("/auth/signin", json={"email": "old@example.com", "password": "pw-123456"})
+    assert signin.status_code == 200 and signin.json["username"] == "OldTimer"
+    taken = client.post("/auth/signup", json={**account, "username": "oldtimer", "email": "new@example.com"})
+    assert taken.status_code == 409, taken.json
+
+
+def test_a_form_encoded_signin_is_told_to_send_json(client, signup):
+    signup("ann", password="pw-123456")
+    response = client.post("/auth/signin", data={"email": "ann@example.com", "password": "pw-123456"})
+    assert response.status_code == 400
+    assert "send JSON" in response.json["message"]
+    assert "Content-Type: application/json" in response.json["message"]
+
+
+@pytest.mark.parametrize(
+    "secret",
+    ["", "change-me-to-a-long-random-string", "s" * 31, "é" * 15],
+    ids=["empty", "placeholder", "31-bytes", "30-bytes-in-15-characters"],
+)
+def test_production_refuses_a_missing_weak_or_placeholder_secret(db, secret):
+    from webapp import create_app
+
+    with pytest.raises(RuntimeError, match="JWT_SECRET_KEY"):
+        create_app({"PEERTRAIN_ENV": "production", "JWT_SECRET_KEY": secret, "MONGODB_URI": db})
+
+
+def test_the_placeholder_refused_is_the_one_env_example_shows():
+    from settings import PLACEHOLDER_SECRET, ROOT
+
+    assert f"\nJWT_SECRET_KEY={PLACEHOLDER_SECRET}\n" in (ROOT / ".env.example").read_text()

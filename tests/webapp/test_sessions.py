@@ -199,6 +199,7 @@ def test_when_the_coordinator_cannot_be_reached_peers_are_released(app, auth, on
     online_peers(2)
     response = start(app.test_client(), auth, csv_path)
     assert response.status_code == 503
+    assert "try again" in response.json["message"] and int(response.headers["Retry-After"]) > 0
     assert Peer.objects(status=TRAINING).count() == 0
     assert Peer.objects(status=ONLINE).count() == 2
     session = TrainingSession.objects.get()
@@ -364,3 +365,101 @@ def test_peers_counts_reachable_and_free_apart(client, auth, online_peers, csv_p
     Peer.objects(status=ONLINE).first().update(set__status="OFFLINE")
     body = client.get("/peers", headers=auth).json
     assert (body["online"], body["free"], body["total"]) == (2, 1, 3)
+
+
+@pytest.mark.parametrize(
+    ("form", "field", "words"),
+    [
+        ({"features": "[abc"}, "features", "not valid JSON"),
+        ({"features": "[" * 100_000}, "features", "nested too deeply"),
+        ({"hyperparameters": "[" * 100_000}, "hyperparameters", "nested too deeply"),
+    ],
+)
+def test_json_text_that_cannot_be_decoded_is_400_naming_the_field(client, auth, online_peers, csv_path, form, field,
+                                                                  words):
+    online_peers(2)
+    response = start(client, auth, csv_path, **form)
+    assert response.status_code == 400, response.json
+    assert list(response.json["errors"]) == [field]
+    assert words in response.json["message"]
+    assert Peer.objects(status=TRAINING).count() == 0
+
+
+def test_a_file_sent_as_a_plain_field_is_400_showing_the_at_sign(client, auth, online_peers):
+    # curl -F file=samples/wine.csv (without the @) sends the path as text, not the file.
+    online_peers(2)
+    response = client.post("/sessions/start", headers=auth, data={"num_peers": "1", "file": "samples/wine.csv"},
+                           content_type="multipart/form-data")
+    assert response.status_code == 400, response.json
+    assert list(response.json["errors"]) == ["file"]
+    assert "-F file=@samples/wine.csv" in response.json["message"]
+
+
+def test_an_unknown_hyperparameter_lists_the_valid_keys(client, auth, online_peers, csv_path):
+    online_peers(2)
+    response = start(client, auth, csv_path, hyperparameters={"lr": 0.1})
+    assert response.status_code == 400, response.json
+    message = response.json["message"]
+    assert "lr" in message
+    for key in ("batch_size", "epochs", "learning_rate", "hidden", "optimizer", "dropout"):
+        assert key in message
+
+
+def test_a_bug_while_starting_is_a_logged_500_not_a_503(app, auth, online_peers, csv_path, caplog):
+    from webapp.extensions import DISPATCHER, Dispatcher
+
+    class Broken(Dispatcher):
+        def run_session(self, session_id: str) -> None:
+            raise KeyError("a bug, not an outage")
+
+    app.extensions[DISPATCHER] = Broken(None, "coordinator")
+    online_peers(2)
+    response = start(app.test_client(), auth, csv_path)
+    assert response.status_code == 500
+    assert response.json["message"] == "internal error; it has been logged"
+    assert "a bug, not an outage" not in response.get_data(as_text=True)
+    assert "Traceback" in caplog.text and "a bug, not an outage" in caplog.text
+    assert Peer.objects(status=TRAINING).count() == 0
+    assert TrainingSession.objects.get().status == "FAILED"
+
+
+@pytest.fixture
+def storage_goes_down(app):
+    """Make object storage stop answering: a real S3 client aimed at a port nothing listens on."""
+    import boto3
+    from botocore.config import Config
+
+    from tasks.storage import S3Storage
+    from webapp.extensions import STORAGE
+
+    def down() -> None:
+        client = boto3.client("s3", endpoint_url="http://127.0.0.1:1", region_name="us-east-1",
+                              aws_access_key_id="x", aws_secret_access_key="x",
+                              config=Config(retries={"max_attempts": 1}, connect_timeout=1))
+        app.extensions[STORAGE] = S3Storage("peertrain", client=client)
+
+    return down
+
+
+def test_storage_not_answering_a_start_is_503_and_keeps_nothing(app, auth, online_peers, csv_path,
+                                                               storage_goes_down):
+    online_peers(2)
+    storage_goes_down()
+    response = start(app.test_client(), auth, csv_path)
+    assert response.status_code == 503, response.json
+    assert "try again" in response.json["message"] and "127.0.0.1" not in response.json["message"]
+    assert int(response.headers["Retry-After"]) > 0
+    assert Peer.objects(status=ONLINE).count() == 2
+    assert TrainingSession.objects.count() == 0
+
+
+def test_storage_not_answering_a_download_is_503(app, client, auth, online_peers, csv_path, storage_goes_down):
+    online_peers(1)
+    session_id = start(client, auth, csv_path, num_peers="1").json["session_id"]
+    TrainingSession.objects(id=session_id).update_one(set__status="COMPLETED",
+                                                      set__model_url="s3://peertrain/model.safetensors")
+    storage_goes_down()
+    response = client.get(f"/sessions/{session_id}/model", headers=auth)
+    assert response.status_code == 503
+    assert response.json["message"] == "a service the API needs did not answer; try again shortly"
+    assert int(response.headers["Retry-After"]) > 0
