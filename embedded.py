@@ -8,6 +8,14 @@ processes that consume the real broker, as peers on other machines do: each is r
 broker login of its own (through RabbitMQ's management API) and given nothing else — its tasks
 carry grants to the objects they need, served by this API's `/objects/` route from local storage.
 
+Stopping (Ctrl-C, SIGTERM) is orderly: granian stops serving, the platform ends the sessions still
+running ("interrupted: make run was stopped"), its peers stop, its workers and the monitor close, and
+mongomock's data is written to DATA_DIR; the supervisor then stops the peer processes. The next
+`make run` reads DATA_DIR back: users, sessions, heartbeats and models are still there, and with the
+development token secret kept beside them, so are the tokens already handed out. No embedded store
+that mongoengine can use passed our checks (docs/operations.md), so a crash or `kill -9` loses what
+was written since the last start.
+
 The API is served by granian, as in production. Granian runs the app in a worker process of its own,
 so that process is the one everything above lives in (`platform_app`, its app factory); this one
 supervises it and the peer processes.
@@ -17,10 +25,13 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,65 +67,168 @@ Or with curl:
   TOKEN=$(curl -s -X POST {base}/auth/signin -H 'Content-Type: application/json' \\
        -d '{{"email": "ann@example.com", "password": "correct horse"}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
   curl -s {base}/peers -H "Authorization: Bearer $TOKEN"
-  curl -s -X POST {base}/sessions/start -H "Authorization: Bearer $TOKEN" \\
+  ID=$(curl -s -X POST {base}/sessions/start -H "Authorization: Bearer $TOKEN" \\
        -F file=@{sample} -F num_peers=2 \\
-       -F 'hyperparameters=[{{"learning_rate": 0.01, "epochs": 20}}, {{"learning_rate": 0.001, "epochs": 20}}]'
-  curl -s {base}/sessions/training-status -H "Authorization: Bearer $TOKEN"
-  curl -s {base}/sessions/<session_id> -H "Authorization: Bearer $TOKEN"
-  curl -s {base}/sessions/<session_id>/model -H "Authorization: Bearer $TOKEN" -o model.safetensors
+       -F 'hyperparameters=[{{"learning_rate": 0.01, "epochs": 20}}, {{"learning_rate": 0.001, "epochs": 20}}]' \\
+       | python3 -c 'import json,sys; print(json.load(sys.stdin)["session_id"])')
+  curl -sN {base}/sessions/$ID/events -H "Authorization: Bearer $TOKEN"      # live, until the session ends
+  curl -s {base}/sessions/$ID -H "Authorization: Bearer $TOKEN"
+  curl -s {base}/sessions/$ID/model -H "Authorization: Bearer $TOKEN" -o model.safetensors
 
-Stop with Ctrl-C.
+Data is kept in {data} between runs. Stop with Ctrl-C.
 """
 
 
-def _peer_processes(settings: Settings, names: list[str]) -> list[subprocess.Popen]:
-    """Each local peer as its own `celery worker` process, with its own login and nothing else."""
-    processes = []
-    for name in names:
-        enrolment = registry.issue_login(name, settings)
-        # A peer machine's environment: its login and the exchanges it reports on, no other credentials.
-        env = {key: value for key, value in os.environ.items()
-               if not key.startswith(("BROKER_", "RESULT_", "MONGODB_", "STORAGE_", "S3_", "AWS_", "JWT_"))}
-        env.update(enrolment.environment, LOG_LEVEL=settings.log_level)
-        command = enrolment.command.replace("--loglevel=INFO", f"--loglevel={settings.log_level}")
-        processes.append(subprocess.Popen([sys.executable, "-m", *command.split()], cwd=ROOT, env=env))
-    return processes
+INTERRUPTED = "interrupted: make run was stopped"
+
+
+class Platform:
+    """What `make run` runs in granian's worker process beside the API: the monitor, the coordinator and
+    (on the in-memory broker) the peers; `stop()` ends it all in order and keeps the data."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.names = _peer_names(settings)
+        self.consumer = None
+        self.monitor_thread: threading.Thread | None = None
+        self.workers = None
+
+    def start(self) -> Any:
+        from tasks import monitor
+        from tasks import peer as peer_app
+        from tasks.celery import app
+        from tasks.inprocess import InProcessWorkers
+        from webapp import create_app
+
+        settings = self.settings
+        models.connect(settings.mongodb_uri)
+        if settings.data_dir and models.db.is_mock() and Path(settings.data_dir).is_dir():
+            log.info("read %d documents kept in %s", models.db.load_snapshot(settings.data_dir), settings.data_dir)
+        reconcile()
+        for name in self.names:  # the local peers' logins were issued by the supervising process (main)
+            if peers.Peer.objects(name=name).first() is None:
+                peers.register(name)
+        self.consumer = monitor.build(app, settings)
+        self.monitor_thread = threading.Thread(target=self.consumer.run, name="monitor", daemon=True)
+        self.monitor_thread.start()
+        if not self.consumer.ready.wait(30):
+            raise SystemExit("the monitor could not reach the broker")
+        host = socket.gethostname()
+        self.workers = InProcessWorkers()
+        self.workers.start(app, settings.coordinator_queue, f"coordinator@{host}")
+        if settings.embedded_broker:
+            for name in self.names:
+                login = registry.issue_login(name, settings).environment["BROKER_URL"]
+                self.workers.start(peer_app.create_app(login, settings), f"peer.{name}", f"peer.{name}@{host}")
+        return create_app(settings=settings)
+
+    def stop(self) -> None:
+        """End the running sessions (their peers stop), close the workers and the monitor, keep the data."""
+        from models import session as sessions
+        from tasks import lifecycle
+
+        for session in sessions.TrainingSession.objects(status__in=sessions.ACTIVE).only("id"):
+            lifecycle.end(session.id, sessions.FAILED, INTERRUPTED)
+        if self.workers is not None:
+            self.workers.stop(timeout=10)
+        if self.consumer is not None:
+            self.consumer.stop()
+            self.monitor_thread.join(10)
+        if self.settings.data_dir and models.db.is_mock():
+            kept = models.db.save_snapshot(self.settings.data_dir)
+            log.info("kept %d documents in %s for the next run", kept, self.settings.data_dir)
+
+
+def reconcile() -> None:
+    """At start, after everything stopped: nothing is running, whatever the data says."""
+    from models import session as sessions
+    from tasks import lifecycle
+
+    for session in sessions.TrainingSession.objects(status__in=sessions.ACTIVE).only("id"):
+        lifecycle.end(session.id, sessions.FAILED, "interrupted by a restart")
+    # Every peer is OFFLINE until its worker is heard again.
+    peers.Peer.objects.update(set__status=peers.OFFLINE, unset__session_id=True)
 
 
 def platform_app() -> Any:
-    """Granian's app factory, run in its worker process: the monitor, the coordinator and (on the
-    in-memory broker) the peers start here, beside the API, as mongomock and memory:// need."""
-    settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    models.connect(settings.mongodb_uri)
-
-    from tasks import monitor
-    from tasks import peer as peer_app
-    from tasks.celery import app
-    from tasks.inprocess import InProcessWorkers
-    from webapp import create_app
+    """Granian's app factory, run in its worker process: the platform starts here, beside the API, as
+    mongomock and memory:// need, and stops when granian stops serving (the ASGI lifespan)."""
     from webapp.asgi import serve
 
-    names = _peer_names(settings)
-    for name in names:  # the local peers' logins were issued by the supervising process (main)
-        if peers.Peer.objects(name=name).first() is None:
-            peers.register(name)
-    consumer = monitor.build(app, settings)
-    threading.Thread(target=consumer.run, name="monitor", daemon=True).start()
-    if not consumer.ready.wait(30):
-        raise SystemExit("the monitor could not reach the broker")
-    host = socket.gethostname()
-    workers = InProcessWorkers()
-    workers.start(app, settings.coordinator_queue, f"coordinator@{host}")
-    if settings.embedded_broker:
-        for name in names:
-            login = registry.issue_login(name, settings).environment["BROKER_URL"]
-            workers.start(peer_app.create_app(login, settings), f"peer.{name}", f"peer.{name}@{host}")
-    return serve(create_app(settings=settings))
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    platform = Platform(settings)
+    return serve(platform.start(), on_shutdown=platform.stop)
 
 
 def _peer_names(settings: Settings) -> list[str]:
     return [f"local{i}" for i in range(1, settings.local_peers + 1)]
+
+
+class PeerProcesses:
+    """The local peers as `celery worker` processes (on a real broker), each with its own login and nothing
+    else; one that dies is started again."""
+
+    def __init__(self, settings: Settings, names: list[str]) -> None:
+        self.settings = settings
+        self.environments = {}
+        for name in names:
+            enrolment = registry.issue_login(name, settings)
+            # A peer machine's environment: its login and the exchanges it reports on, no other credentials.
+            env = {key: value for key, value in os.environ.items()
+                   if not key.startswith(("BROKER_", "RESULT_", "MONGODB_", "STORAGE_", "S3_", "AWS_", "JWT_"))}
+            env.update(enrolment.environment, LOG_LEVEL=settings.log_level)
+            self.environments[name] = (env, enrolment.command.replace("--loglevel=INFO",
+                                                                      f"--loglevel={settings.log_level}"))
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.stopping = threading.Event()
+        self.watcher = threading.Thread(target=self._watch, name="peer-processes", daemon=True)
+
+    def start(self) -> None:
+        for name in self.environments:
+            self._spawn(name)
+        self.watcher.start()
+
+    def _spawn(self, name: str) -> None:
+        env, command = self.environments[name]
+        # A process group of its own: the supervisor stops it (and its pool) whatever the terminal sends.
+        self.processes[name] = subprocess.Popen([sys.executable, "-m", *command.split()], cwd=ROOT, env=env,
+                                                start_new_session=True)
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(1.0):
+            for name, process in list(self.processes.items()):
+                if process.poll() is not None and not self.stopping.is_set():
+                    log.error("peer %s exited (status %s); starting it again", name, process.returncode)
+                    self._spawn(name)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (a warm stop: their sessions have ended, so their tasks have returned), then SIGKILL."""
+        self.stopping.set()
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for name, process in self.processes.items():
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("peer %s did not stop within %g s; killing it", name, timeout)
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
+
+
+def development_secret(settings: Settings) -> None:
+    """Keep the development token secret in DATA_DIR, so tokens outlive a restart as the data does."""
+    if settings.jwt_secret_key or not settings.development or not settings.data_dir:
+        return
+    path = Path(settings.data_dir) / "jwt-secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(48))
+    os.environ["JWT_SECRET_KEY"] = path.read_text().strip()
 
 
 def main() -> None:
@@ -124,26 +238,40 @@ def main() -> None:
     if isinstance(storage, S3Storage):
         storage.ensure_bucket()
     storage.ping()
+    development_secret(settings)
 
     names = _peer_names(settings)
-    processes = [] if settings.embedded_broker else _peer_processes(settings, names)
+    processes = None if settings.embedded_broker else PeerProcesses(settings, names)
     base = f"http://{settings.host}:{settings.port}"
     print(WALKTHROUGH.format(base=base, peers=", ".join(names) or "none (start some with `make peer NAME=...`)",
-                             storage=settings.storage_url, sample=Path(ROOT, "samples", "wine.csv")), flush=True)
+                             storage=settings.storage_url, sample=Path(ROOT, "samples", "wine.csv"),
+                             data=settings.data_dir or "nowhere (DATA_DIR is empty)"), flush=True)
+    if settings.data_dir and settings.mongodb_uri.startswith(models.db.MOCK_SCHEME):
+        log.info("the database is mongomock, in this process: it is written to %s when make run stops cleanly "
+                 "(Ctrl-C, SIGTERM), not as it goes", settings.data_dir)
     # One worker: mongomock and the in-memory broker live in one process. ASGI, so that open event streams
     # hold no thread and a sign-in's bcrypt hash holds one of the Flask app's threads, not the process
     # (webapp/asgi.py, bench/signin.py). Granian handles Ctrl-C and SIGTERM, then returns.
     server = Granian("embedded:platform_app", address=settings.host, port=settings.port,
                      interface=Interfaces.ASGI, workers=1, websockets=False, factory=True,
                      working_dir=Path(ROOT), workers_kill_timeout=15)  # a worker stuck on exit is killed
+    received = []
+    stop = server.signal_handler_interrupt
+
+    def interrupted(signum=None, frame=None) -> None:  # granian's own handler, told which signal came
+        received.append(signum)
+        stop(signum, frame)
+
+    server.signal_handler_interrupt = interrupted
+    if processes is not None:
+        processes.start()
     try:
         server.serve()
     finally:
-        log.info("shutting down")
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(15)
+        if processes is not None:
+            processes.stop()
+        log.info("stopped")
+    sys.exit(130 if received and received[0] == signal.SIGINT else 0)
 
 
 if __name__ == "__main__":

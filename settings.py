@@ -156,6 +156,11 @@ class Settings:
     session_start_timeout: int = _opt(
         "SESSION_START_TIMEOUT", 600, "a session no coordinator has started after this many seconds fails"
     )
+    data_dir: str = _opt(
+        "DATA_DIR", str(ROOT / "var" / "db"),
+        "where `make run` keeps its database between runs (mongomock's, written at a clean stop) and its "
+        "development token secret; empty: nothing kept",
+    )
     local_peers: int = _opt("LOCAL_PEERS", 3, "in-process peers started by `make run`")
     log_level: str = _opt("LOG_LEVEL", "INFO", "logging level of every process")
 

@@ -119,8 +119,9 @@ def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, setting
                          optimizer=hp["optimizer"], seed=spec["seed"], num_threads=settings.peer_threads)
     trained = fit(model, data.train_x, data.train_y, config, data.val_x, data.val_y,
                   on_epoch_end=report, should_stop=should_stop, initial_state=initial)
-    # Only the weights: the coordinator knows the rest of the model (shape, features, scaling) itself.
-    transfer.upload(spec["weights"], state_to_bytes(trained.model.state_dict(), {"round": round_}))
+    if not trained.stopped:  # a stopped training's weights are of no use to anyone
+        # Only the weights: the coordinator knows the rest of the model (shape, features, scaling) itself.
+        transfer.upload(spec["weights"], state_to_bytes(trained.model.state_dict(), {"round": round_}))
     result.update(
         final=trained.final.to_dict() if trained.final else {},
         # The authoritative per-epoch record: the coordinator stores it, so a finished session has

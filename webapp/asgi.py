@@ -38,13 +38,18 @@ THREADS = 4
 class Api:
     """Flask for every request, except that a permitted event stream is served as a coroutine."""
 
-    def __init__(self, flask_app: Flask, threads: int = THREADS) -> None:
+    def __init__(self, flask_app: Flask, threads: int = THREADS,
+                 on_shutdown: Callable[[], None] | None = None) -> None:
         self.flask = flask_app
         self.wsgi = WSGIMiddleware(flask_app, workers=threads)
         self.hub = stream.hub(flask_app.extensions)
+        self.on_shutdown = on_shutdown
         self._fanouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> Fanout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
+            return
         if scope["type"] == "http" and scope["method"] == "GET" and (match := EVENTS.fullmatch(scope["path"])):
             await self.events(scope, receive, send, match["session_id"])
             return
@@ -55,6 +60,23 @@ class Api:
             return await receive()
 
         await self.wsgi(scope, coroutine_receive, send)
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        """ASGI's start and stop: the server stops serving, then `on_shutdown` runs (in a thread)."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    if self.on_shutdown is not None:
+                        await asyncio.to_thread(self.on_shutdown)
+                except Exception as exc:
+                    log.exception("shutting down failed")
+                    await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                return
 
     async def events(self, scope: Scope, receive: Receive, send: Send, session_id: str) -> None:
         allowed = await self._ask_flask({**scope, "method": "HEAD"})
@@ -169,9 +191,9 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-def serve(flask_app: Flask) -> Api:
-    """`flask_app` as this process serves it, once it has started up."""
-    api = Api(flask_app)
+def serve(flask_app: Flask, on_shutdown: Callable[[], None] | None = None) -> Api:
+    """`flask_app` as this process serves it, once it has started up; `on_shutdown` runs when it stops."""
+    api = Api(flask_app, on_shutdown=on_shutdown)
     # What exists by now (modules, botocore's service models, the app) lives as long as the process. Out of
     # the collector's sight, a full collection no longer walks it: those pauses (50-260 ms measured by
     # bench/api.py) set the polling routes' p99.

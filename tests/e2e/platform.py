@@ -98,6 +98,7 @@ def make_target(target: str, env: dict[str, str], log: Path) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    env = {"DATA_DIR": str(log.parent / f"make-{target}-data"), **env}  # never the checkout's own var/
     with log.open("wb") as out:
         process = subprocess.Popen(["make", target], cwd=ROOT, env={**env, "PORT": str(port)}, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)

@@ -88,7 +88,8 @@ def test_start_watches_a_sweep_to_the_end_and_exits_0(platform, two_peers, cli, 
 
 def test_a_failed_session_exits_1(platform, two_peers, cli, unique):
     broken = unique("clibroken")
-    platform.start_peers(broken, S3_ENDPOINT_URL="http://127.0.0.1:9")  # it cannot fetch the data
+    # It cannot fetch the data: its requests go through a proxy that refuses them.
+    platform.start_peers(broken, HTTP_PROXY="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
     try:
         done = cli("start", str(WINE), "--peers", "3", "--epochs", "200")
     finally:

@@ -39,3 +39,98 @@ def test_make_run_serves_a_session_on_the_sample_csv(tmp_path):
         assert f"{base}/docs" in banner and "curl" in banner
         assert f"{base}/ " in banner and "peertrain start" in banner
         assert "<title>peertrain</title>" in user.get("/").text  # the dashboard, served by granian too
+
+
+def running_with(marker: str) -> list[int]:
+    """Processes whose environment holds `marker` (this test's DATA_DIR): make run and everything it started."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as environ:
+                    if marker.encode() in environ.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.parametrize("broker", ["memory", "rabbitmq"])
+def test_make_run_stopped_mid_session_leaves_nothing_running_and_keeps_its_data(tmp_path, broker):
+    import signal
+    import subprocess
+    import time
+
+    import requests
+
+    from tests import conftest, services
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("BROKER_URL", "RESULT_BACKEND", "MONGODB_URI", "STORAGE_URL", "S3_ENDPOINT_URL",
+                        "COORDINATOR_QUEUE", "MONITOR_QUEUE", "JWT_SECRET_KEY", "PEERTRAIN_ENV")}
+    data = tmp_path / "kept"
+    env.update(STORAGE_URL=str(tmp_path / "storage"), LOCAL_PEERS="2", DATA_DIR=str(data))
+    if broker == "rabbitmq":  # the peers as `celery worker` processes with logins of their own
+        services.require(conftest.REAL_BROKER, "RabbitMQ (with its management plugin) and Redis")
+        env.update(BROKER_URL=os.environ["BROKER_URL"], RESULT_BACKEND=os.environ["RESULT_BACKEND"],
+                   COORDINATOR_QUEUE=f"mr-{conftest.RUN_ID}.coordinator", MONITOR_QUEUE=f"mr-{conftest.RUN_ID}.monitor",
+                   RESULTS_QUEUE=f"mr-{conftest.RUN_ID}.results", EVENT_EXCHANGE=f"mr-{conftest.RUN_ID}.events")
+    port = rabbit_free_port()
+    base = f"http://127.0.0.1:{port}"
+
+    def make_run(log):
+        process = subprocess.Popen(["make", "run"], cwd=ROOT, env={**env, "PORT": str(port)}, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+
+        def healthy() -> bool:
+            assert process.poll() is None, (tmp_path / "first.log").read_text()
+            try:
+                return requests.get(f"{base}/healthz", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(healthy, 60, "make run to serve")
+        return process
+
+    with (tmp_path / "first.log").open("wb") as log:
+        process = make_run(log)
+        user = Api(base).sign_up_and_in("ann")
+        wait_until(lambda: user.get("/peers").json()["free"] == 2, 60, "the two local peers")
+        long = json.dumps({"learning_rate": 0.001, "epochs": 1000})
+        session_id = user.start(ROOT / "samples" / "wine.csv", num_peers=2, hyperparameters=long).json()["session_id"]
+        wait_until(lambda: len(user.heartbeats(session_id)) >= 4, 60, "both peers to be training")
+        assert len(running_with(str(data))) >= (2 if broker == "memory" else 4)  # make, python, granian (+peers)
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
+        stopped = time.monotonic()
+        status = process.wait(25)
+    wait_until(lambda: not running_with(str(data)), 20 - (time.monotonic() - stopped), "every process to be gone")
+    assert status in (130, -signal.SIGINT, 0), status  # make passes on the interrupt
+    output = (tmp_path / "first.log").read_text()
+    assert "Traceback" not in output, output[-3000:]
+    assert "kept" in output
+
+    # Started again: the user, their token and the interrupted session are still there.
+    with (tmp_path / "second.log").open("wb") as log:
+        process = make_run(log)
+        try:
+            session = user.session(session_id)
+            assert session["status"] == "FAILED" and session["reason"] == "interrupted: make run was stopped"
+            assert len(user.heartbeats(session_id)) >= 4
+            wait_until(lambda: user.get("/peers").json()["free"] == 2, 60, "the peers, free again")
+            quick = json.dumps({"learning_rate": 0.01, "epochs": 5})
+            began = time.monotonic()
+            again = user.start(ROOT / "samples" / "wine.csv", num_peers=2, hyperparameters=quick).json()["session_id"]
+            assert user.wait_finished(again, timeout=60)["status"] == "COMPLETED"
+            assert time.monotonic() - began < 30
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(25)
+    assert "Traceback" not in (tmp_path / "second.log").read_text()
+
+
+def rabbit_free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
