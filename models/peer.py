@@ -65,9 +65,10 @@ def seen(name: str, hostname: str, at: datetime | None = None) -> bool:
     return True
 
 
-def gone(name: str) -> Peer | None:
-    """Mark a peer OFFLINE (its worker shut down or fell silent); returns it as it was before."""
-    return Peer.objects(name=name, status__ne=OFFLINE).modify(set__status=OFFLINE, new=False)
+def gone(name: str, idle_only: bool = False) -> Peer | None:
+    """Mark a peer OFFLINE (it fell silent; with `idle_only`, only if it is not training); returns it as it was."""
+    query = Peer.objects(name=name, status=ONLINE) if idle_only else Peer.objects(name=name, status__ne=OFFLINE)
+    return query.modify(set__status=OFFLINE, new=False)
 
 
 def silent_since(cutoff: datetime) -> list[Peer]:

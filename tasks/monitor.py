@@ -1,7 +1,7 @@
 """The monitor: Celery events in, database state out.
 
-Peers' `worker-online`/`worker-heartbeat` events mark them ONLINE, `worker-offline` or silence marks
-them OFFLINE (failing the session they were training for), and every `task-heartbeat` a training
+Peers' `worker-online`/`worker-heartbeat` events mark them ONLINE, silence marks them OFFLINE (and lost
+to the session they were training for; `worker-offline` only makes an idle one OFFLINE), and every `task-heartbeat` a training
 task sends is stored once and shown as the peer's latest progress. Heartbeats are buffered and
 written in batches, so a burst costs one insert per batch rather than one per event.
 
@@ -101,7 +101,11 @@ class Monitor:
             if name != protocol.peer_of(sender):
                 self._drop("not its own worker", f"{kind} for peer {name} sent by {sender!r}")
             elif kind == "worker-offline":
-                self._lost(name, "its worker shut down")
+                # Not proof it is gone: Celery sends it on every lost connection too (then worker-online
+                # again), and a warm shutdown finishes the task first. An idle peer takes no work until it is
+                # heard again; a training one is judged on its silence.
+                if peers.gone(name, idle_only=True):
+                    log.info("peer %s is OFFLINE: its worker said it was shutting down", name)
             elif not peers.seen(name, event["hostname"]):
                 self._drop("unregistered peer", f"{kind} from {name}, which is not registered")
 

@@ -83,11 +83,27 @@ class ResultReporter(BaseBackend):
         return f"results-exchange://{self.exchange.name}"
 
 
+class RedeliveredAfterReconnect(logging.Filter):
+    """Celery logs a task that finished after its broker connection was lost as critical, with a traceback:
+    it cannot acknowledge the message on the dead channel. That is expected after an outage (the broker
+    hands the message out again, and the peer answers it from memory: tasks/training.py), so say so."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Couldn't ack %r, reason:%r":
+            record.levelno, record.levelname, record.exc_info, record.exc_text = logging.WARNING, "WARNING", None, None
+            record.msg += " (the broker connection was lost meanwhile: it will hand the task out again)"
+        return True
+
+
+_REDELIVERED = RedeliveredAfterReconnect()
+
+
 def create_app(broker_url: str | None = None, settings: Settings | None = None) -> Celery:
     """A peer's app; `broker_url` (default BROKER_URL) carries the peer's own credentials."""
     settings = settings or Settings.from_env()
     app = Celery("peertrain-peer", events=StampedEvents, backend=ResultReporter)
     app.config_from_object("celeryconfig:Peer")
+    logging.getLogger("celery.worker.request").addFilter(_REDELIVERED)
     app.conf.broker_url = broker_url or settings.broker_url
     from tasks import training  # torch loads with the task, on peers only
 

@@ -152,3 +152,49 @@ def test_a_sweep_with_a_quorum_completes_with_the_peers_that_finished(platform, 
         assert session["results"]["best_peer"] in two_peers and session["model_available"]
     finally:
         platform.stop_peer(broken)
+
+
+def test_a_sweep_survives_its_broker_restarting(tmp_path):
+    """The broker (a private RabbitMQ node) stops for ~10 s mid-sweep and comes back: the peers train on,
+    everyone reconnects, the session completes with every heartbeat and no peer is blamed."""
+    from settings import ROOT
+    from tests import conftest, services
+    from tests.e2e import rabbitnode
+    from tests.e2e.platform import Api, make_target
+
+    services.require(rabbitnode.available() and conftest.REAL_BROKER,
+                     "a private RabbitMQ node (rabbitmq-server, as root) and Redis")
+    node = rabbitnode.RabbitNode()
+    node.start()
+    try:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("BROKER_", "MONGODB_", "STORAGE_", "S3_", "JWT_", "PEERTRAIN_", "COORDINATOR_",
+                                    "MONITOR_", "RESULTS_", "EVENT_"))}
+        env.update(BROKER_URL=node.url, BROKER_ADMIN_URL=node.admin_url, STORAGE_URL=str(tmp_path / "storage"),
+                   LOCAL_PEERS="2", PEER_TIMEOUT_SECONDS="6")
+        epochs = 300
+        with make_target("run", env, tmp_path / "make-run.log") as base:
+            user = Api(base).sign_up_and_in("ann")
+            wait_until(lambda: user.get("/peers").json()["free"] == 2, 60, "the two peers")
+            hp = json.dumps({"learning_rate": 0.001, "epochs": epochs, "hidden": [64], "batch_size": 16})
+            response = user.start(ROOT / "samples" / "digits.csv", num_peers=2, hyperparameters=hp)
+            assert response.status_code == 202, response.text
+            session_id = response.json()["session_id"]
+            wait_until(lambda: len(user.heartbeats(session_id)) >= 10, 60, "the peers to be training")
+            node.stop()
+            outage = time.monotonic()
+            assert user.session(session_id)["status"] == "RUNNING"
+            time.sleep(10)  # the outage itself: the broker stays away this long
+            node.start()
+            back = time.monotonic()
+            session = user.wait_finished(session_id, timeout=90)
+            recovered = time.monotonic() - back
+            print(f"\nbroker down {back - outage:.1f} s; session COMPLETED {recovered:.1f} s after it was back "
+                  f"(target <= 15 s)")
+            assert session["status"] == "COMPLETED", session["reason"]
+            assert {p["status"] for p in session["peers"]} == {"COMPLETED"}
+            assert len(user.heartbeats(session_id)) == 2 * epochs
+            assert all(p["status"] != "OFFLINE" for p in user.get("/peers").json()["peers"])
+        assert "Traceback" not in (tmp_path / "make-run.log").read_text()
+    finally:
+        node.remove()
