@@ -2,8 +2,9 @@
 
 Peers' `worker-online`/`worker-heartbeat` events mark them ONLINE, silence marks them OFFLINE (and lost
 to the session they were training for; `worker-offline` only makes an idle one OFFLINE), and every
-`task-heartbeat` a training task sends is stored once and shown as the peer's latest progress. Heartbeats are buffered and
-written in batches, so a burst costs one insert per batch rather than one per event.
+`task-heartbeat` a training task sends is stored once and shown as the peer's latest progress.
+Heartbeats are buffered and written in batches, so a burst costs one insert per batch rather than one
+per event.
 
 Liveness is judged on evidence: a peer is lost when it has been silent while the monitor itself was
 connected and receiving. A broker outage suspends the judgement, and after the monitor reconnects
