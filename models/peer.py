@@ -103,6 +103,11 @@ def claim(session_id: ObjectId, count: int, stale_after: timedelta | None = None
     return []
 
 
+def release_orphans(active: list[ObjectId]) -> int:
+    """Give back peers TRAINING for a session that is not among `active` (it ended while no one could)."""
+    return Peer.objects(status=TRAINING, session_id__nin=active).update(set__status=ONLINE, unset__session_id=True)
+
+
 def release(session_id: ObjectId, names: list[str] | None = None) -> int:
     """Give a session's peers back (TRAINING → ONLINE); peers that went OFFLINE meanwhile stay so."""
     query = Peer.objects(session_id=session_id)

@@ -20,7 +20,7 @@ import logging
 from typing import Any
 
 from celery.result import AsyncResult
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 from kombu.exceptions import OperationalError
 
 import models
@@ -48,6 +48,17 @@ def _reconnect(**_: Any) -> None:
     if not uri.startswith(models.db.MOCK_SCHEME):
         models.disconnect()
         models.connect(uri)
+
+
+@worker_ready.connect
+def _reconcile(sender: Any = None, **_: Any) -> None:
+    """A coordinator that starts gives back the peers held for sessions that ended while it was away."""
+    if sender is None or sender.app is not app:
+        return
+    models.ensure_connected(settings().mongodb_uri)
+    active = list(TrainingSession.objects(status__in=sessions.ACTIVE).scalar("id"))
+    if released := models.peer.release_orphans(active):
+        log.info("released %d peer(s) held for sessions that had ended", released)
 
 
 def _session(session_id: str) -> TrainingSession | None:

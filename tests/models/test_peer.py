@@ -107,3 +107,12 @@ def test_racing_claims_never_share_a_peer(db):
     assert Peer.objects(status=TRAINING).count() == len(taken)
     assert 1 <= len([n for n in results.values() if n]) <= 3
     assert all(len(n) in (0, 3) for n in results.values())
+
+
+def test_peers_held_for_sessions_that_ended_are_given_back(db):
+    online(*"abc")
+    running, ended = ObjectId(), ObjectId()
+    assert peers.claim(running, 1) and peers.claim(ended, 1)
+    assert peers.release_orphans([running]) == 1
+    assert Peer.objects(status=TRAINING).get().session_id == running
+    assert Peer.objects(status=ONLINE).count() == 2
