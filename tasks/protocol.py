@@ -15,6 +15,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from functools import lru_cache
 from typing import Any
 
 from kombu import Connection, Exchange, Queue
@@ -94,7 +95,13 @@ def stop_notice(session_id: str, reason: str) -> dict[str, Any]:
 
 def identity(app: Any) -> str | None:
     """The broker user a Celery app logs in as (for a peer's app, `peer.<name>`)."""
-    return Connection(app.conf.broker_url).userid
+    return _login(app.conf.broker_url)
+
+
+@lru_cache(maxsize=64)
+def _login(url: str) -> str | None:
+    # Stamped on every event and result a peer sends: parse the URL once.
+    return Connection(url).userid
 
 
 class StopNotices:
