@@ -63,14 +63,18 @@ def start(session: TrainingSession) -> None:
         shards = shard(train_rows, table.y, len(session.peers), session.federated["partition"],
                        alpha=session.federated["alpha"], seed=session.seed)
         normalization = fit_normalization(table.x[train_rows], table.y[train_rows] if not classified else None)
-        files = [Path(tmp) / f"{run.name}.csv" for run in session.peers] + [Path(tmp) / "validation.csv"]
+        # Peers' objects live apart from the coordinator's (here and in storage): no peer's name can make
+        # its shard, or its upload, the same object as the validation rows or the global weights.
+        (Path(tmp) / "peers").mkdir()
+        files = [Path(tmp) / "peers" / f"{run.name}.csv" for run in session.peers] + [Path(tmp) / "validation.csv"]
         CsvFile(path).split([*shards, val_rows], files)
-        names = [run.name for run in session.peers] + ["validation"]
-        urls = {}
-        for name, file in zip(names, files, strict=True):
+        keys = [f"{prefix}/shards/peers/{run.name}.csv" for run in session.peers] + [f"{prefix}/shards/validation.csv"]
+        stored = []
+        for key, file in zip(keys, files, strict=True):
             with file.open("rb") as stream:
-                urls[name] = store.put(f"{prefix}/shards/{name}.csv", stream)
-        validation_url = urls.pop("validation")
+                stored.append(store.put(key, stream))
+        urls = {run.name: url for run, url in zip(session.peers, stored, strict=False)}
+        validation_url = stored[-1]
 
     hp = session.peers[0].hyperparameters
     config = ModelConfig(len(table.features), table.output_size, tuple(hp["hidden"]), hp.get("dropout", 0.0),
@@ -93,7 +97,7 @@ def start(session: TrainingSession) -> None:
 
 
 def weights_key(session: TrainingSession, round_: int, peer: str) -> str:
-    return f"{session_prefix(session)}/rounds/{round_}/{peer}.safetensors"
+    return f"{session_prefix(session)}/rounds/{round_}/peers/{peer}.safetensors"
 
 
 def specs(session: TrainingSession, round_: int, weights_url: str) -> list[dict[str, Any]]:

@@ -32,3 +32,20 @@ def test_outliers_are_peers_far_from_the_aggregate():
     found = _outliers(merged, peers)
     assert list(found) == ["d"] and found["d"] > 10
     assert _outliers(merged, dict(list(peers.items())[:2])) == {}
+
+
+@pytest.mark.parametrize("name", ["global", "validation", "initial", "dataset", "model"])
+def test_no_peer_name_reaches_an_object_of_the_coordinators(name):
+    """Attack: a peer registered as `global` (or `validation`) would, with keys built from names alone, get
+    the write grant of the round's global weights (or read and overwrite the validation rows)."""
+    from types import SimpleNamespace
+
+    from tasks import federated, sweep
+    from tasks.rounds import session_prefix
+
+    session = SimpleNamespace(owner_id="u", id="s")
+    prefix = session_prefix(session)
+    coordinators = {f"{prefix}/rounds/0/global.safetensors", f"{prefix}/rounds/initial.safetensors",
+                    f"{prefix}/shards/validation.csv", f"{prefix}/dataset.csv", f"{prefix}/model.safetensors"}
+    assert federated.weights_key(session, 0, name) not in coordinators
+    assert sweep.weights_key(session, name) not in coordinators
