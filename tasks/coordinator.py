@@ -20,7 +20,7 @@ import logging
 from typing import Any
 
 from celery.result import AsyncResult
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 from kombu.exceptions import OperationalError
 
 import models
@@ -31,6 +31,7 @@ from tasks.celery import app
 from tasks.collector import Collector, left_out
 from tasks.rounds import launch_round, settings
 from tasks.storage import StorageError
+from trainer.warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,13 @@ def _reconnect(**_: Any) -> None:
     if not uri.startswith(models.db.MOCK_SCHEME):
         models.disconnect()
         models.connect(uri)
+
+
+@worker_init.connect
+def _warm_up(**_: Any) -> None:
+    # Before the pool forks: every pool process starts with torch and pandas warm, so the first
+    # session's first aggregate is as fast as the next session's.
+    warm_up()
 
 
 def _session(session_id: str) -> TrainingSession | None:
