@@ -155,9 +155,15 @@ def get_owned(session_id: str, owner_id: ObjectId) -> TrainingSession | None:
     return TrainingSession.objects(id=session_id, owner_id=owner_id).first()
 
 
-def _task_updates(session_id: ObjectId, task_ids: dict[str, str]) -> dict[str, Any]:
-    names = TrainingSession.objects(id=session_id).scalar("peers").first() or []
-    position = {run.name: i for i, run in enumerate(names)}
+def positions(session: TrainingSession) -> dict[str, int]:
+    """Each peer's place in the session's runs (set when the session is made; runs never move)."""
+    return {run.name: i for i, run in enumerate(session.peers)}
+
+
+def _task_updates(session_id: ObjectId, task_ids: dict[str, str], position: dict[str, int] | None) -> dict[str, Any]:
+    if position is None:
+        names = TrainingSession.objects(id=session_id).scalar("peers").first() or []
+        position = {run.name: i for i, run in enumerate(names)}
     updates: dict[str, Any] = {}
     for name, task_id in task_ids.items():
         updates[f"set__peers__{position[name]}__task_id"] = task_id
@@ -173,22 +179,23 @@ def view(session_id: str, owner_id: ObjectId) -> dict[str, Any] | None:
 
 
 def start_running(session_id: ObjectId, task_ids: dict[str, str], launch: dict[str, Any],
-                  deadline_seconds: float) -> bool:
+                  deadline_seconds: float, position: dict[str, int] | None = None) -> bool:
     """PENDING → RUNNING, recording each peer's task id and the chord; False if the session is no longer pending."""
     now = utcnow()
     started = TrainingSession.objects(id=session_id, status=PENDING).update_one(
         set__status=RUNNING, set__started_at=now, set__deadline=now + timedelta(seconds=deadline_seconds),
-        set__launch=launch, **_task_updates(session_id, task_ids),
+        set__launch=launch, **_task_updates(session_id, task_ids, position),
     )
     if started:
         events.append(session_id, [events.status(RUNNING, at=now), *(events.peer(name, RUNNING) for name in task_ids)])
     return bool(started)
 
 
-def next_round(session_id: ObjectId, round_: int, task_ids: dict[str, str], launch: dict[str, Any]) -> bool:
+def next_round(session_id: ObjectId, round_: int, task_ids: dict[str, str], launch: dict[str, Any],
+               position: dict[str, int] | None = None) -> bool:
     """Record round `round_`'s task ids and chord on a RUNNING session whose current round is the one before;
     False if it has ended meanwhile, or the round was launched already (a redelivered `aggregate`)."""
-    updates = _task_updates(session_id, task_ids)
+    updates = _task_updates(session_id, task_ids, position)
     return bool(TrainingSession.objects(id=session_id, status=RUNNING, launch__round=round_ - 1).update_one(
         set__launch=launch, **updates))
 
@@ -224,6 +231,44 @@ def finish(session_id: ObjectId, status: str, reason: str | None = None, **field
 def by_task_id(task_id: str) -> TrainingSession | None:
     """The session one of whose peers runs task `task_id`."""
     return TrainingSession.objects(peers__task_id=task_id).first()
+
+
+def current_task(task_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(the session: id, status, mode, federated, launch; the peer run given task `task_id`), or None.
+
+    One indexed read of one run: the session is named by the task id (tasks/rounds.py makes them
+    `<session>:<round>:<uuid>`; older ids are looked up by the run alone), and only the matching
+    run of its peers is read, however many peers the session has."""
+    query: dict[str, Any] = {"peers.task_id": task_id}
+    named = task_id.split(":", 1)[0]
+    if ObjectId.is_valid(named):
+        query["_id"] = ObjectId(named)
+    found = TrainingSession._get_collection().find_one(
+        query, {"status": 1, "mode": 1, "federated": 1, "launch": 1, "peers": {"$elemMatch": {"task_id": task_id}}})
+    if not found or not found.get("peers"):
+        return None
+    return found, found["peers"][0]
+
+
+def record_runs(session_id: ObjectId, position: dict[str, int], changes: dict[str, dict[str, Any]],
+                before: dict[str, str] | None = None, added: dict[str, dict[str, int]] | None = None) -> None:
+    """Set fields of several peers' runs in one update (`changes[peer]`: field -> value, `status` among them),
+    and add to counters (`added`); a peer whose `status` differs from `before` gets its `peer` event."""
+    updates: dict[str, Any] = {}
+    for name, fields in changes.items():
+        for field, value in fields.items():
+            updates[f"set__peers__{position[name]}__{field}"] = value
+    for name, fields in (added or {}).items():
+        for field, value in fields.items():
+            if value:
+                updates[f"inc__peers__{position[name]}__{field}"] = value
+    if not updates:
+        return
+    TrainingSession.objects(id=session_id).update_one(**updates)
+    changed = [events.peer(name, fields["status"], fields.get("error")) for name, fields in changes.items()
+               if "status" in fields and (before is None or before.get(name) != fields["status"])]
+    if changed:
+        events.append_new(session_id, changed)
 
 
 def run_of_task(session: TrainingSession, task_id: str) -> PeerRun | None:

@@ -132,7 +132,7 @@ def peer_lost(session_id: str, peer: str, round_: int, reason: str) -> None:
     if not reported.ready():
         # Its part of the chord, so the round closes when the others have reported; a late result
         # finds the task settled and is dropped.
-        Collector(app).settle(session, run, left_out(peer, round_, reason))
+        Collector(app).settle(session.id, session.launch, run.task_id, peer, left_out(peer, round_, reason))
     elif "left_out" not in (reported.result or {}):
         return  # it reported in time after all
     give_up_on(session, run, reason)
