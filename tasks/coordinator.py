@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from celery.result import AsyncResult
 from celery.signals import worker_init, worker_process_init
 from kombu.exceptions import OperationalError
@@ -56,6 +57,9 @@ def _warm_up(**_: Any) -> None:
     # Before the pool forks: every pool process starts with torch and pandas warm, so the first
     # session's first aggregate is as fast as the next session's.
     warm_up()
+    # A round's work here is small (averaging, one evaluation) and shares its machine with peers:
+    # torch's default of a thread per core made it 5-50x slower whenever peers were training.
+    torch.set_num_threads(1)
 
 
 def _session(session_id: str) -> TrainingSession | None:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ EVENT_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "int
 # A dataset or shard larger than this is refused before it fills the disk (the API takes 200 MiB by default).
 MAX_DATA_BYTES = 4 << 30
 SHARDS = Path(tempfile.gettempdir()) / "peertrain-shards"
+STALE_SECONDS = 600
 _TEXT_KEYS = ("session", "data", "data_id", "weights", "target", "task")
 
 
@@ -242,13 +244,24 @@ class ShardCache:
         partial = path.with_suffix(f".{os.getpid()}.part")
         fetched = transfer.download(grant, partial, MAX_DATA_BYTES)
         os.replace(partial, path)
-        # Sessions that ended early leave shards behind: keep only the most recently used few.
-        for stale in sorted(self.root.glob("*.csv"), key=lambda p: p.stat().st_mtime)[:-self.keep]:
-            stale.unlink(missing_ok=True)
+        # Sessions that ended early leave shards behind: keep only the most recently used few, and
+        # whatever was used in the last minutes (other peers on this machine share the directory:
+        # a shard another peer has just fetched must not go before that peer has read it).
+        recent = time.time() - STALE_SECONDS
+        for stale in sorted(self.root.glob("*.csv"), key=_mtime)[:-self.keep]:
+            if _mtime(stale) < recent:
+                stale.unlink(missing_ok=True)
         return path, fetched
 
     def drop(self, object_id: str) -> None:
         self._path(object_id).unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # another peer's pruning took it meanwhile
+        return float("inf")
 
 
 def _dataset(spec: dict[str, Any], path: Path) -> Dataset:
