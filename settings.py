@@ -157,6 +157,10 @@ class Settings:
         "SESSION_START_TIMEOUT", 600, "a session no coordinator has started after this many seconds fails"
     )
     local_peers: int = _opt("LOCAL_PEERS", 3, "in-process peers started by `make run`")
+    max_peers: int = _opt(
+        "MAX_PEERS_PER_SESSION", 64, "most peers one session may ask for (the API answers 422 beyond); raise it for"
+        " large simulations (bench/scale.py runs 1,000)"
+    )
     log_level: str = _opt("LOG_LEVEL", "INFO", "logging level of every process")
 
     @classmethod

@@ -282,6 +282,27 @@ def record_progress(session_id: ObjectId, peer: str, fields: dict[str, Any]) -> 
     TrainingSession.objects(id=session_id, peers__name=peer).update_one(**updates)
 
 
+def assignments(session_id: ObjectId) -> dict[str, Any] | None:
+    """What an active session's peers are training now: {round, peers: {name: (position, epochs)}}, or None.
+
+    `peers` holds the peers of the current round only, with their place among the session's runs and
+    the epochs each trains per round; None when the session is not active."""
+    doc = TrainingSession._get_collection().find_one(
+        {"_id": ObjectId(session_id), "status": {"$in": list(ACTIVE)}},
+        {"launch.round": 1, "launch.peers": 1, "mode": 1, "federated.local_epochs": 1, "peers.name": 1,
+         "peers.hyperparameters.epochs": 1})
+    if doc is None:
+        return None
+    launch = doc.get("launch") or {}
+    current = set(launch.get("peers") or [])
+    local = (doc.get("federated") or {}).get("local_epochs") if doc.get("mode") == FEDERATED else None
+    found = {}
+    for i, run in enumerate(doc.get("peers") or []):
+        if run.get("name") in current:
+            found[run["name"]] = (i, local if local is not None else (run.get("hyperparameters") or {}).get("epochs"))
+    return {"round": launch.get("round"), "peers": found}
+
+
 def add_bytes_fetched(session_id: ObjectId, peer: str, count: int) -> None:
     if count:
         TrainingSession.objects(id=session_id, peers__name=peer).update_one(inc__peers__S__bytes_fetched=count)

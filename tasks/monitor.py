@@ -81,8 +81,13 @@ class Monitor:
         self._lock = threading.Lock()
         self._beats: list[dict[str, Any]] = []
         self._latest: dict[tuple[ObjectId, str], dict[str, Any]] = {}
-        # (session, peer) -> (round, epochs) it is training, or None; kept briefly (read per burst, not per event).
-        self._assignments: dict[tuple[ObjectId, str], tuple[float, tuple[int, int] | None]] = {}
+        # session -> what its peers are training (models.session.assignments), kept briefly: read once a
+        # second per session, not once per event or per peer (a session may have a thousand peers).
+        self._assignments: dict[ObjectId, tuple[float, dict[str, Any] | None]] = {}
+        # Peers seen alive (registered, not OFFLINE as far as this monitor wrote) -> their hostname; their
+        # worker heartbeats are written together at the next flush, a first sighting at once.
+        self._alive: dict[str, str] = {}
+        self._beating: set[str] = set()
         self.stored = 0
         self.dropped: Counter[str] = Counter()
         self._next_report = 0.0
@@ -102,7 +107,12 @@ class Monitor:
                 self._drop("not its own worker", f"{kind} for peer {name} sent by {sender!r}")
             elif kind == "worker-offline":
                 self._lost(name, "its worker shut down")
-            elif not peers.seen(name, event["hostname"]):
+            elif self._alive.get(name) == event["hostname"]:
+                with self._lock:
+                    self._beating.add(name)
+            elif peers.seen(name, event["hostname"]):
+                self._alive[name] = event["hostname"]
+            else:
                 self._drop("unregistered peer", f"{kind} from {name}, which is not registered")
 
     def _drop(self, reason: str, detail: str) -> None:
@@ -111,24 +121,23 @@ class Monitor:
             self._next_report = self.clock() + 10.0
             log.warning("dropped an event (%s): %s; dropped so far: %s", reason, detail, dict(self.dropped))
 
-    def _assignment(self, session_id: ObjectId, peer: str, round_: int) -> tuple[int, int] | None:
-        """The (round, epochs per round) `peer` is training for `session_id`, or None if it is not."""
-        key = (session_id, peer)
-        cached = self._assignments.get(key)
-        if cached is not None and cached[0] > self.clock() and cached[1] is not None and cached[1][0] >= round_:
+    def _session(self, session_id: ObjectId, round_: int = -1) -> dict[str, Any] | None:
+        """What the session's peers train now (cached 1 s; read again when a later round shows up)."""
+        cached = self._assignments.get(session_id)
+        if cached is not None and cached[0] > self.clock() and cached[1] is not None and cached[1]["round"] >= round_:
             return cached[1]
-        session = sessions.TrainingSession.objects(id=session_id, status__in=sessions.ACTIVE).only(
-            "peers", "launch", "mode", "federated").first()
-        found = None
-        if session is not None and peer in session.launch.get("peers", []):
-            run = session.peer(peer)
-            epochs = (session.federated["local_epochs"] if session.mode == sessions.FEDERATED
-                      else run.hyperparameters["epochs"])
-            found = (session.launch["round"], epochs)
+        found = sessions.assignments(session_id)
         if len(self._assignments) > 10_000:
             self._assignments.clear()
-        self._assignments[key] = (self.clock() + 1.0, found)
+        self._assignments[session_id] = (self.clock() + 1.0, found)
         return found
+
+    def _assignment(self, session_id: ObjectId, peer: str, round_: int) -> tuple[int, int] | None:
+        """The (round, epochs per round) `peer` is training for `session_id`, or None if it is not."""
+        found = self._session(session_id, round_)
+        if found is None or peer not in found["peers"]:
+            return None
+        return found["round"], found["peers"][peer][1]
 
     def _heartbeat(self, event: dict[str, Any], sender: str | None) -> None:
         try:
@@ -174,15 +183,34 @@ class Monitor:
         with self._lock:
             beats, self._beats = self._beats, []
             latest, self._latest = self._latest, {}
+            beating, self._beating = self._beating, set()
+        self._still_alive(beating)
         if not beats:
             return 0
         new = heartbeats.insert_many(beats)
         now = utcnow()
+        by_session: dict[ObjectId, dict[str, dict[str, Any]]] = {}
         for (session_id, peer), beat in latest.items():
             progress = {name: beat.get(name) for name in PROGRESS}
-            sessions.record_progress(session_id, peer, {**progress, "updated_at": now})
+            by_session.setdefault(session_id, {})[peer] = {**progress, "updated_at": now}
+        for session_id, progress in by_session.items():
+            # One update per session and flush, however many of its peers beat.
+            found = self._session(session_id)
+            position = {name: at for name, (at, _) in found["peers"].items()} if found else {}
+            sessions.record_runs(session_id, position, {p: f for p, f in progress.items() if p in position})
+            for peer in progress.keys() - position.keys():
+                sessions.record_progress(session_id, peer, progress[peer])
         self.stored += new
         return new
+
+    def _still_alive(self, names: set[str]) -> None:
+        """Write the worker heartbeats of peers seen before, in one go; forget the ones no longer registered."""
+        if not names:
+            return
+        known = peers.still_seen(sorted(names))
+        for name in names - known:
+            self._alive.pop(name, None)
+            self._drop("unregistered peer", f"worker heartbeat from {name}, which is not registered (any more)")
 
     # --- liveness ------------------------------------------------------------------------------
 
@@ -230,6 +258,7 @@ class Monitor:
         return lost
 
     def _lost(self, name: str, why: str) -> None:
+        self._alive.pop(name, None)
         before = peers.gone(name)
         if before is None:
             return
