@@ -133,7 +133,7 @@ class Platform:
         self.events.start()
         self.stack.callback(self.events.stop)
         assert self.consumer.ready.wait(30) and self.events.ready.wait(30), "cannot consume events"
-        workers = InProcessWorkers()
+        workers = self.workers = InProcessWorkers()
         self.stack.callback(workers.stop)
         workers.start(app, os.environ["COORDINATOR_QUEUE"], f"coordinator-{RUN_ID}@bench")
         server = make_server("127.0.0.1", int(os.environ["BENCH_API_PORT"]), create_app(), threaded=True)

@@ -25,7 +25,7 @@ from models import event as events
 from models import session as sessions
 from tasks import lifecycle
 from tasks.rounds import grant_seconds, grants, launch_round, record_results, session_prefix, storage
-from tasks.storage import StorageError
+from tasks.storage import LocalStorage, StorageError
 from trainer.csvfile import CsvFile
 from trainer.loop import evaluate
 from trainer.model import ModelConfig, SimpleDNN
@@ -146,8 +146,10 @@ def aggregate_round(session: TrainingSession, round_: int, results: list[dict[st
     record_results(session, results, sessions.RUNNING, samples={r["peer"]: plan["shard_rows"][r["peer"]]
                                                                 for r in results})
     states, samples, rejected = {}, {}, {}
-    # Reading storage waits on the network (S3): a few reads at once. Each is size-capped and checked.
-    with ThreadPoolExecutor(max_workers=READERS) as readers:
+    # Reading S3 waits on the network: a few reads at once (a local file is read faster in this thread
+    # than handed to another). Each is size-capped and checked.
+    workers = 1 if isinstance(storage(), LocalStorage) else READERS
+    with ThreadPoolExecutor(max_workers=workers) as readers:
         for result, read in zip(results, readers.map(lambda r: _weights(session, round_, r, config), results),
                                 strict=True):
             peer = result["peer"]
@@ -172,10 +174,13 @@ def aggregate_round(session: TrainingSession, round_: int, results: list[dict[st
     round_doc = Round(round=round_, metrics={**metrics, "samples": sum(samples.values())}, peers=names,
                       rejected=rejected, outliers=outliers)
     # Recorded once: the filter refuses a second copy of the same round.
-    TrainingSession.objects(id=session.id, status=sessions.RUNNING, rounds__round__ne=round_).update_one(
-        push__rounds=round_doc, set__plan__global_url=global_url)
+    if not TrainingSession.objects(id=session.id, status=sessions.RUNNING, rounds__round__ne=round_).update_one(
+            push__rounds=round_doc, set__plan__global_url=global_url):
+        return  # it ended meanwhile, or another run of this round recorded it first
     events.record_round(session.id, round_doc)
-    session.reload()
+    # What the update wrote, kept in step here rather than read again (a session document holds every peer).
+    session.rounds.append(round_doc)
+    session.plan["global_url"] = global_url
     _next(session, round_)
 
 

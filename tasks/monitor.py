@@ -36,7 +36,7 @@ from bson import ObjectId
 from bson.errors import InvalidId
 from celery import Celery
 from celery.events.event import get_exchange
-from kombu import Queue
+from kombu import Queue, binding
 
 import models
 from models import heartbeat as heartbeats
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 PEER_PREFIX = "peer."
 HEARTBEAT = "task-heartbeat"
+ROUTING_KEYS = ("worker.#", "task.heartbeat")  # Celery routes an event by its type, '-' read as '.'
 PROGRESS = ("round", "epoch", "epochs", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2", "samples_per_sec")
 
 
@@ -88,7 +89,8 @@ class Monitor:
         # worker heartbeats are written together at the next flush, a first sighting at once.
         self._alive: dict[str, str] = {}
         self._beating: set[str] = set()
-        self.stored = 0
+        self.stored = 0  # heartbeats this monitor wrote first (the coordinator writes those it missed)
+        self.accepted = 0  # heartbeats it believed and queued for writing
         self.dropped: Counter[str] = Counter()
         self._next_report = 0.0
 
@@ -124,7 +126,8 @@ class Monitor:
     def _session(self, session_id: ObjectId, round_: int = -1) -> dict[str, Any] | None:
         """What the session's peers train now (cached 1 s; read again when a later round shows up)."""
         cached = self._assignments.get(session_id)
-        if cached is not None and cached[0] > self.clock() and cached[1] is not None and cached[1]["round"] >= round_:
+        if (cached is not None and cached[0] > self.clock() and cached[1] is not None
+                and (cached[1]["round"] if cached[1]["round"] is not None else -1) >= round_):
             return cached[1]
         found = sessions.assignments(session_id)
         if len(self._assignments) > 10_000:
@@ -167,6 +170,7 @@ class Monitor:
             **metrics, "epochs": assigned[1],
         }
         with self._lock:
+            self.accepted += 1
             self._beats.append(beat)
             key = (session_id, peer)
             latest = self._latest.get(key)
@@ -299,8 +303,11 @@ class EventConsumer:
 
     def queue(self, connection) -> Queue:
         exchange = get_exchange(connection, name=self.app.conf.event_exchange)
-        return Queue(self.queue_name, exchange=exchange, routing_key="#", durable=True, auto_delete=False,
-                     max_length=self.max_length, message_ttl=self.message_ttl)
+        # Only the events the monitor reads: workers' and heartbeats. The other task events (sent,
+        # received, started, succeeded: four per task) would be most of its traffic with many peers.
+        return Queue(self.queue_name, durable=True, auto_delete=False, max_length=self.max_length,
+                     message_ttl=self.message_ttl,
+                     bindings=[binding(exchange, routing_key=key) for key in ROUTING_KEYS])
 
     def run(self) -> None:
         """Consume until `stop()`, reconnecting with a growing pause when the broker goes away."""
@@ -344,7 +351,12 @@ class EventConsumer:
                         message.ack()
                 pending.clear()
 
-        consumer = connection.Consumer(queues=[self.queue(connection)], callbacks=[on_message], accept=["json"],
+        queue = self.queue(connection)
+        # A queue declared by an earlier monitor took every event ("#"): it no longer needs to.
+        bound = queue(connection.default_channel)
+        bound.declare()
+        bound.unbind_from(get_exchange(connection, name=self.app.conf.event_exchange), routing_key="#")
+        consumer = connection.Consumer(queues=[queue], callbacks=[on_message], accept=["json"],
                                        no_ack=False, prefetch_count=5000)
         with consumer:
             self.monitor.receiving()
