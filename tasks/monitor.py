@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 PEER_PREFIX = "peer."
 HEARTBEAT = "task-heartbeat"
 ROUTING_KEYS = ("worker.#", "task.heartbeat")  # Celery routes an event by its type, '-' read as '.'
+PROGRESS_EVERY = 0.25  # seconds between writes of one session's peers' progress
 PROGRESS = ("round", "epoch", "epochs", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2", "samples_per_sec")
 
 
@@ -85,10 +86,12 @@ class Monitor:
         # session -> what its peers are training (models.session.assignments), kept briefly: read once a
         # second per session, not once per event or per peer (a session may have a thousand peers).
         self._assignments: dict[ObjectId, tuple[float, dict[str, Any] | None]] = {}
-        # Peers seen alive (registered, not OFFLINE as far as this monitor wrote) -> their hostname; their
-        # worker heartbeats are written together at the next flush, a first sighting at once.
-        self._alive: dict[str, str] = {}
+        # Peers seen alive (registered, not OFFLINE as far as this monitor wrote) -> (their hostname, when
+        # their sign of life was last written); later beats are written together at a flush, a first
+        # sighting at once.
+        self._alive: dict[str, tuple[str, float]] = {}
         self._beating: set[str] = set()
+        self._progress_at: dict[ObjectId, float] = {}  # session -> when its progress may be written again
         self.stored = 0  # heartbeats this monitor wrote first (the coordinator writes those it missed)
         self.accepted = 0  # heartbeats it believed and queued for writing
         self.dropped: Counter[str] = Counter()
@@ -109,11 +112,15 @@ class Monitor:
                 self._drop("not its own worker", f"{kind} for peer {name} sent by {sender!r}")
             elif kind == "worker-offline":
                 self._lost(name, "its worker shut down")
-            elif self._alive.get(name) == event["hostname"]:
-                with self._lock:
-                    self._beating.add(name)
+            elif self._alive.get(name, (None,))[0] == event["hostname"]:
+                # A third of the silence limit is fresh enough: a live peer is never judged silent, and a
+                # thousand peers beating every 2 s cost a few hundred writes a second, not five hundred.
+                if self.clock() - self._alive[name][1] >= self.peer_timeout.total_seconds() / 3:
+                    self._alive[name] = (event["hostname"], self.clock())
+                    with self._lock:
+                        self._beating.add(name)
             elif peers.seen(name, event["hostname"]):
-                self._alive[name] = event["hostname"]
+                self._alive[name] = (event["hostname"], self.clock())
             else:
                 self._drop("unregistered peer", f"{kind} from {name}, which is not registered")
 
@@ -189,23 +196,37 @@ class Monitor:
             latest, self._latest = self._latest, {}
             beating, self._beating = self._beating, set()
         self._still_alive(beating)
-        if not beats:
-            return 0
-        new = heartbeats.insert_many(beats)
-        now = utcnow()
-        by_session: dict[ObjectId, dict[str, dict[str, Any]]] = {}
-        for (session_id, peer), beat in latest.items():
-            progress = {name: beat.get(name) for name in PROGRESS}
-            by_session.setdefault(session_id, {})[peer] = {**progress, "updated_at": now}
-        for session_id, progress in by_session.items():
-            # One update per session and flush, however many of its peers beat.
+        new = heartbeats.insert_many(beats) if beats else 0
+        self._progress(latest)
+        self.stored += new
+        return new
+
+    def _progress(self, latest: dict[tuple[ObjectId, str], dict[str, Any]]) -> None:
+        """Show each peer's newest epoch on its session: one update per session, at most every PROGRESS_EVERY s.
+
+        The heartbeats themselves are stored (and streamed) at once; the session's summary of them
+        is a thousand-peer document, rewritten a few times a second rather than at every flush."""
+        now, due = self.clock(), {}
+        for key, beat in latest.items():
+            if now >= self._progress_at.get(key[0], 0.0):
+                due.setdefault(key[0], {})[key[1]] = beat
+            else:
+                with self._lock:  # not yet: keep it unless a newer one came meanwhile
+                    newer = self._latest.get(key)
+                    if newer is None or (newer["round"], newer["epoch"]) < (beat["round"], beat["epoch"]):
+                        self._latest[key] = beat
+        written = utcnow()
+        for session_id, beats in due.items():
+            self._progress_at[session_id] = now + PROGRESS_EVERY
+            progress = {peer: {**{name: beat.get(name) for name in PROGRESS}, "updated_at": written}
+                        for peer, beat in beats.items()}
             found = self._session(session_id)
             position = {name: at for name, (at, _) in found["peers"].items()} if found else {}
             sessions.record_runs(session_id, position, {p: f for p, f in progress.items() if p in position})
             for peer in progress.keys() - position.keys():
                 sessions.record_progress(session_id, peer, progress[peer])
-        self.stored += new
-        return new
+        if len(self._progress_at) > 10_000:
+            self._progress_at = {k: v for k, v in self._progress_at.items() if v > now}
 
     def _still_alive(self, names: set[str]) -> None:
         """Write the worker heartbeats of peers seen before, in one go; forget the ones no longer registered."""
