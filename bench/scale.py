@@ -176,18 +176,20 @@ def sustained(platform: base.Platform, csv: Path, peers: int, seconds: float, ep
         samples.append((time.monotonic() - t0, deployed.stored - stored0))
         time.sleep(1.0)
     session = finished(platform, sid, 60)
-    # Steady state: from the first second with heartbeats to the last before the round closed.
-    steady = [(t, n) for t, n in samples if 0 < n < expected]
-    rate = (steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0]) if len(steady) > 2 else 0.0
-    sent = expected / (epochs * epoch_seconds)
     stored = Heartbeat.objects(session_id=session.id).count()
     dropped = sum(deployed.dropped.values()) - dropped0
-    worker_beats = peers / 2.0
-    print(f"\n== monitor, {peers} peers x {epochs} heartbeats, one every {epoch_seconds:g} s each ({seconds:g} s):")
-    print(f"  peers sent {sent:,.0f} heartbeats/s (+ {worker_beats:,.0f} worker heartbeats/s and task events);"
-          f" the monitor stored {rate:,.0f}/s over {steady[-1][0] - steady[0][0]:.0f} s = {rate / sent:.2f}x the rate"
-          f" sent")
     by_monitor = deployed.stored - stored0
+    # What the peers really sent (each heartbeat carries when its epoch ended), and the monitor's pace
+    # over the same stretch: from the first second with heartbeats stored to the last before all were.
+    sent_at = sorted(b.sent_at.timestamp() for b in Heartbeat.objects(session_id=session.id).only("sent_at"))
+    sent = len(sent_at) / (sent_at[-1] - sent_at[0])
+    steady = [(t, n) for t, n in samples if 0 < n < expected]
+    rate = (steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0]) if len(steady) > 2 else 0.0
+    worker_beats = peers / 2.0
+    print(f"\n== monitor, {peers} peers x {epochs} heartbeats, one every {epoch_seconds:g} s each (~{seconds:g} s):")
+    print(f"  peers sent {sent:,.0f} heartbeats/s over {sent_at[-1] - sent_at[0]:.0f} s (+ {worker_beats:,.0f} worker"
+          f" heartbeats/s); the monitor stored {rate:,.0f}/s over {steady[-1][0] - steady[0][0]:.0f} s ="
+          f" {rate / sent:.2f}x the rate sent, {rate + worker_beats:,.0f} events/s")
     print(f"  stored {stored:,} of {expected:,} ({by_monitor:,} by the monitor, the rest from the peers' results);"
           f" dropped {dropped}")
     ok = stored == expected and dropped == 0 and rate + worker_beats >= TARGET_RATE

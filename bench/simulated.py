@@ -71,7 +71,8 @@ class SimulatedPeer:
         import aiormq
 
         self.connection = await aiormq.connect(self.url)
-        self.channel = await self.connection.channel()
+        # No publisher confirms: Celery's event dispatcher and a peer's result reporter use none either.
+        self.channel = await self.connection.channel(publisher_confirms=False)
         await self.channel.basic_qos(prefetch_count=1)
         queue = f"peer.{self.name}"
         # Declared as Celery declares a peer's queue (the coordinator declares it alike when it sends).
@@ -146,8 +147,8 @@ class SimulatedPeer:
         await self.event("task-started", uuid=task_id)
         history = []
         for epoch in range(1, hp["epochs"] + 1):
-            if self.options.epoch_seconds:
-                await asyncio.sleep(self.options.epoch_seconds)
+            if self.options.epoch_seconds:  # on a fixed schedule: a slow send does not delay the next epoch
+                await asyncio.sleep(max(0.0, began + epoch * self.options.epoch_seconds - time.time()))
             metrics = {"epoch": epoch, "epochs": hp["epochs"], "loss": 1.0 / (round_ * hp["epochs"] + epoch + 1),
                        "accuracy": 0.5, "val_loss": None, "val_accuracy": None, "val_r2": None,
                        "samples_per_sec": 1000.0, "seconds": self.options.epoch_seconds, "finished_at": time.time()}
