@@ -142,7 +142,7 @@ class Platform:
         self.api = Api(f"http://127.0.0.1:{server.server_port}").sign_up_and_in(f"bench{RUN_ID}")
         self.stack.callback(self.stop_peers)
         self.stack.callback(self.remove_logins)
-        names = [f"bench{RUN_ID}{chr(97 + i)}" for i in range(peers)]
+        names = [f"bench{RUN_ID}{chr(97 + i) if i < 26 else f'p{i}'}" for i in range(peers)]
         for name in names:
             self.queues += [f"peer.{name}", f"peer.{name}.stop"]
             self.peers.append(PeerProcess(name, scratch, peer_environment(**self.register(name))))
