@@ -75,8 +75,14 @@ def main() -> None:
             print(f"{args.peers} real peer processes ONLINE in {time.perf_counter() - began:.0f} s")
             runs = [run(platform, csv, args.peers, mode) for mode in ("sweep", "federated")
                     for _ in range(args.sessions)]
+            report(runs, args)
         finally:
             platform.stack.close()
+    print(f"total {time.perf_counter() - began:.0f} s")
+
+
+def report(runs: list[dict], args: argparse.Namespace) -> None:
+    """Each session's outcome, the median overheads, and whether every session completed."""
     print(f"\n{'mode':>9} {'status':>9} {'wall':>7} {'overhead':>12} {'heartbeats':>10} {'monitor stored':>15}")
     for r in runs:
         print(f"{r['mode']:>9} {r['status']:>9} {r['wall']:6.1f}s {r['overhead'] * 1000:9.0f} ms {r['beats']:>10}"
@@ -86,8 +92,7 @@ def main() -> None:
         mine = [r["overhead"] for r in runs if r["mode"] == mode]
         print(f"{mode} overhead (per round): median {statistics.median(mine) * 1000:.0f} ms")
     print(f"{completed} of {len(runs)} sessions COMPLETED with {args.peers} peers (target: all):"
-          f" {'MET' if completed == len(runs) else 'NOT MET'}")
-    print(f"total {time.perf_counter() - began:.0f} s")
+          f" {'MET' if completed == len(runs) else 'NOT MET'}", flush=True)
 
 
 if __name__ == "__main__":
