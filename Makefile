@@ -39,7 +39,10 @@ bench: build-dev
 	$(BIN)/python bench/stream.py
 	$(BIN)/python bench/signin.py
 	$(BIN)/python bench/session.py
+	$(BIN)/python bench/rounds.py
 	$(BIN)/python bench/federated.py
+	$(BIN)/python bench/scale.py --private-broker
+	$(BIN)/python bench/crowd.py
 
 # The distributed processes, for when BROKER_URL, RESULT_BACKEND, MONGODB_URI and STORAGE_URL name real services.
 NAME ?= $(shell hostname)

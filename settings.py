@@ -162,6 +162,10 @@ class Settings:
         "development token secret; empty: nothing kept",
     )
     local_peers: int = _opt("LOCAL_PEERS", 3, "in-process peers started by `make run`")
+    max_peers: int = _opt(
+        "MAX_PEERS_PER_SESSION", 64, "most peers one session may ask for (the API answers 422 beyond); raise it for"
+        " large simulations (bench/scale.py runs 1,000)"
+    )
     log_level: str = _opt("LOG_LEVEL", "INFO", "logging level of every process")
 
     @classmethod

@@ -117,7 +117,8 @@ class Platform:
         self.logins: list[str] = []
         self.events = Events()
 
-    def start(self, scratch: Path) -> None:
+    def start(self, scratch: Path, peers: int = PEERS) -> None:
+        """Start the platform and `peers` peer processes; returns once every peer is ONLINE."""
         from webapp import create_app  # here: peers load this module, and never need Flask
 
         os.environ.update(STORAGE_URL=str(scratch / "storage"), MONGODB_URI=f"mongomock://localhost/bench-{RUN_ID}",
@@ -132,7 +133,7 @@ class Platform:
         self.events.start()
         self.stack.callback(self.events.stop)
         assert self.consumer.ready.wait(30) and self.events.ready.wait(30), "cannot consume events"
-        workers = InProcessWorkers()
+        workers = self.workers = InProcessWorkers()
         self.stack.callback(workers.stop)
         workers.start(app, os.environ["COORDINATOR_QUEUE"], f"coordinator-{RUN_ID}@bench")
         server = make_server("127.0.0.1", int(os.environ["BENCH_API_PORT"]), create_app(), threaded=True)
@@ -141,11 +142,11 @@ class Platform:
         self.api = Api(f"http://127.0.0.1:{server.server_port}").sign_up_and_in(f"bench{RUN_ID}")
         self.stack.callback(self.stop_peers)
         self.stack.callback(self.remove_logins)
-        names = [f"bench{RUN_ID}{chr(97 + i)}" for i in range(PEERS)]
+        names = [f"bench{RUN_ID}{chr(97 + i) if i < 26 else f'p{i}'}" for i in range(peers)]
         for name in names:
             self.queues += [f"peer.{name}", f"peer.{name}.stop"]
             self.peers.append(PeerProcess(name, scratch, peer_environment(**self.register(name))))
-        wait_until(lambda: Peer.objects(name__in=names, status="ONLINE").count() == PEERS, 90, "peers ONLINE")
+        wait_until(lambda: Peer.objects(name__in=names, status="ONLINE").count() == peers, 90, "peers ONLINE")
 
     def register(self, name: str) -> dict[str, str]:
         """Register a peer as an operator does; returns its machine's environment (its own login)."""

@@ -58,6 +58,7 @@ _announcer: Callable[[list[dict[str, Any]]], None] | None = None
 _next: OrderedDict[ObjectId, int] = OrderedDict()  # session -> the seq this process expects to write next
 _next_lock = threading.Lock()
 _REMEMBERED = 10_000
+_FEW = 32
 
 
 def announce_with(announcer: Callable[[list[dict[str, Any]]], None] | None) -> None:
@@ -146,10 +147,16 @@ def append_new(session_id: Any, items: Iterable[Item]) -> list[dict[str, Any]]:
 def keys(session_id: ObjectId, among: list[str] | None = None, upto: int | None = None) -> set[str]:
     """The keys the session's log holds: of `among` only, or of the events up to seq `upto`."""
     query: dict[str, Any] = {"session_id": session_id}
-    if among is not None:
-        query["key"] = {"$in": among}
     if upto is not None:
         query["seq"] = {"$lte": upto}
+    if among is not None and len(among) > _FEW:
+        # Many keys (a round's heartbeats, every peer's status): the session's keys of those kinds,
+        # matched here, rather than a long $in list.
+        query["kind"] = {"$in": sorted({key.split(":", 1)[0] for key in among})}
+        wanted = set(among)
+        return {doc["key"] for doc in _collection().find(query, {"key": 1, "_id": 0}) if doc["key"] in wanted}
+    if among is not None:
+        query["key"] = {"$in": among}
     return {doc["key"] for doc in _collection().find(query, {"key": 1, "_id": 0})}
 
 

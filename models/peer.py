@@ -65,6 +65,21 @@ def seen(name: str, hostname: str, at: datetime | None = None) -> bool:
     return True
 
 
+def still_seen(names: list[str], at: datetime | None = None) -> set[str]:
+    """Record a sign of life of many peers at once (their hostnames unchanged); returns the registered ones.
+
+    One read and two updates for any number of peers: the monitor's way with the worker heartbeats of
+    peers it has already seen (each beats every 2 s), where one update per beat would not keep up."""
+    if not names:
+        return set()
+    at = at or utcnow()
+    known = set(Peer.objects(name__in=names).scalar("name"))
+    if known:
+        Peer.objects(name__in=list(known)).update(set__last_seen=at)
+        Peer.objects(name__in=list(known), status=OFFLINE).update(set__status=ONLINE, set__online_since=at)
+    return known
+
+
 def gone(name: str, idle_only: bool = False) -> Peer | None:
     """Mark a peer OFFLINE (it fell silent; with `idle_only`, only if it is not training); returns it as it was."""
     query = Peer.objects(name=name, status=ONLINE) if idle_only else Peer.objects(name=name, status__ne=OFFLINE)

@@ -155,13 +155,23 @@ def get_owned(session_id: str, owner_id: ObjectId) -> TrainingSession | None:
     return TrainingSession.objects(id=session_id, owner_id=owner_id).first()
 
 
-def _task_updates(session_id: ObjectId, task_ids: dict[str, str]) -> dict[str, Any]:
-    names = TrainingSession.objects(id=session_id).scalar("peers").first() or []
-    position = {run.name: i for i, run in enumerate(names)}
+def _collection():
+    return TrainingSession._get_collection()
+
+
+def positions(session: TrainingSession) -> dict[str, int]:
+    """Each peer's place in the session's runs (set when the session is made; runs never move)."""
+    return {run.name: i for i, run in enumerate(session.peers)}
+
+
+def _task_updates(session_id: ObjectId, task_ids: dict[str, str], position: dict[str, int] | None) -> dict[str, Any]:
+    if position is None:
+        names = TrainingSession.objects(id=session_id).scalar("peers").first() or []
+        position = {run.name: i for i, run in enumerate(names)}
     updates: dict[str, Any] = {}
     for name, task_id in task_ids.items():
-        updates[f"set__peers__{position[name]}__task_id"] = task_id
-        updates[f"set__peers__{position[name]}__status"] = RUNNING
+        updates[f"peers.{position[name]}.task_id"] = task_id
+        updates[f"peers.{position[name]}.status"] = RUNNING
     return updates
 
 
@@ -173,24 +183,26 @@ def view(session_id: str, owner_id: ObjectId) -> dict[str, Any] | None:
 
 
 def start_running(session_id: ObjectId, task_ids: dict[str, str], launch: dict[str, Any],
-                  deadline_seconds: float) -> bool:
+                  deadline_seconds: float, position: dict[str, int] | None = None) -> bool:
     """PENDING → RUNNING, recording each peer's task id and the chord; False if the session is no longer pending."""
     now = utcnow()
-    started = TrainingSession.objects(id=session_id, status=PENDING).update_one(
-        set__status=RUNNING, set__started_at=now, set__deadline=now + timedelta(seconds=deadline_seconds),
-        set__launch=launch, **_task_updates(session_id, task_ids),
-    )
+    # Raw updates, built directly: mongoengine's keyword transform costs ~0.1 ms per path, and a
+    # thousand-peer round sets thousands of paths.
+    started = _collection().update_one({"_id": session_id, "status": PENDING}, {"$set": {
+        "status": RUNNING, "started_at": now, "deadline": now + timedelta(seconds=deadline_seconds),
+        "launch": launch, **_task_updates(session_id, task_ids, position)}}).modified_count
     if started:
         events.append(session_id, [events.status(RUNNING, at=now), *(events.peer(name, RUNNING) for name in task_ids)])
     return bool(started)
 
 
-def next_round(session_id: ObjectId, round_: int, task_ids: dict[str, str], launch: dict[str, Any]) -> bool:
+def next_round(session_id: ObjectId, round_: int, task_ids: dict[str, str], launch: dict[str, Any],
+               position: dict[str, int] | None = None) -> bool:
     """Record round `round_`'s task ids and chord on a RUNNING session whose current round is the one before;
     False if it has ended meanwhile, or the round was launched already (a redelivered `aggregate`)."""
-    updates = _task_updates(session_id, task_ids)
-    return bool(TrainingSession.objects(id=session_id, status=RUNNING, launch__round=round_ - 1).update_one(
-        set__launch=launch, **updates))
+    updates = _task_updates(session_id, task_ids, position)
+    return bool(_collection().update_one({"_id": session_id, "status": RUNNING, "launch.round": round_ - 1},
+                                         {"$set": {"launch": launch, **updates}}).modified_count)
 
 
 def rounds_overdue(now: datetime) -> list[TrainingSession]:
@@ -226,6 +238,40 @@ def by_task_id(task_id: str) -> TrainingSession | None:
     return TrainingSession.objects(peers__task_id=task_id).first()
 
 
+def current_task(task_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(the session: id, status, mode, federated, launch; the peer run given task `task_id`), or None.
+
+    One indexed read of one run: the session is named by the task id (tasks/rounds.py makes them
+    `<session>:<round>:<uuid>`; older ids are looked up by the run alone), and only the matching
+    run of its peers is read, however many peers the session has."""
+    query: dict[str, Any] = {"peers.task_id": task_id}
+    named = task_id.split(":", 1)[0]
+    if ObjectId.is_valid(named):
+        query["_id"] = ObjectId(named)
+    found = TrainingSession._get_collection().find_one(
+        query, {"status": 1, "mode": 1, "federated": 1, "launch": 1, "peers": {"$elemMatch": {"task_id": task_id}}})
+    if not found or not found.get("peers"):
+        return None
+    return found, found["peers"][0]
+
+
+def record_runs(session_id: ObjectId, position: dict[str, int], changes: dict[str, dict[str, Any]],
+                before: dict[str, str] | None = None, added: dict[str, dict[str, int]] | None = None) -> None:
+    """Set fields of several peers' runs in one update (`changes[peer]`: field -> value, `status` among them),
+    and add to counters (`added`); a peer whose `status` differs from `before` gets its `peer` event."""
+    sets = {f"peers.{position[name]}.{field}": value for name, fields in changes.items()
+            for field, value in fields.items()}
+    incs = {f"peers.{position[name]}.{field}": value for name, fields in (added or {}).items()
+            for field, value in fields.items() if value}
+    if not sets and not incs:
+        return
+    _collection().update_one({"_id": ObjectId(session_id)}, {"$set": sets, **({"$inc": incs} if incs else {})})
+    changed = [events.peer(name, fields["status"], fields.get("error")) for name, fields in changes.items()
+               if "status" in fields and (before is None or before.get(name) != fields["status"])]
+    if changed:
+        events.append_new(session_id, changed)
+
+
 def run_of_task(session: TrainingSession, task_id: str) -> PeerRun | None:
     """The peer run that was given task `task_id` in `session`'s current round."""
     return next((run for run in session.peers if run.task_id == task_id), None)
@@ -235,6 +281,27 @@ def record_progress(session_id: ObjectId, peer: str, fields: dict[str, Any]) -> 
     """Set a peer's latest progress (from its newest heartbeat) on the session."""
     updates = {f"set__peers__S__{name}": value for name, value in fields.items()}
     TrainingSession.objects(id=session_id, peers__name=peer).update_one(**updates)
+
+
+def assignments(session_id: ObjectId) -> dict[str, Any] | None:
+    """What an active session's peers are training now: {round, peers: {name: (position, epochs)}}, or None.
+
+    `peers` holds the peers of the current round only, with their place among the session's runs and
+    the epochs each trains per round; None when the session is not active."""
+    doc = TrainingSession._get_collection().find_one(
+        {"_id": ObjectId(session_id), "status": {"$in": list(ACTIVE)}},
+        {"launch.round": 1, "launch.peers": 1, "mode": 1, "federated.local_epochs": 1, "peers.name": 1,
+         "peers.hyperparameters.epochs": 1})
+    if doc is None:
+        return None
+    launch = doc.get("launch") or {}
+    current = set(launch.get("peers") or [])
+    local = (doc.get("federated") or {}).get("local_epochs") if doc.get("mode") == FEDERATED else None
+    found = {}
+    for i, run in enumerate(doc.get("peers") or []):
+        if run.get("name") in current:
+            found[run["name"]] = (i, local if local is not None else (run.get("hyperparameters") or {}).get("epochs"))
+    return {"round": launch.get("round"), "peers": found}
 
 
 def add_bytes_fetched(session_id: ObjectId, peer: str, count: int) -> None:

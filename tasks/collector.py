@@ -123,35 +123,37 @@ class Collector:
             return self._drop("malformed", f"from peer {name}")
         task_id, status = payload["task_id"], payload["status"]
         models.ensure_connected(settings().mongodb_uri)
-        session = sessions.by_task_id(task_id)
-        run = sessions.run_of_task(session, task_id) if session is not None else None
-        if run is None:
+        found = sessions.current_task(task_id)
+        if found is None:
             return self._drop("unknown task", f"peer {name} reported task {task_id}, which is no current task")
-        if run.name != name:
-            return self._drop("not its task", f"peer {name} reported task {task_id}, which was given to {run.name}")
+        session, run = found
+        if run["name"] != name:
+            return self._drop("not its task", f"peer {name} reported task {task_id}, which was given to {run['name']}")
         if status not in states.READY_STATES:
             return False  # STARTED, RETRY: nothing to record
         if AsyncResult(task_id, app=self.app).state in states.READY_STATES:
             return self._drop("already reported", f"task {task_id} of peer {name} (or it was given up on)")
+        round_ = session["launch"]["round"]
         if status == states.SUCCESS:
-            epochs = (session.federated["local_epochs"] if session.mode == sessions.FEDERATED
-                      else run.hyperparameters["epochs"])
-            self.settle(session, run, clean_result(payload.get("result"), name, session.launch["round"], epochs))
+            epochs = (session["federated"]["local_epochs"] if session.get("mode") == sessions.FEDERATED
+                      else run["hyperparameters"]["epochs"])
+            self.settle(session["_id"], session["launch"], task_id, name,
+                        clean_result(payload.get("result"), name, round_, epochs))
             return True
         reason = f"failed: {describe_failure(payload.get('result'))}"
-        self.settle(session, run, left_out(name, session.launch["round"], reason))
+        self.settle(session["_id"], session["launch"], task_id, name, left_out(name, round_, reason))
         # At once, not when the round closes: a session that cannot go on without it fails now.
-        self.app.send_task("peertrain.peer_lost", args=[str(session.id), name, session.launch["round"], reason],
+        self.app.send_task("peertrain.peer_lost", args=[str(session["_id"]), name, round_, reason],
                            queue=settings().coordinator_queue)
         return True
 
-    def settle(self, session: sessions.TrainingSession, run: sessions.PeerRun, result: dict[str, Any]) -> None:
-        """Store a task's result (or its `left_out` marker) and count it towards its chord."""
-        launch = session.launch
-        request = Context(id=run.task_id, group=launch["group"], group_index=launch["peers"].index(run.name),
-                          chord=dict(chord_body(str(session.id), launch["round"], launch["body"],
+    def settle(self, session_id: Any, launch: dict[str, Any], task_id: str, peer: str,
+               result: dict[str, Any]) -> None:
+        """Store a task's result (or its `left_out` marker) and count it towards its round's chord."""
+        request = Context(id=task_id, group=launch["group"], group_index=launch["peers"].index(peer),
+                          chord=dict(chord_body(str(session_id), launch["round"], launch["body"],
                                                 len(launch["peers"]))))
-        self.app.backend.mark_as_done(run.task_id, result, request=request)
+        self.app.backend.mark_as_done(task_id, result, request=request)
 
 
 class ResultCollector(bootsteps.ConsumerStep):

@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from celery.result import AsyncResult
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_init, worker_process_init, worker_ready
 from kombu.exceptions import OperationalError
 
 import models
@@ -31,6 +32,7 @@ from tasks.celery import app
 from tasks.collector import Collector, left_out
 from tasks.rounds import launch_round, settings
 from tasks.storage import StorageError
+from trainer.warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,16 @@ def _reconcile(sender: Any = None, **_: Any) -> None:
     active = list(TrainingSession.objects(status__in=sessions.ACTIVE).scalar("id"))
     if released := models.peer.release_orphans(active):
         log.info("released %d peer(s) held for sessions that had ended", released)
+
+
+@worker_init.connect
+def _warm_up(**_: Any) -> None:
+    # Before the pool forks: every pool process starts with torch and pandas warm, so the first
+    # session's first aggregate is as fast as the next session's.
+    warm_up()
+    # A round's work here is small (averaging, one evaluation) and shares its machine with peers:
+    # torch's default of a thread per core made it 5-50x slower whenever peers were training.
+    torch.set_num_threads(1)
 
 
 def _session(session_id: str) -> TrainingSession | None:
@@ -135,7 +147,7 @@ def peer_lost(session_id: str, peer: str, round_: int, reason: str) -> None:
     if not reported.ready():
         # Its part of the chord, so the round closes when the others have reported; a late result
         # finds the task settled and is dropped.
-        Collector(app).settle(session, run, left_out(peer, round_, reason))
+        Collector(app).settle(session.id, session.launch, run.task_id, peer, left_out(peer, round_, reason))
     elif "left_out" not in (reported.result or {}):
         return  # it reported in time after all
     give_up_on(session, run, reason)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,8 @@ from models import Round, TrainingSession
 from models import event as events
 from models import session as sessions
 from tasks import lifecycle
-from tasks.rounds import grants, launch_round, record_result, session_prefix, storage
-from tasks.storage import StorageError
+from tasks.rounds import grant_seconds, grants, launch_round, record_results, session_prefix, storage
+from tasks.storage import LocalStorage, StorageError
 from trainer.csvfile import CsvFile
 from trainer.loop import evaluate
 from trainer.model import ModelConfig, SimpleDNN
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 # A peer whose weights sit this many times farther from the aggregate than the typical peer's is
 # reported as an outlier (the median and trimmed mean outvote it; FedAvg would not).
 OUTLIER_FACTOR = 10.0
+# Peers' weights read from storage at once while aggregating.
+READERS = 8
 
 
 def start(session: TrainingSession) -> None:
@@ -104,6 +107,7 @@ def specs(session: TrainingSession, round_: int, weights_url: str) -> list[dict[
     """One `train` argument per peer still in the session, starting from the global weights."""
     plan, settings_ = session.plan, session.federated
     config = ModelConfig.from_dict(plan["model"])
+    initial = storage().grant_read(weights_url, grant_seconds())  # the same object for every peer: one grant
     return [
         {
             "peer": run.name,
@@ -118,7 +122,8 @@ def specs(session: TrainingSession, round_: int, weights_url: str) -> list[dict[
             "hyperparameters": {**run.hyperparameters, "epochs": settings_["local_epochs"]},
             "keep_data": True,
             "last_round": round_ + 1 == settings_["rounds"],
-            **grants(plan["shards"][run.name], weights_key(session, round_, run.name), config, weights_url),
+            **grants(plan["shards"][run.name], weights_key(session, round_, run.name), config,
+                     initial_grant=initial),
         }
         for run in session.peers
         if run.status != sessions.FAILED
@@ -140,21 +145,22 @@ def aggregate_round(session: TrainingSession, round_: int, results: list[dict[st
         _next(session, round_)
         return
     config = ModelConfig.from_dict(plan["model"])
-    store = storage()
+    # The collector named each result's peer from its own records; the sample count and where the
+    # weights are come from the coordinator's plan, never from what the peer says.
+    record_results(session, results, sessions.RUNNING, samples={r["peer"]: plan["shard_rows"][r["peer"]]
+                                                                for r in results})
     states, samples, rejected = {}, {}, {}
-    for result in results:
-        # The collector named the result's peer from its own records; the sample count and where
-        # the weights are come from the coordinator's plan, never from what the peer says.
-        peer = result["peer"]
-        record_result(session, result, sessions.RUNNING, samples=plan["shard_rows"][peer])
-        try:
-            if result["stopped"]:
-                raise WeightsError("it stopped before finishing the round")
-            url = store.url(weights_key(session, round_, peer))
-            states[peer] = state_from_bytes(store.get_bytes(url, max_state_bytes(config)), config)
-            samples[peer] = plan["shard_rows"][peer]
-        except (WeightsError, ValueError, StorageError) as exc:
-            rejected[peer] = str(exc)
+    # Reading S3 waits on the network: a few reads at once (a local file is read faster in this thread
+    # than handed to another). Each is size-capped and checked.
+    workers = 1 if isinstance(storage(), LocalStorage) else READERS
+    with ThreadPoolExecutor(max_workers=workers) as readers:
+        for result, read in zip(results, readers.map(lambda r: _weights(session, round_, r, config), results),
+                                strict=True):
+            peer = result["peer"]
+            if isinstance(read, str):
+                rejected[peer] = read
+            else:
+                states[peer], samples[peer] = read, plan["shard_rows"][peer]
     if len(states) < session.quorum:
         lifecycle.end(session.id, sessions.FAILED,
                       f"round {round_}: only {len(states)} peer(s) returned usable weights, "
@@ -167,16 +173,31 @@ def aggregate_round(session: TrainingSession, round_: int, results: list[dict[st
     model = SimpleDNN(config)
     model.load_state_dict(merged)
     metrics = _evaluate(model, session)
-    global_url = store.put_bytes(f"{session_prefix(session)}/rounds/{round_}/global.safetensors",
-                                   state_to_bytes(merged, {"round": round_}))
+    global_url = storage().put_bytes(f"{session_prefix(session)}/rounds/{round_}/global.safetensors",
+                                     state_to_bytes(merged, {"round": round_}))
     round_doc = Round(round=round_, metrics={**metrics, "samples": sum(samples.values())}, peers=names,
                       rejected=rejected, outliers=outliers)
     # Recorded once: the filter refuses a second copy of the same round.
-    TrainingSession.objects(id=session.id, status=sessions.RUNNING, rounds__round__ne=round_).update_one(
-        push__rounds=round_doc, set__plan__global_url=global_url)
+    if not TrainingSession.objects(id=session.id, status=sessions.RUNNING, rounds__round__ne=round_).update_one(
+            push__rounds=round_doc, set__plan__global_url=global_url):
+        return  # it ended meanwhile, or another run of this round recorded it first
     events.record_round(session.id, round_doc)
-    session.reload()
+    # What the update wrote, kept in step here rather than read again (a session document holds every peer).
+    session.rounds.append(round_doc)
+    session.plan["global_url"] = global_url
     _next(session, round_)
+
+
+def _weights(session: TrainingSession, round_: int, result: dict[str, Any],
+             config: ModelConfig) -> dict[str, torch.Tensor] | str:
+    """A peer's weights of this round as the coordinator's plan places and caps them, or why they are unusable."""
+    try:
+        if result["stopped"]:
+            raise WeightsError("it stopped before finishing the round")
+        url = storage().url(weights_key(session, round_, result["peer"]))
+        return state_from_bytes(storage().get_bytes(url, max_state_bytes(config)), config)
+    except (WeightsError, ValueError, StorageError) as exc:
+        return str(exc)
 
 
 def _next(session: TrainingSession, round_: int) -> None:
@@ -202,9 +223,9 @@ def _finish(session: TrainingSession, model: SimpleDNN, config: ModelConfig, met
     model_url = storage().put_bytes(f"{session_prefix(session)}/model.safetensors",
                                      checkpoint_bytes(model, checkpoint))
     metric = "val_accuracy" if session.task == "classification" else "val_r2"
-    for run in session.peers:
-        if run.status == sessions.RUNNING:
-            sessions.record_peer_result(session.id, run.name, sessions.COMPLETED)
+    sessions.record_runs(session.id, sessions.positions(session),
+                         {run.name: {"status": sessions.COMPLETED} for run in session.peers
+                          if run.status == sessions.RUNNING})
     results = {"metric": metric, "best_value": metrics.get(metric), "final": metrics, "rounds": len(session.rounds),
                "aggregation": settings_["aggregation"],
                "bytes_fetched": sum(run.bytes_fetched or 0 for run in session.peers),
@@ -227,8 +248,11 @@ def _outliers(merged: dict[str, torch.Tensor], states: dict[str, dict[str, torch
     """Peers whose weights are far from the aggregate, with how many times the typical distance."""
     if len(states) < 3:
         return {}
-    distances = {name: float(torch.sqrt(sum(((s[k].double() - merged[k].double()) ** 2).sum() for k in merged)))
-                 for name, s in states.items()}
+    names = list(states)
+    # Every peer's weights as one row: one distance computation for the whole round.
+    flat = torch.stack([torch.cat([states[n][k].double().flatten() for k in merged]) for n in names])  # [peers, P]
+    centre = torch.cat([merged[k].double().flatten() for k in merged])  # [P]
+    distances = dict(zip(names, torch.linalg.vector_norm(flat - centre, dim=1).tolist(), strict=True))
     typical = float(np.median(list(distances.values()))) or 1e-12
     return {name: round(d / typical, 1) for name, d in distances.items() if d > OUTLIER_FACTOR * typical}
 

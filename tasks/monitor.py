@@ -37,7 +37,7 @@ from bson import ObjectId
 from bson.errors import InvalidId
 from celery import Celery
 from celery.events.event import get_exchange
-from kombu import Queue
+from kombu import Queue, binding
 
 import models
 from models import heartbeat as heartbeats
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 PEER_PREFIX = "peer."
 HEARTBEAT = "task-heartbeat"
+ROUTING_KEYS = ("worker.#", "task.heartbeat")  # Celery routes an event by its type, '-' read as '.'
+PROGRESS_EVERY = 0.25  # seconds between writes of one session's peers' progress
 PROGRESS = ("round", "epoch", "epochs", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2", "samples_per_sec")
 
 
@@ -82,9 +84,17 @@ class Monitor:
         self._lock = threading.Lock()
         self._beats: list[dict[str, Any]] = []
         self._latest: dict[tuple[ObjectId, str], dict[str, Any]] = {}
-        # (session, peer) -> (round, epochs) it is training, or None; kept briefly (read per burst, not per event).
-        self._assignments: dict[tuple[ObjectId, str], tuple[float, tuple[int, int] | None]] = {}
-        self.stored = 0
+        # session -> what its peers are training (models.session.assignments), kept briefly: read once a
+        # second per session, not once per event or per peer (a session may have a thousand peers).
+        self._assignments: dict[ObjectId, tuple[float, dict[str, Any] | None]] = {}
+        # Peers seen alive (registered, not OFFLINE as far as this monitor wrote) -> (their hostname, when
+        # their sign of life was last written); later beats are written together at a flush, a first
+        # sighting at once.
+        self._alive: dict[str, tuple[str, float]] = {}
+        self._beating: set[str] = set()
+        self._progress_at: dict[ObjectId, float] = {}  # session -> when its progress may be written again
+        self.stored = 0  # heartbeats this monitor wrote first (the coordinator writes those it missed)
+        self.accepted = 0  # heartbeats it believed and queued for writing
         self.dropped: Counter[str] = Counter()
         self._next_report = 0.0
 
@@ -105,9 +115,19 @@ class Monitor:
                 # Not proof it is gone: Celery sends it on every lost connection too (then worker-online
                 # again), and a warm shutdown finishes the task first. An idle peer takes no work until it is
                 # heard again; a training one is judged on its silence.
+                self._alive.pop(name, None)  # its next sign of life is written at once
                 if peers.gone(name, idle_only=True):
                     log.info("peer %s is OFFLINE: its worker said it was shutting down", name)
-            elif not peers.seen(name, event["hostname"]):
+            elif self._alive.get(name, (None,))[0] == event["hostname"]:
+                # A third of the silence limit is fresh enough: a live peer is never judged silent, and a
+                # thousand peers beating every 2 s cost a few hundred writes a second, not five hundred.
+                if self.clock() - self._alive[name][1] >= self.peer_timeout.total_seconds() / 3:
+                    self._alive[name] = (event["hostname"], self.clock())
+                    with self._lock:
+                        self._beating.add(name)
+            elif peers.seen(name, event["hostname"]):
+                self._alive[name] = (event["hostname"], self.clock())
+            else:
                 self._drop("unregistered peer", f"{kind} from {name}, which is not registered")
 
     def _drop(self, reason: str, detail: str) -> None:
@@ -116,24 +136,24 @@ class Monitor:
             self._next_report = self.clock() + 10.0
             log.warning("dropped an event (%s): %s; dropped so far: %s", reason, detail, dict(self.dropped))
 
-    def _assignment(self, session_id: ObjectId, peer: str, round_: int) -> tuple[int, int] | None:
-        """The (round, epochs per round) `peer` is training for `session_id`, or None if it is not."""
-        key = (session_id, peer)
-        cached = self._assignments.get(key)
-        if cached is not None and cached[0] > self.clock() and cached[1] is not None and cached[1][0] >= round_:
+    def _session(self, session_id: ObjectId, round_: int = -1) -> dict[str, Any] | None:
+        """What the session's peers train now (cached 1 s; read again when a later round shows up)."""
+        cached = self._assignments.get(session_id)
+        if (cached is not None and cached[0] > self.clock() and cached[1] is not None
+                and (cached[1]["round"] if cached[1]["round"] is not None else -1) >= round_):
             return cached[1]
-        session = sessions.TrainingSession.objects(id=session_id, status__in=sessions.ACTIVE).only(
-            "peers", "launch", "mode", "federated").first()
-        found = None
-        if session is not None and peer in session.launch.get("peers", []):
-            run = session.peer(peer)
-            epochs = (session.federated["local_epochs"] if session.mode == sessions.FEDERATED
-                      else run.hyperparameters["epochs"])
-            found = (session.launch["round"], epochs)
+        found = sessions.assignments(session_id)
         if len(self._assignments) > 10_000:
             self._assignments.clear()
-        self._assignments[key] = (self.clock() + 1.0, found)
+        self._assignments[session_id] = (self.clock() + 1.0, found)
         return found
+
+    def _assignment(self, session_id: ObjectId, peer: str, round_: int) -> tuple[int, int] | None:
+        """The (round, epochs per round) `peer` is training for `session_id`, or None if it is not."""
+        found = self._session(session_id, round_)
+        if found is None or peer not in found["peers"]:
+            return None
+        return found["round"], found["peers"][peer][1]
 
     def _heartbeat(self, event: dict[str, Any], sender: str | None) -> None:
         try:
@@ -163,6 +183,7 @@ class Monitor:
             **metrics, "epochs": assigned[1],
         }
         with self._lock:
+            self.accepted += 1
             self._beats.append(beat)
             key = (session_id, peer)
             latest = self._latest.get(key)
@@ -179,15 +200,48 @@ class Monitor:
         with self._lock:
             beats, self._beats = self._beats, []
             latest, self._latest = self._latest, {}
-        if not beats:
-            return 0
-        new = heartbeats.insert_many(beats)
-        now = utcnow()
-        for (session_id, peer), beat in latest.items():
-            progress = {name: beat.get(name) for name in PROGRESS}
-            sessions.record_progress(session_id, peer, {**progress, "updated_at": now})
+            beating, self._beating = self._beating, set()
+        self._still_alive(beating)
+        new = heartbeats.insert_many(beats) if beats else 0
+        self._progress(latest)
         self.stored += new
         return new
+
+    def _progress(self, latest: dict[tuple[ObjectId, str], dict[str, Any]]) -> None:
+        """Show each peer's newest epoch on its session: one update per session, at most every PROGRESS_EVERY s.
+
+        The heartbeats themselves are stored (and streamed) at once; the session's summary of them
+        is a thousand-peer document, rewritten a few times a second rather than at every flush."""
+        now, due = self.clock(), {}
+        for key, beat in latest.items():
+            if now >= self._progress_at.get(key[0], 0.0):
+                due.setdefault(key[0], {})[key[1]] = beat
+            else:
+                with self._lock:  # not yet: keep it unless a newer one came meanwhile
+                    newer = self._latest.get(key)
+                    if newer is None or (newer["round"], newer["epoch"]) < (beat["round"], beat["epoch"]):
+                        self._latest[key] = beat
+        written = utcnow()
+        for session_id, beats in due.items():
+            self._progress_at[session_id] = now + PROGRESS_EVERY
+            progress = {peer: {**{name: beat.get(name) for name in PROGRESS}, "updated_at": written}
+                        for peer, beat in beats.items()}
+            found = self._session(session_id)
+            position = {name: at for name, (at, _) in found["peers"].items()} if found else {}
+            sessions.record_runs(session_id, position, {p: f for p, f in progress.items() if p in position})
+            for peer in progress.keys() - position.keys():
+                sessions.record_progress(session_id, peer, progress[peer])
+        if len(self._progress_at) > 10_000:
+            self._progress_at = {k: v for k, v in self._progress_at.items() if v > now}
+
+    def _still_alive(self, names: set[str]) -> None:
+        """Write the worker heartbeats of peers seen before, in one go; forget the ones no longer registered."""
+        if not names:
+            return
+        known = peers.still_seen(sorted(names))
+        for name in names - known:
+            self._alive.pop(name, None)
+            self._drop("unregistered peer", f"worker heartbeat from {name}, which is not registered (any more)")
 
     # --- liveness ------------------------------------------------------------------------------
 
@@ -235,6 +289,7 @@ class Monitor:
         return lost
 
     def _lost(self, name: str, why: str) -> None:
+        self._alive.pop(name, None)
         before = peers.gone(name)
         if before is None:
             return
@@ -275,8 +330,11 @@ class EventConsumer:
 
     def queue(self, connection) -> Queue:
         exchange = get_exchange(connection, name=self.app.conf.event_exchange)
-        return Queue(self.queue_name, exchange=exchange, routing_key="#", durable=True, auto_delete=False,
-                     max_length=self.max_length, message_ttl=self.message_ttl)
+        # Only the events the monitor reads: workers' and heartbeats. The other task events (sent,
+        # received, started, succeeded: four per task) would be most of its traffic with many peers.
+        return Queue(self.queue_name, durable=True, auto_delete=False, max_length=self.max_length,
+                     message_ttl=self.message_ttl,
+                     bindings=[binding(exchange, routing_key=key) for key in ROUTING_KEYS])
 
     def run(self) -> None:
         """Consume until `stop()`, reconnecting with a growing pause when the broker goes away."""
@@ -320,7 +378,12 @@ class EventConsumer:
                         message.ack()
                 pending.clear()
 
-        consumer = connection.Consumer(queues=[self.queue(connection)], callbacks=[on_message], accept=["json"],
+        queue = self.queue(connection)
+        # A queue declared by an earlier monitor took every event ("#"): it no longer needs to.
+        bound = queue(connection.default_channel)
+        bound.declare()
+        bound.unbind_from(get_exchange(connection, name=self.app.conf.event_exchange), routing_key="#")
+        consumer = connection.Consumer(queues=[queue], callbacks=[on_message], accept=["json"],
                                        no_ack=False, prefetch_count=5000)
         with consumer:
             self.monitor.receiving()

@@ -53,13 +53,19 @@ def grant_seconds() -> int:
     return settings().train_time_limit + GRANT_SLACK_SECONDS
 
 
-def grants(data_url: str, weights_key: str, config: ModelConfig, initial_url: str | None = None) -> dict[str, Any]:
-    """The spec's doors to storage: read the data (and starting weights), write the weights, nothing else."""
+def grants(data_url: str, weights_key: str, config: ModelConfig, initial_url: str | None = None,
+           initial_grant: str | None = None) -> dict[str, Any]:
+    """The spec's doors to storage: read the data (and starting weights), write the weights, nothing else.
+
+    `initial_grant`: a read grant of the starting weights made once for every peer of a round (they
+    all start from the same global weights), instead of one per peer from `initial_url`."""
     store, seconds = storage(), grant_seconds()
+    if initial_grant is None and initial_url:
+        initial_grant = store.grant_read(initial_url, seconds)
     return {
         "data": store.grant_read(data_url, seconds),
         "data_id": data_url,  # names the object for the peer's cache; opens nothing
-        "initial_weights": store.grant_read(initial_url, seconds) if initial_url else None,
+        "initial_weights": initial_grant,
         "weights": store.grant_write(weights_key, seconds, max_state_bytes(config)),
     }
 
@@ -76,17 +82,20 @@ def chord_body(session_id: str, round_: int, body_id: str, size: int) -> Signatu
 def launch_round(session: TrainingSession, round_: int, specs: list[dict[str, Any]]) -> None:
     """Send one chord: a `train` per spec on its peer's queue, then `aggregate` on the coordinator."""
     names = [spec["peer"] for spec in specs]
-    task_ids = {name: uuid() for name in names}
+    # Named after their session, so the collector reads one session by its id for each result.
+    task_ids = {name: f"{session.id}:{round_}:{uuid()}" for name in names}
+    position = sessions.positions(session)
     now = utcnow()
     launch = {"round": round_, "group": uuid(), "body": f"aggregate:{session.id}:{round_}:{uuid()}",
               "peers": names, "started_at": now,
               # Past this, the monitor leaves out the peers that have not reported (tasks/monitor.py).
               "deadline": now + timedelta(seconds=session.round_timeout) if session.round_timeout else None}
     if round_ == 0:
-        if not sessions.start_running(session.id, task_ids, launch, deadline_seconds=_deadline(session)):
+        if not sessions.start_running(session.id, task_ids, launch, deadline_seconds=_deadline(session),
+                                      position=position):
             log.info("session %s was ended before it started", session.id)
             return
-    elif not sessions.next_round(session.id, round_, task_ids, launch):
+    elif not sessions.next_round(session.id, round_, task_ids, launch, position):
         return
     header = [
         app.signature("peertrain.train", args=[{k: v for k, v in spec.items() if k != "peer"}],
@@ -97,7 +106,8 @@ def launch_round(session: TrainingSession, round_: int, specs: list[dict[str, An
         for spec in specs
     ]
     body = chord_body(str(session.id), round_, launch["body"], len(header))
-    # The chord's own task id is its header group's id (the body keeps its own).
+    # The chord's own task id is its header group's id (the body keeps its own); its group sends every
+    # header task through one producer.
     chord(header, task_id=launch["group"])(body)
 
 
@@ -107,18 +117,28 @@ def _deadline(session: TrainingSession) -> int:
     return rounds * (settings().train_time_limit + 60)
 
 
-def record_result(session: TrainingSession, result: dict[str, Any], status: str, samples: int) -> None:
-    """Store a peer's (collector-checked) result: final metrics, its sample count, every epoch's heartbeat."""
-    final = result["final"]
-    progress = {key: final.get(key) for key in ("epoch", "epochs", "loss", "accuracy", "val_loss", "val_accuracy",
-                                                  "val_r2", "samples_per_sec") if key in final}
+PROGRESS = ("epoch", "epochs", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2", "samples_per_sec")
+
+
+def record_results(session: TrainingSession, results: list[dict[str, Any]], status: str,
+                   samples: dict[str, int]) -> None:
+    """Store peers' (collector-checked) results: final metrics, sample counts, every epoch's heartbeat.
+
+    A round's results in one insert of heartbeats and one update of the session, however many peers."""
+    if not results:
+        return
     # The epochs first: the event stream shows a peer's heartbeats before its result.
     heartbeats.insert_many(
         {"session_id": session.id, "peer": result["peer"], "round": result["round"],
          **{key: epoch.get(key) for key in heartbeats.METRICS}, "epoch": epoch["epoch"]}
-        for epoch in result["history"]
+        for result in results for epoch in result["history"]
     )
-    sessions.record_peer_result(session.id, result["peer"], status, final=final, samples=samples,
-                                round=result["round"], **progress)
+    changes = {}
+    for result in results:
+        final = result["final"]
+        changes[result["peer"]] = {"status": status, "final": final, "samples": samples[result["peer"]],
+                                   "round": result["round"], **{k: final.get(k) for k in PROGRESS if k in final}}
     # A federated peer fetches its shard once and keeps it for later rounds: bytes add up.
-    sessions.add_bytes_fetched(session.id, result["peer"], result["bytes_fetched"])
+    sessions.record_runs(session.id, sessions.positions(session), changes,
+                         before={run.name: run.status for run in session.peers},
+                         added={r["peer"]: {"bytes_fetched": r["bytes_fetched"]} for r in results})

@@ -154,6 +154,13 @@ class LocalStorage:
             raise StorageError("local storage was opened without a signing key: it cannot grant access")
         return self.grants
 
+    def size(self, url: str) -> int:
+        """The object's length in bytes; StorageError if there is none."""
+        try:
+            return self._path_of(url).stat().st_size
+        except FileNotFoundError:
+            raise StorageError(f"no object at {url}") from None
+
     def iter_chunks(self, url: str) -> Iterator[bytes]:
         path = self._path_of(url)
         if not path.exists():

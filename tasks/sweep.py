@@ -20,7 +20,7 @@ import numpy as np
 from models import TrainingSession
 from models import session as sessions
 from tasks import lifecycle
-from tasks.rounds import grants, record_result, session_prefix, storage
+from tasks.rounds import grants, record_results, session_prefix, storage
 from trainer.dataset import prepare
 from trainer.loop import evaluate
 from trainer.model import ModelConfig, SimpleDNN
@@ -108,9 +108,9 @@ def finish(session: TrainingSession, results: list[dict[str, Any]]) -> None:
     data = prepared(session)
     metric = "val_accuracy" if session.task == "classification" else "val_r2"
     scored: dict[str, tuple[SimpleDNN, dict[str, Any], dict[str, Any]]] = {}
+    record_results(session, results, sessions.COMPLETED, samples={r["peer"]: data.train_rows for r in results})
     for result in results:
         run = session.peer(result["peer"])
-        record_result(session, result, sessions.COMPLETED, samples=data.train_rows)
         try:
             if result["stopped"]:
                 raise WeightsError("it stopped before finishing")

@@ -10,15 +10,18 @@ platform's limits before anything runs: a peer does not train what the API would
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from celery import Celery, Task
+from celery.signals import worker_init
 
 from settings import Settings
 from tasks import protocol, transfer
@@ -31,6 +34,7 @@ from trainer.model import ModelConfig, SimpleDNN
 from trainer.normalization import Normalization
 from trainer.split import VALIDATION_FRACTION
 from trainer.table import read_table
+from trainer.warmup import warm_up
 from trainer.weights import max_state_bytes, state_from_bytes, state_to_bytes
 
 log = logging.getLogger(__name__)
@@ -40,12 +44,18 @@ HEARTBEAT = "task-heartbeat"
 EVENT_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 # A dataset or shard larger than this is refused before it fills the disk (the API takes 200 MiB by default).
 MAX_DATA_BYTES = 4 << 30
+SHARDS = Path(tempfile.gettempdir()) / "peertrain-shards"
+STALE_SECONDS = 600
 _TEXT_KEYS = ("session", "data", "data_id", "weights", "target", "task")
 
 
 def register(app: Celery, settings: Settings) -> None:
     """Add the `train` task to a peer's app: acknowledged when done, killed past the time limit."""
     notices: list[protocol.StopNotices] = []
+    kept = Rounds()
+    # Pay torch's, pandas' and the trainer's first-use costs when the worker starts (before it forks its
+    # pool and says it is online), not in its first task.
+    worker_init.connect(_warm_up, weak=False, dispatch_uid="peertrain.peer.warm_up")
     # Outcomes of recent tasks: a message redelivered after a broker outage (it could not be acknowledged)
     # gets the same answer again at once instead of a second training.
     done: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -58,7 +68,7 @@ def register(app: Celery, settings: Settings) -> None:
             return done[self.request.id]
         if not notices:
             notices.append(protocol.StopNotices(self.app, protocol.peer_of(protocol.identity(self.app)) or "unknown"))
-        result = done[self.request.id] = run(self, check_spec(spec), notices[0], settings)
+        result = done[self.request.id] = run(self, check_spec(spec), notices[0], settings, kept)
         while len(done) > 16:
             done.popitem(last=False)
         return result
@@ -83,7 +93,10 @@ def check_spec(spec: Any) -> dict[str, Any]:
     return {**spec, "round": round_, "seed": seed, "hyperparameters": check_hyperparameters(spec["hyperparameters"])}
 
 
-def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, settings: Settings) -> dict[str, Any]:
+def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, settings: Settings,
+        kept: Rounds | None = None) -> dict[str, Any]:
+    """Train as `spec` says and upload the weights; the result the peer reports."""
+    kept = kept or Rounds()
     session, round_ = spec["session"], spec["round"]
 
     def should_stop() -> bool:
@@ -95,8 +108,7 @@ def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, setting
     if settings.peer_keep_memory:
         keep_freed_memory()  # process-wide and idempotent: a peer's reads and shuffles reuse its memory
 
-    data, result["bytes_fetched"] = _fetch(spec)
-    model = _model(spec, data)
+    data, model, result["bytes_fetched"] = kept.prepare(spec)
     initial = None
     if spec.get("initial_weights"):
         initial = state_from_bytes(transfer.fetch(spec["initial_weights"], max_state_bytes(model.config)),
@@ -131,14 +143,67 @@ def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, setting
         stopped=trained.stopped,
         device=trained.metadata.get("device"),
     )
+    if spec.get("last_round"):
+        kept.drop(spec)
     return result
+
+
+def _warm_up(**_: Any) -> None:
+    warm_up()
+
+
+class Rounds:
+    """What a peer keeps from one round of a federated session to the next: its shard parsed, its model built.
+
+    A federated shard is the same object every round (the coordinator names it by `data_id`), so it is
+    read, checked and parsed once; the model is rebuilt only if its shape changes, since each round
+    loads the global weights into it anyway. The optimizer is made afresh each round, as FedAvg's
+    local training starts from the global weights alone. Only the few most recent sessions are kept.
+    """
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self.kept: OrderedDict[str, tuple[Dataset, SimpleDNN | None]] = OrderedDict()
+
+    @staticmethod
+    def _key(spec: dict[str, Any]) -> str | None:
+        if not spec.get("keep_data"):
+            return None
+        # The object and everything that decides how it is parsed: the same shard read another way is another entry.
+        return json.dumps([spec.get(k) for k in ("data_id", "target", "features", "task", "classes", "normalization")],
+                          sort_keys=True)
+
+    def prepare(self, spec: dict[str, Any]) -> tuple[Dataset, SimpleDNN, int]:
+        """The task's data, a model to train (holding any weights: the caller loads the round's), bytes fetched."""
+        key = self._key(spec)
+        if key is None or key not in self.kept:
+            data, fetched = _fetch(spec)
+            model = _model(spec, data)
+        else:
+            self.kept.move_to_end(key)
+            (data, model), fetched = self.kept[key], 0
+            wanted = _model_config(spec, data)
+            if model is None or model.config != wanted or not spec.get("initial_weights"):
+                model = _model(spec, data)
+        if key is not None:
+            self.kept[key] = (data, model)
+            while len(self.kept) > self.keep:
+                self.kept.popitem(last=False)
+        return data, model, fetched
+
+    def drop(self, spec: dict[str, Any]) -> None:
+        """Forget a session's shard (its last round is done)."""
+        key = self._key(spec)
+        if key is not None:
+            self.kept.pop(key, None)
+            ShardCache(SHARDS).drop(spec["data_id"])
 
 
 def _fetch(spec: dict[str, Any]) -> tuple[Dataset, int]:
     """The peer's data, read and validated, and how many bytes were downloaded for it."""
     if spec.get("keep_data"):
         # A federated shard is the same every round: fetch it once, drop it after the last round.
-        cache = ShardCache(Path(tempfile.gettempdir()) / "peertrain-shards")
+        cache = ShardCache(SHARDS)
         path, fetched = cache.fetch(spec["data"], spec["data_id"])
         data = _dataset(spec, path)
         if spec.get("last_round"):
@@ -150,11 +215,14 @@ def _fetch(spec: dict[str, Any]) -> tuple[Dataset, int]:
         return _dataset(spec, path), fetched
 
 
-def _model(spec: dict[str, Any], data: Dataset) -> SimpleDNN:
+def _model_config(spec: dict[str, Any], data: Dataset) -> ModelConfig:
     hp = spec["hyperparameters"]
-    return SimpleDNN(ModelConfig(input_size=len(data.table.features), output_size=data.table.output_size,
-                                 hidden=tuple(hp["hidden"]), dropout=hp["dropout"], task=data.table.task),
-                      seed=spec["seed"])
+    return ModelConfig(input_size=len(data.table.features), output_size=data.table.output_size,
+                       hidden=tuple(hp["hidden"]), dropout=hp["dropout"], task=data.table.task)
+
+
+def _model(spec: dict[str, Any], data: Dataset) -> SimpleDNN:
+    return SimpleDNN(_model_config(spec, data), seed=spec["seed"])
 
 
 class ShardCache:
@@ -177,13 +245,24 @@ class ShardCache:
         partial = path.with_suffix(f".{os.getpid()}.part")
         fetched = transfer.download(grant, partial, MAX_DATA_BYTES)
         os.replace(partial, path)
-        # Sessions that ended early leave shards behind: keep only the most recently used few.
-        for stale in sorted(self.root.glob("*.csv"), key=lambda p: p.stat().st_mtime)[:-self.keep]:
-            stale.unlink(missing_ok=True)
+        # Sessions that ended early leave shards behind: keep only the most recently used few, and
+        # whatever was used in the last minutes (other peers on this machine share the directory:
+        # a shard another peer has just fetched must not go before that peer has read it).
+        recent = time.time() - STALE_SECONDS
+        for stale in sorted(self.root.glob("*.csv"), key=_mtime)[:-self.keep]:
+            if _mtime(stale) < recent:
+                stale.unlink(missing_ok=True)
         return path, fetched
 
     def drop(self, object_id: str) -> None:
         self._path(object_id).unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # another peer's pruning took it meanwhile
+        return float("inf")
 
 
 def _dataset(spec: dict[str, Any], path: Path) -> Dataset:

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from functools import cache
 from typing import BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
@@ -37,9 +38,17 @@ def where(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
+@cache
 def _context() -> ssl.SSLContext:
     # SSL_CERT_FILE / SSL_CERT_DIR name a private CA (a MinIO with its own certificate), as OpenSSL reads them.
+    # Made once per process: loading the CA store costs ~15-20 ms, which every transfer used to pay.
     return ssl.create_default_context()
+
+
+def _open(request: str | urllib.request.Request):
+    url = request if isinstance(request, str) else request.full_url
+    context = _context() if url.startswith("https:") else None
+    return urllib.request.urlopen(request, timeout=TIMEOUT, context=context)
 
 
 def _retrying(action: str, url: str, attempt: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:
@@ -74,7 +83,7 @@ def download(url: str, path: str | os.PathLike, max_bytes: int) -> int:
     """Save the object `url` grants to `path`, refusing more than `max_bytes`; returns the bytes read."""
 
     def attempt() -> int:
-        with urllib.request.urlopen(url, timeout=TIMEOUT, context=_context()) as response, open(path, "wb") as out:
+        with _open(url) as response, open(path, "wb") as out:
             return _copy_capped(response, out, url, max_bytes)
 
     return _retrying("read", url, attempt)
@@ -85,7 +94,7 @@ def fetch(url: str, max_bytes: int) -> bytes:
 
     def attempt() -> bytes:
         buffer = io.BytesIO()
-        with urllib.request.urlopen(url, timeout=TIMEOUT, context=_context()) as response:
+        with _open(url) as response:
             _copy_capped(response, buffer, url, max_bytes)
         return buffer.getvalue()
 
@@ -98,7 +107,7 @@ def upload(url: str, data: bytes) -> None:
     def attempt() -> None:
         request = urllib.request.Request(url, data=data, method="PUT",
                                          headers={"Content-Type": OCTET_STREAM, "Content-Length": str(len(data))})
-        with urllib.request.urlopen(request, timeout=TIMEOUT, context=_context()) as response:
+        with _open(request) as response:
             response.read()
 
     _retrying("write", url, attempt)

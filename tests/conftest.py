@@ -36,6 +36,8 @@ os.environ.setdefault("EVENT_EXCHANGE", f"test-{RUN_ID}.events")
 os.environ.setdefault("PEERTRAIN_ENV", "development")
 os.environ.setdefault("JWT_SECRET_KEY", "test-secret-that-is-long-enough-for-hs256")
 os.environ.setdefault("BCRYPT_ROUNDS", "4")
+# tests/e2e/test_scale.py starts a session of 200 simulated peers through the API.
+os.environ.setdefault("MAX_PEERS_PER_SESSION", "256")
 
 import models  # noqa: E402
 from models import Peer  # noqa: E402

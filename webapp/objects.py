@@ -38,10 +38,13 @@ def read(key: str) -> Response:
     store = _local()
     _checked(store, "GET", key)
     try:
-        chunks = store.iter_chunks(store.url(key))
+        size, chunks = store.size(store.url(key)), store.iter_chunks(store.url(key))
     except StorageError:
         abort(404, description=f"no object {key}")
-    return Response(stream_with_context(chunks), mimetype="application/octet-stream")
+    # The length up front: the reader can refuse an object too large at once, and the answer goes out
+    # as one body instead of chunks (small writes that wait on the reader's delayed acknowledgements).
+    return Response(stream_with_context(chunks), mimetype="application/octet-stream",
+                    headers={"Content-Length": str(size)})
 
 
 @blp.put("/<path:key>")

@@ -13,8 +13,10 @@ from werkzeug.datastructures import FileStorage
 
 from models.session import FEDERATED, MODES, SWEEP
 from models.user import email_error
+from settings import Settings
 
-MAX_PEERS = 64
+# Read once, when the schemas are built (a setting, so that a 1,000-peer simulation can ask for more).
+MAX_PEERS = Settings.from_env().max_peers
 
 
 class UTCDateTime(fields.DateTime):

@@ -35,11 +35,11 @@ def _corrupted(state, metadata=None):
     return _honest_bytes(state, metadata)
 
 
-def _lying_run(task, spec, notices, settings):
+def _lying_run(task, spec, notices, settings, kept=None):
     if FAULT == "keep":
         with open(os.environ["PEERTRAIN_TEST_KEEP"], "a") as out:
             out.write(json.dumps(spec) + "\n")
-    result = _honest_run(task, spec, notices, settings)
+    result = _honest_run(task, spec, notices, settings, kept)
     if FAULT == "claims":
         result.update(samples=10**12, peer="someone-else", weights_url="s3://elsewhere/weights.safetensors")
         result["final"] = {**result["final"], "val_accuracy": 1.0, "val_loss": 0.0}
