@@ -43,14 +43,21 @@ def test_two_hundred_simulated_peers_train_a_federated_session_and_every_heartbe
         session = user.wait_finished(session_id, timeout=240)
 
         assert session["status"] == "COMPLETED", session["reason"]
-        assert [sorted(r["peers"]) for r in session["rounds"]] == [sorted(names)] * ROUNDS
+        # The platform claims whichever free peers it saw last: mostly the simulated ones, perhaps also the
+        # real peers other tests left ONLINE. Nothing may tell the two apart, so both are welcome.
+        chosen = sorted(p["name"] for p in session["peers"])
+        assert len(chosen) == PEERS
+        assert set(chosen) <= set(names) | set(platform.peers)
+        assert len(set(chosen) & set(names)) >= PEERS - len(platform.peers)
+        assert [sorted(r["peers"]) for r in session["rounds"]] == [chosen] * ROUNDS
         assert all(r["rejected"] == {} for r in session["rounds"])
         assert {p["status"] for p in session["peers"]} == {"COMPLETED"}
-        # Every peer got its task in every round, and answered it.
+        # Every chosen simulated peer got its task in every round and answered it; the others got none.
         seen, failures = fleet.seen()
         assert all(failures[name] == [] for name in names), failures
-        assert all(sorted(t.round for t in seen[name] if t.session == session_id) == list(range(ROUNDS))
-                   for name in names)
+        for name in names:
+            rounds = sorted(t.round for t in seen[name] if t.session == session_id)
+            assert rounds == (list(range(ROUNDS)) if name in chosen else []), (name, rounds)
         # Every heartbeat reached the monitor, which believed it (none dropped), and is stored.
         expected = PEERS * ROUNDS * LOCAL_EPOCHS
         wait_until(lambda: monitor.accepted - accepted >= expected, 30, "the monitor to take every heartbeat")
@@ -58,7 +65,7 @@ def test_two_hundred_simulated_peers_train_a_federated_session_and_every_heartbe
         assert sum(monitor.dropped.values()) == dropped, monitor.dropped
         beats = user.heartbeats(session_id)
         assert sorted((b["peer"], b["round"], b["epoch"]) for b in beats) == sorted(
-            (name, r, e) for name in names for r in range(ROUNDS) for e in range(1, LOCAL_EPOCHS + 1))
+            (name, r, e) for name in chosen for r in range(ROUNDS) for e in range(1, LOCAL_EPOCHS + 1))
     finally:
         fleet.stop()
         # They said goodbye (worker-offline): no later test can claim them.
