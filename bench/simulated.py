@@ -43,6 +43,10 @@ class Options:
     results_exchange: str
     epoch_seconds: float = 0.0  # simulated training time of one local epoch (heartbeats this far apart)
     transfers: int = 16  # grant transfers one process runs at once
+    slowdown: dict[str, float] = field(default_factory=dict)  # peer name -> how many times slower its epochs are
+
+    def epoch_time(self, name: str) -> float:
+        return self.epoch_seconds * self.slowdown.get(name, 1.0)
 
 
 @dataclass
@@ -147,11 +151,12 @@ class SimulatedPeer:
         await self.event("task-started", uuid=task_id)
         history = []
         for epoch in range(1, hp["epochs"] + 1):
-            if self.options.epoch_seconds:  # on a fixed schedule: a slow send does not delay the next epoch
-                await asyncio.sleep(max(0.0, began + epoch * self.options.epoch_seconds - time.time()))
+            if seconds := self.options.epoch_time(self.name):  # on a fixed schedule: a slow send does not delay
+                await asyncio.sleep(max(0.0, began + epoch * seconds - time.time()))
             metrics = {"epoch": epoch, "epochs": hp["epochs"], "loss": 1.0 / (round_ * hp["epochs"] + epoch + 1),
                        "accuracy": 0.5, "val_loss": None, "val_accuracy": None, "val_r2": None,
-                       "samples_per_sec": 1000.0, "seconds": self.options.epoch_seconds, "finished_at": time.time()}
+                       "samples_per_sec": 1000.0, "seconds": self.options.epoch_time(self.name),
+                       "finished_at": time.time()}
             history.append(metrics)
             await self.event("task-heartbeat", uuid=task_id, session=session, peer=self.name, round=round_, **metrics)
         await loop.run_in_executor(self.pool, _upload, spec["weights"], update)

@@ -74,13 +74,14 @@ class PeerRun(EmbeddedDocument):
 
 
 class Round(EmbeddedDocument):
-    """One federated round as the coordinator aggregated it."""
+    """One federated round as the coordinator aggregated it (asynchronous: one fold, `round` its version - 1)."""
 
     round = IntField(required=True)
     metrics = DictField()
     peers = ListField(StringField())
     rejected = DictField()
     outliers = DictField()
+    updates = ListField(DictField())  # asynchronous: {seq, peer, staleness, weight} of each update folded
     finished_at = DateTimeField(default=utcnow)
 
 
@@ -284,24 +285,37 @@ def record_progress(session_id: ObjectId, peer: str, fields: dict[str, Any]) -> 
 
 
 def assignments(session_id: ObjectId) -> dict[str, Any] | None:
-    """What an active session's peers are training now: {round, peers: {name: (position, epochs)}}, or None.
+    """What an active session's peers are training now: {round, peers: {name: (position, epochs, round)}}, or None.
 
-    `peers` holds the peers of the current round only, with their place among the session's runs and
-    the epochs each trains per round; None when the session is not active."""
+    `peers` holds the peers of the current round only, with their place among the session's runs, the
+    epochs each trains per round and the round it trains; `round` is the newest of them. Asynchronous
+    sessions have no common round: each peer's is its current task's number (`<session>:<n>:<uuid>`).
+    None when the session is not active."""
     doc = TrainingSession._get_collection().find_one(
         {"_id": ObjectId(session_id), "status": {"$in": list(ACTIVE)}},
-        {"launch.round": 1, "launch.peers": 1, "mode": 1, "federated.local_epochs": 1, "peers.name": 1,
-         "peers.hyperparameters.epochs": 1})
+        {"launch.round": 1, "launch.peers": 1, "mode": 1, "federated.local_epochs": 1, "federated.schedule": 1,
+         "peers.name": 1, "peers.hyperparameters.epochs": 1, "peers.task_id": 1, "peers.status": 1})
     if doc is None:
         return None
     launch = doc.get("launch") or {}
     current = set(launch.get("peers") or [])
-    local = (doc.get("federated") or {}).get("local_epochs") if doc.get("mode") == FEDERATED else None
-    found = {}
+    federated = doc.get("federated") or {}
+    local = federated.get("local_epochs") if doc.get("mode") == FEDERATED else None
+    apart = federated.get("schedule") == "async"
+    found, newest = {}, launch.get("round")
     for i, run in enumerate(doc.get("peers") or []):
-        if run.get("name") in current:
-            found[run["name"]] = (i, local if local is not None else (run.get("hyperparameters") or {}).get("epochs"))
-    return {"round": launch.get("round"), "peers": found}
+        if run.get("name") not in current:
+            continue
+        round_ = launch.get("round")
+        if apart:
+            parts = (run.get("task_id") or "").split(":")
+            if run.get("status") != RUNNING or len(parts) != 3 or not parts[1].isdigit():
+                continue
+            round_ = int(parts[1])
+            newest = max(newest or 0, round_)
+        found[run["name"]] = (i, local if local is not None else (run.get("hyperparameters") or {}).get("epochs"),
+                              round_)
+    return {"round": newest, "peers": found}
 
 
 def add_bytes_fetched(session_id: ObjectId, peer: str, count: int) -> None:

@@ -8,7 +8,8 @@ RabbitMQ verifies). `ResultCollector`, a consumer step of the coordinator's work
 - the message is small, and the result is reduced to known fields of known types (`clean_result`),
   with the peer's name and round taken from the coordinator's records, not from the message;
 - a task already reported is not reported twice (a redelivered message changes nothing).
-Then it stores the outcome in the result backend and joins the chord (`mark_as_done` with the task's
+An asynchronous session's result goes to the coordinator's `update` task instead (tasks/buffered.py).
+Otherwise it stores the outcome in the result backend and joins the chord (`mark_as_done` with the task's
 place in the chord, rebuilt from the session's `launch` record), so `aggregate` runs when the last
 peer reports, as Celery's chord would run it. A failed task counts as a `left_out` marker, and is
 handed to `peer_lost` at once, so one failing peer does not wait for the slowest.
@@ -133,15 +134,25 @@ class Collector:
             return False  # STARTED, RETRY: nothing to record
         if AsyncResult(task_id, app=self.app).state in states.READY_STATES:
             return self._drop("already reported", f"task {task_id} of peer {name} (or it was given up on)")
-        round_ = session["launch"]["round"]
+        apart = (session.get("federated") or {}).get("schedule") == "async"
+        # An asynchronous session's tasks are numbered one by one, not by round (tasks/buffered.py).
+        round_ = int(task_id.split(":")[1]) if apart else session["launch"]["round"]
         if status == states.SUCCESS:
             epochs = (session["federated"]["local_epochs"] if session.get("mode") == sessions.FEDERATED
                       else run["hyperparameters"]["epochs"])
-            self.settle(session["_id"], session["launch"], task_id, name,
-                        clean_result(payload.get("result"), name, round_, epochs))
+            result = clean_result(payload.get("result"), name, round_, epochs)
+            if apart:
+                self.app.backend.mark_as_done(task_id, result, request=Context(id=task_id))
+                self.app.send_task("peertrain.update", args=[str(session["_id"]), task_id, result],
+                                   queue=settings().coordinator_queue)
+            else:
+                self.settle(session["_id"], session["launch"], task_id, name, result)
             return True
         reason = f"failed: {describe_failure(payload.get('result'))}"
-        self.settle(session["_id"], session["launch"], task_id, name, left_out(name, round_, reason))
+        if apart:
+            self.app.backend.mark_as_done(task_id, left_out(name, round_, reason), request=Context(id=task_id))
+        else:
+            self.settle(session["_id"], session["launch"], task_id, name, left_out(name, round_, reason))
         # At once, not when the round closes: a session that cannot go on without it fails now.
         self.app.send_task("peertrain.peer_lost", args=[str(session["_id"]), name, round_, reason],
                            queue=settings().coordinator_queue)

@@ -27,7 +27,7 @@ from kombu.exceptions import OperationalError
 import models
 from models import TrainingSession
 from models import session as sessions
-from tasks import federated, lifecycle, sweep
+from tasks import buffered, federated, lifecycle, sweep
 from tasks.celery import app
 from tasks.collector import Collector, left_out
 from tasks.rounds import launch_round, settings
@@ -86,7 +86,9 @@ def run_session(session_id: str) -> None:
         log.info("session %s is gone or no longer pending; nothing to run", session_id)
         return
     try:
-        if session.mode == sessions.FEDERATED:
+        if buffered.is_async(session):
+            buffered.start(session)
+        elif session.mode == sessions.FEDERATED:
             federated.start(session)
         else:
             launch_round(session, 0, sweep.specs(session))
@@ -138,6 +140,12 @@ def give_up_on(session: TrainingSession, run: models.PeerRun, reason: str) -> bo
 def peer_lost(session_id: str, peer: str, round_: int, reason: str) -> None:
     """A peer will not report this round (its task failed, it went offline, it is past the deadline)."""
     session = _session(session_id)
+    if session is not None and not session.finished and buffered.is_async(session):
+        run = next((r for r in session.peers if r.name == peer), None)
+        # No rounds: whatever task it had out is given up on, its share of the budget goes to the others.
+        if run is not None and run.status != sessions.FAILED and not give_up_on(session, run, reason):
+            buffered.lost(session, peer, reason)
+        return
     if session is None or session.finished or session.launch.get("round") != round_:
         return
     run = next((r for r in session.peers if r.name == peer), None)
@@ -151,6 +159,22 @@ def peer_lost(session_id: str, peer: str, round_: int, reason: str) -> None:
     elif "left_out" not in (reported.result or {}):
         return  # it reported in time after all
     give_up_on(session, run, reason)
+
+
+@app.task(name="peertrain.update", **RELIABLE, **TRANSIENT)
+def update(session_id: str, task_id: str, result: dict[str, Any]) -> None:
+    """An asynchronous session's peer reported (the collector checked it): buffer, fold, hand it its next task."""
+    session = _session(session_id)
+    if session is None or session.finished:
+        return
+    try:
+        buffered.receive(session, task_id, result)
+    except (StorageError, OperationalError):
+        raise  # retried
+    except Exception as exc:
+        lifecycle.end(session_id, sessions.FAILED, f"the coordinator could not take an update: "
+                                                   f"{type(exc).__name__}: {exc}")
+        raise
 
 
 @app.task(name="peertrain.round_failed", **RELIABLE)

@@ -54,7 +54,14 @@ READERS = 8
 
 
 def start(session: TrainingSession) -> None:
-    """Split the dataset into held-out rows and one shard per peer, store them, and launch round 0."""
+    """Prepare the session (`prepare`) and launch round 0."""
+    launch_round(session, 0, specs(session, 0, prepare(session)))
+
+
+def prepare(session: TrainingSession) -> str:
+    """Split the dataset into held-out rows and one shard per peer, store them and the initial weights.
+
+    Records the plan on the session; returns where the initial weights are."""
     prefix = session_prefix(session)
     store = storage()
     with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
@@ -93,10 +100,11 @@ def start(session: TrainingSession) -> None:
         "normalization": normalization.to_dict(),
         "classes": table.classes,
         "model": config.to_dict(),
+        "initial_url": initial,
     }
     TrainingSession.objects(id=session.id).update_one(set__plan=plan)
     session.reload()
-    launch_round(session, 0, specs(session, 0, initial))
+    return initial
 
 
 def weights_key(session: TrainingSession, round_: int, peer: str) -> str:
@@ -105,29 +113,32 @@ def weights_key(session: TrainingSession, round_: int, peer: str) -> str:
 
 def specs(session: TrainingSession, round_: int, weights_url: str) -> list[dict[str, Any]]:
     """One `train` argument per peer still in the session, starting from the global weights."""
-    plan, settings_ = session.plan, session.federated
-    config = ModelConfig.from_dict(plan["model"])
     initial = storage().grant_read(weights_url, grant_seconds())  # the same object for every peer: one grant
-    return [
-        {
-            "peer": run.name,
-            "session": str(session.id),
-            "round": round_,
-            "target": session.target,
-            "features": list(session.features),
-            "task": session.task,
-            "classes": plan["classes"],
-            "normalization": plan["normalization"],
-            "seed": session.seed + round_,
-            "hyperparameters": {**run.hyperparameters, "epochs": settings_["local_epochs"]},
-            "keep_data": True,
-            "last_round": round_ + 1 == settings_["rounds"],
-            **grants(plan["shards"][run.name], weights_key(session, round_, run.name), config,
-                     initial_grant=initial),
-        }
-        for run in session.peers
-        if run.status != sessions.FAILED
-    ]
+    last = round_ + 1 == session.federated["rounds"]
+    return [spec(session, run, round_, initial, weights_key(session, round_, run.name), last_round=last)
+            for run in session.peers if run.status != sessions.FAILED]
+
+
+def spec(session: TrainingSession, run: Any, round_: int, initial_grant: str, key: str,
+         last_round: bool) -> dict[str, Any]:
+    """A peer's `train` argument: `local_epochs` on its shard from the weights `initial_grant` opens,
+    its weights to `key` (the only object it may write)."""
+    plan = session.plan
+    return {
+        "peer": run.name,
+        "session": str(session.id),
+        "round": round_,
+        "target": session.target,
+        "features": list(session.features),
+        "task": session.task,
+        "classes": plan["classes"],
+        "normalization": plan["normalization"],
+        "seed": session.seed + round_,
+        "hyperparameters": {**run.hyperparameters, "epochs": session.federated["local_epochs"]},
+        "keep_data": True,
+        "last_round": last_round,
+        **grants(plan["shards"][run.name], key, ModelConfig.from_dict(plan["model"]), initial_grant=initial_grant),
+    }
 
 
 def aggregate_round(session: TrainingSession, round_: int, results: list[dict[str, Any]]) -> None:
@@ -168,11 +179,11 @@ def aggregate_round(session: TrainingSession, round_: int, results: list[dict[st
         return
 
     names = sorted(states)
-    merged = _combine(settings_["aggregation"], [states[n] for n in names], [samples[n] for n in names])
+    merged = combine(settings_["aggregation"], [states[n] for n in names], [samples[n] for n in names])
     outliers = _outliers(merged, {n: states[n] for n in names})
     model = SimpleDNN(config)
     model.load_state_dict(merged)
-    metrics = _evaluate(model, session)
+    metrics = evaluate_global(model, session)
     global_url = storage().put_bytes(f"{session_prefix(session)}/rounds/{round_}/global.safetensors",
                                      state_to_bytes(merged, {"round": round_}))
     round_doc = Round(round=round_, metrics={**metrics, "samples": sum(samples.values())}, peers=names,
@@ -208,17 +219,20 @@ def _next(session: TrainingSession, round_: int) -> None:
     config = ModelConfig.from_dict(session.plan["model"])
     model = SimpleDNN(config)
     model.load_state_dict(state_from_bytes(storage().get_bytes(session.plan["global_url"]), config))
-    _finish(session, model, config, session.rounds[-1].metrics)
+    finish(session, model, config, session.rounds[-1].metrics)
 
 
-def _finish(session: TrainingSession, model: SimpleDNN, config: ModelConfig, metrics: dict[str, Any]) -> None:
+def finish(session: TrainingSession, model: SimpleDNN, config: ModelConfig, metrics: dict[str, Any],
+           extra: dict[str, Any] | None = None) -> None:
+    """Store the global model as the session's result and end it COMPLETED (`extra`: more results)."""
     session.reload()
     plan, settings_ = session.plan, session.federated
     checkpoint = Checkpoint(
         config=config, features=list(session.features), target=session.target, classes=plan["classes"],
         normalization=Normalization.from_dict(plan["normalization"]),
         metadata={"session": str(session.id), "mode": "federated", "rounds": [r.metrics for r in session.rounds],
-                  "aggregation": settings_["aggregation"], "global_weights_url": plan["global_url"]},
+                  "aggregation": settings_["aggregation"], "global_weights_url": plan["global_url"],
+                  "schedule": settings_.get("schedule", "sync")},
     )
     model_url = storage().put_bytes(f"{session_prefix(session)}/model.safetensors",
                                      checkpoint_bytes(model, checkpoint))
@@ -229,11 +243,11 @@ def _finish(session: TrainingSession, model: SimpleDNN, config: ModelConfig, met
     results = {"metric": metric, "best_value": metrics.get(metric), "final": metrics, "rounds": len(session.rounds),
                "aggregation": settings_["aggregation"],
                "bytes_fetched": sum(run.bytes_fetched or 0 for run in session.peers),
-               "rejected": {f"round {r.round}": r.rejected for r in session.rounds if r.rejected}}
+               "rejected": {f"round {r.round}": r.rejected for r in session.rounds if r.rejected}, **(extra or {})}
     lifecycle.end(session.id, sessions.COMPLETED, results=results, model_url=model_url)
 
 
-def _combine(method: str, states: list[dict[str, torch.Tensor]], samples: list[int]) -> dict[str, torch.Tensor]:
+def combine(method: str, states: list[dict[str, torch.Tensor]], samples: list[int]) -> dict[str, torch.Tensor]:
     if method == "median":
         return median(states)
     if method == "trimmed_mean":
@@ -268,7 +282,7 @@ def _validation(url: str, target: str, features: tuple[str, ...], task: str,
                           classes=list(classes) if classes else None)
 
 
-def _evaluate(model: SimpleDNN, session: TrainingSession) -> dict[str, Any]:
+def evaluate_global(model: SimpleDNN, session: TrainingSession) -> dict[str, Any]:
     plan = session.plan
     config = ModelConfig.from_dict(plan["model"])
     table = _validation(plan["validation_url"], session.target, tuple(session.features), config.task,

@@ -86,7 +86,7 @@ class Monitor:
         self._latest: dict[tuple[ObjectId, str], dict[str, Any]] = {}
         # session -> what its peers are training (models.session.assignments), kept briefly: read once a
         # second per session, not once per event or per peer (a session may have a thousand peers).
-        self._assignments: dict[ObjectId, tuple[float, dict[str, Any] | None]] = {}
+        self._assignments: dict[ObjectId, tuple[float, dict[str, Any] | None, float]] = {}
         # Peers seen alive (registered, not OFFLINE as far as this monitor wrote) -> (their hostname, when
         # their sign of life was last written); later beats are written together at a flush, a first
         # sighting at once.
@@ -136,24 +136,30 @@ class Monitor:
             self._next_report = self.clock() + 10.0
             log.warning("dropped an event (%s): %s; dropped so far: %s", reason, detail, dict(self.dropped))
 
-    def _session(self, session_id: ObjectId, round_: int = -1) -> dict[str, Any] | None:
-        """What the session's peers train now (cached 1 s; read again when a later round shows up)."""
+    def _session(self, session_id: ObjectId, round_: int = -1, peer: str | None = None) -> dict[str, Any] | None:
+        """What the session's peers train now (cached 1 s; read again when a later round shows up, or, at
+        most every 0.1 s, when `peer` is not known to train `round_`: an asynchronous peer's next task)."""
         cached = self._assignments.get(session_id)
-        if (cached is not None and cached[0] > self.clock() and cached[1] is not None
-                and (cached[1]["round"] if cached[1]["round"] is not None else -1) >= round_):
-            return cached[1]
+        now = self.clock()
+        if cached is not None and cached[0] > now and cached[1] is not None:
+            found = cached[1]
+            current = (found["round"] if found["round"] is not None else -1) >= round_
+            if current and (peer is None or found["peers"].get(peer, (0, 0, None))[2] == round_
+                            or now < cached[2] + 0.1):
+                return found
         found = sessions.assignments(session_id)
         if len(self._assignments) > 10_000:
             self._assignments.clear()
-        self._assignments[session_id] = (self.clock() + 1.0, found)
+        self._assignments[session_id] = (now + 1.0, found, now)
         return found
 
     def _assignment(self, session_id: ObjectId, peer: str, round_: int) -> tuple[int, int] | None:
         """The (round, epochs per round) `peer` is training for `session_id`, or None if it is not."""
-        found = self._session(session_id, round_)
+        found = self._session(session_id, round_, peer)
         if found is None or peer not in found["peers"]:
             return None
-        return found["round"], found["peers"][peer][1]
+        _, epochs, round_now = found["peers"][peer]
+        return round_now, epochs
 
     def _heartbeat(self, event: dict[str, Any], sender: str | None) -> None:
         try:
@@ -227,7 +233,7 @@ class Monitor:
             progress = {peer: {**{name: beat.get(name) for name in PROGRESS}, "updated_at": written}
                         for peer, beat in beats.items()}
             found = self._session(session_id)
-            position = {name: at for name, (at, _) in found["peers"].items()} if found else {}
+            position = {name: at for name, (at, *_) in found["peers"].items()} if found else {}
             sessions.record_runs(session_id, position, {p: f for p, f in progress.items() if p in position})
             for peer in progress.keys() - position.keys():
                 sessions.record_progress(session_id, peer, progress[peer])

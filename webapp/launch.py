@@ -129,6 +129,10 @@ def _document(session_id: ObjectId, user: User, form: dict[str, Any], table: Tab
             key: form[key] for key in ("rounds", "local_epochs", "partition", "alpha", "aggregation")
         }
         federated["min_peers"] = form.get("min_peers") or len(names)
+        federated["schedule"] = form["schedule"]
+        if form["schedule"] == "async":
+            federated.update(buffer_size=form["buffer_size"], max_updates=form["max_updates"],
+                             time_budget=form.get("time_budget"))
     return TrainingSession(
         id=session_id,
         owner_id=user.id,
@@ -153,7 +157,8 @@ def _document(session_id: ObjectId, user: User, form: dict[str, Any], table: Tab
     )
 
 
-def _epochs(form: dict[str, Any], hp: dict[str, Any]) -> int:
+def _epochs(form: dict[str, Any], hp: dict[str, Any]) -> int | None:
     if form["mode"] == FEDERATED:
-        return form["rounds"] * form["local_epochs"]
+        # Asynchronous: as many as its tasks, which depends on how fast it is.
+        return None if form["schedule"] == "async" else form["rounds"] * form["local_epochs"]
     return hp["epochs"]

@@ -206,6 +206,15 @@ class StartSessionSchema(StrictSchema):
     min_peers = fields.Integer(validate=validate.Range(min=1, max=MAX_PEERS))
     round_timeout = fields.Integer(validate=validate.Range(min=1, max=7 * 24 * 3600),
                                    metadata={"description": "seconds (default: the peers' training time limit)"})
+    # Federated, asynchronous (tasks/buffered.py): no round waits for the slowest peer.
+    schedule = fields.String(load_default="sync", validate=validate.OneOf(["sync", "async"]), metadata={
+        "description": "federated: `sync` rounds, or `async` (each update folded in as soon as `buffer_size` wait)"})
+    buffer_size = fields.Integer(validate=validate.Range(min=1, max=MAX_PEERS), metadata={
+        "description": "async: updates folded into the global model at once (default: half the peers)"})
+    max_updates = fields.Integer(validate=validate.Range(min=1, max=1_000_000), metadata={
+        "description": "async: tasks handed out in all (default: rounds x num_peers, the same peer-epochs)"})
+    time_budget = fields.Integer(validate=validate.Range(min=1, max=7 * 24 * 3600), metadata={
+        "description": "async: seconds after which no task is handed out (default: none)"})
 
     @ma.validates_schema
     def _peer_settings(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -241,6 +250,28 @@ class StartSessionSchema(StrictSchema):
             raise ma.ValidationError("cannot exceed num_peers", "min_peers")
         if data.get("mode") == FEDERATED:
             self._federated(data)
+        self._schedule(data)
+
+    @staticmethod
+    def _schedule(data: dict[str, Any]) -> None:
+        asynchronous = ("buffer_size", "max_updates", "time_budget")
+        if data.get("schedule") != "async":
+            for key in asynchronous:
+                if key in data:
+                    raise ma.ValidationError("only for asynchronous sessions (schedule=async)", key)
+            return
+        if data.get("mode") != FEDERATED:
+            raise ma.ValidationError("async rounds are federated rounds: set mode=federated", "schedule")
+        num_peers = data.get("num_peers")
+        if num_peers is None:
+            return
+        if data.get("buffer_size", 0) > num_peers:
+            raise ma.ValidationError(f"cannot exceed num_peers ({num_peers})", "buffer_size")
+        if data.get("max_updates", num_peers) < num_peers:
+            raise ma.ValidationError(f"every peer gets at least one task: at least num_peers ({num_peers})",
+                                     "max_updates")
+        data.setdefault("buffer_size", max(1, num_peers // 2))
+        data.setdefault("max_updates", data["rounds"] * num_peers)
 
     @staticmethod
     def _federated(data: dict[str, Any]) -> None:
@@ -332,6 +363,8 @@ class RoundSchema(ma.Schema):
     round = fields.Integer()
     metrics = fields.Dict()
     peers = fields.List(fields.String())
+    updates = fields.List(fields.Dict(), metadata={
+        "description": "async: the updates folded into this version, {seq, peer, staleness, weight} each"})
     rejected = fields.Dict(metadata={"description": "peer → why its weights were left out"})
     outliers = fields.Dict(
         metadata={"description": "peer → how many times farther from the aggregate than the typical peer"})
@@ -416,6 +449,27 @@ class HeartbeatPageSchema(ma.Schema):
 
 class RoundListSchema(ma.Schema):
     items = fields.List(fields.Nested(RoundSchema))
+
+
+class UpdateSchema(ma.Schema):
+    seq = fields.Integer(metadata={"description": "the session's n-th task; its heartbeats' `round`"})
+    peer = fields.String()
+    status = fields.String(metadata={"enum": ["TRAINING", "BUFFERED", "FOLDED", "REJECTED", "LOST"]})
+    base_version = fields.Integer(metadata={"description": "the global version it trained from"})
+    version = fields.Integer(allow_none=True, dump_default=None,
+                             metadata={"description": "the global version it was folded into"})
+    staleness = fields.Integer(allow_none=True, dump_default=None)
+    weight = fields.Float(allow_none=True, dump_default=None)
+    samples = fields.Integer(allow_none=True, dump_default=None)
+    metrics = fields.Dict(metadata={"description": "the peer's last local epoch"})
+    seconds = fields.Float(allow_none=True, dump_default=None)
+    reason = fields.String(allow_none=True, dump_default=None)
+    dispatched_at = UTCDateTime()
+    received_at = UTCDateTime(allow_none=True, dump_default=None)
+
+
+class UpdateListSchema(ma.Schema):
+    items = fields.List(fields.Nested(UpdateSchema))
 
 
 class HealthSchema(ma.Schema):

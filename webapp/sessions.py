@@ -9,6 +9,7 @@ from flask_smorest import abort
 
 from models import Heartbeat, TrainingSession
 from models import session as sessions
+from models import update as updates
 from webapp import launch, stream
 from webapp.extensions import Blueprint, dispatcher, storage
 from webapp.schemas import (
@@ -20,6 +21,7 @@ from webapp.schemas import (
     StartedSchema,
     StartSessionSchema,
     TrainingStatusSchema,
+    UpdateListSchema,
 )
 
 blp = Blueprint("sessions", __name__, url_prefix="/sessions", description="Training sessions")
@@ -29,7 +31,7 @@ AUTH = [{"bearerAuth": []}]
 def _links(status: int, session_id: str) -> dict:
     """OpenAPI links from an answer naming a session (at runtime expression `session_id`) to its routes."""
     routes = {"session": ("", "get"), "heartbeats": ("/heartbeats", "get"), "rounds": ("/rounds", "get"),
-              "model": ("/model", "get"), "cancel": ("/cancel", "post")}
+              "updates": ("/updates", "get"), "model": ("/model", "get"), "cancel": ("/cancel", "post")}
     links = {name: {"operationRef": f"#/paths/~1sessions~1{{session_id}}{suffix.replace('/', '~1')}/{method}",
                     "parameters": {"session_id": session_id}}
              for name, (suffix, method) in routes.items()}
@@ -174,6 +176,18 @@ class Rounds(MethodView):
     def get(self, session_id: str):
         """A federated session's rounds with the global model's metrics after each."""
         return {"items": _owned(session_id).rounds}
+
+
+@blp.route("/<objectid:session_id>/updates")
+class Updates(MethodView):
+    @jwt_required()
+    @blp.etag
+    @blp.response(200, UpdateListSchema)
+    @blp.doc(security=AUTH)
+    def get(self, session_id: str):
+        """An asynchronous session's updates, one per task handed out, in order: what each peer trained
+        from, and whether (with which staleness and weight) it was folded into the global model."""
+        return {"items": list(updates.for_session(_owned(session_id).id))}
 
 
 @blp.route("/<objectid:session_id>/model")

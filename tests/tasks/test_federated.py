@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.federated import _combine, _outliers
+from tasks.federated import _outliers, combine
 
 
 def states(values):
@@ -16,19 +16,19 @@ def states(values):
 @pytest.mark.parametrize("method", ["median", "trimmed_mean"])
 def test_robust_aggregates_ignore_one_wild_peer(method, honest):
     peers = states([1.0 + 0.01 * i for i in range(honest)] + [1e6])
-    merged = _combine(method, peers, [100] * len(peers))
+    merged = combine(method, peers, [100] * len(peers))
     assert 0.99 < merged["b"].item() < 1.05
     assert torch.allclose(merged["w"], torch.tensor([merged["b"].item(), -merged["b"].item()]))
 
 
 def test_fedavg_weights_peers_by_their_samples():
-    merged = _combine("fedavg", states([1.0, 4.0]), [300, 100])
+    merged = combine("fedavg", states([1.0, 4.0]), [300, 100])
     assert merged["b"].item() == pytest.approx(1.75)
 
 
 def test_outliers_are_peers_far_from_the_aggregate():
     peers = dict(zip("abcd", states([1.0, 1.01, 0.99, 500.0]), strict=True))
-    merged = _combine("median", list(peers.values()), [1] * 4)
+    merged = combine("median", list(peers.values()), [1] * 4)
     found = _outliers(merged, peers)
     assert list(found) == ["d"] and found["d"] > 10
     assert _outliers(merged, dict(list(peers.items())[:2])) == {}

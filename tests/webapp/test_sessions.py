@@ -247,7 +247,7 @@ def test_another_users_session_is_404_on_every_route(client, signup, online_peer
     online_peers(2)
     ann, bob = signup("ann"), signup("bob")
     session_id = start(client, ann, csv_path, num_peers="1").json["session_id"]
-    for suffix in ("", "/heartbeats", "/rounds", "/model"):
+    for suffix in ("", "/heartbeats", "/rounds", "/updates", "/model"):
         assert client.get(f"/sessions/{session_id}{suffix}", headers=bob).status_code == 404, suffix
         assert client.get(f"/sessions/{session_id}{suffix}", headers=ann).status_code in (200, 409), suffix
     assert client.post(f"/sessions/{session_id}/cancel", headers=bob).status_code == 404
@@ -297,6 +297,11 @@ def test_model_is_409_until_there_is_one(client, auth, online_peers, csv_path):
          "same hidden"),
         ({"mode": "federated", "aggregation": "mean"}, "aggregation", "Must be one of"),
         ({"mode": "federated", "rounds": "0"}, "rounds", "greater than or equal to 1"),
+        ({"schedule": "async"}, "schedule", "mode=federated"),
+        ({"mode": "federated", "schedule": "async", "buffer_size": "3"}, "buffer_size", "num_peers"),
+        ({"mode": "federated", "schedule": "async", "max_updates": "1"}, "max_updates", "at least num_peers"),
+        ({"mode": "federated", "buffer_size": "1"}, "buffer_size", "schedule=async"),
+        ({"mode": "federated", "schedule": "sometimes"}, "schedule", "Must be one of"),
     ],
 )
 def test_bad_federated_settings_are_400(client, auth, online_peers, csv_path, form, field, words):
@@ -316,8 +321,20 @@ def test_a_federated_start_records_its_settings(client, auth, online_peers, csv_
     detail = client.get(f"/sessions/{response.json['session_id']}", headers=auth).json
     assert detail["mode"] == "federated"
     assert detail["federated"] == {"rounds": 4, "local_epochs": 3, "partition": "label_skew", "alpha": 0.3,
-                                   "aggregation": "median", "min_peers": 2}
+                                   "aggregation": "median", "min_peers": 2, "schedule": "sync"}
     assert [p["epochs"] for p in detail["peers"]] == [12, 12]
+
+
+def test_an_asynchronous_start_records_its_budget_with_defaults_of_equal_peer_epochs(client, auth, online_peers,
+                                                                                   csv_path):
+    online_peers(2)
+    response = start(client, auth, csv_path, mode="federated", schedule="async", rounds="4", time_budget="60")
+    assert response.status_code == 202, response.json
+    detail = client.get(f"/sessions/{response.json['session_id']}", headers=auth).json
+    assert detail["federated"]["schedule"] == "async"
+    assert (detail["federated"]["buffer_size"], detail["federated"]["max_updates"]) == (1, 8)
+    assert detail["federated"]["time_budget"] == 60
+    assert client.get(f"/sessions/{response.json['session_id']}/updates", headers=auth).json == {"items": []}
 
 
 def test_too_few_rows_for_one_shard_per_peer_is_400(client, auth, online_peers, tmp_path):

@@ -1,0 +1,99 @@
+"""Asynchronous federated sessions: a peer five times slower than the others holds nobody up.
+
+Simulated peers (bench/simulated.py: each a registered peer with its own login and queue, real events
+and real uploads through its grants) against the real broker, coordinator and monitor; one of them
+takes five times as long per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import pytest
+
+from bench.simulated import Fleet, Options
+from models import Peer
+from settings import Settings
+from tests import conftest
+from tests.datasets import blobs_csv
+from tests.e2e.platform import wait_until
+
+pytestmark = pytest.mark.e2e
+
+SIMULATED, LOCAL_EPOCHS, EPOCH_SECONDS, SLOWDOWN = 4, 2, 0.1, 5.0
+
+
+def when(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def test_a_slow_peer_never_blocks_the_others_and_its_stale_updates_count_less(platform, tmp_path):
+    names = [f"async{conftest.RUN_ID}{i}" for i in range(SIMULATED)]
+    slow = names[0]
+    logins = {name: platform.register(name)["BROKER_URL"] for name in names}
+    settings = Settings.from_env()
+    fleet = Fleet(logins, Options(settings.event_exchange, settings.results_queue, epoch_seconds=EPOCH_SECONDS,
+                                  slowdown={slow: SLOWDOWN}), processes=1)
+    fleet.start()
+    try:
+        wait_until(lambda: Peer.objects(name__in=names, status="ONLINE").count() == SIMULATED, 60,
+                   "the simulated peers ONLINE")
+        # Real peers other tests left free may be claimed as well (nothing tells them apart): all are asked for.
+        others = Peer.objects(status="ONLINE", name__nin=names).count()
+        monitor = platform.monitor
+        dropped = sum(monitor.dropped.values())
+        user = platform.user()
+        csv = blobs_csv(tmp_path / "blobs.csv", rows=1200, features=4, classes=3)
+        num_peers = SIMULATED + others
+        response = user.start(csv, num_peers=num_peers, mode="federated", schedule="async", buffer_size=2,
+                              rounds=6, local_epochs=LOCAL_EPOCHS,
+                              hyperparameters=json.dumps({"learning_rate": 0.05, "batch_size": 32, "hidden": [8]}))
+        assert response.status_code == 202, response.text
+        session_id = response.json()["session_id"]
+        session = user.wait_finished(session_id, timeout=180)
+        assert session["status"] == "COMPLETED", session["reason"]
+
+        tasks = user.get(f"/sessions/{session_id}/updates").json()["items"]
+        versions = user.get(f"/sessions/{session_id}/rounds").json()["items"]
+        # The budget: rounds x peers tasks in all (the same peer-epochs as 6 synchronous rounds), every one folded.
+        assert len(tasks) == 6 * num_peers
+        assert {t["status"] for t in tasks} == {"FOLDED"}, [t for t in tasks if t["status"] != "FOLDED"]
+        assert sorted(t["seq"] for t in tasks) == list(range(len(tasks)))
+        assert [v["round"] for v in versions] == list(range(len(versions)))
+        assert sum(len(v["updates"]) for v in versions) == len(tasks)
+        assert all(v["metrics"]["val_accuracy"] is not None for v in versions)
+
+        done = {name: [t for t in tasks if t["peer"] == name] for name in names}
+        # Never held up: while the slow peer trained its first task, the others' updates made versions,
+        # and each of them did more tasks than it did.
+        first_slow = done[slow][0]
+        during = [v for v in versions if when(first_slow["dispatched_at"]) < when(v["finished_at"])
+                  < when(first_slow["received_at"])]
+        assert len(during) >= 2, (first_slow, [v["finished_at"] for v in versions])
+        assert all(len(done[name]) > len(done[slow]) for name in names[1:]), {n: len(d) for n, d in done.items()}
+        # Its updates count less: they are older (staleness) than the fast peers', so weighted down.
+        assert all(t["staleness"] >= 1 and t["weight"] < 1 for t in done[slow]), done[slow]
+        fast = [t for name in names[1:] for t in done[name]]
+        mean = lambda items, key: sum(t[key] for t in items) / len(items)  # noqa: E731
+        assert mean(done[slow], "weight") < mean(fast, "weight")
+        assert mean(done[slow], "staleness") > mean(fast, "staleness")
+        assert all(t["weight"] == pytest.approx((1 + t["staleness"]) ** -0.5, abs=1e-4) for t in tasks)
+
+        # Every task's epochs are stored as heartbeats (its `round` is the task's number), none was refused.
+        seen, failures = fleet.seen()
+        assert all(failures[name] == [] for name in names), failures
+        beats = user.heartbeats(session_id)
+        assert sorted((b["peer"], b["round"], b["epoch"]) for b in beats) == sorted(
+            (t["peer"], t["seq"], e) for t in tasks for e in range(1, LOCAL_EPOCHS + 1))
+        assert sum(monitor.dropped.values()) == dropped, monitor.dropped
+        # The result is the last version, and every peer was released.
+        assert session["results"]["schedule"] == "async"
+        assert session["results"]["versions"] == len(versions)
+        assert user.get(f"/sessions/{session_id}/model").status_code == 200
+        wait_until(lambda: Peer.objects(name__in=names, status="ONLINE").count() == SIMULATED, 30,
+                   "the peers free again")
+    finally:
+        fleet.stop()
+        wait_until(lambda: Peer.objects(name__in=names, status__ne="OFFLINE").count() == 0, 60,
+                   "the simulated peers OFFLINE")
