@@ -261,6 +261,13 @@ class Fleet:
                 failures[name] = failed
         return tasks, failures
 
+    def kill(self) -> None:
+        """kill -9 every process: its peers fall silent mid-task, without a goodbye."""
+        for _, process in self._children:
+            process.kill()
+            process.join(10)
+        self._children.clear()
+
     def stop(self) -> None:
         for here, process in self._children:
             try:

@@ -177,7 +177,8 @@ def peers(state: State, as_json: bool) -> None:
     state.console.print(f"{answer['total']} known, {answer['online']} online, {answer['free']} free to train")
 
 
-FEDERATED_ONLY = ("rounds", "local_epochs", "partition", "alpha", "aggregation", "min_peers")
+FEDERATED_ONLY = ("rounds", "local_epochs", "partition", "alpha", "aggregation", "min_peers", "schedule",
+                  "buffer_size", "max_updates", "time_budget")
 
 
 def _hyperparameters(hp_json: str | None, num_peers: int, **overrides: Any) -> Any:
@@ -218,6 +219,12 @@ def _hyperparameters(hp_json: str | None, num_peers: int, **overrides: Any) -> A
               help="Federated label skew: smaller is more skewed.")
 @click.option("--aggregation", type=click.Choice(["fedavg", "median", "trimmed_mean"]), help="Federated.")
 @click.option("--min-peers", type=click.IntRange(min=1), help="Federated: a round goes on with this many.")
+@click.option("--schedule", type=click.Choice(["sync", "async"]),
+              help="Federated: rounds (sync), or each update folded in as it comes (async).")
+@click.option("--buffer-size", type=click.IntRange(min=1), help="Async: updates folded together.")
+@click.option("--max-updates", type=click.IntRange(min=1), help="Async: tasks handed out in all.")
+@click.option("--time-budget", type=click.IntRange(min=1), metavar="SECONDS",
+              help="Async: no task is handed out after this.")
 @click.option("--detach", is_flag=True, help="Print the session's id and return instead of watching it.")
 @json_option
 @click.pass_obj

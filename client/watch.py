@@ -101,14 +101,26 @@ class Plan:
         self.rounds = fed.get("rounds", 1)
         self.local_epochs = fed.get("local_epochs", 1)
         self.epochs = {p["name"]: p.get("epochs") or 1 for p in session.get("peers", [])}
+        # Asynchronous: a peer does as many tasks as it is fast enough for; the global model gets a version
+        # every `buffer_size` updates (the last may fold fewer).
+        self.apart = fed.get("schedule") == "async"
+        self.unit = "version" if self.apart else "round"  # what the global model's steps are called
+        if self.apart:
+            self.rounds = -(-fed["max_updates"] // fed["buffer_size"])
 
     def total(self, peer: str) -> int:
+        if self.apart:
+            return self.local_epochs
         return self.rounds * self.local_epochs if self.federated else self.epochs.get(peer, 1)
 
     def done(self, beat: dict[str, Any]) -> int:
+        if self.apart:
+            return beat["epoch"]
         return beat["round"] * self.local_epochs + beat["epoch"] if self.federated else beat["epoch"]
 
     def step(self, beat: dict[str, Any]) -> str:
+        if self.apart:
+            return f"update {beat['round'] + 1} epoch {beat['epoch']}/{beat['epochs']}"
         if self.federated:
             return f"round {beat['round'] + 1}/{self.rounds} epoch {beat['epoch']}/{beat['epochs']}"
         return f"epoch {beat['epoch']}/{beat['epochs']}"
@@ -156,7 +168,7 @@ class Lines:
         if event.type == "heartbeat":
             self.say(f"{d['peer']} {plan.step(d)} {metrics(d)}")
         elif event.type == "round":
-            self.say(f"round {d['round'] + 1}/{plan.rounds} global model {metrics(d.get('metrics') or {})}"
+            self.say(f"{plan.unit} {d['round'] + 1}/{plan.rounds} global model {metrics(d.get('metrics') or {})}"
                      + "".join(f"; {peer} left out: {why}" for peer, why in (d.get("rejected") or {}).items()))
         elif event.type == "status":
             self.say(f"status {d['status']}" + (f": {d['reason']}" if d.get("reason") else ""))
@@ -196,7 +208,7 @@ class Bars(Lines):
         for peer in plan.epochs:
             self.tasks[peer] = self.progress.add_task(peer, total=plan.total(peer), step="waiting", metrics="")
         if plan.federated:
-            self.tasks[""] = self.progress.add_task("global", total=plan.rounds, step=f"round 0/{plan.rounds}",
+            self.tasks[""] = self.progress.add_task("global", total=plan.rounds, step=f"{plan.unit} 0/{plan.rounds}",
                                                     metrics="")
         self.progress.start()
 
@@ -206,9 +218,10 @@ class Bars(Lines):
             self.progress.update(self.tasks[d["peer"]], completed=plan.done(d), step=plan.step(d), metrics=metrics(d))
         elif event.type == "round" and "" in self.tasks:
             self.progress.update(self.tasks[""], completed=d["round"] + 1,
-                                 step=f"round {d['round'] + 1}/{plan.rounds}", metrics=metrics(d.get("metrics") or {}))
+                                 step=f"{plan.unit} {d['round'] + 1}/{plan.rounds}",
+                                 metrics=metrics(d.get("metrics") or {}))
             for peer, why in (d.get("rejected") or {}).items():
-                self.say(f"round {d['round'] + 1}: {peer} left out: {why}")
+                self.say(f"{plan.unit} {d['round'] + 1}: {peer} left out: {why}")
         elif event.type == "peer" and d.get("peer") in self.tasks:
             self.progress.update(self.tasks[d["peer"]], description=f"{d['peer']} {d['status'].lower()}"
                                  if d["status"] != "RUNNING" else d["peer"])

@@ -176,6 +176,12 @@ def lost(session: TrainingSession, peer: str, reason: str) -> None:
     """`peer` was given up on (and the session goes on): its task's share of the budget goes to the others."""
     if given_back := updates.lose_training(session.id, peer, reason):
         TrainingSession.objects(id=session.id).update_one(inc__plan__remaining=given_back)
+        # Peers that answered their last task while the budget looked spent are idle: they take it.
+        session.reload()
+        busy = set(updates.Update.objects(session_id=session.id, status=updates.TRAINING).distinct("peer"))
+        for run in session.peers:
+            if run.status != sessions.FAILED and run.name not in busy and not dispatch(session.id, run.name):
+                break
     settle_buffer(session.id)
 
 

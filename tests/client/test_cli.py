@@ -33,6 +33,7 @@ def run(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
         (["start", str(WINE), "--peers", "2", "--hp", '[{"epochs": 2}]'], "one object per peer (2); got 1"),
         (["start", str(WINE), "--peers", "2", "--mode", "federated", "--epochs", "3"], "--epochs is for sweeps"),
         (["start", str(WINE), "--peers", "2", "--rounds", "3"], "--rounds: only for --mode federated"),
+        (["start", str(WINE), "--peers", "2", "--schedule", "async"], "--schedule: only for --mode federated"),
         (["start", str(WINE), "--peers", "2"], "not signed in to http://127.0.0.1:8000"),
         (["sessions"], "run `peertrain login --email EMAIL` first"),
         (["login", "--email", "ann@example.com"], "give --password or set PEERTRAIN_PASSWORD"),

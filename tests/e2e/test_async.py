@@ -97,3 +97,49 @@ def test_a_slow_peer_never_blocks_the_others_and_its_stale_updates_count_less(pl
         fleet.stop()
         wait_until(lambda: Peer.objects(name__in=names, status__ne="OFFLINE").count() == 0, 60,
                    "the simulated peers OFFLINE")
+
+
+def test_a_peer_killed_mid_task_is_left_out_and_its_share_of_the_budget_goes_to_the_others(platform, tmp_path):
+    names = [f"asyncdead{conftest.RUN_ID}{i}" for i in range(3)]
+    doomed = f"asyncdead{conftest.RUN_ID}x"
+    settings = Settings.from_env()
+    options = Options(settings.event_exchange, settings.results_queue, epoch_seconds=0.4)
+    healthy = Fleet({name: platform.register(name)["BROKER_URL"] for name in names}, options, processes=1)
+    # Alone in its process, twice as slow: it is still training when it is killed.
+    dying = Fleet({doomed: platform.register(doomed)["BROKER_URL"]},
+                  Options(options.event_exchange, options.results_exchange, epoch_seconds=0.4,
+                          slowdown={doomed: 2.0}), processes=1)
+    healthy.start()
+    dying.start()
+    try:
+        everyone = [*names, doomed]
+        wait_until(lambda: Peer.objects(name__in=everyone, status="ONLINE").count() == 4, 60, "the peers ONLINE")
+        others = Peer.objects(status="ONLINE", name__nin=everyone).count()
+        num_peers = 4 + others
+        user = platform.user()
+        csv = blobs_csv(tmp_path / "blobs.csv", rows=600, features=4, classes=2)
+        response = user.start(csv, num_peers=num_peers, mode="federated", schedule="async", rounds=5,
+                              local_epochs=2, min_peers=num_peers - 1,
+                              hyperparameters=json.dumps({"hidden": [8]}))
+        assert response.status_code == 202, response.text
+        session_id = response.json()["session_id"]
+        wait_until(lambda: any(t.session == session_id for t in dying.seen()[0][doomed]), 30,
+                   "the doomed peer to take its task")
+        dying.kill()
+
+        session = user.wait_finished(session_id, timeout=120)
+        assert session["status"] == "COMPLETED", session["reason"]
+        run = next(p for p in session["peers"] if p["name"] == doomed)
+        assert run["status"] == "FAILED" and "offline" in run["error"], run
+        tasks = user.get(f"/sessions/{session_id}/updates").json()["items"]
+        lost = [t for t in tasks if t["status"] == "LOST"]
+        assert [t["peer"] for t in lost] == [doomed] and "offline" in lost[0]["reason"]
+        # The whole budget was trained all the same: its lost task was handed to a live peer.
+        assert sum(t["status"] == "FOLDED" for t in tasks) == 5 * num_peers
+        assert {t["status"] for t in tasks} == {"FOLDED", "LOST"}
+        versions = user.get(f"/sessions/{session_id}/rounds").json()["items"]
+        assert any(when(v["finished_at"]) > when(lost[0]["received_at"]) for v in versions), "it went on"
+    finally:
+        healthy.stop()
+        wait_until(lambda: Peer.objects(name__in=names, status__ne="OFFLINE").count() == 0, 60,
+                   "the simulated peers OFFLINE")

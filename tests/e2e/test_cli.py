@@ -86,6 +86,20 @@ def test_start_watches_a_sweep_to_the_end_and_exits_0(platform, two_peers, cli, 
     assert model.read_bytes() == served.content
 
 
+def test_an_asynchronous_session_is_started_and_watched_to_the_end(platform, two_peers, cli):
+    done = cli("start", str(WINE), "--peers", "2", "--mode", "federated", "--schedule", "async", "--buffer-size", "1",
+               "--max-updates", "6", "--local-epochs", "2")
+    assert done.returncode == 0, done.stderr
+    text = done.stdout.splitlines()
+    assert text[-1].startswith("COMPLETED"), text[-3:]
+    # Each peer's tasks are numbered for the session (update 1..6 between them), two epochs each.
+    updates = sorted(int(line.split()[2]) for line in text if line.split()[1:2] == ["update"]
+                     and line.split()[4] == "2/2")
+    assert updates == list(range(1, 7)), text
+    versions = [line for line in text if line.startswith("version ")]
+    assert len(versions) == 6 and versions[-1].startswith("version 6/6 global model"), versions
+
+
 def test_a_failed_session_exits_1(platform, two_peers, cli, unique):
     broken = unique("clibroken")
     # It cannot fetch the data: its requests go through a proxy that refuses them.
