@@ -237,6 +237,29 @@ def test_a_federated_session_draws_the_global_model_round_by_round(platform, two
         visit.close()
 
 
+def test_an_asynchronous_session_draws_the_global_model_version_by_version(platform, two_peers, browser):
+    user = platform.user()
+    started = user.start(DIGITS, num_peers=2, mode="federated", schedule="async", buffer_size=1, max_updates=4,
+                         local_epochs=2, hyperparameters=json.dumps({"learning_rate": 0.003, "hidden": [64]}))
+    assert started.status_code == 202, started.text
+    session_id = started.json()["session_id"]
+    visit = Visit(browser, platform.base_url, LAPTOP, token=user.http.headers["Authorization"].split()[1])
+    try:
+        visit.page.goto(f"{platform.base_url}/#/sessions/{session_id}")
+        visit.page.wait_for_selector("#status[data-status=COMPLETED]", timeout=120_000)
+        page = visit.page.inner_text("main")
+        assert "Global model, version by version" in page
+        assert "async: 4 updates of 2 local epochs, folded 1 at a time" in page
+        # Each peer's last task, by its number among the session's four.
+        runs = visit.page.inner_text("#peer-runs")
+        assert runs.count(" · epoch 2/2") == 2 and "update 4 · epoch 2/2" in runs, runs
+        assert "Result global model: val_accuracy" in visit.page.inner_text("#results")
+        visit.shot("laptop-9-asynchronous")
+        visit.check()
+    finally:
+        visit.close()
+
+
 def test_the_api_docs_render_offline(platform, browser):
     visit = Visit(browser, platform.base_url, LAPTOP)
     try:

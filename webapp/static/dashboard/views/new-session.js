@@ -152,6 +152,12 @@ export async function newSessionView(root, signal) {
       ["trimmed_mean", "trimmed mean"]], "fedavg")),
     field("Minimum peers", h("input", { type: "number", name: "min_peers", min: "1", max: "64",
       placeholder: "all" }), "a round goes on with this many"),
+    field("Schedule", select("schedule", [["sync", "rounds (sync)"], ["async", "asynchronous"]], "sync"),
+      "async: no peer waits for the slowest"),
+    field("Buffer size", h("input", { type: "number", name: "buffer_size", min: "1", max: "64",
+      placeholder: "half the peers" }), "async: updates folded together"),
+    field("Updates in all", h("input", { type: "number", name: "max_updates", min: "1",
+      placeholder: "rounds × peers" }), "async: tasks handed out"),
   );
   const problem = h("div", { id: "start-problem" });
   const startButton = h("button", { type: "submit", class: "primary", disabled: true }, "Start training");
@@ -230,7 +236,9 @@ export async function newSessionView(root, signal) {
     const hp = state.perPeer ? state.hpEach.map((v) => parseHp(v, isFederated)) : parseHp(state.hpAll, isFederated);
     data.append("hyperparameters", JSON.stringify(hp));
     if (isFederated) {
-      for (const name of ["rounds", "local_epochs", "partition", "aggregation", "min_peers"]) {
+      const asynchronous = form.elements.schedule.value === "async";
+      for (const name of ["rounds", "local_epochs", "partition", "aggregation", "min_peers", "schedule",
+        ...(asynchronous ? ["buffer_size", "max_updates"] : [])]) {
         const value = form.elements[name].value;
         if (value !== "") data.append(name, value);
       }

@@ -21,6 +21,8 @@ class SessionPage {
     this.path = path;
     this.signal = signal;
     this.federated = session.mode === "federated";
+    // Asynchronous: no rounds; the global model gets a version every `buffer_size` updates.
+    this.apart = this.federated && session.federated.schedule === "async";
     this.regression = session.task === "regression";
     this.peers = new Map(session.peers.map((p, i) => [p.name, { ...p, color: PALETTE[i % PALETTE.length] }]));
     this.rowsFrame = 0;
@@ -39,17 +41,19 @@ class SessionPage {
           h("h1", {}, `Session `, h("span", { class: "mono" }, session.id.slice(-8)), " ", this.status),
           this.connection),
         this.facts, this.reason, this.actions, this.results),
-      h("section", { class: "card" }, h("h2", {}, this.federated ? "Global model, round by round" : "Curves"), charts),
+      h("section", { class: "card" }, h("h2", {}, this.apart ? "Global model, version by version"
+        : this.federated ? "Global model, round by round" : "Curves"), charts),
       h("section", { class: "card" }, h("h2", {}, "Peers"),
         h("div", { class: "scroll" }, h("table", { class: "list", id: "peer-runs" },
           h("thead", {}, h("tr", {}, ["Peer", "Status", "Progress", "Loss", this.metricName(), "Samples/s",
             "Settings"].map((t) => h("th", {}, t)))),
           this.rows))),
     );
-    const x = this.federated ? "round" : "epoch";
-    const xValue = this.federated ? (v) => (Number.isInteger(v) ? `round ${v}` : number(v, 3)) : undefined;
-    const xRange = this.federated ? [0, session.federated.rounds]
-      : [1, Math.max(2, ...session.peers.map((p) => p.epochs || 1))];
+    const x = this.apart ? "version" : this.federated ? "round" : "epoch";
+    const xValue = this.federated ? (v) => (Number.isInteger(v) ? `${x} ${v}` : number(v, 3)) : undefined;
+    const fed = session.federated || {};
+    const xRange = this.apart ? [0, Math.ceil(fed.max_updates / fed.buffer_size)]
+      : this.federated ? [0, fed.rounds] : [1, Math.max(2, ...session.peers.map((p) => p.epochs || 1))];
     const common = { xLabel: x, xValue, xRange };
     this.loss = new LineChart(charts, { title: "Loss", yLabel: "loss", ...common });
     this.metric = this.regression
@@ -136,7 +140,9 @@ class SessionPage {
     for (const key of PROGRESS) if (key in beat) peer[key] = beat[key];
     if (peer.status === "PENDING") peer.status = "RUNNING";
     // Federated: a peer's local epochs fill the space between two rounds of the global model.
-    const x = this.federated ? beat.round + beat.epoch / beat.epochs : beat.epoch;
+    // Asynchronous: task n ends about when version n / buffer_size is made.
+    const x = this.apart ? (beat.round + beat.epoch / beat.epochs) / this.session.federated.buffer_size
+      : this.federated ? beat.round + beat.epoch / beat.epochs : beat.epoch;
     this.loss.point(`${beat.peer}:train`, x, beat.loss);
     if (!this.federated) this.loss.point(`${beat.peer}:val`, x, beat.val_loss);
     if (this.regression) {
@@ -159,7 +165,10 @@ class SessionPage {
     this.status.replaceChildren(badge(s.status));
     this.status.id = "status";
     this.status.dataset.status = s.status;
-    const settings = this.federated
+    const settings = this.apart
+      ? `async: ${s.federated.max_updates} updates of ${s.federated.local_epochs} local epochs, folded `
+        + `${s.federated.buffer_size} at a time, ${s.federated.partition}, ${s.federated.aggregation}`
+      : this.federated
       ? `${s.federated.rounds} rounds × ${s.federated.local_epochs} local epochs, ${s.federated.partition}, `
         + `${s.federated.aggregation}`
       : `${s.peers.length} peers, each its own settings`;
@@ -212,7 +221,11 @@ class SessionPage {
       let done = 0;
       let total = 1;
       let label = "waiting";
-      if (this.federated && p.epochs) {
+      if (this.apart) {
+        total = fed.local_epochs;
+        done = p.epoch || 0;
+        if (p.epoch) label = `update ${p.round + 1} · epoch ${p.epoch}/${fed.local_epochs}`;
+      } else if (this.federated && p.epochs) {
         total = fed.rounds * fed.local_epochs;
         done = Math.min(total, p.epoch ? p.round * fed.local_epochs + p.epoch : 0);
         if (p.epoch) label = `round ${p.round + 1}/${fed.rounds} · epoch ${p.epoch}/${fed.local_epochs}`;
