@@ -257,16 +257,21 @@ def current_task(task_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
 
 
 def record_runs(session_id: ObjectId, position: dict[str, int], changes: dict[str, dict[str, Any]],
-                before: dict[str, str] | None = None, added: dict[str, dict[str, int]] | None = None) -> None:
+                before: dict[str, str] | None = None, added: dict[str, dict[str, int]] | None = None,
+                active_only: bool = False) -> None:
     """Set fields of several peers' runs in one update (`changes[peer]`: field -> value, `status` among them),
-    and add to counters (`added`); a peer whose `status` differs from `before` gets its `peer` event."""
+    and add to counters (`added`); a peer whose `status` differs from `before` gets its `peer` event.
+    `active_only`: only while the session is active (a finished session's record no longer changes)."""
     sets = {f"peers.{position[name]}.{field}": value for name, fields in changes.items()
             for field, value in fields.items()}
     incs = {f"peers.{position[name]}.{field}": value for name, fields in (added or {}).items()
             for field, value in fields.items() if value}
     if not sets and not incs:
         return
-    _collection().update_one({"_id": ObjectId(session_id)}, {"$set": sets, **({"$inc": incs} if incs else {})})
+    query: dict[str, Any] = {"_id": ObjectId(session_id)}
+    if active_only:
+        query["status"] = {"$in": list(ACTIVE)}
+    _collection().update_one(query, {"$set": sets, **({"$inc": incs} if incs else {})})
     changed = [events.peer(name, fields["status"], fields.get("error")) for name, fields in changes.items()
                if "status" in fields and (before is None or before.get(name) != fields["status"])]
     if changed:
@@ -279,9 +284,9 @@ def run_of_task(session: TrainingSession, task_id: str) -> PeerRun | None:
 
 
 def record_progress(session_id: ObjectId, peer: str, fields: dict[str, Any]) -> None:
-    """Set a peer's latest progress (from its newest heartbeat) on the session."""
+    """Set a peer's latest progress (from its newest heartbeat) on the session, while it is active."""
     updates = {f"set__peers__S__{name}": value for name, value in fields.items()}
-    TrainingSession.objects(id=session_id, peers__name=peer).update_one(**updates)
+    TrainingSession.objects(id=session_id, peers__name=peer, status__in=ACTIVE).update_one(**updates)
 
 
 def assignments(session_id: ObjectId) -> dict[str, Any] | None:

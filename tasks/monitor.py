@@ -234,7 +234,9 @@ class Monitor:
                         for peer, beat in beats.items()}
             found = self._session(session_id)
             position = {name: at for name, (at, *_) in found["peers"].items()} if found else {}
-            sessions.record_runs(session_id, position, {p: f for p, f in progress.items() if p in position})
+            # Heartbeats that arrive as a session ends are stored, but its record no longer changes.
+            sessions.record_runs(session_id, position, {p: f for p, f in progress.items() if p in position},
+                                 active_only=True)
             for peer in progress.keys() - position.keys():
                 sessions.record_progress(session_id, peer, progress[peer])
         if len(self._progress_at) > 10_000:

@@ -101,6 +101,44 @@ def test_heartbeats_are_stored_once_and_show_as_progress(db):
     assert Heartbeat.objects(session_id=session.id).count() == 3
 
 
+def test_heartbeats_that_come_as_a_session_ends_are_stored_but_its_record_stays_as_it_ended(db):
+    online("a")
+    session = make_session(["a"])
+    monitor = Monitor(peer_timeout=10)
+    monitor.on_event(heartbeat(session, "a", 1), "peer.a")
+    monitor.flush()
+    monitor.on_event(heartbeat(session, "a", 2), "peer.a")  # believed: the session is running
+    assert sessions.finish(session.id, sessions.COMPLETED)
+    ended = TrainingSession.objects.get(id=session.id).to_mongo()
+    time.sleep(0.3)  # past the progress throttle: this flush would write progress
+    assert monitor.flush() == 1
+    assert Heartbeat.objects(session_id=session.id).count() == 2
+    assert TrainingSession.objects.get(id=session.id).to_mongo() == ended
+
+
+def test_an_asynchronous_peer_heartbeats_for_its_own_current_task(db):
+    """No common round: each peer's heartbeats name its own task's number, taken from its task id."""
+    online("a", "b")
+    session = make_session(["a", "b"], mode=sessions.FEDERATED,
+                           federated={"schedule": "async", "local_epochs": 3})
+    position = sessions.positions(session)
+    sessions.record_runs(session.id, position, {"a": {"task_id": f"{session.id}:3:x"},
+                                                "b": {"task_id": f"{session.id}:7:y"}})
+    monitor = Monitor(peer_timeout=10)
+    monitor.on_event(heartbeat(session, "a", 1, round=3), "peer.a")
+    monitor.on_event(heartbeat(session, "b", 1, round=7), "peer.b")
+    monitor.on_event(heartbeat(session, "a", 1, round=7), "peer.a")  # b's task, not a's
+    assert monitor.dropped["not its task"] == 1
+    # a answered and was given task 6 (numbered before b's 7, recorded after): believed at once all the same.
+    sessions.record_runs(session.id, position, {"a": {"task_id": f"{session.id}:6:z"}})
+    time.sleep(0.15)
+    monitor.on_event(heartbeat(session, "a", 1, round=6), "peer.a")
+    assert monitor.dropped["not its task"] == 1
+    assert monitor.flush() == 3
+    assert sorted((h.peer, h.round) for h in Heartbeat.objects(session_id=session.id)) == [
+        ("a", 3), ("a", 6), ("b", 7)]
+
+
 @pytest.mark.parametrize(("peer", "sender", "session_round", "epoch", "why"), [
     ("b", "peer.b", 0, 1, "not its task"),          # b is registered but not in this session
     ("a", "peer.b", 0, 1, "not its own heartbeat"),  # b writes in a's name
