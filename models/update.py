@@ -81,6 +81,11 @@ def folded(session_id: ObjectId, seq: int, version: int, staleness: int, weight:
         set__status=FOLDED, set__version=version, set__staleness=staleness, set__weight=weight)
 
 
+def sent_after(session_id: ObjectId, peer: str, seq: int) -> bool:
+    """True if `peer` was handed a task after task `seq` (its answer to `seq` has been acted on)."""
+    return Update.objects(session_id=session_id, peer=peer, seq__gt=seq).count() > 0
+
+
 def lose_training(session_id: ObjectId, peer: str, reason: str) -> int:
     """The peer's tasks still out are given up on; returns how many."""
     return Update.objects(session_id=session_id, peer=peer, status=TRAINING).update(

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 ASYNC = "async"
 # A fold that has not let go of its lease after this long died with it; the next one takes over.
-LEASE_SECONDS = 120
+LEASE_SECONDS = 30
 
 
 def is_async(session: TrainingSession | dict[str, Any]) -> bool:
@@ -112,29 +112,39 @@ def _send(session: TrainingSession, tasks: list[dict[str, Any]], global_url: str
 # --- a peer reported ----------------------------------------------------------------------------
 
 def receive(session: TrainingSession, task_id: str, result: dict[str, Any]) -> None:
-    """Buffer (or reject) the update of task `task_id`, fold if the buffer is full, hand the peer its next task."""
+    """Buffer (or reject) the update of task `task_id`, fold if the buffer is full, hand the peer its next task.
+
+    Safe to run again for the same task (a redelivered `update` whose first run died midway): the update
+    moves once, and the peer gets one next task, however often this runs."""
     seq = int(task_id.split(":")[1])
     update = updates.of_task(session.id, seq)
     if update is None or update.task_id != task_id or update.peer != result["peer"]:
         log.warning("session %s: no task %s of peer %s; result dropped", session.id, task_id, result["peer"])
         return
-    if update.status != updates.TRAINING:
-        return  # received already (a redelivered message)
-    peer, plan = update.peer, session.plan
-    samples = plan["shard_rows"][peer]
-    read = _read(session, seq, peer)
-    info = {"metrics": result["final"], "seconds": result["seconds"]}
-    if isinstance(read, str):
-        settled = updates.settle(session.id, seq, updates.REJECTED, reason=read, **info)
-        log.warning("session %s: update %s of peer %s rejected: %s", session.id, seq, peer, read)
-    else:
-        settled = updates.settle(session.id, seq, updates.BUFFERED, samples=samples, **info)
-    if not settled:
-        return
-    record_results(session, [result], sessions.RUNNING, samples={peer: samples})
+    peer = update.peer
+    if update.status == updates.LOST:
+        return  # given up on meanwhile: its share of the budget went to another peer
+    if update.status == updates.TRAINING:
+        samples = session.plan["shard_rows"][peer]
+        read = _read(session, seq, peer)
+        info = {"metrics": result["final"], "seconds": result["seconds"]}
+        if isinstance(read, str):
+            settled = updates.settle(session.id, seq, updates.REJECTED, reason=read, **info)
+            log.warning("session %s: update %s of peer %s rejected: %s", session.id, seq, peer, read)
+        else:
+            settled = updates.settle(session.id, seq, updates.BUFFERED, samples=samples, **info)
+        if settled:
+            record_results(session, [result], sessions.RUNNING, samples={peer: samples})
     settle_buffer(session.id)
-    dispatch(session.id, peer)
+    if not updates.sent_after(session.id, peer, seq):
+        dispatch(session.id, peer)
     settle_buffer(session.id)  # the last task may have been answered: the session may be done
+
+
+def stalled(session_id: Any) -> bool:
+    """Work waits while another holds the fold lease (it may have died with it: look again later)."""
+    doc = TrainingSession._get_collection().find_one({"_id": session_id}, {"plan.folding": 1})
+    return bool(doc and (doc.get("plan") or {}).get("folding")) and _waiting(session_id)
 
 
 def _read(session: TrainingSession, seq: int, peer: str) -> dict[str, torch.Tensor] | str:

@@ -161,8 +161,8 @@ def peer_lost(session_id: str, peer: str, round_: int, reason: str) -> None:
     give_up_on(session, run, reason)
 
 
-@app.task(name="peertrain.update", **RELIABLE, **TRANSIENT)
-def update(session_id: str, task_id: str, result: dict[str, Any]) -> None:
+@app.task(name="peertrain.update", bind=True, **RELIABLE, **TRANSIENT)
+def update(self, session_id: str, task_id: str, result: dict[str, Any]) -> None:
     """An asynchronous session's peer reported (the collector checked it): buffer, fold, hand it its next task."""
     session = _session(session_id)
     if session is None or session.finished:
@@ -175,6 +175,10 @@ def update(session_id: str, task_id: str, result: dict[str, Any]) -> None:
         lifecycle.end(session_id, sessions.FAILED, f"the coordinator could not take an update: "
                                                    f"{type(exc).__name__}: {exc}")
         raise
+    if buffered.stalled(session.id):
+        # Whoever holds the fold lease looks again when it lets go; if it died holding it, this run
+        # comes back once the lease has expired and does the work itself.
+        raise self.retry(countdown=buffered.LEASE_SECONDS / 2, max_retries=12)
 
 
 @app.task(name="peertrain.round_failed", **RELIABLE)

@@ -135,6 +135,68 @@ def test_an_aggregate_delivered_twice_records_its_round_once(platform, two_peers
             (r, 1) for r in range(4)]
 
 
+def test_an_asynchronous_update_delivered_twice_hands_its_peer_one_next_task(platform, two_peers, digits_csv):
+    """A redelivered `update` (its coordinator died after running it) must not buffer the update twice or
+    give the peer a second task at once (its first would never be answered: the session would hang)."""
+    from celery.signals import before_task_publish
+
+    from tasks.celery import app
+
+    sent: list[tuple] = []
+
+    def capture(sender=None, body=None, headers=None, **_):
+        if sender == "peertrain.update" and not sent:
+            sent.append(body[0])
+
+    before_task_publish.connect(capture, weak=False)
+    try:
+        user = platform.user()
+        session_id = user.start(digits_csv, num_peers=2, schedule="async", max_updates=8, local_epochs=1,
+                                **FEDERATED).json()["session_id"]
+        wait_until(lambda: sent, 60, "the first update to be sent")
+        seq = int(sent[0][1].split(":")[1])
+
+        def acted_on():
+            tasks = user.get(f"/sessions/{session_id}/updates").json()["items"]
+            peer = tasks[seq]["peer"]
+            return tasks[seq]["status"] != "TRAINING" and any(t["peer"] == peer and t["seq"] > seq for t in tasks)
+
+        wait_until(acted_on, 60, "the first update to be taken and its peer given its next task")
+        app.send_task("peertrain.update", args=list(sent[0]), queue=app.conf.task_default_queue)
+        session = user.wait_finished(session_id, timeout=120)
+    finally:
+        before_task_publish.disconnect(capture)
+    assert session["status"] == "COMPLETED", (session["reason"], session["peers"])
+    tasks = user.get(f"/sessions/{session_id}/updates").json()["items"]
+    assert len(tasks) == 8 and {t["status"] for t in tasks} == {"FOLDED"}
+    assert sum(len(r["updates"]) for r in session["rounds"]) == 8  # each folded once
+    for peer in two_peers:  # one task at a time: each handed out after the one before was answered
+        mine = [t for t in tasks if t["peer"] == peer]
+        assert all(a["received_at"] <= b["dispatched_at"] for a, b in zip(mine, mine[1:], strict=False)), mine
+
+
+def test_an_asynchronous_session_goes_on_when_its_fold_lease_was_left_by_a_dead_coordinator(platform, two_peers,
+                                                                                            digits_csv, monkeypatch):
+    from models import TrainingSession, utcnow
+    from tasks import buffered
+
+    monkeypatch.setattr(buffered, "LEASE_SECONDS", 3)
+    user = platform.user()
+    session_id = user.start(digits_csv, num_peers=2, schedule="async", max_updates=8, local_epochs=1,
+                            **FEDERATED).json()["session_id"]
+    wait_until(lambda: user.session(session_id)["rounds"], 60, "a first version")
+    # A coordinator took the lease to fold, then died: nobody lets go of it.
+    left = utcnow()
+    TrainingSession.objects(id=session_id).update_one(set__plan__folding=left)
+    session = user.wait_finished(session_id, timeout=90)
+    assert session["status"] == "COMPLETED", (session["reason"], session["peers"])
+    tasks = user.get(f"/sessions/{session_id}/updates").json()["items"]
+    assert len(tasks) == 8 and {t["status"] for t in tasks} == {"FOLDED"}
+    # Folds waited for the lease to expire, then went on.
+    later = [r for r in session["rounds"] if r["finished_at"] > left.isoformat()]
+    assert later, session["rounds"]
+
+
 def test_a_sweep_with_a_quorum_completes_with_the_peers_that_finished(platform, two_peers, digits_csv, unique):
     broken = unique("sweepbroken")
     # It cannot reach storage: its task fails after a few quick retries.
