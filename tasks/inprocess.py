@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass, field
 
 from celery import Celery
+from celery.utils import timer2
 from celery.worker import WorkController
 from celery.worker import state as worker_state
 
@@ -24,6 +25,18 @@ class ThreadWorker(WorkController):
 
     def on_consumer_ready(self, consumer) -> None:
         self.ready.set()
+
+
+def _timer_of(app: Celery) -> type[timer2.Timer]:
+    """The worker's timer thread, running under `app`: a task retried with a countdown (an ETA) runs in
+    that thread, and Celery finds its task under the thread's current app (or fails: NotRegistered)."""
+
+    class AppTimer(timer2.Timer):
+        def run(self) -> None:
+            app.set_current()
+            super().run()
+
+    return AppTimer
 
 
 @dataclass
@@ -41,7 +54,7 @@ class InProcessWorkers:
         worker = ThreadWorker(
             app=app, hostname=hostname, queues=[queue], pool="solo", concurrency=1,
             without_heartbeat=False, without_mingle=True, without_gossip=True, task_events=True,
-            loglevel=loglevel, ready_callback=None,
+            loglevel=loglevel, ready_callback=None, timer_cls=_timer_of(app),
             # Several workers in one process must not share one event loop: on a real broker the
             # shared connection state corrupts (UnexpectedFrame).
             use_eventloop=False,

@@ -99,6 +99,37 @@ def test_a_slow_peer_never_blocks_the_others_and_its_stale_updates_count_less(pl
                    "the simulated peers OFFLINE")
 
 
+def test_a_time_budget_ends_the_session_with_what_was_trained_by_then(platform, tmp_path):
+    names = [f"asyncbudget{conftest.RUN_ID}{i}" for i in range(2)]
+    settings = Settings.from_env()
+    fleet = Fleet({name: platform.register(name)["BROKER_URL"] for name in names},
+                  Options(settings.event_exchange, settings.results_queue, epoch_seconds=0.2), processes=1)
+    fleet.start()
+    try:
+        wait_until(lambda: Peer.objects(name__in=names, status="ONLINE").count() == 2, 60, "the peers ONLINE")
+        num_peers = 2 + Peer.objects(status="ONLINE", name__nin=names).count()
+        user = platform.user()
+        csv = blobs_csv(tmp_path / "blobs.csv", rows=400, features=4, classes=2)
+        response = user.start(csv, num_peers=num_peers, mode="federated", schedule="async", max_updates=10_000,
+                              time_budget=3, local_epochs=1, hyperparameters=json.dumps({"hidden": [8]}))
+        assert response.status_code == 202, response.text
+        session_id = response.json()["session_id"]
+        session = user.wait_finished(session_id, timeout=60)
+        assert session["status"] == "COMPLETED", session["reason"]
+        tasks = user.get(f"/sessions/{session_id}/updates").json()["items"]
+        # Far fewer than the 10,000 allowed: none was handed out after the budget; each one out then was
+        # answered and folded.
+        assert num_peers <= len(tasks) < 100 and {t["status"] for t in tasks} == {"FOLDED"}
+        started = when(session["started_at"])
+        assert all((when(t["dispatched_at"]) - started).total_seconds() < 3 for t in tasks)
+        assert (when(session["finished_at"]) - started).total_seconds() < 3 + 10
+        assert session["results"]["versions"] == len(session["rounds"]) >= 1
+    finally:
+        fleet.stop()
+        wait_until(lambda: Peer.objects(name__in=names, status__ne="OFFLINE").count() == 0, 60,
+                   "the simulated peers OFFLINE")
+
+
 def test_a_peer_killed_mid_task_is_left_out_and_its_share_of_the_budget_goes_to_the_others(platform, tmp_path):
     names = [f"asyncdead{conftest.RUN_ID}{i}" for i in range(3)]
     doomed = f"asyncdead{conftest.RUN_ID}x"
