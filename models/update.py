@@ -92,5 +92,11 @@ def lose_training(session_id: ObjectId, peer: str, reason: str) -> int:
         set__status=LOST, set__reason=reason, set__received_at=utcnow())
 
 
+def give_up_all(session_id: ObjectId, reason: str) -> int:
+    """The session ended: every task still out is LOST; returns how many."""
+    return Update.objects(session_id=session_id, status=TRAINING).update(
+        set__status=LOST, set__reason=reason, set__received_at=utcnow())
+
+
 def for_session(session_id: ObjectId) -> Any:
     return Update.objects(session_id=session_id).order_by("seq")

@@ -14,6 +14,7 @@ from bson import ObjectId
 from models import TrainingSession
 from models import peer as peers
 from models import session as sessions
+from models import update as updates
 from tasks import feed, protocol
 from tasks.celery import app
 
@@ -51,6 +52,8 @@ def end(session_id: str | ObjectId, status: str, reason: str | None = None, **fi
             if run.status in sessions.ACTIVE:
                 # The culprit of a failure was recorded already; the others were stopped, not failed.
                 sessions.record_peer_result(session_id, run.name, sessions.CANCELLED)
+        # An asynchronous session's tasks still out will not be folded.
+        updates.give_up_all(session_id, f"the session ended {status}" + (f": {reason}" if reason else ""))
     released = peers.release(session_id)
     if not sessions.finish(session_id, status, reason, **fields):
         return False

@@ -130,6 +130,33 @@ def test_a_time_budget_ends_the_session_with_what_was_trained_by_then(platform, 
                    "the simulated peers OFFLINE")
 
 
+def test_a_cancelled_asynchronous_session_shows_no_task_still_training(platform, tmp_path):
+    names = [f"asynccancel{conftest.RUN_ID}{i}" for i in range(2)]
+    settings = Settings.from_env()
+    fleet = Fleet({name: platform.register(name)["BROKER_URL"] for name in names},
+                  Options(settings.event_exchange, settings.results_queue, epoch_seconds=1.0), processes=1)
+    fleet.start()
+    try:
+        wait_until(lambda: Peer.objects(name__in=names, status="ONLINE").count() == 2, 60, "the peers ONLINE")
+        num_peers = 2 + Peer.objects(status="ONLINE", name__nin=names).count()
+        user = platform.user()
+        csv = blobs_csv(tmp_path / "blobs.csv", rows=400, features=4, classes=2)
+        session_id = user.start(csv, num_peers=num_peers, mode="federated", schedule="async", local_epochs=3,
+                                hyperparameters=json.dumps({"hidden": [8]})).json()["session_id"]
+        wait_until(lambda: user.get(f"/sessions/{session_id}/updates").json()["items"], 30, "tasks handed out")
+        assert user.post(f"/sessions/{session_id}/cancel").status_code == 202
+        session = user.wait_finished(session_id, timeout=30)
+        assert session["status"] == "CANCELLED"
+        tasks = user.get(f"/sessions/{session_id}/updates").json()["items"]
+        assert tasks and all(t["status"] == "LOST" and "ended CANCELLED" in t["reason"] for t in tasks
+                             if t["status"] not in ("FOLDED", "BUFFERED")), tasks
+        wait_until(lambda: Peer.objects(name__in=names, status="ONLINE").count() == 2, 30, "the peers free again")
+    finally:
+        fleet.stop()
+        wait_until(lambda: Peer.objects(name__in=names, status__ne="OFFLINE").count() == 0, 60,
+                   "the simulated peers OFFLINE")
+
+
 def test_a_peer_killed_mid_task_is_left_out_and_its_share_of_the_budget_goes_to_the_others(platform, tmp_path):
     names = [f"asyncdead{conftest.RUN_ID}{i}" for i in range(3)]
     doomed = f"asyncdead{conftest.RUN_ID}x"
