@@ -44,6 +44,7 @@ class Options:
     epoch_seconds: float = 0.0  # simulated training time of one local epoch (heartbeats this far apart)
     transfers: int = 16  # grant transfers one process runs at once
     slowdown: dict[str, float] = field(default_factory=dict)  # peer name -> how many times slower its epochs are
+    spoil: frozenset[str] = frozenset()  # peers that upload weights full of NaN (a hostile or broken peer)
 
     def epoch_time(self, name: str) -> float:
         return self.epoch_seconds * self.slowdown.get(name, 1.0)
@@ -147,7 +148,8 @@ class SimulatedPeer:
         self.seen.append(Seen(session, round_, received))
         loop = asyncio.get_running_loop()
         began = time.time()
-        update = await loop.run_in_executor(self.pool, _update, spec, hash((self.name, round_)) & 0xFFFF)
+        update = await loop.run_in_executor(self.pool, _update, spec, hash((self.name, round_)) & 0xFFFF,
+                                            self.name in self.options.spoil)
         await self.event("task-started", uuid=task_id)
         history = []
         for epoch in range(1, hp["epochs"] + 1):
@@ -165,8 +167,9 @@ class SimulatedPeer:
                 "seconds": time.time() - began, "stopped": False, "device": "simulated"}
 
 
-def _update(spec: dict[str, Any], seed: int) -> bytes:
-    """The round's global weights, fetched through the task's grant, moved a little (a valid, finite update)."""
+def _update(spec: dict[str, Any], seed: int, spoil: bool = False) -> bytes:
+    """The round's global weights, fetched through the task's grant, moved a little (a valid, finite update;
+    NaN everywhere when `spoil`)."""
     import torch
 
     from tasks import transfer
@@ -179,6 +182,8 @@ def _update(spec: dict[str, Any], seed: int) -> bytes:
     state = state_from_bytes(transfer.fetch(spec["initial_weights"], max_state_bytes(config)), config)
     generator = torch.Generator().manual_seed(seed)
     moved = {k: v + 1e-3 * torch.randn(v.shape, generator=generator) for k, v in state.items()}
+    if spoil:
+        moved = {k: torch.full_like(v, float("nan")) for k, v in moved.items()}
     return state_to_bytes(moved, {"round": spec["round"]})
 
 

@@ -1,8 +1,8 @@
 """Asynchronous federated sessions (`schedule=async`): no round waits for the slowest peer.
 
 Every peer gets a `train` task at once, from the current global weights. When a peer reports,
-`receive` checks its weights (as a round would: the coordinator's own key, size-capped, shapes,
-finite values) and buffers the update; as soon as `buffer_size` (K) updates wait, they are folded
+`receive` buffers its update; as soon as `buffer_size` (K) updates wait, their weights are read and
+checked as a round checks them (the coordinator's own key, size-capped, shapes, finite values) and folded
 into a new global version (trainer/staleness.py: each change weighted down by how many versions old
 its starting weights are), which is evaluated on the held-out rows and recorded like a round. That
 peer is handed its next task at once, from the newest global weights. The session ends when
@@ -98,10 +98,12 @@ def _weights_key(session: TrainingSession, seq: int, peer: str) -> str:
 
 def _send(session: TrainingSession, tasks: list[dict[str, Any]], global_url: str) -> None:
     grant = storage().grant_read(global_url, grant_seconds())  # every task starts from the same object
+    config = ModelConfig.from_dict(session.plan["model"])
+    runs = {run.name: run for run in session.peers}
     with app.producer_or_acquire() as producer:
         for task in tasks:
-            spec = federated.spec(session, session.peer(task["peer"]), task["seq"], grant,
-                                  _weights_key(session, task["seq"], task["peer"]), last_round=False)
+            spec = federated.spec(session, runs[task["peer"]], task["seq"], grant,
+                                  _weights_key(session, task["seq"], task["peer"]), False, config)
             spec.pop("peer")
             app.signature("peertrain.train", args=[spec], queue=protocol.task_queue(task["peer"]),
                           task_id=task["task_id"], expires=grant_seconds(),
@@ -125,20 +127,19 @@ def receive(session: TrainingSession, task_id: str, result: dict[str, Any]) -> N
     if update.status == updates.LOST:
         return  # given up on meanwhile: its share of the budget went to another peer
     if update.status == updates.TRAINING:
+        # Its weights are read and checked once, when they are folded (_fold).
         samples = session.plan["shard_rows"][peer]
-        read = _read(session, seq, peer)
-        info = {"metrics": result["final"], "seconds": result["seconds"]}
-        if isinstance(read, str):
-            settled = updates.settle(session.id, seq, updates.REJECTED, reason=read, **info)
-            log.warning("session %s: update %s of peer %s rejected: %s", session.id, seq, peer, read)
+        info = {"metrics": result["final"], "seconds": result["seconds"], "samples": samples}
+        if result["stopped"]:
+            settled = updates.settle(session.id, seq, updates.REJECTED, reason="it stopped before finishing", **info)
         else:
-            settled = updates.settle(session.id, seq, updates.BUFFERED, samples=samples, **info)
+            settled = updates.settle(session.id, seq, updates.BUFFERED, **info)
         if settled:
             record_results(session, [result], sessions.RUNNING, samples={peer: samples})
     settle_buffer(session.id)
-    if not updates.sent_after(session.id, peer, seq):
-        dispatch(session.id, peer)
-    settle_buffer(session.id)  # the last task may have been answered: the session may be done
+    sent = not updates.sent_after(session.id, peer, seq) and dispatch(session, peer)
+    if not sent:
+        settle_buffer(session.id)  # that was the last task out: the session may be done
 
 
 def stalled(session_id: Any) -> bool:
@@ -157,15 +158,14 @@ def _read(session: TrainingSession, seq: int, peer: str) -> dict[str, torch.Tens
         return str(exc)
 
 
-def dispatch(session_id: Any, peer: str) -> bool:
-    """Give `peer` its next task from the newest global weights, while the budget lasts; True if sent."""
-    session = TrainingSession.objects(id=session_id).first()
-    if session is None or session.status != sessions.RUNNING or session.peer(peer).status == sessions.FAILED:
-        return False
+def dispatch(session: TrainingSession, peer: str) -> bool:
+    """Give `peer` its next task from the newest global weights, while the budget lasts and the peer is
+    not given up on; True if sent. (`session` for its fixed facts: shards, settings, the runs' places.)"""
     now = utcnow()
     claimed = TrainingSession._get_collection().find_one_and_update(
         {"_id": session.id, "status": sessions.RUNNING, "plan.remaining": {"$gt": 0},
-         "$or": [{"plan.stop_at": None}, {"plan.stop_at": {"$gt": now}}]},
+         "$or": [{"plan.stop_at": None}, {"plan.stop_at": {"$gt": now}}],
+         "peers": {"$elemMatch": {"name": peer, "status": {"$ne": sessions.FAILED}}}},
         {"$inc": {"plan.remaining": -1, "plan.sent": 1}},
         projection={"plan.sent": 1, "plan.version": 1, "plan.global_url": 1}, return_document=ReturnDocument.AFTER)
     if claimed is None:
@@ -177,7 +177,7 @@ def dispatch(session_id: Any, peer: str) -> bool:
     # Named on the peer's run before it is sent: the collector takes only the task a peer was given.
     sessions.record_runs(session.id, sessions.positions(session),
                          {peer: {"task_id": task["task_id"], "status": sessions.RUNNING}},
-                         before={peer: session.peer(peer).status})
+                         before={peer: sessions.RUNNING})
     _send(session, [task], plan["global_url"])
     return True
 
@@ -190,7 +190,7 @@ def lost(session: TrainingSession, peer: str, reason: str) -> None:
         session.reload()
         busy = set(updates.Update.objects(session_id=session.id, status=updates.TRAINING).distinct("peer"))
         for run in session.peers:
-            if run.status != sessions.FAILED and run.name not in busy and not dispatch(session.id, run.name):
+            if run.status != sessions.FAILED and run.name not in busy and not dispatch(session, run.name):
                 break
     settle_buffer(session.id)
 
@@ -269,8 +269,10 @@ def _fold(session: TrainingSession, pending: list[updates.Update]) -> None:
     version = plan["version"]
     contributions, used, rejected = [], [], {}
     for update in pending:
-        read = _read(session, update.seq, update.peer)  # again: the peer's grant could have replaced it
+        # Read here, once, and not when it arrived: until its grant expires a peer could replace it anyway.
+        read = _read(session, update.seq, update.peer)
         if isinstance(read, str):
+            log.warning("session %s: update %s of peer %s rejected: %s", session.id, update.seq, update.peer, read)
             updates.Update.objects(id=update.id, status=updates.BUFFERED).update_one(
                 set__status=updates.REJECTED, set__reason=read)
             rejected[f"{update.peer}#{update.seq}"] = read

@@ -115,14 +115,15 @@ def specs(session: TrainingSession, round_: int, weights_url: str) -> list[dict[
     """One `train` argument per peer still in the session, starting from the global weights."""
     initial = storage().grant_read(weights_url, grant_seconds())  # the same object for every peer: one grant
     last = round_ + 1 == session.federated["rounds"]
-    return [spec(session, run, round_, initial, weights_key(session, round_, run.name), last_round=last)
+    config = ModelConfig.from_dict(session.plan["model"])
+    return [spec(session, run, round_, initial, weights_key(session, round_, run.name), last, config)
             for run in session.peers if run.status != sessions.FAILED]
 
 
-def spec(session: TrainingSession, run: Any, round_: int, initial_grant: str, key: str,
-         last_round: bool) -> dict[str, Any]:
+def spec(session: TrainingSession, run: Any, round_: int, initial_grant: str, key: str, last_round: bool,
+         config: ModelConfig) -> dict[str, Any]:
     """A peer's `train` argument: `local_epochs` on its shard from the weights `initial_grant` opens,
-    its weights to `key` (the only object it may write)."""
+    its weights to `key` (the only object it may write, capped at `config`'s size)."""
     plan = session.plan
     return {
         "peer": run.name,
@@ -137,7 +138,7 @@ def spec(session: TrainingSession, run: Any, round_: int, initial_grant: str, ke
         "hyperparameters": {**run.hyperparameters, "epochs": session.federated["local_epochs"]},
         "keep_data": True,
         "last_round": last_round,
-        **grants(plan["shards"][run.name], key, ModelConfig.from_dict(plan["model"]), initial_grant=initial_grant),
+        **grants(plan["shards"][run.name], key, config, initial_grant=initial_grant),
     }
 
 

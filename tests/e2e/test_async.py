@@ -8,6 +8,8 @@ takes five times as long per epoch.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 
 import pytest
@@ -28,24 +30,37 @@ def when(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+@contextmanager
+def simulated(platform, names: list[str], **options) -> Iterator[Fleet]:
+    """Simulated peers `names`, registered and ONLINE; OFFLINE again afterwards (no later test claims them)."""
+    settings = Settings.from_env()
+    fleet = Fleet({name: platform.register(name)["BROKER_URL"] for name in names},
+                  Options(settings.event_exchange, settings.results_queue, **options), processes=1)
+    fleet.start()
+    try:
+        wait_until(lambda: Peer.objects(name__in=names, status="ONLINE").count() == len(names), 60,
+                   f"peers {names} ONLINE")
+        yield fleet
+    finally:
+        fleet.stop()
+        wait_until(lambda: Peer.objects(name__in=names, status__ne="OFFLINE").count() == 0, 60,
+                   f"peers {names} OFFLINE")
+
+
+def peers_to_ask(names: list[str]) -> int:
+    """`names` and the real peers other tests left free: the platform claims whichever it saw last."""
+    return len(names) + Peer.objects(status="ONLINE", name__nin=names).count()
+
+
 def test_a_slow_peer_never_blocks_the_others_and_its_stale_updates_count_less(platform, tmp_path):
     names = [f"async{conftest.RUN_ID}{i}" for i in range(SIMULATED)]
     slow = names[0]
-    logins = {name: platform.register(name)["BROKER_URL"] for name in names}
-    settings = Settings.from_env()
-    fleet = Fleet(logins, Options(settings.event_exchange, settings.results_queue, epoch_seconds=EPOCH_SECONDS,
-                                  slowdown={slow: SLOWDOWN}), processes=1)
-    fleet.start()
-    try:
-        wait_until(lambda: Peer.objects(name__in=names, status="ONLINE").count() == SIMULATED, 60,
-                   "the simulated peers ONLINE")
-        # Real peers other tests left free may be claimed as well (nothing tells them apart): all are asked for.
-        others = Peer.objects(status="ONLINE", name__nin=names).count()
+    with simulated(platform, names, epoch_seconds=EPOCH_SECONDS, slowdown={slow: SLOWDOWN}) as fleet:
+        num_peers = peers_to_ask(names)
         monitor = platform.monitor
         dropped = sum(monitor.dropped.values())
         user = platform.user()
         csv = blobs_csv(tmp_path / "blobs.csv", rows=1200, features=4, classes=3)
-        num_peers = SIMULATED + others
         response = user.start(csv, num_peers=num_peers, mode="federated", schedule="async", buffer_size=2,
                               rounds=6, local_epochs=LOCAL_EPOCHS,
                               hyperparameters=json.dumps({"learning_rate": 0.05, "batch_size": 32, "hidden": [8]}))
@@ -93,21 +108,12 @@ def test_a_slow_peer_never_blocks_the_others_and_its_stale_updates_count_less(pl
         assert user.get(f"/sessions/{session_id}/model").status_code == 200
         wait_until(lambda: Peer.objects(name__in=names, status="ONLINE").count() == SIMULATED, 30,
                    "the peers free again")
-    finally:
-        fleet.stop()
-        wait_until(lambda: Peer.objects(name__in=names, status__ne="OFFLINE").count() == 0, 60,
-                   "the simulated peers OFFLINE")
 
 
 def test_a_time_budget_ends_the_session_with_what_was_trained_by_then(platform, tmp_path):
     names = [f"asyncbudget{conftest.RUN_ID}{i}" for i in range(2)]
-    settings = Settings.from_env()
-    fleet = Fleet({name: platform.register(name)["BROKER_URL"] for name in names},
-                  Options(settings.event_exchange, settings.results_queue, epoch_seconds=0.2), processes=1)
-    fleet.start()
-    try:
-        wait_until(lambda: Peer.objects(name__in=names, status="ONLINE").count() == 2, 60, "the peers ONLINE")
-        num_peers = 2 + Peer.objects(status="ONLINE", name__nin=names).count()
+    with simulated(platform, names, epoch_seconds=0.2):
+        num_peers = peers_to_ask(names)
         user = platform.user()
         csv = blobs_csv(tmp_path / "blobs.csv", rows=400, features=4, classes=2)
         response = user.start(csv, num_peers=num_peers, mode="federated", schedule="async", max_updates=10_000,
@@ -124,21 +130,12 @@ def test_a_time_budget_ends_the_session_with_what_was_trained_by_then(platform, 
         assert all((when(t["dispatched_at"]) - started).total_seconds() < 3 for t in tasks)
         assert (when(session["finished_at"]) - started).total_seconds() < 3 + 10
         assert session["results"]["versions"] == len(session["rounds"]) >= 1
-    finally:
-        fleet.stop()
-        wait_until(lambda: Peer.objects(name__in=names, status__ne="OFFLINE").count() == 0, 60,
-                   "the simulated peers OFFLINE")
 
 
 def test_a_cancelled_asynchronous_session_shows_no_task_still_training(platform, tmp_path):
     names = [f"asynccancel{conftest.RUN_ID}{i}" for i in range(2)]
-    settings = Settings.from_env()
-    fleet = Fleet({name: platform.register(name)["BROKER_URL"] for name in names},
-                  Options(settings.event_exchange, settings.results_queue, epoch_seconds=1.0), processes=1)
-    fleet.start()
-    try:
-        wait_until(lambda: Peer.objects(name__in=names, status="ONLINE").count() == 2, 60, "the peers ONLINE")
-        num_peers = 2 + Peer.objects(status="ONLINE", name__nin=names).count()
+    with simulated(platform, names, epoch_seconds=1.0):
+        num_peers = peers_to_ask(names)
         user = platform.user()
         csv = blobs_csv(tmp_path / "blobs.csv", rows=400, features=4, classes=2)
         session_id = user.start(csv, num_peers=num_peers, mode="federated", schedule="async", local_epochs=3,
@@ -151,29 +148,15 @@ def test_a_cancelled_asynchronous_session_shows_no_task_still_training(platform,
         assert tasks and all(t["status"] == "LOST" and "ended CANCELLED" in t["reason"] for t in tasks
                              if t["status"] not in ("FOLDED", "BUFFERED")), tasks
         wait_until(lambda: Peer.objects(name__in=names, status="ONLINE").count() == 2, 30, "the peers free again")
-    finally:
-        fleet.stop()
-        wait_until(lambda: Peer.objects(name__in=names, status__ne="OFFLINE").count() == 0, 60,
-                   "the simulated peers OFFLINE")
 
 
 def test_a_peer_killed_mid_task_is_left_out_and_its_share_of_the_budget_goes_to_the_others(platform, tmp_path):
     names = [f"asyncdead{conftest.RUN_ID}{i}" for i in range(3)]
     doomed = f"asyncdead{conftest.RUN_ID}x"
-    settings = Settings.from_env()
-    options = Options(settings.event_exchange, settings.results_queue, epoch_seconds=0.4)
-    healthy = Fleet({name: platform.register(name)["BROKER_URL"] for name in names}, options, processes=1)
-    # Alone in its process, twice as slow: it is still training when it is killed.
-    dying = Fleet({doomed: platform.register(doomed)["BROKER_URL"]},
-                  Options(options.event_exchange, options.results_exchange, epoch_seconds=0.4,
-                          slowdown={doomed: 2.0}), processes=1)
-    healthy.start()
-    dying.start()
-    try:
-        everyone = [*names, doomed]
-        wait_until(lambda: Peer.objects(name__in=everyone, status="ONLINE").count() == 4, 60, "the peers ONLINE")
-        others = Peer.objects(status="ONLINE", name__nin=everyone).count()
-        num_peers = 4 + others
+    # The doomed one alone in its process, twice as slow: it is still training when it is killed.
+    with (simulated(platform, names, epoch_seconds=0.4),
+          simulated(platform, [doomed], epoch_seconds=0.4, slowdown={doomed: 2.0}) as dying):
+        num_peers = peers_to_ask([*names, doomed])
         user = platform.user()
         csv = blobs_csv(tmp_path / "blobs.csv", rows=600, features=4, classes=2)
         response = user.start(csv, num_peers=num_peers, mode="federated", schedule="async", rounds=5,
@@ -197,7 +180,27 @@ def test_a_peer_killed_mid_task_is_left_out_and_its_share_of_the_budget_goes_to_
         assert {t["status"] for t in tasks} == {"FOLDED", "LOST"}
         versions = user.get(f"/sessions/{session_id}/rounds").json()["items"]
         assert any(when(v["finished_at"]) > when(lost[0]["received_at"]) for v in versions), "it went on"
-    finally:
-        healthy.stop()
-        wait_until(lambda: Peer.objects(name__in=names, status__ne="OFFLINE").count() == 0, 60,
-                   "the simulated peers OFFLINE")
+
+
+def test_a_peer_that_sends_bad_weights_spoils_only_its_own_updates(platform, tmp_path):
+    """Its weights are read where the coordinator's plan puts them, and checked, when they would be folded."""
+    names = [f"asyncspoil{conftest.RUN_ID}{i}" for i in range(3)]
+    spoiler = names[0]
+    with simulated(platform, names, epoch_seconds=0.1, spoil=frozenset({spoiler})):
+        num_peers = peers_to_ask(names)
+        user = platform.user()
+        csv = blobs_csv(tmp_path / "blobs.csv", rows=600, features=4, classes=2)
+        response = user.start(csv, num_peers=num_peers, mode="federated", schedule="async", rounds=3,
+                              local_epochs=1, hyperparameters=json.dumps({"hidden": [8]}))
+        assert response.status_code == 202, response.text
+        session_id = response.json()["session_id"]
+        session = user.wait_finished(session_id, timeout=60)
+        assert session["status"] == "COMPLETED", session["reason"]
+        tasks = user.get(f"/sessions/{session_id}/updates").json()["items"]
+        spoiled = [t for t in tasks if t["peer"] == spoiler]
+        assert spoiled and all(t["status"] == "REJECTED" and "NaN" in t["reason"] for t in spoiled), spoiled
+        assert {t["status"] for t in tasks if t["peer"] != spoiler} == {"FOLDED"}
+        versions = session["rounds"]
+        assert all(spoiler not in v["peers"] for v in versions)
+        assert any(v["rejected"] for v in versions)
+        assert session["results"]["final"]["val_accuracy"] is not None

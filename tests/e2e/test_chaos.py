@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -105,29 +107,36 @@ def test_cancelling_ends_every_task_without_an_exception(platform, two_peers, di
         assert "Traceback" not in tail and "raised" not in tail and "ERROR" not in tail, tail
 
 
-def test_an_aggregate_delivered_twice_records_its_round_once(platform, two_peers, digits_csv):
-    """A redelivered `aggregate` (its coordinator died after running it) must not record a round twice
-    or launch the next round a second time."""
+@contextmanager
+def first_sent(task: str) -> Iterator[list[tuple]]:
+    """The arguments of the first `task` message the platform sends while inside (to send it again)."""
     from celery.signals import before_task_publish
-
-    from tasks.celery import app
 
     sent: list[tuple] = []
 
     def capture(sender=None, body=None, headers=None, **_):
-        if sender == "peertrain.aggregate" and not sent:
+        if sender == task and not sent:
             sent.append(body[0])
 
     before_task_publish.connect(capture, weak=False)
     try:
+        yield sent
+    finally:
+        before_task_publish.disconnect(capture)
+
+
+def test_an_aggregate_delivered_twice_records_its_round_once(platform, two_peers, digits_csv):
+    """A redelivered `aggregate` (its coordinator died after running it) must not record a round twice
+    or launch the next round a second time."""
+    from tasks.celery import app
+
+    with first_sent("peertrain.aggregate") as sent:
         user = platform.user()
         session_id = user.start(digits_csv, num_peers=2, rounds=4, local_epochs=1, **FEDERATED).json()["session_id"]
         wait_until(lambda: sent, 60, "round 0's aggregate to be sent")
         wait_until(lambda: len(user.session(session_id)["rounds"]) >= 1, 60, "round 0 to be recorded")
         app.send_task("peertrain.aggregate", args=list(sent[0]), queue=app.conf.task_default_queue)
         session = user.wait_finished(session_id, timeout=120)
-    finally:
-        before_task_publish.disconnect(capture)
     assert session["status"] == "COMPLETED", (session["reason"], session["peers"])
     assert [r["round"] for r in session["rounds"]] == [0, 1, 2, 3]
     for peer in two_peers:
@@ -138,18 +147,9 @@ def test_an_aggregate_delivered_twice_records_its_round_once(platform, two_peers
 def test_an_asynchronous_update_delivered_twice_hands_its_peer_one_next_task(platform, two_peers, digits_csv):
     """A redelivered `update` (its coordinator died after running it) must not buffer the update twice or
     give the peer a second task at once (its first would never be answered: the session would hang)."""
-    from celery.signals import before_task_publish
-
     from tasks.celery import app
 
-    sent: list[tuple] = []
-
-    def capture(sender=None, body=None, headers=None, **_):
-        if sender == "peertrain.update" and not sent:
-            sent.append(body[0])
-
-    before_task_publish.connect(capture, weak=False)
-    try:
+    with first_sent("peertrain.update") as sent:
         user = platform.user()
         session_id = user.start(digits_csv, num_peers=2, schedule="async", max_updates=8, local_epochs=1,
                                 **FEDERATED).json()["session_id"]
@@ -164,8 +164,6 @@ def test_an_asynchronous_update_delivered_twice_hands_its_peer_one_next_task(pla
         wait_until(acted_on, 60, "the first update to be taken and its peer given its next task")
         app.send_task("peertrain.update", args=list(sent[0]), queue=app.conf.task_default_queue)
         session = user.wait_finished(session_id, timeout=120)
-    finally:
-        before_task_publish.disconnect(capture)
     assert session["status"] == "COMPLETED", (session["reason"], session["peers"])
     tasks = user.get(f"/sessions/{session_id}/updates").json()["items"]
     assert len(tasks) == 8 and {t["status"] for t in tasks} == {"FOLDED"}
