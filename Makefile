@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: build run test lint bench peer register coordinator monitor api flower compose-check clean build-dev
+.PHONY: build run test test-fast lint bench peer register coordinator monitor api flower compose-check clean build-dev
 
 # What running needs (requirements.txt); `make test`, `make lint` and `make bench` add the rest.
 build: $(STAMP)
@@ -29,20 +29,25 @@ run: build
 test: build-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The unit lane: no service, no process of the platform's; what needs one is skipped (tests/services.py).
+test-fast: build-dev
+	TEST_SERVICES=off $(BIN)/python -m pytest --ignore=tests/e2e $(PYTEST_ARGS)
+
 lint: build-dev
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
 bench: build-dev
-	$(BIN)/python bench/trainer.py
-	$(BIN)/python bench/api.py
-	$(BIN)/python bench/stream.py
-	$(BIN)/python bench/signin.py
-	$(BIN)/python bench/session.py
-	$(BIN)/python bench/rounds.py
-	$(BIN)/python bench/federated.py
-	$(BIN)/python bench/scale.py --private-broker
-	$(BIN)/python bench/crowd.py
+	$(BIN)/python -m bench.trainer
+	$(BIN)/python -m bench.api
+	$(BIN)/python -m bench.stream
+	$(BIN)/python -m bench.signin
+	$(BIN)/python -m bench.session
+	$(BIN)/python -m bench.rounds
+	$(BIN)/python -m bench.federated
+	$(BIN)/python -m bench.async_rounds
+	$(BIN)/python -m bench.scale --private-broker
+	$(BIN)/python -m bench.crowd
 
 # The distributed processes, for when BROKER_URL, RESULT_BACKEND, MONGODB_URI and STORAGE_URL name real services.
 NAME ?= $(shell hostname)
@@ -66,7 +71,7 @@ api: build
 		--workers $${API_WORKERS:-2} --no-ws webapp.asgi:create_app
 
 flower: build
-	$(BIN)/celery -A tasks flower --address=127.0.0.1 --port=$${FLOWER_PORT:-5555}
+	$(BIN)/celery -A tasks.celery flower --address=127.0.0.1 --port=$${FLOWER_PORT:-5555}
 
 compose-check:
 	docker-compose config -q

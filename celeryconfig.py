@@ -1,14 +1,19 @@
-"""Celery settings, from the environment through `settings.Settings` (see docs/settings.md).
+"""Celery settings, built from a `settings.Settings` (docs/settings.md); nothing here reads the environment.
 
-Module level: the platform's app (tasks/celery.py: the API, the coordinator, the monitor, Flower).
-`Peer`: the app peer machines run (tasks/peer.py), which holds only its own broker login.
+`platform(settings)`: the platform's apps (tasks/celery.py: the API, the coordinator, the monitor, Flower).
+`peer(settings)`: the app peer machines run (tasks/peer.py), which holds only its own broker login.
 """
 
+from __future__ import annotations
+
 import ssl
+from typing import Any
 
 from settings import Settings
 
-_settings = Settings.from_env()
+# The coordinator's tasks: only the platform's own processes can send them (peers cannot publish to its queue).
+COORDINATOR_TASKS = ("peertrain.run_session", "peertrain.aggregate", "peertrain.update", "peertrain.peer_lost",
+                     "peertrain.deadline", "peertrain.round_failed", "peertrain.cancel_session")
 
 
 def _broker_tls(settings: Settings) -> dict | bool:
@@ -33,70 +38,56 @@ def _redis_tls(settings: Settings) -> dict | None:
     return options
 
 
-broker_url = _settings.broker_url
-result_backend = _settings.result_backend
-broker_use_ssl = _broker_tls(_settings)
-redis_backend_use_ssl = _redis_tls(_settings)
-include = ["tasks.coordinator", "tasks.collector"]
-
-# JSON only: a worker never unpickles what another machine sent it.
-task_serializer = "json"
-result_serializer = "json"
-accept_content = ["json"]
-result_accept_content = ["json"]
-timezone = "UTC"
-enable_utc = True
-result_expires = 7 * 24 * 3600
-result_extended = True
-
-# Events drive the monitor (peer liveness, heartbeats) and Flower.
-worker_send_task_events = True
-task_send_sent_event = True
-event_exchange = _settings.event_exchange
-# Where peers report their tasks' outcomes (tasks/collector.py reads it).
-peertrain_results = _settings.results_queue
-
-# The coordinator tasks go to the coordinator; `train` is routed per call to one peer's queue.
-task_routes = {"peertrain.run_session": {"queue": _settings.coordinator_queue},
-               "peertrain.aggregate": {"queue": _settings.coordinator_queue},
-               "peertrain.collect": {"queue": _settings.coordinator_queue},
-               "peertrain.peer_failed": {"queue": _settings.coordinator_queue},
-               "peertrain.peer_lost": {"queue": _settings.coordinator_queue},
-               "peertrain.round_failed": {"queue": _settings.coordinator_queue},
-               "peertrain.cancel_session": {"queue": _settings.coordinator_queue}}
-task_default_queue = _settings.coordinator_queue
-worker_prefetch_multiplier = 1
-
-broker_connection_retry_on_startup = True
-# Give up publishing quickly when the broker is down: the API answers 503 rather than hanging.
-task_publish_retry_policy = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
-
-if _settings.embedded_broker:
-    # The in-memory transport polls; its default of 1 s would add a second to every hop.
-    broker_transport_options = {"polling_interval": 0.02}
+def _common(settings: Settings) -> dict[str, Any]:
+    common: dict[str, Any] = {
+        "broker_url": settings.broker_url,
+        "broker_use_ssl": _broker_tls(settings),
+        # JSON only: a worker never unpickles what another machine sent it.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "timezone": "UTC",
+        "enable_utc": True,
+        # Events drive the monitor (peer liveness, heartbeats) and Flower.
+        "worker_send_task_events": True,
+        "event_exchange": settings.event_exchange,
+        # Where peers report their tasks' outcomes (tasks/collector.py reads it).
+        "peertrain_results": settings.results_queue,
+        "worker_prefetch_multiplier": 1,
+        "broker_connection_retry_on_startup": True,
+    }
+    if settings.embedded_broker:
+        # The in-memory transport polls; its default of 1 s would add a second to every hop.
+        common["broker_transport_options"] = {"polling_interval": 0.02}
+    return common
 
 
-class Peer:
-    """The peer's app: its own broker login, results reported to the coordinator, no remote control."""
+def platform(settings: Settings) -> dict[str, Any]:
+    """The platform's own apps: they hold the result backend and send the coordinator's tasks."""
+    return {
+        **_common(settings),
+        "result_backend": settings.result_backend,
+        "redis_backend_use_ssl": _redis_tls(settings),
+        "result_expires": 7 * 24 * 3600,
+        "result_extended": True,
+        "task_send_sent_event": True,
+        # The coordinator tasks go to the coordinator; `train` is routed per call to one peer's queue.
+        "task_routes": {name: {"queue": settings.coordinator_queue} for name in COORDINATOR_TASKS},
+        "task_default_queue": settings.coordinator_queue,
+        # Give up publishing quickly when the broker is down: the API answers 503 rather than hanging.
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
+                                      "interval_max": 1},
+    }
 
-    broker_url = _settings.broker_url
-    broker_use_ssl = _broker_tls(_settings)
-    result_backend = "tasks.peer:ResultReporter"
-    peertrain_results = _settings.results_queue
-    task_serializer = "json"
-    result_serializer = "json"
-    accept_content = ["json"]
-    result_accept_content = ["json"]
-    timezone = "UTC"
-    enable_utc = True
-    worker_send_task_events = True
-    event_exchange = _settings.event_exchange
-    # Taking part in broadcasts needs the right to declare the shared control exchange, which would
-    # also be the right to delete it: peers stay out of remote control.
-    worker_enable_remote_control = False
-    # One task at a time, acknowledged when done (acks_late on the task itself).
-    worker_prefetch_multiplier = 1
-    broker_connection_retry_on_startup = True
-    broker_connection_max_retries = None
-    if _settings.embedded_broker:
-        broker_transport_options = {"polling_interval": 0.02}
+
+def peer(settings: Settings) -> dict[str, Any]:
+    """A peer's app: its own broker login, results reported to the coordinator, no remote control."""
+    return {
+        **_common(settings),
+        "result_backend": "tasks.peer:ResultReporter",
+        # Taking part in broadcasts needs the right to declare the shared control exchange, which would
+        # also be the right to delete it: peers stay out of remote control.
+        "worker_enable_remote_control": False,
+        "broker_connection_max_retries": None,
+    }

@@ -41,7 +41,7 @@ from granian.constants import Interfaces
 import models
 from models import peer as peers
 from settings import ROOT, Settings
-from tasks import registry
+from tasks import protocol, registry
 from tasks.storage import S3Storage, from_settings
 
 log = logging.getLogger("peertrain")
@@ -83,69 +83,84 @@ INTERRUPTED = "interrupted: make run was stopped"
 
 
 class Platform:
-    """What `make run` runs in granian's worker process beside the API: the monitor, the coordinator and
-    (on the in-memory broker) the peers; `stop()` ends it all in order and keeps the data."""
+    """The platform's own processes in this one: the monitor, the coordinator and (on the in-memory broker)
+    in-process peers, beside the API app `start()` returns; `stop()` ends it all in order and keeps the data.
 
-    def __init__(self, settings: Settings) -> None:
+    The one assembly of the platform: `make run` runs it in granian's worker process, the end-to-end tests
+    and the benches (harness/) in theirs. `peers`: the in-process peers (default: LOCAL_PEERS of them on
+    the in-memory broker; on a real broker they are registered here and run as processes); `keep_data`: read DATA_DIR at
+    start and write it at stop (mongomock only); `storage` and `clock`: the coordinator's, if not the
+    settings' own.
+    """
+
+    def __init__(self, settings: Settings, peers: list[str] | None = None, keep_data: bool = True,
+                 storage: Any = None, clock: Any = None, name: str = "coordinator") -> None:
         self.settings = settings
-        self.names = _peer_names(settings)
+        self.names = _peer_names(settings) if peers is None else list(peers)
+        self.keep_data = keep_data
+        self.storage, self.clock, self.name = storage, clock, name
+        self.celery = None  # the coordinator's Celery app (it also sends what the API sends)
         self.consumer = None
         self.monitor_thread: threading.Thread | None = None
         self.workers = None
 
+    @property
+    def monitor(self) -> Any:
+        return self.consumer.monitor
+
     def start(self) -> Any:
-        from tasks import monitor
+        from tasks import coordinator, monitor
         from tasks import peer as peer_app
-        from tasks.celery import app
         from tasks.inprocess import InProcessWorkers
         from webapp import create_app
 
         settings = self.settings
         models.connect(settings.mongodb_uri)
-        if settings.data_dir and models.db.is_mock() and Path(settings.data_dir).is_dir():
+        if self.keep_data and settings.data_dir and models.db.is_mock() and Path(settings.data_dir).is_dir():
             log.info("read %d documents kept in %s", models.db.load_snapshot(settings.data_dir), settings.data_dir)
-        reconcile()
-        for name in self.names:  # the local peers' logins were issued by the supervising process (main)
+        self.celery = coordinator.create_app(settings, self.storage, self.clock)
+        reconcile(self.celery)
+        for name in self.names:  # on a real broker their logins were issued by the supervising process (main)
             if peers.Peer.objects(name=name).first() is None:
                 peers.register(name)
-        self.consumer = monitor.build(app, settings)
+        self.consumer = monitor.build(self.celery, settings, self.clock)
         self.monitor_thread = threading.Thread(target=self.consumer.run, name="monitor", daemon=True)
         self.monitor_thread.start()
         if not self.consumer.ready.wait(30):
             raise SystemExit("the monitor could not reach the broker")
         host = socket.gethostname()
         self.workers = InProcessWorkers()
-        self.workers.start(app, settings.coordinator_queue, f"coordinator@{host}")
-        if settings.embedded_broker:
-            for name in self.names:
-                login = registry.issue_login(name, settings).environment["BROKER_URL"]
-                self.workers.start(peer_app.create_app(login, settings), f"peer.{name}", f"peer.{name}@{host}")
-        return create_app(settings=settings)
+        self.workers.start(self.celery, settings.coordinator_queue, f"{self.name}@{host}")
+        for name in self.names if settings.embedded_broker else []:
+            login = registry.issue_login(name, settings).environment["BROKER_URL"]
+            self.workers.start(peer_app.create_app(login, settings), protocol.task_queue(name),
+                               protocol.worker_name(name, host))
+        return create_app(settings=settings, celery=self.celery)
 
-    def stop(self) -> None:
+    def stop(self, reason: str = INTERRUPTED) -> None:
         """End the running sessions (their peers stop), close the workers and the monitor, keep the data."""
         from models import session as sessions
         from tasks import lifecycle
 
         for session in sessions.TrainingSession.objects(status__in=sessions.ACTIVE).only("id"):
-            lifecycle.end(session.id, sessions.FAILED, INTERRUPTED)
+            lifecycle.end(self.celery, session.id, sessions.FAILED, reason)
         if self.workers is not None:
             self.workers.stop(timeout=10)
         if self.consumer is not None:
             self.consumer.stop()
             self.monitor_thread.join(10)
-        if self.settings.data_dir and models.db.is_mock():
+        if self.keep_data and self.settings.data_dir and models.db.is_mock():
             kept = models.db.save_snapshot(self.settings.data_dir)
             log.info("kept %d documents in %s for the next run", kept, self.settings.data_dir)
 
 
-def reconcile() -> None:
+def reconcile(app: Any) -> None:
     """At start, after everything stopped: nothing is running, whatever the data says."""
     from models import session as sessions
     from tasks import lifecycle
 
     for session in sessions.TrainingSession.objects(status__in=sessions.ACTIVE).only("id"):
-        lifecycle.end(session.id, sessions.FAILED, "interrupted by a restart")
+        lifecycle.end(app, session.id, sessions.FAILED, "interrupted by a restart")
     # Every peer is OFFLINE until its worker is heard again.
     peers.Peer.objects.update(set__status=peers.OFFLINE, unset__session_id=True)
 

@@ -16,7 +16,7 @@ open on the same process, following a session that gets 10 events a second (2,00
 The load generator runs in its own process: one event loop over raw keep-alive sockets with a prebuilt
 request, cheap enough not to take the server's CPU on a 2-core machine; the streams are held by another.
 
-Run: .venv/bin/python bench/api.py [--seconds S] [--clients N] [--users U] [--sessions S] [--profile N]
+Run: .venv/bin/python -m bench.api [--seconds S] [--clients N] [--users U] [--sessions S] [--profile N]
 """
 
 from __future__ import annotations
@@ -207,7 +207,6 @@ def _setup_env() -> None:
     os.environ.setdefault("PEERTRAIN_ENV", "development")
     os.environ.setdefault("JWT_SECRET_KEY", SECRET)
     os.environ.setdefault("BCRYPT_ROUNDS", "4")
-    sys.path.insert(0, ROOT)
 
 
 def build_app(storage_dir: str, **config: Any) -> Any:

@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-
 
 def _seeded() -> Any:
-    import api as bench
+    from bench import api as bench
 
     bench._setup_env()
     storage = tempfile.mkdtemp(prefix="peertrain-bench-")

@@ -1,162 +1,126 @@
-"""Benchmark asynchronous against synchronous federated rounds when one peer is five times slower.
+"""Benchmark asynchronous against synchronous federated sessions when one peer is five times slower.
 
-The tabular job of issue 13 (bench/rounds.py): 20,000 rows x 40 features, 7 classes, 3 IID shards, an
-MLP 128-64, 2 local epochs per task; the synchronous run has 5 rounds, the asynchronous one the same
-peer-epochs (max_updates = 5 x 3 tasks). One peer takes 5x as long per epoch.
+The platform's own code end to end (harness/platform.py on embedded.py): the API starts each session,
+the coordinator runs it with its real strategies (`SyncFederated`, `AsyncFederated`), and three real
+peers train on the in-memory broker, in this process. One of them is a straggler: its `train` task is
+the real one, and it hands its result in only after (slowdown - 1) x its own training time more (as a
+machine five times slower would). The job is the round benches' tabular one (harness/datasets.py:
+20,000 rows x 40 features, 7 classes, 3 IID shards), an MLP 128-64, 2 local epochs per task; the
+synchronous session has 5 rounds, the asynchronous one the same peer-epochs (max_updates = 5 x 3).
 
-Every task really trains (trainer.loop.train on the peer's shard from the global weights it was given),
-and every fold is the coordinator's own (trainer.staleness.fold with FedAvg, as tasks/buffered.py folds),
-evaluated on the held-out rows. Time is a clock the bench keeps: a task lasts its measured training
-time, times 5 for the slow peer; a synchronous round lasts its slowest task plus its measured
-aggregation; an asynchronous peer's next task starts when its update was folded. That keeps the
-comparison about the schedule, not about three trainings sharing 2 cores (they would blur each other);
-the mechanism on the real broker is tests/e2e/test_async.py's.
+Each pair of sessions runs on the same platform, one after the other, so both pay the same machine.
+Times are the sessions' own records: a synchronous round's `finished_at`, an asynchronous version's
+`seconds` after the session started. Printed per seed: the synchronous run's final held-out accuracy A
+and its time T; the time the asynchronous run first reached A (ratio to T, target <= 0.5) and its final
+accuracy (target: within 1 point of A).
 
-Printed: the synchronous run's final accuracy A and time T; the asynchronous run's time to reach A
-(ratio to T: target <= 0.5) and its final accuracy (target: within 1 point of A), per seed and mean.
-
-Run: .venv/bin/python bench/async_rounds.py [--seeds 10] [--buffer-size 2] [--slowdown 5]
+Run: .venv/bin/python -m bench.async_rounds [--seeds 5] [--buffer-size 2] [--slowdown 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import heapq
+import json
+import logging
 import statistics
-import sys
+import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from trainer.aggregation import average  # noqa: E402
-from trainer.loop import TrainConfig, evaluate, train  # noqa: E402
-from trainer.model import ModelConfig, SimpleDNN  # noqa: E402
-from trainer.normalization import fit_normalization  # noqa: E402
-from trainer.split import VALIDATION_FRACTION, shard, split_indices  # noqa: E402
-from trainer.staleness import Contribution, fold  # noqa: E402
+from harness.datasets import tabular_csv
+from harness.platform import Served
+from harness.waiting import wait_until
+from models import peer as peers
+from settings import Settings
+from tasks import peer as peer_app
+from tasks import protocol, registry
 
 PEERS, ROUNDS, LOCAL_EPOCHS = 3, 5, 2
 TARGET_TIME, TARGET_POINTS = 0.5, 1.0
+HP = {"learning_rate": 0.001, "batch_size": 64, "hidden": [128, 64]}
 
 
-@dataclass
-class Job:
-    shards: list[tuple[np.ndarray, np.ndarray]]
-    val: tuple[np.ndarray, np.ndarray]
-    config: ModelConfig
-    seed: int
+def straggler(served: Served, name: str, slowdown: float) -> None:
+    """A third peer, in this process like the others, whose real `train` task reports `slowdown` times later."""
+    peers.register(name)
+    login = registry.issue_login(name, served.settings).environment["BROKER_URL"]
+    app = peer_app.create_app(login, served.settings)
+    task = app.tasks["peertrain.train"]
+    honest = task.run
+
+    def slow(spec: dict[str, Any]) -> dict[str, Any]:
+        result = honest(spec)
+        time.sleep((slowdown - 1) * result.get("seconds", 0.0))
+        return result
+
+    task.run = slow
+    served.platform.workers.start(app, protocol.task_queue(name), protocol.worker_name(name, "bench"))
 
 
-def job(seed: int) -> Job:
-    from sklearn.datasets import make_classification
-
-    x, y = make_classification(n_samples=20_000, n_features=40, n_informative=24, n_redundant=8, n_classes=7,
-                               class_sep=1.0, random_state=seed)
-    x, y = x.astype(np.float32), y.astype(np.int64)
-    train_rows, val_rows = split_indices(y, VALIDATION_FRACTION, seed=seed, stratify=True)
-    norm = fit_normalization(x[train_rows])
-    x = norm.apply(x)
-    parts = shard(train_rows, y, PEERS, "iid", seed=seed)
-    return Job([(x[p], y[p]) for p in parts], (x[val_rows], y[val_rows]),
-               ModelConfig(40, 7, (128, 64), 0.0, "classification"), seed)
+def run(api: Any, csv: Path, seed: int, **form: Any) -> dict[str, Any]:
+    with csv.open("rb") as file:
+        response = api.post("/sessions/start", files={"file": (csv.name, file, "text/csv")},
+                            data={"num_peers": PEERS, "mode": "federated", "local_epochs": LOCAL_EPOCHS,
+                                  "seed": seed, "hyperparameters": json.dumps(HP), **form})
+    assert response.status_code == 202, response.text
+    session = api.wait_finished(response.json()["session_id"], timeout=600)
+    assert session["status"] == "COMPLETED", session["reason"]
+    return session
 
 
-def local(j: Job, peer: int, start: dict[str, torch.Tensor], task: int) -> tuple[dict[str, torch.Tensor], float]:
-    """One task: LOCAL_EPOCHS on the peer's shard from `start`; its weights and its training seconds."""
-    model = SimpleDNN(j.config)
-    x, y = j.shards[peer]
-    began = time.perf_counter()
-    train(model, x, y, TrainConfig(batch_size=64, epochs=LOCAL_EPOCHS, learning_rate=0.001, seed=j.seed + task,
-                                   num_threads=1), initial_state=start)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, time.perf_counter() - began
+def curve(session: dict[str, Any], asynchronous: bool) -> list[tuple[float, float]]:
+    """(seconds since the session started, held-out accuracy) after each round or fold."""
+    from datetime import datetime
 
-
-def accuracy(j: Job, state: dict[str, torch.Tensor]) -> float:
-    model = SimpleDNN(j.config)
-    model.load_state_dict(state)
-    return evaluate(model, *j.val)["accuracy"]
-
-
-def synchronous(j: Job, slow: float) -> list[tuple[float, float]]:
-    """(clock, accuracy) after each round."""
-    state = SimpleDNN(j.config, seed=j.seed).state_dict()
-    clock, curve = 0.0, []
-    for r in range(ROUNDS):
-        results = [local(j, p, state, r * PEERS + p) for p in range(PEERS)]
-        began = time.perf_counter()
-        state = average([s for s, _ in results], [len(j.shards[p][1]) for p in range(PEERS)])
-        acc = accuracy(j, state)
-        clock += max(seconds * (slow if p == 0 else 1.0) for p, (_, seconds) in enumerate(results))
-        clock += time.perf_counter() - began
-        curve.append((clock, acc))
-    return curve
-
-
-def asynchronous(j: Job, slow: float, buffer_size: int) -> list[tuple[float, float]]:
-    """(clock, accuracy) after each fold."""
-    versions = [SimpleDNN(j.config, seed=j.seed).state_dict()]
-    budget, sent = ROUNDS * PEERS, 0
-    out: list[tuple[float, int, int, int]] = []  # (finishes at, task, peer, base version)
-    weights: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
-    buffer: list[tuple[int, int, int]] = []  # (task, peer, base version)
-    curve = []
-
-    def send(peer: int, at: float) -> None:
-        nonlocal sent
-        task, base = sent, len(versions) - 1
-        sent += 1
-        state, seconds = local(j, peer, versions[base], task)
-        weights[task] = (state, base)
-        heapq.heappush(out, (at + seconds * (slow if peer == 0 else 1.0), task, peer, base))
-
-    for p in range(PEERS):
-        send(p, 0.0)
-    while out:
-        at, task, peer, base = heapq.heappop(out)
-        buffer.append((task, peer, base))
-        if len(buffer) >= buffer_size or (sent >= budget and not out):
-            began = time.perf_counter()
-            current = len(versions) - 1
-            contributions = [Contribution(versions[b], weights[t][0], len(j.shards[p][1]), current - b)
-                             for t, p, b in buffer]
-            versions.append(fold(versions[current], contributions))
-            buffer.clear()
-            at += time.perf_counter() - began
-            curve.append((at, accuracy(j, versions[-1])))
-        if sent < budget:
-            send(peer, at)
-    return curve
+    started = datetime.fromisoformat(session["started_at"])
+    points = []
+    for r in session["rounds"]:
+        at = r["metrics"]["seconds"] if asynchronous else (
+            datetime.fromisoformat(r["finished_at"]) - started).total_seconds()
+        points.append((at, r["metrics"]["val_accuracy"]))
+    return points
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--buffer-size", type=int, default=2, help="the platform's default for 3 peers")
     parser.add_argument("--slowdown", type=float, default=5.0)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    print(f"{PEERS} peers (peer 0 {args.slowdown:g}x slower), {ROUNDS} rounds x {LOCAL_EPOCHS} local epochs sync; "
-          f"async: {ROUNDS * PEERS} tasks, buffer_size {args.buffer_size}")
-    print("seed | sync acc  time s | async: time to sync acc  ratio | async final acc  gap (points)")
-    ratios, gaps = [], []
-    for seed in range(args.seeds):
-        j = job(seed)
-        local(j, 0, SimpleDNN(j.config).state_dict(), 0)  # torch's first-use costs, outside the clock
-        sync = synchronous(j, args.slowdown)
-        apart = asynchronous(j, args.slowdown, args.buffer_size)
-        target, total = sync[-1][1], sync[-1][0]
-        reached = next((t for t, acc in apart if acc >= target), None)
-        ratio = reached / total if reached is not None else float("inf")
-        gap = 100 * (apart[-1][1] - target)
-        ratios.append(ratio)
-        gaps.append(gap)
-        shown = f"{reached:6.2f}" if reached is not None else " never"
-        print(f"{seed:4d} | {target:.4f}  {total:6.2f} | {shown}  {ratio:5.2f}x | {apart[-1][1]:.4f}  {gap:+.2f}")
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="peertrain-bench-async-") as scratch:
+        settings = Settings.from_env({
+            "STORAGE_URL": str(Path(scratch) / "storage"), "MONGODB_URI": "mongomock://localhost/bench-async",
+            "PEERTRAIN_ENV": "development", "JWT_SECRET_KEY": "bench-secret-that-is-long-enough-for-hs256",
+            "BCRYPT_ROUNDS": "4", "PEER_THREADS": "1", "LOG_LEVEL": "WARNING", "DATA_DIR": ""})
+        served = Served(settings, Path(scratch), peers=["fast1", "fast2"]).start()
+        try:
+            straggler(served, "slow", args.slowdown)
+            wait_until(lambda: peers.Peer.objects(status=peers.ONLINE).count() == PEERS, 60, "every peer ONLINE")
+            api = served.user("bench")
+            csv = tabular_csv(Path(scratch) / "tabular.csv")
+            print(f"{PEERS} peers (one {args.slowdown:g}x slower), {ROUNDS} rounds x {LOCAL_EPOCHS} local epochs "
+                  f"sync; async: {ROUNDS * PEERS} tasks, buffer_size {args.buffer_size}; the platform's own "
+                  "coordinator and peers, in-memory broker")
+            print("seed | sync acc  time s | async: time to sync acc  ratio | async final acc  gap (points)")
+            ratios, gaps = [], []
+            for seed in range(args.seeds):
+                sync = curve(run(api, csv, seed, rounds=ROUNDS), asynchronous=False)
+                apart = curve(run(api, csv, seed, schedule="async", rounds=ROUNDS, buffer_size=args.buffer_size,
+                                  max_updates=ROUNDS * PEERS), asynchronous=True)
+                target, total = sync[-1][1], sync[-1][0]
+                reached = next((t for t, acc in apart if acc >= target), None)
+                ratio = reached / total if reached is not None else float("inf")
+                gap = 100 * (apart[-1][1] - target)
+                ratios.append(ratio)
+                gaps.append(gap)
+                shown = f"{reached:6.2f}" if reached is not None else " never"
+                print(f"{seed:4d} | {target:.4f}  {total:6.2f} | {shown}  {ratio:5.2f}x | {apart[-1][1]:.4f}  "
+                      f"{gap:+.2f}", flush=True)
+        finally:
+            served.stop()
     reached = [r for r in ratios if r != float("inf")]
     median_ratio, mean_gap = statistics.median(ratios), statistics.mean(gaps)
     print(f"time to the sync run's final accuracy: median {median_ratio:.2f}x sync, reached in {len(reached)} of "

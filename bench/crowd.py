@@ -8,7 +8,7 @@ on `RuntimeError: dictionary changed size during iteration` inside mongomock, or
 a starved monitor). For each: its wall time over the slowest peer's own training (the overhead), and the
 heartbeats the monitor stored per second of the session.
 
-Run: .venv/bin/python bench/crowd.py [--peers 32] [--sessions 3]
+Run: .venv/bin/python -m bench.crowd [--peers 32] [--sessions 3]
 """
 
 from __future__ import annotations
@@ -17,17 +17,13 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import session as base  # noqa: E402  (bench/session.py: the environment and the platform)
-
-from models import Heartbeat, TrainingSession  # noqa: E402
-from tasks.celery import app  # noqa: E402
-from tests.datasets import sklearn_csv  # noqa: E402
+from bench import session as base  # the environment and the platform
+from harness.datasets import sklearn_csv
+from models import Heartbeat, TrainingSession
 
 HP = {"learning_rate": 0.003, "batch_size": 64, "hidden": [32]}
 
@@ -39,7 +35,7 @@ def run(platform: base.Platform, csv: Path, peers: int, mode: str) -> dict:
     if mode == "federated":
         rounds = 5
         form.update(mode="federated", rounds=rounds, local_epochs=2, hyperparameters=json.dumps(HP))
-    stored0, t0 = platform.consumer.monitor.stored, time.perf_counter()
+    stored0, t0 = platform.monitor.stored, time.perf_counter()
     response = platform.api.start(csv, **form)
     assert response.status_code == 202, response.text
     sid = response.json()["session_id"]
@@ -55,7 +51,7 @@ def run(platform: base.Platform, csv: Path, peers: int, mode: str) -> dict:
     doc_wall = base.stamp(session.finished_at) - base.stamp(session.created_at)
     return {"mode": mode, "status": doc["status"], "reason": doc.get("reason"), "wall": wall,
             "overhead": (doc_wall - train) / rounds, "beats": len(beats),
-            "monitor_rate": (platform.consumer.monitor.stored - stored0) / wall}
+            "monitor_rate": (platform.monitor.stored - stored0) / wall}
 
 
 def main() -> None:
@@ -63,7 +59,7 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=32)
     parser.add_argument("--sessions", type=int, default=3, help="sweeps, and as many federated sessions")
     args = parser.parse_args()
-    assert app.conf.broker_url.startswith("amqp://"), f"needs RabbitMQ, not {app.conf.broker_url}"
+    assert base.os.environ["BROKER_URL"].startswith("amqp://"), "needs RabbitMQ"
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="peertrain-bench-crowd-") as scratch:

@@ -14,7 +14,7 @@ Validation sets are small (digits 360 rows: 1 row = 0.28 points; breast_cancer 1
 points), so one seed cannot resolve a 0.5-point target: the verdict is on the mean of the per-seed
 (paired) gaps over several seeds, printed with their standard deviation.
 
-Run: .venv/bin/python bench/federated.py [--seeds 10] [--rounds 30] [--local-epochs 1] [--aggregation fedavg]
+Run: .venv/bin/python -m bench.federated [--seeds 10] [--rounds 30] [--local-epochs 1] [--aggregation fedavg]
 """
 
 from __future__ import annotations
@@ -22,44 +22,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
-import socket
 import statistics
-import sys
 import tempfile
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-# Celery reads its broker and backend when `tasks` is first imported: the bench runs on the in-memory
-# ones whatever the shell exports, so it never touches (or waits for) a real RabbitMQ or Redis.
-for _key in ("BROKER_URL", "RESULT_BACKEND", "MONGODB_URI", "STORAGE_URL", "S3_ENDPOINT_URL"):
-    os.environ.pop(_key, None)
-SCRATCH = Path(tempfile.mkdtemp(prefix="peertrain-bench-federated-"))
-with socket.socket() as _s:  # the API's port, known before anything reads PUBLIC_URL (peers' grants name it)
-    _s.bind(("127.0.0.1", 0))
-    API_PORT = _s.getsockname()[1]
-os.environ.update(
-    PUBLIC_URL=f"http://127.0.0.1:{API_PORT}",
-    STORAGE_URL=str(SCRATCH / "storage"), MONGODB_URI="mongomock://localhost/peertrain-bench-federated",
-    PEERTRAIN_ENV="development", JWT_SECRET_KEY="bench-secret-that-is-long-enough-for-hs256",
-    BCRYPT_ROUNDS="4", PEER_THREADS="1", LOG_LEVEL="WARNING",
-)
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from harness.datasets import sklearn_csv
+from harness.platform import Served
+from models import peer as peers
+from models.db import utcnow
+from settings import Settings
+from tasks import protocol
+from trainer.dataset import Dataset
+from trainer.loop import TrainConfig, evaluate, train
+from trainer.model import ModelConfig, SimpleDNN
+from trainer.normalization import fit_normalization
+from trainer.split import split_indices
+from trainer.table import read_table
 
-import models  # noqa: E402
-from models.db import utcnow  # noqa: E402
-from settings import Settings  # noqa: E402
-from tests.datasets import sklearn_csv  # noqa: E402
-from trainer.dataset import Dataset  # noqa: E402
-from trainer.loop import TrainConfig, evaluate, train  # noqa: E402
-from trainer.model import ModelConfig, SimpleDNN  # noqa: E402
-from trainer.normalization import fit_normalization  # noqa: E402
-from trainer.split import split_indices  # noqa: E402
-from trainer.table import read_table  # noqa: E402
+SCRATCH = Path(tempfile.mkdtemp(prefix="peertrain-bench-federated-"))
 
 PEERS = 4
 DATASETS = ("digits", "breast_cancer")
@@ -94,7 +78,7 @@ def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def centralized(csv: Path, seed: int, args: argparse.Namespace) -> float:
     """Held-out accuracy of the trainer alone, on the rows and from the weights a federated session uses."""
-    from tasks.federated import VALIDATION_FRACTION
+    from trainer.split import VALIDATION_FRACTION
 
     hp = hyperparameters(args)
     table = read_table(csv)
@@ -111,31 +95,20 @@ def centralized(csv: Path, seed: int, args: argparse.Namespace) -> float:
 
 
 class Platform:
-    """The embedded platform: coordinator and peers as in-process workers, the API as a test client (and
-    served over HTTP, for the peers' storage grants)."""
+    """The embedded platform (harness/platform.py): in-memory broker and backend, the coordinator and the peers
+    as in-process workers, mongomock, a scratch storage directory; the API served over HTTP (the peers' grants
+    name it) and used through its test client."""
 
     def __init__(self, peers: int) -> None:
-        from werkzeug.serving import make_server
-
-        from tasks import peer as peer_app
-        from tasks import registry
-        from tasks.celery import app
-        from tasks.inprocess import InProcessWorkers
-        from webapp import create_app
-
-        settings = Settings.from_env()
+        # The in-memory broker and backend whatever the shell exports: never a real RabbitMQ or Redis.
+        settings = Settings.from_env({
+            "STORAGE_URL": str(SCRATCH / "storage"), "MONGODB_URI": "mongomock://localhost/peertrain-bench-federated",
+            "PEERTRAIN_ENV": "development", "JWT_SECRET_KEY": "bench-secret-that-is-long-enough-for-hs256",
+            "BCRYPT_ROUNDS": "4", "PEER_THREADS": "1", "LOG_LEVEL": "WARNING", "DATA_DIR": ""})
         assert settings.embedded_broker, settings.broker_url
-        models.connect(settings.mongodb_uri)
-        self.workers = InProcessWorkers()
-        self.workers.start(app, settings.coordinator_queue, "coordinator@bench")
         self.peers = [f"bench{i}" for i in range(1, peers + 1)]
-        for name in self.peers:
-            login = registry.add(name, settings).environment["BROKER_URL"]
-            self.workers.start(peer_app.create_app(login, settings), f"peer.{name}", f"peer.{name}@bench")
-        api = create_app({"TESTING": True}, settings=settings)
-        self.server = make_server("127.0.0.1", API_PORT, api, threaded=True)
-        threading.Thread(target=self.server.serve_forever, name="api", daemon=True).start()
-        self.client = api.test_client()
+        self.served = Served(settings, SCRATCH, peers=self.peers).start()
+        self.client = self.served.api_app.test_client()
         account = {"username": "bench", "email": "bench@example.com", "password": "correct horse"}
         assert self.client.post("/auth/signup", json=account).status_code == 201
         signin = self.client.post("/auth/signin", json={k: account[k] for k in ("email", "password")})
@@ -145,13 +118,11 @@ class Platform:
 
     def federated(self, csv: Path, seed: int, partition: str, args: argparse.Namespace) -> dict[str, Any]:
         """Run one federated session to the end; its GET /sessions/<id> document."""
-        # The monitor is left out (it would only add event traffic to two noisy cores): peers are
-        # marked alive here, as the monitor does when their workers beat, so the API can claim them.
-        # The API claims the freshest first: distinct times give bench1 shard 0, bench2 shard 1, ...
+        # The API claims the freshest peer first: distinct times give bench1 shard 0, bench2 shard 1, ...
         # every run, so FedAvg sums the same peers in the same order and reruns print the same figures.
         now = utcnow()
         for i, name in enumerate(self.peers):
-            models.peer.seen(name, f"peer.{name}@bench", at=now - timedelta(milliseconds=10 * i))
+            peers.seen(name, protocol.worker_name(name, "bench"), at=now - timedelta(milliseconds=10 * i))
         form = {"num_peers": str(len(self.peers)), "mode": "federated", "seed": str(seed),
                 "rounds": str(args.rounds), "local_epochs": str(args.local_epochs), "partition": partition,
                 "alpha": str(args.alpha), "aggregation": args.aggregation,
@@ -172,8 +143,7 @@ class Platform:
         raise RuntimeError(f"session {session_id} did not finish within {SESSION_TIMEOUT:g} s")
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.workers.stop()
+        self.served.stop()
 
 
 def mean_sd(values: list[float], error: bool = False) -> str:

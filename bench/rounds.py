@@ -11,7 +11,7 @@ session's start) less the slowest peer's own training time in it (its epochs' `s
 training itself, measured in the same run. The timeline splits each round (median over the rounds after the
 first of every session but the first) from the task events, heartbeats and result timestamps (one clock).
 
-Run: .venv/bin/python bench/rounds.py [--sessions 3] [--rounds 5] [--local-epochs 2]
+Run: .venv/bin/python -m bench.rounds [--sessions 3] [--rounds 5] [--local-epochs 2]
 """
 
 from __future__ import annotations
@@ -20,30 +20,18 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import session as base  # noqa: E402  (bench/session.py: the environment and the platform)
-from celery.result import AsyncResult  # noqa: E402
+from celery.result import AsyncResult
 
-from models import Heartbeat, TrainingSession  # noqa: E402
-from tasks.celery import app  # noqa: E402
-from tests.datasets import write_csv  # noqa: E402
+from bench import session as base  # the environment and the platform
+from harness.datasets import tabular_csv
+from models import Heartbeat, TrainingSession
 
 PEERS = 3
 TARGET_OVERHEAD, TARGET_FIRST = 0.050, 1.10
-
-
-def job_csv(path: Path, rows: int = 20_000) -> Path:
-    """The issue's tabular job: 40 features, 7 classes."""
-    from sklearn.datasets import make_classification
-
-    x, y = make_classification(n_samples=rows, n_features=40, n_informative=24, n_redundant=8, n_classes=7,
-                               n_clusters_per_class=1, random_state=0)
-    return write_csv(path, x.round(4), y)
 
 
 def federated(platform: base.Platform, csv: Path, rounds: int, local_epochs: int) -> dict:
@@ -76,7 +64,7 @@ def federated(platform: base.Platform, csv: Path, rounds: int, local_epochs: int
         if len(events) == PEERS and all("task-started" in e and "task-succeeded" in e for e in events):
             ends = {b.peer: max(x.sent_at.timestamp() for x in mine if x.peer == b.peer) for b in mine}
             begins = {p: min(x.sent_at.timestamp() - x.seconds for x in mine if x.peer == p) for p in ends}
-            stored = [base.stamp(AsyncResult(e["task-sent"]["uuid"], app=app).date_done) for e in events]
+            stored = [base.stamp(AsyncResult(e["task-sent"]["uuid"], app=platform.app).date_done) for e in events]
             point.update(
                 sent=max(e["task-sent"]["timestamp"] for e in events) - marks[r],
                 started=max(e["task-started"]["timestamp"] for e in events) - marks[r],
@@ -99,11 +87,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-epochs", type=int, default=2)
     args = parser.parse_args()
-    assert app.conf.broker_url.startswith("amqp://"), f"needs RabbitMQ, not {app.conf.broker_url}"
+    assert base.os.environ["BROKER_URL"].startswith("amqp://"), "needs RabbitMQ"
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per poll and grant would clutter
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="peertrain-bench-rounds-") as scratch:
-        csv = job_csv(Path(scratch) / "tabular.csv")
+        csv = tabular_csv(Path(scratch) / "tabular.csv")
         platform = base.Platform()
         try:
             platform.start(Path(scratch), peers=PEERS)

@@ -16,7 +16,7 @@ simulated. Sessions go through the API (MAX_PEERS_PER_SESSION is raised for the 
 3. Monitor: every peer sends a heartbeat every `--epoch-seconds` for a minute; the monitor must store
    every one (0 dropped) and keep up (>= 2,000 events/s), measured against the rate the peers sent.
 
-Run: .venv/bin/python bench/scale.py [--peers 1000] [--rounds 4] [--processes 2] [--sustain 60] [--private-broker]
+Run: .venv/bin/python -m bench.scale [--peers 1000] [--rounds 4] [--processes 2] [--sustain 60] [--private-broker]
 """
 
 from __future__ import annotations
@@ -45,8 +45,6 @@ with socket.socket() as _s:  # peers' transfers go to an API process of their ow
     OBJECTS_PORT = _s.getsockname()[1]
 os.environ.setdefault("PUBLIC_URL", f"http://127.0.0.1:{OBJECTS_PORT}")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
 
 
 def private_broker() -> None:
@@ -57,7 +55,7 @@ def private_broker() -> None:
     anything imports Celery's settings."""
     import atexit
 
-    from tests.e2e.rabbitnode import RabbitNode
+    from harness.rabbitnode import RabbitNode
 
     node = RabbitNode()
     # The node runs as user rabbitmq, whose login shell gets 1,024 files; its environment file is
@@ -72,14 +70,12 @@ def private_broker() -> None:
 if "--private-broker" in sys.argv:
     private_broker()
 
-import session as base  # noqa: E402  (bench/session.py: the environment and the platform)
-
-from bench.simulated import Fleet, Options  # noqa: E402
+from bench import session as base  # noqa: E402  (the environment and the platform)
+from harness.datasets import blobs_csv  # noqa: E402
+from harness.simulated import Fleet, Options  # noqa: E402
+from harness.waiting import wait_until  # noqa: E402
 from models import Heartbeat, Peer, TrainingSession  # noqa: E402
 from settings import Settings  # noqa: E402
-from tasks.celery import app  # noqa: E402
-from tests.datasets import blobs_csv  # noqa: E402
-from tests.e2e.platform import wait_until  # noqa: E402
 
 TARGET_DISPATCH, TARGET_JOIN, TARGET_RATE, TARGET_PER_PEER = 2.0, 2.0, 2000.0, 0.005
 HP = {"learning_rate": 0.01, "batch_size": 32, "hidden": [8]}
@@ -166,7 +162,7 @@ def rounds(platform: base.Platform, fleet: Fleet, csv: Path, peers: int, count: 
 def sustained(platform: base.Platform, csv: Path, peers: int, seconds: float, epoch_seconds: float) -> None:
     """Every peer sends a heartbeat every epoch_seconds for `seconds`: the monitor must store them all, in time."""
     epochs = max(1, round(seconds / epoch_seconds))
-    deployed = platform.consumer.monitor
+    deployed = platform.monitor
     stored0, dropped0 = deployed.stored, sum(deployed.dropped.values())
     sid = start(platform, csv, peers, 1, epochs)
     expected = peers * epochs
@@ -208,7 +204,7 @@ def main() -> None:
                         help="run on a RabbitMQ node of this run's own, with room for a connection per peer"
                              " (needed past ~800 peers on a default node; needs root)")
     args = parser.parse_args()
-    assert app.conf.broker_url.startswith("amqp://"), f"needs RabbitMQ, not {app.conf.broker_url}"
+    assert os.environ["BROKER_URL"].startswith("amqp://"), f"needs RabbitMQ, not {os.environ['BROKER_URL']}"
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     logging.getLogger("tasks.collector").setLevel(logging.ERROR)
     began = time.perf_counter()
@@ -228,7 +224,8 @@ def main() -> None:
             took = time.perf_counter() - t0
             print(f"platform up; {args.peers} peers registered in {took:.1f} s ({took / args.peers * 1000:.0f} ms"
                   f" each: a broker user, its rights and limits through RabbitMQ's management API)")
-            options = Options(app.conf.event_exchange, Settings.from_env().results_queue, args.epoch_seconds)
+            settings = Settings.from_env()
+            options = Options(settings.event_exchange, settings.results_queue, args.epoch_seconds)
             fleet = Fleet(logins, options, processes=args.processes)
             t0 = time.perf_counter()
             fleet.start()

@@ -1,11 +1,12 @@
 """Benchmark sessions on the real broker: 4-peer sweep overhead, dispatch latency, monitor burst rate.
 
-Assembled as tests/e2e/conftest.py does it: API, coordinator (in-process worker) and monitor (EventConsumer
-thread) share this process, as they share mongomock; peers are real `celery worker` processes, 1 torch thread
-each, registered with broker logins of their own as an operator registers them (RabbitMQ's management API
-must answer); RabbitMQ and Redis are real; storage is a scratch directory the peers reach through the API's
-`/objects/` grants. This run uses an event exchange of its own, so no other monitor on the broker lets its
-sessions claim our peers, nor ours theirs.
+Assembled as the end-to-end tests assemble it (harness/platform.py, on embedded.py's one assembly): API,
+coordinator (in-process worker) and monitor (EventConsumer thread) share this process, as they share
+mongomock; peers are real `celery worker` processes, 1 torch thread each, registered with broker logins
+of their own as an operator registers them (RabbitMQ's management API must answer); RabbitMQ and Redis
+are real; storage is a scratch directory the peers reach through the API's `/objects/` grants. This run
+uses an event exchange of its own, so no other monitor on the broker lets its sessions claim our peers,
+nor ours theirs.
 
 1. Sessions: a warm-up sweep sizes the epochs for ~10 s of training per peer. Each session is timed POST ->
    first GET showing COMPLETED (every 25 ms), and created_at -> finished_at, over the slowest peer's own
@@ -14,7 +15,7 @@ sessions claim our peers, nor ours theirs.
    are stored: a registered peer's own, for a session it is training (the monitor stores nothing else).
    Baselines: a bare kombu consumer, the Monitor without a broker, `heartbeat.insert_many`.
 
-Run: .venv/bin/python bench/session.py [--repeats 3] [--train-seconds 10] [--burst 20000]
+Run: .venv/bin/python -m bench.session [--repeats 3] [--train-seconds 10] [--burst 20000]
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import logging
 import multiprocessing
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -35,17 +35,12 @@ from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-# Celery reads these when `tasks` is first imported, here and in the peers and senders we start: they
-# inherit this environment, so setdefault keeps the parent's run id and queue names.
+# Peers and senders this bench starts inherit this environment (their broker, exchanges and queue names):
+# setdefault keeps the parent's run id and names in the children.
 RUN_ID = os.environ.setdefault("BENCH_RUN_ID", uuid.uuid4().hex[:8])
-with __import__("socket").socket() as _s:  # the API's port, known before anything reads PUBLIC_URL
-    _s.bind(("127.0.0.1", 0))
-    os.environ.setdefault("BENCH_API_PORT", str(_s.getsockname()[1]))
 for _key, _value in {"BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//", "RESULT_BACKEND": "redis://127.0.0.1:6379/14",
                      "COORDINATOR_QUEUE": f"bench-{RUN_ID}.coordinator", "MONITOR_QUEUE": f"bench-{RUN_ID}.monitor",
                      "RESULTS_QUEUE": f"bench-{RUN_ID}.results", "EVENT_EXCHANGE": f"bench-{RUN_ID}.celeryev",
-                     "PUBLIC_URL": f"http://127.0.0.1:{os.environ['BENCH_API_PORT']}",
                      "PEER_THREADS": "1", "LOG_LEVEL": "WARNING"}.items():
     os.environ.setdefault(_key, _value)
 
@@ -54,20 +49,18 @@ from bson import ObjectId  # noqa: E402
 from celery.events.event import get_exchange  # noqa: E402
 from celery.result import AsyncResult  # noqa: E402
 from kombu import Queue  # noqa: E402
-from werkzeug.serving import make_server  # noqa: E402
 
-import models  # noqa: E402
+from harness.datasets import write_csv  # noqa: E402
+from harness.platform import Served  # noqa: E402
+from harness.processes import PeerProcess, peer_environment  # noqa: E402
+from harness.waiting import wait_until  # noqa: E402
 from models import Dataset, Heartbeat, Peer, PeerRun, TrainingSession  # noqa: E402
+from models import assignment as assignments  # noqa: E402
 from models import heartbeat as heartbeats  # noqa: E402
 from settings import Settings  # noqa: E402
-from tasks import monitor, protocol, registry  # noqa: E402
-from tasks.brokeradmin import BrokerAdmin  # noqa: E402
-from tasks.celery import app  # noqa: E402
-from tasks.inprocess import InProcessWorkers  # noqa: E402
-from tests.datasets import write_csv  # noqa: E402
-from tests.e2e.platform import Api, PeerProcess, peer_environment, wait_until  # noqa: E402
+from tasks import monitor, protocol  # noqa: E402
 
-PEERS, POLL, HEARTBEAT = 4, 0.025, "task-heartbeat"
+PEERS, POLL = 4, 0.025
 TARGET_RATIO, TARGET_OVERHEAD, TARGET_RATE = 1.10, 1.0, 2000.0
 
 
@@ -80,21 +73,22 @@ def stamp(value: str | datetime) -> float:
 class Events(threading.Thread):
     """Every task event and heartbeat of this run, from a transient receiver queue of our own."""
 
-    def __init__(self) -> None:
+    def __init__(self, app) -> None:
         super().__init__(name="events", daemon=True)
+        self.app = app
         self.tasks: dict[str, dict[str, dict]] = defaultdict(dict)  # task id → event type → event
         self.beats: dict[tuple[str, str], list[dict]] = defaultdict(list)  # (session, peer) → heartbeats
         self.ready = threading.Event()
 
     def run(self) -> None:
-        with app.connection_for_read() as connection:
-            self.receiver = app.events.Receiver(connection, handlers={"*": self.on_event})
+        with self.app.connection_for_read() as connection:
+            self.receiver = self.app.events.Receiver(connection, handlers={"*": self.on_event})
             consume_ready = self.receiver.on_consume_ready
             self.receiver.on_consume_ready = lambda *a, **k: (consume_ready(*a, **k), self.ready.set())
             self.receiver.capture(wakeup=False)
 
     def on_event(self, event: dict) -> None:
-        if event["type"] == HEARTBEAT:
+        if event["type"] == protocol.HEARTBEAT:
             self.beats[(event["session"], event["peer"])].append(event)
         elif event["type"].startswith("task-"):
             self.tasks[event["uuid"]][event["type"]] = event
@@ -106,57 +100,52 @@ class Events(threading.Thread):
 
 
 class Platform:
-    """API, coordinator and monitor in this process, PEERS peer processes; `stack.close()` stops them."""
+    """The platform (harness/platform.py `Served`: API, coordinator and monitor in this process) and PEERS peer
+    processes, plus this bench's own event receiver; `stack.close()` stops them and cleans the broker up."""
 
     def __init__(self) -> None:
         self.stack = ExitStack()  # run in reverse: the broker is cleaned up after everything has stopped
         self.queues = [os.environ["COORDINATOR_QUEUE"], os.environ["MONITOR_QUEUE"]]
-        self.stack.callback(self.delete, [app.conf.event_exchange, f"{app.conf.event_exchange}.sessions",
-                                          f"bench-{RUN_ID}.bare", os.environ["RESULTS_QUEUE"]])
         self.peers: list[PeerProcess] = []
-        self.logins: list[str] = []
-        self.events = Events()
 
     def start(self, scratch: Path, peers: int = PEERS) -> None:
         """Start the platform and `peers` peer processes; returns once every peer is ONLINE."""
-        from webapp import create_app  # here: peers load this module, and never need Flask
-
+        # Also what other processes of this bench read (bench/scale.py's API for the peers' transfers).
         os.environ.update(STORAGE_URL=str(scratch / "storage"), MONGODB_URI=f"mongomock://localhost/bench-{RUN_ID}",
                           PEERTRAIN_ENV="development", BCRYPT_ROUNDS="4",
                           JWT_SECRET_KEY="bench-secret-that-is-long-enough-for-hs256")
-        models.connect(os.environ["MONGODB_URI"])
-        self.consumer = monitor.build(app, Settings.from_env())  # as `python -m tasks.monitor` builds it
-        thread = threading.Thread(target=self.consumer.run, name="monitor", daemon=True)
-        thread.start()
-        self.stack.callback(thread.join, 10)  # before its queue goes, or a reconnect could declare it again
-        self.stack.callback(self.consumer.stop)
+        settings = Settings.from_env()
+        self.served = Served(settings, scratch, name=f"coordinator-{RUN_ID}")
+        self.app = None
+        exchange = settings.event_exchange
+        self.stack.callback(self.delete, [exchange, f"{exchange}.sessions", f"bench-{RUN_ID}.bare",
+                                          settings.results_queue])
+        self.served.start()
+        self.stack.callback(self.served.stop)
+        self.app = self.served.celery
+        self.events = Events(self.app)
         self.events.start()
         self.stack.callback(self.events.stop)
-        assert self.consumer.ready.wait(30) and self.events.ready.wait(30), "cannot consume events"
-        workers = self.workers = InProcessWorkers()
-        self.stack.callback(workers.stop)
-        workers.start(app, os.environ["COORDINATOR_QUEUE"], f"coordinator-{RUN_ID}@bench")
-        server = make_server("127.0.0.1", int(os.environ["BENCH_API_PORT"]), create_app(), threaded=True)
-        threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
-        self.stack.callback(server.shutdown)
-        self.api = Api(f"http://127.0.0.1:{server.server_port}").sign_up_and_in(f"bench{RUN_ID}")
+        assert self.events.ready.wait(30), "cannot consume events"
+        self.api = self.served.user(f"bench{RUN_ID}")
         self.stack.callback(self.stop_peers)
-        self.stack.callback(self.remove_logins)
         names = [f"bench{RUN_ID}{chr(97 + i) if i < 26 else f'p{i}'}" for i in range(peers)]
         for name in names:
-            self.queues += [f"peer.{name}", f"peer.{name}.stop"]
+            self.queues += [protocol.task_queue(name), protocol.stop_queue(name).name]
             self.peers.append(PeerProcess(name, scratch, peer_environment(**self.register(name))))
         wait_until(lambda: Peer.objects(name__in=names, status="ONLINE").count() == peers, 90, "peers ONLINE")
 
+    @property
+    def monitor(self):
+        return self.served.monitor
+
+    @property
+    def workers(self):
+        return self.served.platform.workers
+
     def register(self, name: str) -> dict[str, str]:
         """Register a peer as an operator does; returns its machine's environment (its own login)."""
-        self.logins.append(protocol.broker_user(name))
-        return registry.add(name, Settings.from_env()).environment
-
-    def remove_logins(self) -> None:
-        admin = BrokerAdmin.from_settings(Settings.from_env())
-        for user in self.logins:
-            admin.remove_user(user)
+        return self.served.register(name)
 
     def stop_peers(self) -> None:
         while self.peers:
@@ -164,7 +153,9 @@ class Platform:
 
     def delete(self, exchanges: list[str]) -> None:
         """Delete this run's queues and exchanges, as tests/conftest.py `_broker_cleanup` does."""
-        with app.connection_for_write() as connection:
+        if self.app is None:
+            return
+        with self.app.connection_for_write() as connection:
             channel = connection.default_channel
             for kind, name in [("queue", q) for q in self.queues] + [("exchange", e) for e in exchanges]:
                 try:
@@ -194,7 +185,7 @@ def sweep(platform: Platform, csv: Path, epochs: int) -> dict:
     started = max(tasks[r.task_id]["task-started"]["timestamp"] for r in runs) - wall0
     # A training loop began one epoch before its first heartbeat was sent, and ended at its last.
     began = max(beats[r.name][0]["timestamp"] - beats[r.name][0]["seconds"] for r in runs) - wall0
-    stored = {r.name: stamp(AsyncResult(r.task_id, app=app).date_done) - wall0 for r in runs}
+    stored = {r.name: stamp(AsyncResult(r.task_id, app=platform.app).date_done) - wall0 for r in runs}
     last = max(stored, key=stored.get)
     return {
         "wall": seen, "doc_wall": stamp(doc["finished_at"]) - stamp(doc["created_at"]), "dispatch": started,
@@ -248,21 +239,26 @@ def beat(i: int, n: int) -> dict:
             "seconds": 0.05}
 
 
-def burst_session(n: int) -> str:
-    """A running session the burst peer trains, n epochs long: the monitor stores only such heartbeats."""
+def burst_session(n: int) -> tuple[str, str]:
+    """A running session the burst peer trains, n epochs long, and its task (as the coordinator records one it
+    sent): the monitor stores only such heartbeats."""
     session = TrainingSession(owner_id=ObjectId(), target="label", status="RUNNING",
                               dataset=Dataset(filename="x.csv", url="file:///x", bytes=1, sha256="0" * 64, rows=1,
                                               columns=1),
-                              peers=[PeerRun(name=BURST_PEER, status="RUNNING", hyperparameters={"epochs": n})],
-                              launch={"round": 0, "group": "g", "body": "b", "peers": [BURST_PEER]}).save()
-    return str(session.id)
+                              peers=[PeerRun(name=BURST_PEER, status="RUNNING", hyperparameters={"epochs": n})]).save()
+    task_id = str(protocol.TaskId.new(session.id, 0))
+    assignments.record([{"_id": task_id, "session_id": session.id, "peer": BURST_PEER, "round": 0, "epochs": n,
+                         "position": 0, "chord": None, "sent_at": datetime.now(UTC).replace(tzinfo=None),
+                         "deadline": None}])
+    return str(session.id), task_id
 
 
-def _send(pipe, n: int, session: str, exchange: str, login: str) -> None:
+def _send(pipe, n: int, session: str, task_id: str, exchange: str, login: str) -> None:
     """Child process: send n heartbeats through one dispatcher of the peer's app, as fast as a peer's could."""
     from tasks import peer as peer_app
+    from tasks.celery import create_app
 
-    sender = peer_app.create_app(login) if login else app
+    sender = peer_app.create_app(login) if login else create_app(Settings.from_env())
     sender.conf.event_exchange = exchange
     # Our own connection, closed with AMQP's handshake before we report: a process that exited with a
     # pooled connection open (as `default_dispatcher()` leaves one) lost the tail of its burst here.
@@ -272,17 +268,18 @@ def _send(pipe, n: int, session: str, exchange: str, login: str) -> None:
         pipe.recv()
         began = time.time()
         for i in range(n):
-            dispatcher.send(HEARTBEAT, session=session, **beat(i, n))
+            dispatcher.send(protocol.HEARTBEAT, uuid=task_id, session=session, **beat(i, n))
         ended = time.time()
     pipe.send((began, ended))
 
 
-def burst(n: int, exchange: str, wait, login: str = "", session: str = "") -> tuple[float, float, float, str]:
+def burst(n: int, exchange: str, wait, login: str = "", task: tuple[str, str] | None = None
+          ) -> tuple[float, float, float, str]:
     """Send n heartbeats from another process; `wait()` returns once they are through. (sent/s, done/s, lag, id)"""
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe()
-    session = session or str(ObjectId())
-    sender = ctx.Process(target=_send, args=(there, n, session, exchange, login), daemon=True)
+    session, task_id = task or (str(ObjectId()), "none")
+    sender = ctx.Process(target=_send, args=(there, n, session, task_id, exchange, login), daemon=True)
     sender.start()
     try:
         assert here.poll(60) and here.recv() == "ready", "the sender did not start"
@@ -295,13 +292,13 @@ def burst(n: int, exchange: str, wait, login: str = "", session: str = "") -> tu
     return n / (ended - began), n / (done - began), done - ended, session
 
 
-def bare_consumer(n: int, exchange: str):
+def bare_consumer(app, n: int, exchange: str):
     """A kombu consumer that only acknowledges (in batches, as the monitor does); returns its `wait`."""
     count = 0
 
     def on_message(body: dict, message) -> None:
         nonlocal count
-        count += body.get("type") == HEARTBEAT
+        count += body.get("type") == protocol.HEARTBEAT
         if count % 2000 == 0 or count == n:
             message.ack(multiple=True)
 
@@ -321,7 +318,7 @@ def bare_consumer(n: int, exchange: str):
 
 def bursts(platform: Platform, n: int, repeats: int) -> None:
     """Heartbeats stored per second by the monitor as deployed, and the same N through each baseline."""
-    deployed = platform.consumer.monitor  # the Monitor that the monitor thread feeds
+    deployed = platform.monitor  # the Monitor that the monitor thread feeds
 
     def stored(target: int) -> float:
         deadline = time.monotonic() + 120
@@ -333,19 +330,19 @@ def bursts(platform: Platform, n: int, repeats: int) -> None:
     best = 0.0
     login = platform.register(BURST_PEER)["BROKER_URL"]
     for i in range(repeats):
-        sent, done, lag, session = burst(n, app.conf.event_exchange, lambda t=deployed.stored + n: stored(t),
-                                         login, burst_session(n))
+        sent, done, lag, session = burst(n, platform.app.conf.event_exchange,
+                                         lambda t=deployed.stored + n: stored(t), login, burst_session(n))
         lost = n - Heartbeat.objects(session_id=ObjectId(session)).count()
         best = max(best, done)
         print(f"  run {i + 1}: sent {sent:6,.0f}/s   stored {done:6,.0f}/s (first send -> all {n:,} in MongoDB,"
               f" {lag:.2f} s after the last send)   lost {lost}")
     exchange = f"bench-{RUN_ID}.bare"
-    sent, floor, lag, _ = burst(n, exchange, bare_consumer(n, exchange))
+    sent, floor, lag, _ = burst(n, exchange, bare_consumer(platform.app, n, exchange))
     print(f"  baseline: bare kombu consumer, same burst       {floor:6,.0f}/s   (sent {sent:,.0f}/s, lag {lag:.2f} s)")
-    direct, session, t0 = monitor.Monitor(peer_timeout=60), burst_session(n), time.perf_counter()
+    direct, (session, task_id), t0 = monitor.Monitor(peer_timeout=60), burst_session(n), time.perf_counter()
     for i in range(n):
-        direct.on_event({"type": HEARTBEAT, "session": session, "timestamp": time.time(), **beat(i, n)},
-                        protocol.broker_user(BURST_PEER))
+        direct.on_event({"type": protocol.HEARTBEAT, "uuid": task_id, "session": session, "timestamp": time.time(),
+                         **beat(i, n)}, protocol.broker_user(BURST_PEER))
     direct.flush()
     fed = n / (time.perf_counter() - t0)
     print(f"  baseline: Monitor.on_event + flush, no broker  {fed:6,.0f}/s")
@@ -366,7 +363,7 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=20_000)
     parser.add_argument("--copies", type=int, default=5, help="how many times the digits rows are repeated")
     args = parser.parse_args()
-    assert app.conf.broker_url.startswith("amqp://"), f"needs RabbitMQ, not {app.conf.broker_url}"
+    assert os.environ["BROKER_URL"].startswith("amqp://"), f"needs RabbitMQ, not {os.environ['BROKER_URL']}"
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per poll would cost and clutter
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="peertrain-bench-session-") as scratch:

@@ -27,7 +27,7 @@ Target: GET /peers and GET /healthz p99 ≤ 100 ms while the hammering goes on. 
 times, the rows interleaved, because a shared machine's load comes and goes: the summary gives each
 row's median and its ratio to the baseline of the same round.
 
-Run: .venv/bin/python bench/signin.py [--seconds S] [--clients N] [--rate R] [--repeats K]
+Run: .venv/bin/python -m bench.signin [--seconds S] [--clients N] [--rate R] [--repeats K]
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ UNLIMITED = "1000000/minute"
 
 def serve() -> Any:
     """Granian's app factory: the real API on mongomock with a probe user and the hammering accounts."""
-    sys.path.insert(0, ROOT)
     import models
     from models import User
     from webapp import create_app

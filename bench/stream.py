@@ -8,7 +8,7 @@ come one by one rather than in a burst. A stream client follows each session; ev
 event arrived (same machine, same clock). The baseline, measured on the same sessions in the same run,
 is what a client had before the stream: polling GET /sessions/<id>/heartbeats once a second.
 
-Run: .venv/bin/python bench/stream.py [--sessions N] [--epochs E] [--rows R]
+Run: .venv/bin/python -m bench.stream [--sessions N] [--epochs E] [--rows R]
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ from pathlib import Path
 import numpy as np
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.e2e.platform import Api, wait_until  # noqa: E402
+from harness.http import Api
+from harness.waiting import wait_until
+from settings import ROOT
 
 TARGET_P95_MS = 250.0
 

@@ -1,6 +1,6 @@
 """Benchmark trainer/: training throughput against two reference loops, CSV loading, and CPU threads.
 
-Run: .venv/bin/python bench/trainer.py [--quick] [--rounds N] [--threads N] [--only loops|csv|threads]
+Run: .venv/bin/python -m bench.trainer [--quick] [--rounds N] [--threads N] [--only loops|csv|threads]
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import argparse
 import multiprocessing
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,12 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trainer.loop import TrainConfig, train  # noqa: E402
-from trainer.memory import keep_freed_memory  # noqa: E402
-from trainer.model import ModelConfig, SimpleDNN  # noqa: E402
-from trainer.table import read_table  # noqa: E402
+from trainer.loop import TrainConfig, train
+from trainer.memory import keep_freed_memory
+from trainer.model import ModelConfig, SimpleDNN
+from trainer.table import read_table
 
 FEATURES, CLASSES, BATCH = 784, 10, 64
 CONFIG = ModelConfig(input_size=FEATURES, output_size=CLASSES, hidden=(128, 64))

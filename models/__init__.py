@@ -1,5 +1,6 @@
 """MongoDB documents and the queries on them (mongoengine only: no Flask, Celery or torch)."""
 
+from models.assignment import Assignment
 from models.db import connect, disconnect, ensure_connected, ping, utcnow
 from models.heartbeat import Heartbeat
 from models.peer import Peer
@@ -7,6 +8,7 @@ from models.session import Dataset, PeerRun, Round, TrainingSession
 from models.user import User
 
 __all__ = [
+    "Assignment",
     "Dataset",
     "Heartbeat",
     "Peer",

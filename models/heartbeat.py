@@ -57,8 +57,10 @@ class Heartbeat(Document):
 # When the peer finished the epoch (Unix seconds, the trainer's `finished_at`): stored as `sent_at`, so a
 # heartbeat has it whichever writer stores it (the monitor from the event, the coordinator from the history).
 FINISHED_AT = "finished_at"
-METRICS = ("epochs", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2", "samples_per_sec", "seconds",
-           FINISHED_AT)
+# The numbers a heartbeat keeps: the document's own numeric fields, less its key (what a peer may send
+# is tasks/protocol.py's; this is what is stored of it).
+_NUMBERS = {name: type(f) for name, f in Heartbeat._fields.items()
+            if isinstance(f, FloatField | IntField) and name not in ("round", "epoch")}
 
 
 def _moment(seconds: Any) -> datetime | None:
@@ -76,10 +78,10 @@ def _document(hb: dict[str, Any], received_at: datetime) -> dict[str, Any]:
     round_, epoch = int(hb.get("round") or 0), int(hb["epoch"])
     doc: dict[str, Any] = {"_id": heartbeat_id(session_id, hb["peer"], round_, epoch), "session_id": session_id,
                            "peer": str(hb["peer"]), "round": round_, "epoch": epoch}
-    for name in METRICS:
+    for name, kind in _NUMBERS.items():
         value = hb.get(name)
-        if value is not None and name != FINISHED_AT:
-            doc[name] = int(value) if name == "epochs" else float(value)
+        if value is not None:
+            doc[name] = int(value) if kind is IntField else float(value)
     if hb.get(FINISHED_AT) is not None:
         doc["sent_at"] = _moment(hb[FINISHED_AT])
     elif hb.get("sent_at") is not None:

@@ -32,15 +32,6 @@ class Peer(Document):
 
     meta = {"collection": "peers", "indexes": ["status", "session_id"]}
 
-    @property
-    def queue(self) -> str:
-        return queue_for(self.name)
-
-
-def queue_for(name: str) -> str:
-    """The queue a peer's worker consumes: `peer.<name>`."""
-    return f"peer.{name}"
-
 
 def register(name: str) -> Peer:
     """Add a peer, OFFLINE until its worker shows up; NotUniqueError if the name is taken."""

@@ -1,4 +1,10 @@
-"""Training sessions: what a user asked for, what each peer did, and how it ended."""
+"""Training sessions: what a user asked for, what each peer did, and how it ended.
+
+A session's settings and the coordinator's state are typed embedded documents: `FederatedSettings`
+(what the user chose), `Plan` (where the coordinator put the data and the model), `Launch` (the current
+round's chord), `AsyncState` (an asynchronous session's budget and global version). Every write the
+coordinator makes to them is a query of this module.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from typing import Any
 
 from bson import ObjectId
 from mongoengine import (
+    BooleanField,
     DateTimeField,
     DictField,
     Document,
@@ -20,6 +27,7 @@ from mongoengine import (
     StringField,
     ValidationError,
 )
+from pymongo import ReturnDocument
 
 from models import event as events
 from models.db import utcnow
@@ -32,9 +40,15 @@ CANCELLED = "CANCELLED"
 STATUSES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED)
 ACTIVE = (PENDING, RUNNING)
 
+# The words a session is made of; which code runs for each is decided once (tasks/strategy.py).
 SWEEP = "sweep"
 FEDERATED = "federated"
 MODES = (SWEEP, FEDERATED)
+SYNC = "sync"
+ASYNC = "async"
+SCHEDULES = (SYNC, ASYNC)
+AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
+PARTITIONS = ("iid", "label_skew")
 
 
 class Dataset(EmbeddedDocument):
@@ -55,7 +69,7 @@ class PeerRun(EmbeddedDocument):
     name = StringField(required=True)
     status = StringField(choices=STATUSES, default=PENDING)
     hyperparameters = DictField()
-    task_id = StringField()
+    task_id = StringField()  # the task it trains now (models/assignment.py has every task it was sent)
     round = IntField(default=0)
     epoch = IntField(default=0)
     epochs = IntField()
@@ -71,6 +85,67 @@ class PeerRun(EmbeddedDocument):
     bytes_fetched = IntField(default=0)
     weights_url = StringField()
     error = StringField()
+
+
+class FederatedSettings(EmbeddedDocument):
+    """What the user chose for a federated session."""
+
+    meta = {"strict": False}  # older sessions kept min_peers here too (TrainingSession.min_peers is its home)
+
+    rounds = IntField(min_value=1, default=5)
+    local_epochs = IntField(min_value=1, default=1)
+    partition = StringField(choices=PARTITIONS, default="iid")
+    alpha = FloatField(default=0.5)
+    aggregation = StringField(choices=AGGREGATIONS, default="fedavg")
+    schedule = StringField(choices=SCHEDULES, default=SYNC)
+    buffer_size = IntField(min_value=1)  # asynchronous: updates folded at once
+    max_updates = IntField(min_value=1)  # asynchronous: tasks handed out in all
+    time_budget = IntField(min_value=1)  # asynchronous: seconds after which no task is handed out
+
+    def epochs_per_peer(self) -> int | None:
+        """Epochs each peer trains in all; None when it depends on the peer's speed (asynchronous)."""
+        return None if self.schedule == ASYNC else self.rounds * self.local_epochs
+
+
+class Plan(EmbeddedDocument):
+    """The coordinator's own record of a federated session's data and model: no peer's word in it."""
+
+    meta = {"strict": False}
+
+    shards = DictField()  # peer -> its shard's URL
+    shard_rows = DictField()  # peer -> rows in its shard (the sample counts aggregation weighs by)
+    validation_url = StringField()
+    validation_rows = IntField()
+    normalization = DictField()
+    classes = ListField(StringField(), default=None)
+    model = DictField()  # trainer.model.ModelConfig.to_dict()
+    initial_url = StringField()
+    global_url = StringField()
+
+
+class Launch(EmbeddedDocument):
+    """The current round's chord: its number, group and body ids, the peers in header order."""
+
+    meta = {"strict": False}
+
+    round = IntField(required=True)
+    group = StringField()
+    body = StringField()
+    peers = ListField(StringField())
+    started_at = DateTimeField()
+    sent = BooleanField(default=False)  # its tasks were handed to the broker (a redelivered launch resends otherwise)
+
+
+class AsyncState(EmbeddedDocument):
+    """An asynchronous session's counters: the global version, tasks sent and left, the fold lease."""
+
+    meta = {"strict": False}
+
+    version = IntField(default=0)
+    sent = IntField(default=0)
+    remaining = IntField(default=0)
+    folding = DateTimeField()  # when a coordinator took the fold lease (None: free)
+    stop_at = DateTimeField()  # the time budget's end
 
 
 class Round(EmbeddedDocument):
@@ -97,11 +172,12 @@ class TrainingSession(Document):
     seed = IntField(default=0)
     dataset = EmbeddedDocumentField(Dataset, required=True)
     peers = EmbeddedDocumentListField(PeerRun)
-    federated = DictField()  # the user's federated settings: rounds, local_epochs, partition, ...
+    federated = EmbeddedDocumentField(FederatedSettings)
     min_peers = IntField(min_value=1)  # peers that must finish a round for the session to go on (None: all)
-    round_timeout = IntField(min_value=1)  # seconds a round may take before peers still training are left out
-    plan = DictField()  # the coordinator's: where each shard is, normalisation, the model's shape
-    launch = DictField()  # the current round's chord: round, group id, body id, peers in header order
+    round_timeout = IntField(min_value=1)  # seconds a task may take before its peer is left out
+    plan = EmbeddedDocumentField(Plan)
+    launch = EmbeddedDocumentField(Launch)
+    asynchronous = EmbeddedDocumentField(AsyncState, db_field="async_state")
     rounds = EmbeddedDocumentListField(Round)
     results = DictField()
     model_url = StringField()
@@ -135,13 +211,17 @@ class TrainingSession(Document):
 
     @property
     def quorum(self) -> int:
-        """How many peers must finish each round (the federated settings' `min_peers` in older sessions)."""
-        return self.min_peers or self.federated.get("min_peers") or len(self.peers)
+        """How many peers must finish each round."""
+        return self.min_peers or len(self.peers)
 
     def can_lose(self, peer: str) -> bool:
         """True if the session can go on without `peer` (enough peers that have not failed remain)."""
         remaining = sum(1 for run in self.peers if run.name != peer and run.status != FAILED)
         return remaining >= self.quorum
+
+    def in_play(self) -> list[PeerRun]:
+        """The runs of peers not given up on."""
+        return [run for run in self.peers if run.status != FAILED]
 
 
 def for_owner(owner_id: ObjectId) -> Any:
@@ -156,6 +236,13 @@ def get_owned(session_id: str, owner_id: ObjectId) -> TrainingSession | None:
     return TrainingSession.objects(id=session_id, owner_id=owner_id).first()
 
 
+def load(session_id: Any) -> TrainingSession | None:
+    """A session by its id (None if there is none, or the id is not one)."""
+    if not ObjectId.is_valid(str(session_id)):
+        return None
+    return TrainingSession.objects(id=session_id).first()
+
+
 def _collection():
     return TrainingSession._get_collection()
 
@@ -165,14 +252,12 @@ def positions(session: TrainingSession) -> dict[str, int]:
     return {run.name: i for i, run in enumerate(session.peers)}
 
 
-def _task_updates(session_id: ObjectId, task_ids: dict[str, str], position: dict[str, int] | None) -> dict[str, Any]:
-    if position is None:
-        names = TrainingSession.objects(id=session_id).scalar("peers").first() or []
-        position = {run.name: i for i, run in enumerate(names)}
+def _task_updates(task_ids: dict[str, str], position: dict[str, int], rounds: dict[str, int]) -> dict[str, Any]:
     updates: dict[str, Any] = {}
     for name, task_id in task_ids.items():
         updates[f"peers.{position[name]}.task_id"] = task_id
         updates[f"peers.{position[name]}.status"] = RUNNING
+        updates[f"peers.{position[name]}.round"] = rounds[name]
     return updates
 
 
@@ -180,35 +265,96 @@ def view(session_id: str, owner_id: ObjectId) -> dict[str, Any] | None:
     """A session as a plain dict, for reading only: skipping document objects halves the API's cost."""
     if not ObjectId.is_valid(session_id):
         return None
-    return TrainingSession.objects(id=session_id, owner_id=owner_id).exclude("plan", "launch").as_pymongo().first()
+    return TrainingSession.objects(id=session_id, owner_id=owner_id).exclude(
+        "plan", "launch", "asynchronous").as_pymongo().first()
 
 
-def start_running(session_id: ObjectId, task_ids: dict[str, str], launch: dict[str, Any],
-                  deadline_seconds: float, position: dict[str, int] | None = None) -> bool:
-    """PENDING → RUNNING, recording each peer's task id and the chord; False if the session is no longer pending."""
-    now = utcnow()
+def start_running(session_id: ObjectId, task_ids: dict[str, str], launch: Launch, deadline_seconds: float,
+                  position: dict[str, int], at: datetime, state: AsyncState | None = None,
+                  rounds: dict[str, int] | None = None) -> bool:
+    """PENDING → RUNNING, recording each peer's task id (of round `rounds[peer]`, default the launch's) and the
+    chord (and an asynchronous session's counters); False if the session is no longer pending."""
+    rounds = rounds or dict.fromkeys(task_ids, launch.round)
     # Raw updates, built directly: mongoengine's keyword transform costs ~0.1 ms per path, and a
     # thousand-peer round sets thousands of paths.
-    started = _collection().update_one({"_id": session_id, "status": PENDING}, {"$set": {
-        "status": RUNNING, "started_at": now, "deadline": now + timedelta(seconds=deadline_seconds),
-        "launch": launch, **_task_updates(session_id, task_ids, position)}}).modified_count
+    sets = {"status": RUNNING, "started_at": at, "deadline": at + timedelta(seconds=deadline_seconds),
+            "launch": launch.to_mongo().to_dict(), **_task_updates(task_ids, position, rounds)}
+    if state is not None:
+        sets["async_state"] = state.to_mongo().to_dict()
+    started = _collection().update_one({"_id": session_id, "status": PENDING}, {"$set": sets}).modified_count
     if started:
-        events.append(session_id, [events.status(RUNNING, at=now), *(events.peer(name, RUNNING) for name in task_ids)])
+        events.append(session_id, [events.status(RUNNING, at=at), *(events.peer(name, RUNNING) for name in task_ids)])
     return bool(started)
 
 
-def next_round(session_id: ObjectId, round_: int, task_ids: dict[str, str], launch: dict[str, Any],
-               position: dict[str, int] | None = None) -> bool:
-    """Record round `round_`'s task ids and chord on a RUNNING session whose current round is the one before;
-    False if it has ended meanwhile, or the round was launched already (a redelivered `aggregate`)."""
-    updates = _task_updates(session_id, task_ids, position)
-    return bool(_collection().update_one({"_id": session_id, "status": RUNNING, "launch.round": round_ - 1},
-                                         {"$set": {"launch": launch, **updates}}).modified_count)
+def next_round(session_id: ObjectId, task_ids: dict[str, str], launch: Launch, position: dict[str, int]) -> bool:
+    """Record round `launch.round`'s task ids and chord on a RUNNING session whose current round is the one
+    before; False if it has ended meanwhile, or the round was launched already (a redelivered `aggregate`)."""
+    sets = {"launch": launch.to_mongo().to_dict(),
+            **_task_updates(task_ids, position, dict.fromkeys(task_ids, launch.round))}
+    return bool(_collection().update_one({"_id": session_id, "status": RUNNING, "launch.round": launch.round - 1},
+                                         {"$set": sets}).modified_count)
 
 
-def rounds_overdue(now: datetime) -> list[TrainingSession]:
-    """Running sessions whose current round is past its deadline (`round_timeout`)."""
-    return list(TrainingSession.objects(status=RUNNING, launch__deadline__lt=now).only("id", "launch", "peers"))
+def launched(session_id: ObjectId, round_: int) -> None:
+    """Round `round_`'s tasks are with the broker."""
+    _collection().update_one({"_id": session_id, "launch.round": round_}, {"$set": {"launch.sent": True}})
+
+
+def record_plan(session_id: ObjectId, plan: Plan) -> None:
+    TrainingSession.objects(id=session_id).update_one(set__plan=plan)
+
+
+def record_round(session_id: ObjectId, round_doc: Round, global_url: str) -> bool:
+    """Add a synchronous round's result once; False if it ended meanwhile or the round is recorded already."""
+    return bool(TrainingSession.objects(id=session_id, status=RUNNING, rounds__round__ne=round_doc.round).update_one(
+        push__rounds=round_doc, set__plan__global_url=global_url))
+
+
+def record_fold(session_id: ObjectId, version: int, round_doc: Round, global_url: str) -> bool:
+    """An asynchronous session's new global version, once: False if another fold or the session's end came first."""
+    return bool(_collection().update_one(
+        {"_id": session_id, "status": RUNNING, "async_state.version": version},
+        {"$push": {"rounds": round_doc.to_mongo().to_dict()},
+         "$set": {"async_state.version": version + 1, "plan.global_url": global_url}}).modified_count)
+
+
+def take_task(session_id: ObjectId, peer: str, now: datetime) -> tuple[int, int, str] | None:
+    """An asynchronous session's next task for `peer`, from its budget: (its number, the global version, where
+    the global weights are); None when the budget or the time is spent, the session ended or gave up on the peer."""
+    taken = _collection().find_one_and_update(
+        {"_id": session_id, "status": RUNNING, "async_state.remaining": {"$gt": 0},
+         "$or": [{"async_state.stop_at": None}, {"async_state.stop_at": {"$gt": now}}],
+         "peers": {"$elemMatch": {"name": peer, "status": {"$ne": FAILED}}}},
+        {"$inc": {"async_state.remaining": -1, "async_state.sent": 1}},
+        projection={"async_state": 1, "plan.global_url": 1}, return_document=ReturnDocument.AFTER)
+    if taken is None:
+        return None
+    state = taken["async_state"]
+    return state["sent"] - 1, state["version"], taken["plan"]["global_url"]
+
+
+def give_back(session_id: ObjectId, tasks: int) -> None:
+    """Return unanswered tasks to an asynchronous session's budget."""
+    if tasks:
+        _collection().update_one({"_id": session_id}, {"$inc": {"async_state.remaining": tasks}})
+
+
+def take_fold_lease(session_id: ObjectId, now: datetime, lease: timedelta) -> bool:
+    """The right to fold, for one coordinator at a time (a lease left by a dead one expires after `lease`)."""
+    return bool(_collection().update_one(
+        {"_id": session_id, "status": RUNNING,
+         "$or": [{"async_state.folding": None}, {"async_state.folding": {"$lt": now - lease}}]},
+        {"$set": {"async_state.folding": now}}).modified_count)
+
+
+def drop_fold_lease(session_id: ObjectId) -> None:
+    _collection().update_one({"_id": session_id}, {"$set": {"async_state.folding": None}})
+
+
+def fold_leased(session_id: ObjectId) -> bool:
+    doc = _collection().find_one({"_id": session_id}, {"async_state.folding": 1})
+    return bool(doc and (doc.get("async_state") or {}).get("folding"))
 
 
 def overdue(now: datetime, pending_for: timedelta) -> list[TrainingSession]:
@@ -234,28 +380,6 @@ def finish(session_id: ObjectId, status: str, reason: str | None = None, **field
     return bool(ended)
 
 
-def by_task_id(task_id: str) -> TrainingSession | None:
-    """The session one of whose peers runs task `task_id`."""
-    return TrainingSession.objects(peers__task_id=task_id).first()
-
-
-def current_task(task_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(the session: id, status, mode, federated, launch; the peer run given task `task_id`), or None.
-
-    One indexed read of one run: the session is named by the task id (tasks/rounds.py makes them
-    `<session>:<round>:<uuid>`; older ids are looked up by the run alone), and only the matching
-    run of its peers is read, however many peers the session has."""
-    query: dict[str, Any] = {"peers.task_id": task_id}
-    named = task_id.split(":", 1)[0]
-    if ObjectId.is_valid(named):
-        query["_id"] = ObjectId(named)
-    found = TrainingSession._get_collection().find_one(
-        query, {"status": 1, "mode": 1, "federated": 1, "launch": 1, "peers": {"$elemMatch": {"task_id": task_id}}})
-    if not found or not found.get("peers"):
-        return None
-    return found, found["peers"][0]
-
-
 def record_runs(session_id: ObjectId, position: dict[str, int], changes: dict[str, dict[str, Any]],
                 before: dict[str, str] | None = None, added: dict[str, dict[str, int]] | None = None,
                 active_only: bool = False) -> None:
@@ -278,54 +402,10 @@ def record_runs(session_id: ObjectId, position: dict[str, int], changes: dict[st
         events.append_new(session_id, changed)
 
 
-def run_of_task(session: TrainingSession, task_id: str) -> PeerRun | None:
-    """The peer run that was given task `task_id` in `session`'s current round."""
-    return next((run for run in session.peers if run.task_id == task_id), None)
-
-
 def record_progress(session_id: ObjectId, peer: str, fields: dict[str, Any]) -> None:
     """Set a peer's latest progress (from its newest heartbeat) on the session, while it is active."""
     updates = {f"set__peers__S__{name}": value for name, value in fields.items()}
     TrainingSession.objects(id=session_id, peers__name=peer, status__in=ACTIVE).update_one(**updates)
-
-
-def assignments(session_id: ObjectId) -> dict[str, Any] | None:
-    """What an active session's peers are training now: {round, peers: {name: (position, epochs, round)}}, or None.
-
-    `peers` holds the peers of the current round only, with their place among the session's runs, the
-    epochs each trains per round and the round it trains; `round` is the newest of them. Asynchronous
-    sessions have no common round: each peer's is its current task's number (`<session>:<n>:<uuid>`).
-    None when the session is not active."""
-    doc = TrainingSession._get_collection().find_one(
-        {"_id": ObjectId(session_id), "status": {"$in": list(ACTIVE)}},
-        {"launch.round": 1, "launch.peers": 1, "mode": 1, "federated.local_epochs": 1, "federated.schedule": 1,
-         "peers.name": 1, "peers.hyperparameters.epochs": 1, "peers.task_id": 1, "peers.status": 1})
-    if doc is None:
-        return None
-    launch = doc.get("launch") or {}
-    current = set(launch.get("peers") or [])
-    federated = doc.get("federated") or {}
-    local = federated.get("local_epochs") if doc.get("mode") == FEDERATED else None
-    apart = federated.get("schedule") == "async"
-    found, newest = {}, launch.get("round")
-    for i, run in enumerate(doc.get("peers") or []):
-        if run.get("name") not in current:
-            continue
-        round_ = launch.get("round")
-        if apart:
-            parts = (run.get("task_id") or "").split(":")
-            if run.get("status") != RUNNING or len(parts) != 3 or not parts[1].isdigit():
-                continue
-            round_ = int(parts[1])
-            newest = max(newest or 0, round_)
-        found[run["name"]] = (i, local if local is not None else (run.get("hyperparameters") or {}).get("epochs"),
-                              round_)
-    return {"round": newest, "peers": found}
-
-
-def add_bytes_fetched(session_id: ObjectId, peer: str, count: int) -> None:
-    if count:
-        TrainingSession.objects(id=session_id, peers__name=peer).update_one(inc__peers__S__bytes_fetched=count)
 
 
 def record_peer_result(session_id: ObjectId, peer: str, status: str, **fields: Any) -> None:

@@ -9,12 +9,25 @@ conditional update, so a redelivered result or a second fold changes nothing.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from bson import ObjectId
-from mongoengine import DateTimeField, DictField, Document, FloatField, IntField, ObjectIdField, StringField
+from mongoengine import (
+    BooleanField,
+    DateTimeField,
+    DictField,
+    Document,
+    FloatField,
+    IntField,
+    ObjectIdField,
+    StringField,
+)
+from pymongo.errors import BulkWriteError
 
 from models.db import utcnow
+
+DUPLICATE_KEY = 11000
 
 TRAINING = "TRAINING"
 BUFFERED = "BUFFERED"
@@ -33,6 +46,7 @@ class Update(Document):
     task_id = StringField(required=True)
     base_version = IntField(required=True, min_value=0)
     status = StringField(choices=STATUSES, default=TRAINING)
+    sent = BooleanField(default=False)  # handed to the broker (a redelivered dispatch sends it otherwise)
     dispatched_at = DateTimeField(default=utcnow)
     received_at = DateTimeField()
     samples = IntField()
@@ -50,22 +64,36 @@ class Update(Document):
     }
 
 
-def dispatched(session_id: ObjectId, tasks: list[dict[str, Any]]) -> None:
-    """Record tasks about to be sent: {seq, peer, task_id, base_version} each."""
-    Update._get_collection().insert_many(
-        [{"session_id": ObjectId(session_id), "status": TRAINING, "dispatched_at": utcnow(), **task}
-         for task in tasks])
+def dispatched(session_id: ObjectId, tasks: list[dict[str, Any]], at: datetime | None = None) -> None:
+    """Record tasks about to be sent: {seq, peer, task_id, base_version} each; a task number recorded already
+    (a dispatch run again after a crash) keeps its first record."""
+    try:
+        Update._get_collection().insert_many(
+            [{"session_id": ObjectId(session_id), "status": TRAINING, "sent": False,
+              "dispatched_at": at or utcnow(), **task} for task in tasks], ordered=False)
+    except BulkWriteError as exc:
+        if any(error["code"] != DUPLICATE_KEY for error in exc.details["writeErrors"]):
+            raise
+
+
+def mark_sent(session_id: ObjectId, seqs: list[int]) -> None:
+    Update.objects(session_id=session_id, seq__in=seqs).update(set__sent=True)
+
+
+def unsent(session_id: ObjectId) -> list[Update]:
+    """Tasks recorded but not known to have reached the broker (their sender died in between)."""
+    return list(Update.objects(session_id=session_id, status=TRAINING, sent=False).order_by("seq"))
 
 
 def of_task(session_id: ObjectId, seq: int) -> Update | None:
     return Update.objects(session_id=session_id, seq=seq).first()
 
 
-def settle(session_id: ObjectId, seq: int, status: str, **fields: Any) -> bool:
+def settle(session_id: ObjectId, seq: int, status: str, at: datetime | None = None, **fields: Any) -> bool:
     """TRAINING → BUFFERED / REJECTED / LOST, once; False if it had moved already."""
     assert status in (BUFFERED, REJECTED, LOST)
     return bool(Update.objects(session_id=session_id, seq=seq, status=TRAINING).update_one(
-        set__status=status, set__received_at=utcnow(), **{f"set__{k}": v for k, v in fields.items()}))
+        set__status=status, set__received_at=at or utcnow(), **{f"set__{k}": v for k, v in fields.items()}))
 
 
 def buffered(session_id: ObjectId) -> list[Update]:
@@ -79,6 +107,17 @@ def count(session_id: ObjectId, status: str) -> int:
 def folded(session_id: ObjectId, seq: int, version: int, staleness: int, weight: float) -> None:
     Update.objects(session_id=session_id, seq=seq, status=BUFFERED).update_one(
         set__status=FOLDED, set__version=version, set__staleness=staleness, set__weight=weight)
+
+
+def reject(session_id: ObjectId, seq: int, reason: str) -> None:
+    """A buffered update whose weights did not hold up when they were read to be folded."""
+    Update.objects(session_id=session_id, seq=seq, status=BUFFERED).update_one(
+        set__status=REJECTED, set__reason=reason)
+
+
+def busy_peers(session_id: ObjectId) -> set[str]:
+    """Peers with a task out."""
+    return set(Update.objects(session_id=session_id, status=TRAINING).distinct("peer"))
 
 
 def sent_after(session_id: ObjectId, peer: str, seq: int) -> bool:

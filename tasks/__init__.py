@@ -1,9 +1,18 @@
-"""Celery side of peertrain: the app, the peer's `train` task, the coordinator, the monitor, storage.
+"""Celery side of peertrain: the apps, the peer's `train` task, the coordinator, the monitor, storage.
 
-Importing this package loads only the Celery app: task modules (and torch) are imported by workers
-through the app's `include`, never by the API.
+Importing this package loads nothing: task modules (and torch) are imported by the processes that run
+them. `celery -A tasks worker -Q coordinator` runs the coordinator (its app, `tasks.app`, is made from
+the environment when the command line asks for it: tasks/coordinator.py).
 """
 
-from tasks.celery import app
+from __future__ import annotations
 
-__all__ = ["app"]
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        from tasks import coordinator
+
+        return coordinator.app
+    raise AttributeError(name)

@@ -1,17 +1,16 @@
-"""The coordinator: runs sessions as chords of peer `train` tasks and owns their lifecycle in MongoDB.
+"""The coordinator: Celery tasks that dispatch to the session's strategy (tasks/strategy.py), and its app.
 
-`run_session` launches a session's first round (tasks/rounds.py builds the chord: one `train` per
-claimed peer, routed to that peer's queue, with `aggregate` as its body); `aggregate` ends a sweep
-(tasks/sweep.py) or hands a federated round to tasks/federated.py. When a peer is lost — its task
-reports a failure (the result collector), or the monitor finds it gone or past the round's deadline —
-`peer_lost` counts a `left_out` marker for it in the chord and leaves it out while the session's
-quorum (`min_peers`) allows, or fails the session at once; the round then closes with the results it
-has. `round_failed` (the body's errback) covers an `aggregate` that itself failed.
-Only the platform's own processes can send these tasks: peers cannot publish to the coordinator's queue.
+    celery -A tasks worker -Q coordinator        # (tasks.app is this module's `app`)
 
-Every task here is acknowledged after it ran and runs again when its worker died mid-way, so each is
-safe to run twice: they act through conditional updates (a round is recorded once, launched once, a
-session ends once). Storage and broker errors are retried with backoff before a session fails.
+`create_app(settings, storage=None, clock=None)` makes the coordinator's app: the platform's app
+(tasks/celery.py) with the tasks below and the result collector (tasks/collector.py), all given one
+`Services` (settings, storage, clock), so an in-process platform or a test hands its own. The tasks are
+thin: they load the session and call its strategy's `start`, `on_result`, `on_lost` or `on_deadline`.
+Only the platform's own processes can send them: peers cannot publish to the coordinator's queue.
+
+Every task here is acknowledged after it ran and runs again when its worker died mid-way; the
+strategies make that safe (conditional updates: a round is recorded once, launched once, a session
+ends once). Storage and broker errors are retried with backoff before a session fails.
 """
 
 from __future__ import annotations
@@ -19,20 +18,21 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
+from celery import Celery
 from celery.result import AsyncResult
 from celery.signals import worker_init, worker_process_init, worker_ready
 from kombu.exceptions import OperationalError
 
 import models
-from models import TrainingSession
+from models import assignment as assignments
 from models import session as sessions
-from tasks import buffered, federated, lifecycle, sweep
-from tasks.celery import app
-from tasks.collector import Collector, left_out
-from tasks.rounds import launch_round, settings
-from tasks.storage import StorageError
-from trainer.warmup import warm_up
+from settings import Settings
+from tasks import celery as platform
+from tasks import collector, feed, lifecycle, protocol
+from tasks.gate import Outcome
+from tasks.services import Clock, Services
+from tasks.storage import Storage, StorageError, from_settings
+from tasks.strategy import Strategy, strategy_for
 
 log = logging.getLogger(__name__)
 
@@ -42,29 +42,137 @@ TRANSIENT = {"autoretry_for": (StorageError, OperationalError), "retry_backoff":
              "retry_jitter": True, "max_retries": 5}
 
 
-@worker_process_init.connect
-def _reconnect(**_: Any) -> None:
-    # A forked pool process must not share the parent's MongoDB sockets: connect afresh. (The solo
-    # pool sends this signal too, in the worker's own process: mongomock's data lives in its client.)
-    uri = settings().mongodb_uri
-    if not uri.startswith(models.db.MOCK_SCHEME):
-        models.disconnect()
-        models.connect(uri)
+def create_app(settings: Settings, storage: Storage | None = None, clock: Clock | None = None) -> Celery:
+    """The coordinator's app: the platform's, with the coordinator's tasks and the result collector."""
+    app = platform.create_app(settings)
+    services = Services(app, settings, storage if storage is not None else from_settings(settings),
+                        clock or Clock())
+    app.services = services
+    feed.install(app)  # the events the coordinator stores are announced to every API process
+    register(app, services)
+    app.steps["consumer"].add(collector.step(services))
+    _connect_signals(app, services)
+    return app
 
 
-@worker_ready.connect
-def _reconcile(sender: Any = None, **_: Any) -> None:
-    """A coordinator that starts gives back the peers held for sessions that ended while it was away."""
-    if sender is None or sender.app is not app:
-        return
-    models.ensure_connected(settings().mongodb_uri)
-    active = list(TrainingSession.objects(status__in=sessions.ACTIVE).scalar("id"))
-    if released := models.peer.release_orphans(active):
-        log.info("released %d peer(s) held for sessions that had ended", released)
+def register(app: Celery, services: Services) -> None:
+    """Add the coordinator's tasks to `app`."""
+
+    def strategy(session_id: str) -> Strategy | None:
+        models.ensure_connected(services.settings.mongodb_uri)
+        session = sessions.load(session_id)
+        if session is None or session.finished:
+            log.info("session %s is gone or over; nothing to do", session_id)
+            return None
+        return strategy_for(session, services)
+
+    @app.task(name="peertrain.run_session", **RELIABLE, **TRANSIENT)
+    def run_session(session_id: str) -> None:
+        """Start a session (its first round, or its first tasks); ends it FAILED if it cannot start."""
+        found = strategy(session_id)
+        if found is None:
+            return
+        try:
+            found.start()
+        except (StorageError, OperationalError):
+            raise  # retried
+        except Exception as exc:
+            found.end(sessions.FAILED, f"the coordinator could not start the session: {exc}")
+            raise
+
+    @app.task(name="peertrain.aggregate", **RELIABLE, **TRANSIENT)
+    def aggregate(results: list[dict[str, Any]], session_id: str, round_: int = 0) -> None:
+        """A round's chord joined: every peer's task was decided (trained, or left out)."""
+        found = strategy(session_id)
+        if found is not None:
+            found.on_result(round_, [Outcome.from_message(result) for result in results])
+
+    @app.task(name="peertrain.update", bind=True, **RELIABLE, **TRANSIENT)
+    def update(self, session_id: str, task_id: str) -> None:
+        """An asynchronous session's task was decided (tasks/collector.py stored its outcome)."""
+        found = strategy(session_id)
+        assignment = assignments.get(task_id)
+        outcome = Outcome.of(assignment) if assignment is not None else None
+        if found is None or outcome is None or str(assignment["session_id"]) != session_id:
+            return
+        try:
+            found.on_result(assignment["round"], [outcome])
+        except (StorageError, OperationalError):
+            raise  # retried
+        except Exception as exc:
+            found.end(sessions.FAILED, f"the coordinator could not take an update: {type(exc).__name__}: {exc}")
+            raise
+        if found.stalled():
+            # Whoever holds the fold lease looks again when it lets go; if it died holding it, this run
+            # comes back once the lease has expired and does the work itself.
+            raise self.retry(countdown=found.retry_after, max_retries=12)
+
+    @app.task(name="peertrain.peer_lost", **RELIABLE)
+    def peer_lost(session_id: str, peer: str, reason: str) -> None:
+        """A peer will not report (its task failed, it went offline)."""
+        found = strategy(session_id)
+        if found is not None:
+            found.on_lost(peer, reason)
+
+    @app.task(name="peertrain.deadline", **RELIABLE)
+    def deadline(session_id: str, task_ids: list[str]) -> None:
+        """Tasks of the session ran past their deadline (the monitor saw it)."""
+        found = strategy(session_id)
+        if found is None:
+            return
+        overdue = [a for a in map(assignments.get, task_ids)
+                   if a is not None and not a.get("outcome") and a.get("deadline") is not None
+                   and a["deadline"] < services.clock.now() and str(a["session_id"]) == session_id]
+        if overdue:
+            found.on_deadline(overdue)
+
+    @app.task(name="peertrain.round_failed", **RELIABLE)
+    def round_failed(task_id: str) -> None:
+        """Errback of a chord's body (its id names the session and round): aggregating the round failed."""
+        body = protocol.TaskId.parse(task_id)
+        found = strategy(body.session) if body is not None else None
+        if found is None:
+            return
+        error = AsyncResult(task_id, app=app).result
+        found.end(sessions.FAILED, f"aggregating round {body.round} failed: {type(error).__name__}: {error}")
+
+    @app.task(name="peertrain.cancel_session", **RELIABLE)
+    def cancel_session(session_id: str) -> None:
+        """The user cancelled: stop the peers and release them."""
+        models.ensure_connected(services.settings.mongodb_uri)
+        lifecycle.end(app, session_id, sessions.CANCELLED, "cancelled by the user", at=services.clock.now())
 
 
-@worker_init.connect
+def _connect_signals(app: Celery, services: Services) -> None:
+    uid = f"peertrain.coordinator.{id(app)}"
+
+    def reconnect(**_: Any) -> None:
+        # A forked pool process must not share the parent's MongoDB sockets: connect afresh. (The solo
+        # pool sends this signal too, in the worker's own process: mongomock's data lives in its client.)
+        uri = services.settings.mongodb_uri
+        if not uri.startswith(models.db.MOCK_SCHEME):
+            models.disconnect()
+            models.connect(uri)
+
+    def reconcile(sender: Any = None, **_: Any) -> None:
+        """A coordinator that starts gives back the peers held for sessions that ended while it was away."""
+        if sender is None or sender.app is not app:
+            return
+        models.ensure_connected(services.settings.mongodb_uri)
+        active = list(sessions.TrainingSession.objects(status__in=sessions.ACTIVE).scalar("id"))
+        if released := models.peer.release_orphans(active):
+            log.info("released %d peer(s) held for sessions that had ended", released)
+
+    worker_process_init.connect(reconnect, weak=False, dispatch_uid=f"{uid}.reconnect")
+    worker_ready.connect(reconcile, weak=False, dispatch_uid=f"{uid}.reconcile")
+    worker_init.connect(_warm_up, weak=False, dispatch_uid="peertrain.coordinator.warm_up")
+
+
 def _warm_up(**_: Any) -> None:
+    import torch
+
+    from trainer.warmup import warm_up
+
     # Before the pool forks: every pool process starts with torch and pandas warm, so the first
     # session's first aggregate is as fast as the next session's.
     warm_up()
@@ -73,127 +181,14 @@ def _warm_up(**_: Any) -> None:
     torch.set_num_threads(1)
 
 
-def _session(session_id: str) -> TrainingSession | None:
-    models.ensure_connected(settings().mongodb_uri)
-    return TrainingSession.objects(id=session_id).first()
+_cli_app: Celery | None = None
 
 
-@app.task(name="peertrain.run_session", **RELIABLE, **TRANSIENT)
-def run_session(session_id: str) -> None:
-    """Launch a PENDING session's first chord; ends it FAILED if it cannot be launched."""
-    session = _session(session_id)
-    if session is None or session.status != sessions.PENDING:
-        log.info("session %s is gone or no longer pending; nothing to run", session_id)
-        return
-    try:
-        if buffered.is_async(session):
-            buffered.start(session)
-        elif session.mode == sessions.FEDERATED:
-            federated.start(session)
-        else:
-            launch_round(session, 0, sweep.specs(session))
-            # While the peers train: read the validation rows the models will be scored on.
-            sweep.prepared(session)
-    except (StorageError, OperationalError):
-        raise  # retried
-    except Exception as exc:
-        lifecycle.end(session_id, sessions.FAILED, f"the coordinator could not start the session: {exc}")
-        raise
-
-
-@app.task(name="peertrain.aggregate", **RELIABLE, **TRANSIENT)
-def aggregate(results: list[dict[str, Any]], session_id: str, round_: int = 0) -> None:
-    """The chord's body: every peer reported or was left out; record the round and end (or continue) the session."""
-    session = _session(session_id)
-    if session is None or session.finished or session.launch.get("round") != round_:
-        return
-    kept = []
-    for result in results:
-        if "left_out" in result:
-            run = session.peer(result["peer"])
-            if run.status != sessions.FAILED and give_up_on(session, run, result["left_out"]):
-                return
-        else:
-            kept.append(result)
-    if len(kept) < session.quorum:
-        lifecycle.end(session.id, sessions.FAILED, f"round {round_}: {len(kept)} peer(s) finished, "
-                                                   f"{session.quorum} needed")
-        return
-    if session.mode == sessions.FEDERATED:
-        federated.aggregate_round(session, round_, kept)
-    else:
-        sweep.finish(session, kept)
-
-
-def give_up_on(session: TrainingSession, run: models.PeerRun, reason: str) -> bool:
-    """Leave `run`'s peer out (FAILED with `reason`), or end the session if it cannot go on; True if ended."""
-    sessions.record_peer_result(session.id, run.name, sessions.FAILED, error=reason)
-    lifecycle.request_stop(str(session.id), [run.name], reason)
-    if session.can_lose(run.name):
-        log.warning("session %s goes on without peer %s: %s", session.id, run.name, reason)
-        run.status = sessions.FAILED
-        return False
-    return lifecycle.end(session.id, sessions.FAILED, f"peer {run.name} {reason}")
-
-
-@app.task(name="peertrain.peer_lost", **RELIABLE)
-def peer_lost(session_id: str, peer: str, round_: int, reason: str) -> None:
-    """A peer will not report this round (its task failed, it went offline, it is past the deadline)."""
-    session = _session(session_id)
-    if session is not None and not session.finished and buffered.is_async(session):
-        run = next((r for r in session.peers if r.name == peer), None)
-        # No rounds: whatever task it had out is given up on, its share of the budget goes to the others.
-        if run is not None and run.status != sessions.FAILED and not give_up_on(session, run, reason):
-            buffered.lost(session, peer, reason)
-        return
-    if session is None or session.finished or session.launch.get("round") != round_:
-        return
-    run = next((r for r in session.peers if r.name == peer), None)
-    if run is None or run.status == sessions.FAILED or peer not in session.launch.get("peers", []):
-        return
-    reported = AsyncResult(run.task_id, app=app)
-    if not reported.ready():
-        # Its part of the chord, so the round closes when the others have reported; a late result
-        # finds the task settled and is dropped.
-        Collector(app).settle(session.id, session.launch, run.task_id, peer, left_out(peer, round_, reason))
-    elif "left_out" not in (reported.result or {}):
-        return  # it reported in time after all
-    give_up_on(session, run, reason)
-
-
-@app.task(name="peertrain.update", bind=True, **RELIABLE, **TRANSIENT)
-def update(self, session_id: str, task_id: str, result: dict[str, Any]) -> None:
-    """An asynchronous session's peer reported (the collector checked it): buffer, fold, hand it its next task."""
-    session = _session(session_id)
-    if session is None or session.finished:
-        return
-    try:
-        buffered.receive(session, task_id, result)
-    except (StorageError, OperationalError):
-        raise  # retried
-    except Exception as exc:
-        lifecycle.end(session_id, sessions.FAILED, f"the coordinator could not take an update: "
-                                                   f"{type(exc).__name__}: {exc}")
-        raise
-    if buffered.stalled(session.id):
-        # Whoever holds the fold lease looks again when it lets go; if it died holding it, this run
-        # comes back once the lease has expired and does the work itself.
-        raise self.retry(countdown=buffered.LEASE_SECONDS / 2, max_retries=12)
-
-
-@app.task(name="peertrain.round_failed", **RELIABLE)
-def round_failed(task_id: str) -> None:
-    """Errback of a chord's body: aggregating the round failed."""
-    _, session_id, round_, _ = task_id.split(":")
-    session = _session(session_id)
-    if session is None or session.finished:
-        return
-    error = AsyncResult(task_id, app=app).result
-    lifecycle.end(session.id, sessions.FAILED, f"aggregating round {round_} failed: {type(error).__name__}: {error}")
-
-
-@app.task(name="peertrain.cancel_session", **RELIABLE)
-def cancel_session(session_id: str) -> None:
-    """The user cancelled: stop the peers and release them."""
-    if _session(session_id) is not None:
-        lifecycle.end(session_id, sessions.CANCELLED, "cancelled by the user")
+def __getattr__(name: str) -> Any:
+    # `celery -A tasks worker -Q coordinator`: the command line's app, made from the environment when it asks.
+    global _cli_app
+    if name != "app":
+        raise AttributeError(name)
+    if _cli_app is None:
+        _cli_app = create_app(Settings.from_env())
+    return _cli_app

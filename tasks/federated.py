@@ -1,31 +1,34 @@
-"""Federated sessions: the data is split once across the peers, the weights averaged every round.
+"""Federated sessions: the data is split once across the peers, the weights combined round after round.
 
 The coordinator keeps a held-out validation part and writes one CSV shard per peer, so each peer
-downloads only its own rows. Every round is a chord: each peer trains `local_epochs` from the
-current global weights on its shard and returns its weights through storage; the body checks them
-(shapes, finite values), aggregates (FedAvg weighted by samples, or the coordinate-wise median or
-trimmed mean that resist a bad peer), evaluates the global model on the held-out rows, and starts
-the next round or finishes the session with the global model as its result.
+downloads only its own rows (`Federated.prepare`, shared by both schedules). In a synchronous session
+(`SyncFederated`) every round is a chord: each peer trains `local_epochs` from the current global
+weights on its shard and returns its weights through storage; the body checks them (the gate),
+combines them (FedAvg weighted by the plan's sample counts, or the coordinate-wise median or trimmed
+mean that resist a bad peer), evaluates the global model on the held-out rows, and starts the next
+round or finishes the session with the global model as its result.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from models import Round, TrainingSession
+from models import Round
 from models import event as events
 from models import session as sessions
-from tasks import lifecycle
-from tasks.rounds import grant_seconds, grants, launch_round, record_results, session_prefix, storage
-from tasks.storage import LocalStorage, StorageError
+from models.session import Plan
+from tasks import gate
+from tasks.gate import Outcome
+from tasks.storage import LocalStorage
+from tasks.strategy import RoundStrategy, Strategy, scores
 from trainer.csvfile import CsvFile
 from trainer.loop import evaluate
 from trainer.model import ModelConfig, SimpleDNN
@@ -34,8 +37,6 @@ from trainer.split import VALIDATION_FRACTION, shard, split_indices
 from trainer.table import Table, read_table
 from trainer.weights import (
     Checkpoint,
-    WeightsError,
-    average,
     checkpoint_bytes,
     max_state_bytes,
     median,
@@ -43,6 +44,7 @@ from trainer.weights import (
     state_to_bytes,
     trimmed_mean,
 )
+from trainer.weights import average as fedavg
 
 log = logging.getLogger(__name__)
 
@@ -53,202 +55,8 @@ OUTLIER_FACTOR = 10.0
 READERS = 8
 
 
-def start(session: TrainingSession) -> None:
-    """Prepare the session (`prepare`) and launch round 0."""
-    launch_round(session, 0, specs(session, 0, prepare(session)))
-
-
-def prepare(session: TrainingSession) -> str:
-    """Split the dataset into held-out rows and one shard per peer, store them and the initial weights.
-
-    Records the plan on the session; returns where the initial weights are."""
-    prefix = session_prefix(session)
-    store = storage()
-    with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
-        path = Path(tmp) / "dataset.csv"
-        store.download(session.dataset.url, path)
-        table = read_table(path, target=session.target, features=session.features, task=session.task)
-        classified = table.classes is not None
-        train_rows, val_rows = split_indices(table.y, VALIDATION_FRACTION, seed=session.seed, stratify=classified)
-        shards = shard(train_rows, table.y, len(session.peers), session.federated["partition"],
-                       alpha=session.federated["alpha"], seed=session.seed)
-        normalization = fit_normalization(table.x[train_rows], table.y[train_rows] if not classified else None)
-        # Peers' objects live apart from the coordinator's (here and in storage): no peer's name can make
-        # its shard, or its upload, the same object as the validation rows or the global weights.
-        (Path(tmp) / "peers").mkdir()
-        files = [Path(tmp) / "peers" / f"{run.name}.csv" for run in session.peers] + [Path(tmp) / "validation.csv"]
-        CsvFile(path).split([*shards, val_rows], files)
-        keys = [f"{prefix}/shards/peers/{run.name}.csv" for run in session.peers] + [f"{prefix}/shards/validation.csv"]
-        stored = []
-        for key, file in zip(keys, files, strict=True):
-            with file.open("rb") as stream:
-                stored.append(store.put(key, stream))
-        urls = {run.name: url for run, url in zip(session.peers, stored, strict=False)}
-        validation_url = stored[-1]
-
-    hp = session.peers[0].hyperparameters
-    config = ModelConfig(len(table.features), table.output_size, tuple(hp["hidden"]), hp.get("dropout", 0.0),
-                         table.task)
-    # Every peer starts round 0 from the same weights, as FedAvg requires.
-    initial = store.put_bytes(f"{prefix}/rounds/initial.safetensors",
-                                state_to_bytes(SimpleDNN(config, seed=session.seed).state_dict()))
-    plan = {
-        "shards": urls,
-        "shard_rows": {run.name: len(rows) for run, rows in zip(session.peers, shards, strict=True)},
-        "validation_url": validation_url,
-        "validation_rows": len(val_rows),
-        "normalization": normalization.to_dict(),
-        "classes": table.classes,
-        "model": config.to_dict(),
-        "initial_url": initial,
-    }
-    TrainingSession.objects(id=session.id).update_one(set__plan=plan)
-    session.reload()
-    return initial
-
-
-def weights_key(session: TrainingSession, round_: int, peer: str) -> str:
-    return f"{session_prefix(session)}/rounds/{round_}/peers/{peer}.safetensors"
-
-
-def specs(session: TrainingSession, round_: int, weights_url: str) -> list[dict[str, Any]]:
-    """One `train` argument per peer still in the session, starting from the global weights."""
-    initial = storage().grant_read(weights_url, grant_seconds())  # the same object for every peer: one grant
-    last = round_ + 1 == session.federated["rounds"]
-    config = ModelConfig.from_dict(session.plan["model"])
-    return [spec(session, run, round_, initial, weights_key(session, round_, run.name), last, config)
-            for run in session.peers if run.status != sessions.FAILED]
-
-
-def spec(session: TrainingSession, run: Any, round_: int, initial_grant: str, key: str, last_round: bool,
-         config: ModelConfig) -> dict[str, Any]:
-    """A peer's `train` argument: `local_epochs` on its shard from the weights `initial_grant` opens,
-    its weights to `key` (the only object it may write, capped at `config`'s size)."""
-    plan = session.plan
-    return {
-        "peer": run.name,
-        "session": str(session.id),
-        "round": round_,
-        "target": session.target,
-        "features": list(session.features),
-        "task": session.task,
-        "classes": plan["classes"],
-        "normalization": plan["normalization"],
-        "seed": session.seed + round_,
-        "hyperparameters": {**run.hyperparameters, "epochs": session.federated["local_epochs"]},
-        "keep_data": True,
-        "last_round": last_round,
-        **grants(plan["shards"][run.name], key, config, initial_grant=initial_grant),
-    }
-
-
-def aggregate_round(session: TrainingSession, round_: int, results: list[dict[str, Any]]) -> None:
-    """Check and combine the peers' weights, evaluate the global model, then go on or finish.
-
-    Safe to run twice for one round (a redelivered `aggregate`): a round that is not the session's
-    current one, or is recorded already, changes nothing but launching the next round if that is
-    still to do."""
-    plan, settings_ = session.plan, session.federated
-    if session.launch.get("round") != round_:
-        log.info("session %s: round %s is not the current round; nothing to aggregate", session.id, round_)
-        return
-    recorded = next((r for r in session.rounds if r.round == round_), None)
-    if recorded is not None:
-        _next(session, round_)
-        return
-    config = ModelConfig.from_dict(plan["model"])
-    # The collector named each result's peer from its own records; the sample count and where the
-    # weights are come from the coordinator's plan, never from what the peer says.
-    record_results(session, results, sessions.RUNNING, samples={r["peer"]: plan["shard_rows"][r["peer"]]
-                                                                for r in results})
-    states, samples, rejected = {}, {}, {}
-    # Reading S3 waits on the network: a few reads at once (a local file is read faster in this thread
-    # than handed to another). Each is size-capped and checked.
-    workers = 1 if isinstance(storage(), LocalStorage) else READERS
-    with ThreadPoolExecutor(max_workers=workers) as readers:
-        for result, read in zip(results, readers.map(lambda r: _weights(session, round_, r, config), results),
-                                strict=True):
-            peer = result["peer"]
-            if isinstance(read, str):
-                rejected[peer] = read
-            else:
-                states[peer], samples[peer] = read, plan["shard_rows"][peer]
-    if len(states) < session.quorum:
-        lifecycle.end(session.id, sessions.FAILED,
-                      f"round {round_}: only {len(states)} peer(s) returned usable weights, "
-                      f"{session.quorum} needed; rejected: {_listing(rejected)}")
-        return
-
-    names = sorted(states)
-    merged = combine(settings_["aggregation"], [states[n] for n in names], [samples[n] for n in names])
-    outliers = _outliers(merged, {n: states[n] for n in names})
-    model = SimpleDNN(config)
-    model.load_state_dict(merged)
-    metrics = evaluate_global(model, session)
-    global_url = storage().put_bytes(f"{session_prefix(session)}/rounds/{round_}/global.safetensors",
-                                     state_to_bytes(merged, {"round": round_}))
-    round_doc = Round(round=round_, metrics={**metrics, "samples": sum(samples.values())}, peers=names,
-                      rejected=rejected, outliers=outliers)
-    # Recorded once: the filter refuses a second copy of the same round.
-    if not TrainingSession.objects(id=session.id, status=sessions.RUNNING, rounds__round__ne=round_).update_one(
-            push__rounds=round_doc, set__plan__global_url=global_url):
-        return  # it ended meanwhile, or another run of this round recorded it first
-    events.record_round(session.id, round_doc)
-    # What the update wrote, kept in step here rather than read again (a session document holds every peer).
-    session.rounds.append(round_doc)
-    session.plan["global_url"] = global_url
-    _next(session, round_)
-
-
-def _weights(session: TrainingSession, round_: int, result: dict[str, Any],
-             config: ModelConfig) -> dict[str, torch.Tensor] | str:
-    """A peer's weights of this round as the coordinator's plan places and caps them, or why they are unusable."""
-    try:
-        if result["stopped"]:
-            raise WeightsError("it stopped before finishing the round")
-        url = storage().url(weights_key(session, round_, result["peer"]))
-        return state_from_bytes(storage().get_bytes(url, max_state_bytes(config)), config)
-    except (WeightsError, ValueError, StorageError) as exc:
-        return str(exc)
-
-
-def _next(session: TrainingSession, round_: int) -> None:
-    """After `round_` is recorded: launch the next round (once: launch_round is conditional) or finish."""
-    if round_ + 1 < session.federated["rounds"]:
-        launch_round(session, round_ + 1, specs(session, round_ + 1, session.plan["global_url"]))
-        return
-    config = ModelConfig.from_dict(session.plan["model"])
-    model = SimpleDNN(config)
-    model.load_state_dict(state_from_bytes(storage().get_bytes(session.plan["global_url"]), config))
-    finish(session, model, config, session.rounds[-1].metrics)
-
-
-def finish(session: TrainingSession, model: SimpleDNN, config: ModelConfig, metrics: dict[str, Any],
-           extra: dict[str, Any] | None = None) -> None:
-    """Store the global model as the session's result and end it COMPLETED (`extra`: more results)."""
-    session.reload()
-    plan, settings_ = session.plan, session.federated
-    checkpoint = Checkpoint(
-        config=config, features=list(session.features), target=session.target, classes=plan["classes"],
-        normalization=Normalization.from_dict(plan["normalization"]),
-        metadata={"session": str(session.id), "mode": "federated", "rounds": [r.metrics for r in session.rounds],
-                  "aggregation": settings_["aggregation"], "global_weights_url": plan["global_url"],
-                  "schedule": settings_.get("schedule", "sync")},
-    )
-    model_url = storage().put_bytes(f"{session_prefix(session)}/model.safetensors",
-                                     checkpoint_bytes(model, checkpoint))
-    metric = "val_accuracy" if session.task == "classification" else "val_r2"
-    sessions.record_runs(session.id, sessions.positions(session),
-                         {run.name: {"status": sessions.COMPLETED} for run in session.peers
-                          if run.status == sessions.RUNNING})
-    results = {"metric": metric, "best_value": metrics.get(metric), "final": metrics, "rounds": len(session.rounds),
-               "aggregation": settings_["aggregation"],
-               "bytes_fetched": sum(run.bytes_fetched or 0 for run in session.peers),
-               "rejected": {f"round {r.round}": r.rejected for r in session.rounds if r.rejected}, **(extra or {})}
-    lifecycle.end(session.id, sessions.COMPLETED, results=results, model_url=model_url)
-
-
-def combine(method: str, states: list[dict[str, torch.Tensor]], samples: list[int]) -> dict[str, torch.Tensor]:
+def combine(method: str, states: list[dict[str, torch.Tensor]], samples: list[float]) -> dict[str, torch.Tensor]:
+    """The round's aggregate of the peers' weights by `method`."""
     if method == "median":
         return median(states)
     if method == "trimmed_mean":
@@ -256,10 +64,10 @@ def combine(method: str, states: list[dict[str, torch.Tensor]], samples: list[in
         # which would leave a plain mean with no protection against a bad peer.
         fraction = 0.2 if len(states) < 3 else max(0.2, 1.000001 / len(states))
         return trimmed_mean(states, fraction)
-    return average(states, samples)
+    return fedavg(states, samples)
 
 
-def _outliers(merged: dict[str, torch.Tensor], states: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
+def outliers(merged: dict[str, torch.Tensor], states: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
     """Peers whose weights are far from the aggregate, with how many times the typical distance."""
     if len(states) < 3:
         return {}
@@ -272,28 +80,204 @@ def _outliers(merged: dict[str, torch.Tensor], states: dict[str, dict[str, torch
     return {name: round(d / typical, 1) for name, d in distances.items() if d > OUTLIER_FACTOR * typical}
 
 
-@lru_cache(maxsize=8)
-def _validation(url: str, target: str, features: tuple[str, ...], task: str,
-                classes: tuple[str, ...] | None) -> Table:
-    # Read once per coordinator process and session, not once per round.
-    with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
-        path = Path(tmp) / "validation.csv"
-        storage().download(url, path)
-        return read_table(path, target=target, features=list(features), task=task,
-                          classes=list(classes) if classes else None)
+class Federated(Strategy):
+    """What both schedules share: the split, a task's spec, the held-out evaluation, the final model."""
+
+    @property
+    def settings(self) -> Any:
+        return self.session.federated
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.session.plan.model)
+
+    def prepare(self) -> None:
+        """Split the dataset into held-out rows and one shard per peer, store them and the initial weights,
+        and record the plan; a plan recorded already (a start run again) is kept."""
+        session = self.session
+        if session.plan is not None and session.plan.initial_url:
+            return
+        store = self.storage
+        with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
+            path = Path(tmp) / "dataset.csv"
+            store.download(session.dataset.url, path)
+            table = read_table(path, target=session.target, features=session.features, task=session.task)
+            classified = table.classes is not None
+            train_rows, val_rows = split_indices(table.y, VALIDATION_FRACTION, seed=session.seed,
+                                                 stratify=classified)
+            shards = shard(train_rows, table.y, len(session.peers), self.settings.partition,
+                           alpha=self.settings.alpha, seed=session.seed)
+            normalization = fit_normalization(table.x[train_rows], table.y[train_rows] if not classified else None)
+            # Peers' objects live apart from the coordinator's (here and in storage): no peer's name can make
+            # its shard, or its upload, the same object as the validation rows or the global weights.
+            (Path(tmp) / "peers").mkdir()
+            files = [Path(tmp) / "peers" / f"{run.name}.csv" for run in session.peers] + [Path(tmp) / "validation.csv"]
+            CsvFile(path).split([*shards, val_rows], files)
+            keys = ([f"{self.prefix}/shards/peers/{run.name}.csv" for run in session.peers]
+                    + [f"{self.prefix}/shards/validation.csv"])
+            stored = []
+            for key, file in zip(keys, files, strict=True):
+                with file.open("rb") as stream:
+                    stored.append(store.put(key, stream))
+        hp = session.peers[0].hyperparameters
+        config = ModelConfig(len(table.features), table.output_size, tuple(hp["hidden"]), hp.get("dropout", 0.0),
+                             table.task)
+        # Every peer starts from the same weights, as FedAvg requires.
+        initial = store.put_bytes(f"{self.prefix}/rounds/initial.safetensors",
+                                  state_to_bytes(SimpleDNN(config, seed=session.seed).state_dict()))
+        session.plan = Plan(
+            shards={run.name: url for run, url in zip(session.peers, stored, strict=False)},
+            shard_rows={run.name: len(rows) for run, rows in zip(session.peers, shards, strict=True)},
+            validation_url=stored[-1], validation_rows=len(val_rows), normalization=normalization.to_dict(),
+            classes=table.classes, model=config.to_dict(), initial_url=initial, global_url=initial)
+        sessions.record_plan(session.id, session.plan)
+
+    def spec(self, peer: str, round_: int, initial_grant: str, key: str, last_round: bool) -> dict[str, Any]:
+        """A peer's `train` argument: `local_epochs` on its shard from the weights `initial_grant` opens,
+        its weights to `key` (the only object it may write, capped at the model's size)."""
+        session, plan = self.session, self.session.plan
+        return {
+            "session": str(session.id),
+            "round": round_,
+            "target": session.target,
+            "features": list(session.features),
+            "task": session.task,
+            "classes": plan.classes,
+            "normalization": dict(plan.normalization),
+            "seed": session.seed + round_,
+            "hyperparameters": {**session.peer(peer).hyperparameters, "epochs": self.settings.local_epochs},
+            "keep_data": True,
+            "last_round": last_round,
+            **self.gate.grants(plan.shards[peer], key, self.config, initial_grant=initial_grant),
+        }
+
+    def epochs(self, run: Any) -> int:
+        return self.settings.local_epochs
+
+    def global_state(self, url: str) -> dict[str, torch.Tensor]:
+        """Global weights the coordinator wrote (each version is read once per process: it never changes)."""
+        config = self.config
+        return self.services.states.get(
+            (url, json.dumps(config.to_dict(), sort_keys=True)),
+            lambda: state_from_bytes(self.storage.get_bytes(url, max_state_bytes(config)), config))
+
+    def validation(self) -> Table:
+        """The held-out rows, read once per coordinator process and session."""
+        plan, session = self.session.plan, self.session
+        classes = tuple(plan.classes) if plan.classes else None
+
+        def read() -> Table:
+            with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
+                path = Path(tmp) / "validation.csv"
+                self.storage.download(plan.validation_url, path)
+                return read_table(path, target=session.target, features=list(session.features), task=session.task,
+                                  classes=list(classes) if classes else None)
+
+        return self.services.tables.get((plan.validation_url, session.target, tuple(session.features), classes),
+                                        read)
+
+    def evaluate_global(self, model: SimpleDNN) -> dict[str, Any]:
+        """The global model's measures on the held-out rows."""
+        table = self.validation()
+        normalization = Normalization.from_dict(self.session.plan.normalization)
+        y = normalization.apply_target(table.y) if self.session.task == "regression" else table.y
+        return scores(evaluate(model, normalization.apply(table.x), y), self.session.task)
+
+    def store_model(self, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        """Store the last global model as the session's result and end it COMPLETED (`extra`: more results)."""
+        session = self.session
+        session.reload()
+        plan = session.plan
+        config = self.config
+        model = SimpleDNN(config)
+        model.load_state_dict(self.global_state(plan.global_url))
+        checkpoint = Checkpoint(
+            config=config, features=list(session.features), target=session.target, classes=plan.classes,
+            normalization=Normalization.from_dict(plan.normalization),
+            metadata={"session": str(session.id), "mode": sessions.FEDERATED,
+                      "rounds": [r.metrics for r in session.rounds], "aggregation": self.settings.aggregation,
+                      "global_weights_url": plan.global_url, "schedule": self.settings.schedule},
+        )
+        model_url = self.storage.put_bytes(f"{self.prefix}/model.safetensors", checkpoint_bytes(model, checkpoint))
+        sessions.record_runs(session.id, sessions.positions(session),
+                             {run.name: {"status": sessions.COMPLETED} for run in session.peers
+                              if run.status == sessions.RUNNING})
+        results = {"metric": self.metric, "best_value": metrics.get(self.metric), "final": metrics,
+                   "rounds": len(session.rounds), "aggregation": self.settings.aggregation,
+                   "bytes_fetched": sum(run.bytes_fetched or 0 for run in session.peers),
+                   "rejected": {f"round {r.round}": r.rejected for r in session.rounds if r.rejected}, **(extra or {})}
+        self.end(sessions.COMPLETED, results=results, model_url=model_url)
 
 
-def evaluate_global(model: SimpleDNN, session: TrainingSession) -> dict[str, Any]:
-    plan = session.plan
-    config = ModelConfig.from_dict(plan["model"])
-    table = _validation(plan["validation_url"], session.target, tuple(session.features), config.task,
-                        tuple(plan["classes"]) if plan["classes"] else None)
-    normalization = Normalization.from_dict(plan["normalization"])
-    y = normalization.apply_target(table.y) if config.task == "regression" else table.y
-    scores = evaluate(model, normalization.apply(table.x), y)
-    if config.task == "classification":
-        return {"val_loss": scores["loss"], "val_accuracy": scores["accuracy"], "val_rows": scores["samples"]}
-    return {"val_loss": scores["loss"], "val_r2": scores["r2"], "val_rows": scores["samples"]}
+def weights_key(prefix: str, round_: int, peer: str) -> str:
+    """Where peer `peer` uploads its weights of round `round_`."""
+    return f"{prefix}/rounds/{round_}/peers/{peer}.safetensors"
+
+
+class SyncFederated(Federated, RoundStrategy):
+    """Synchronous rounds: a chord of `train` tasks, one per peer in play, joined into one aggregate."""
+
+    @property
+    def rounds(self) -> int:
+        return self.settings.rounds
+
+    def specs(self, round_: int, names: list[str]) -> dict[str, dict[str, Any]]:
+        initial = self.gate.read_grant(self.session.plan.global_url)  # the same object for every peer: one grant
+        last = round_ + 1 == self.rounds
+        return {name: self.spec(name, round_, initial, weights_key(self.prefix, round_, name), last)
+                for name in names}
+
+    def aggregate(self, round_: int, kept: list[Outcome]) -> None:
+        """Check and combine the peers' weights, evaluate the global model, then go on or finish.
+
+        Run again for a round recorded already (a redelivered `aggregate`), it only launches the next
+        round if that is still to do."""
+        session, plan = self.session, self.session.plan
+        if any(r.round == round_ for r in session.rounds):
+            self.next_round(round_)
+            return
+        self.record_results(kept, sessions.RUNNING, samples={o.peer: gate.samples(plan, o.peer) for o in kept})
+        states, samples, rejected = {}, {}, {}
+        config = self.config
+        # Reading S3 waits on the network: a few reads at once (a local file is read faster in this thread
+        # than handed to another).
+        workers = 1 if isinstance(self.storage, LocalStorage) else READERS
+
+        def read(outcome: Outcome) -> dict[str, torch.Tensor] | str:
+            if outcome.result["stopped"]:
+                return "it stopped before finishing the round"
+            return self.gate.weights(weights_key(self.prefix, round_, outcome.peer), config)
+
+        with ThreadPoolExecutor(max_workers=workers) as readers:
+            for outcome, found in zip(kept, readers.map(read, kept), strict=True):
+                if isinstance(found, str):
+                    rejected[outcome.peer] = found
+                else:
+                    states[outcome.peer], samples[outcome.peer] = found, gate.samples(plan, outcome.peer)
+        if len(states) < session.quorum:
+            self.end(sessions.FAILED, f"round {round_}: only {len(states)} peer(s) returned usable weights, "
+                                      f"{session.quorum} needed; rejected: {_listing(rejected)}")
+            return
+        names = sorted(states)
+        merged = combine(self.settings.aggregation, [states[n] for n in names], [samples[n] for n in names])
+        model = SimpleDNN(config)
+        model.load_state_dict(merged)
+        metrics = self.evaluate_global(model)
+        global_url = self.storage.put_bytes(f"{self.prefix}/rounds/{round_}/global.safetensors",
+                                            state_to_bytes(merged, {"round": round_}))
+        round_doc = Round(round=round_, metrics={**metrics, "samples": sum(samples.values())}, peers=names,
+                          rejected=rejected, outliers=outliers(merged, {n: states[n] for n in names}),
+                          finished_at=self.clock.now())
+        if not sessions.record_round(session.id, round_doc, global_url):
+            return  # it ended meanwhile, or another run of this round recorded it first
+        events.record_round(session.id, round_doc)
+        # What the update wrote, kept in step here rather than read again (a session document holds every peer).
+        session.rounds.append(round_doc)
+        plan.global_url = global_url
+        self.next_round(round_)
+
+    def finish(self) -> None:
+        self.store_model(self.session.rounds[-1].metrics)
 
 
 def _listing(rejected: dict[str, str]) -> str:

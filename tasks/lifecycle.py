@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from datetime import datetime
 
 from bson import ObjectId
+from celery import Celery
 
-from models import TrainingSession
+from models import TrainingSession, utcnow
+from models import assignment as assignments
 from models import peer as peers
 from models import session as sessions
 from models import update as updates
-from tasks import feed, protocol
-from tasks.celery import app
+from tasks import gate, protocol
 
 log = logging.getLogger(__name__)
-feed.install(app)  # the coordinator and the monitor (both import this) announce the events they store
 
 
-def request_stop(session_id: str, names: Iterable[str], reason: str) -> None:
+def request_stop(app: Celery, session_id: str, names: Iterable[str], reason: str) -> None:
     """Tell each peer, on its own stop queue, that `session_id` is over: it stops between batches.
 
     A notice reaches a peer that is training for the session within a second, and a task of the
@@ -36,7 +37,8 @@ def request_stop(session_id: str, names: Iterable[str], reason: str) -> None:
                              serializer="json", delivery_mode=2, retry=True)
 
 
-def end(session_id: str | ObjectId, status: str, reason: str | None = None, **fields) -> bool:
+def end(app: Celery, session_id: str | ObjectId, status: str, reason: str | None = None,
+        at: datetime | None = None, **fields) -> bool:
     """Finish an active session with `status`, stop its peers' work and release them; False if it had ended.
 
     The side effects come before the status changes, so whoever sees the session ended also sees its
@@ -46,14 +48,18 @@ def end(session_id: str | ObjectId, status: str, reason: str | None = None, **fi
     session = TrainingSession.objects(id=session_id, status__in=sessions.ACTIVE).only("peers").first()
     if session is None:
         return False
+    why = f"the session ended {status}" + (f": {reason}" if reason else "")
+    at = at or utcnow()
     if status != sessions.COMPLETED:
-        request_stop(str(session_id), [run.name for run in session.peers], reason or status)
+        request_stop(app, str(session_id), [run.name for run in session.peers], reason or status)
         for run in session.peers:
             if run.status in sessions.ACTIVE:
                 # The culprit of a failure was recorded already; the others were stopped, not failed.
                 sessions.record_peer_result(session_id, run.name, sessions.CANCELLED)
         # An asynchronous session's tasks still out will not be folded.
-        updates.give_up_all(session_id, f"the session ended {status}" + (f": {reason}" if reason else ""))
+        updates.give_up_all(session_id, why)
+    # Whatever is still out is decided: a late result or heartbeat of it counts for nothing.
+    assignments.close(session_id, gate.closed(why), at)
     released = peers.release(session_id)
     if not sessions.finish(session_id, status, reason, **fields):
         return False

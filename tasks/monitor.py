@@ -9,14 +9,12 @@ per event.
 Liveness is judged on evidence: a peer is lost when it has been silent while the monitor itself was
 connected and receiving. A broker outage suspends the judgement, and after the monitor reconnects
 peers get `reconnect_grace` seconds more to reconnect too (Celery's workers back off up to 30 s). A
-lost peer, and a peer still training when its round's deadline (`round_timeout`) passes, is reported
-to the coordinator (`peertrain.peer_lost`), which leaves it out while the session's quorum allows.
+lost peer is reported to the coordinator (`peertrain.peer_lost`), and so are tasks still open past their
+deadline (`peertrain.deadline`); the session's strategy leaves their peers out while its quorum allows.
 
-Events are believed only from the peer they are about. Peers stamp every event with their broker
-user (`user_id`, which RabbitMQ checks against the sender's login), so an event naming peer `a` counts
-only when `a` sent it and `a` is registered; a heartbeat also only for a session and round `a` is
-training, with an epoch within that round's. Everything else is dropped and counted
-(`Monitor.dropped`, logged).
+Events are believed only as the gate (tasks/gate.py) allows: a worker event only from the peer it is
+about (the broker's verified `user_id`), a heartbeat only from the peer the coordinator gave that task,
+for its session, round and epochs. Everything else is dropped and counted (`Monitor.dropped`, logged).
 
 Run it with `python -m tasks.monitor`.
 """
@@ -24,89 +22,86 @@ Run it with `python -m tasks.monitor`.
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import threading
 import time
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bson import ObjectId
-from bson.errors import InvalidId
 from celery import Celery
 from celery.events.event import get_exchange
 from kombu import Queue, binding
 
 import models
+from models import assignment as assignments
 from models import heartbeat as heartbeats
 from models import peer as peers
 from models import session as sessions
-from models import utcnow
 from settings import Settings
-from tasks import lifecycle, protocol
+from tasks import feed, lifecycle, protocol
+from tasks.gate import Dropped, Gate
+from tasks.services import Clock
 
 log = logging.getLogger(__name__)
 
-PEER_PREFIX = "peer."
-HEARTBEAT = "task-heartbeat"
 ROUTING_KEYS = ("worker.#", "task.heartbeat")  # Celery routes an event by its type, '-' read as '.'
 PROGRESS_EVERY = 0.25  # seconds between writes of one session's peers' progress
-PROGRESS = ("round", "epoch", "epochs", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2", "samples_per_sec")
-
-
-def peer_name(hostname: str | None) -> str | None:
-    """`peer.<name>@host` → `<name>`; None for workers that are not peers (the coordinator, …)."""
-    if not isinstance(hostname, str) or not hostname.startswith(PEER_PREFIX):
-        return None
-    return hostname[len(PEER_PREFIX):].split("@", 1)[0] or None
+PROGRESS = ("round", *protocol.PROGRESS)
+ASSIGNMENT_SECONDS = 1.0  # how long a task's assignment, as read, answers for its heartbeats
 
 
 class Monitor:
-    """Applies events to the database; thread-safe, so a consumer thread and a timer can share it."""
+    """Applies events to the database; thread-safe, so a consumer thread and a timer can share it.
+
+    `lose(session_id, peer, reason)` hands a silent peer to the coordinator, `overdue(session_id, task_ids)`
+    its tasks past their deadline (by default both send the coordinator's tasks through `app`)."""
 
     def __init__(self, peer_timeout: float, start_timeout: float = 600.0, batch_size: int = 2000,
-                 clock=time.monotonic, lose: Callable[[str, str, int, str], None] | None = None,
-                 reconnect_grace: float = 30.0) -> None:
+                 clock: Clock | None = None, app: Celery | None = None,
+                 lose: Callable[[str, str, str], None] | None = None,
+                 overdue: Callable[[str, list[str]], None] | None = None, reconnect_grace: float = 30.0) -> None:
         self.peer_timeout = timedelta(seconds=peer_timeout)
         self.start_timeout = timedelta(seconds=start_timeout)
         self.batch_size = batch_size
-        self.clock = clock
-        self.lose = lose or _send_peer_lost
+        self.clock = clock or Clock()
+        self.app = app
+        self.lose = lose or self._send_peer_lost
+        self.overdue = overdue or self._send_deadline
         self.reconnect_grace = reconnect_grace
+        self.gate = Gate(storage=None, clock=self.clock, lookup=self._assignment)
+        self.dropped = self.gate.dropped
         # Monotonic time since which the monitor has been receiving events (None: not connected), and
         # the extra time peers get after that before their silence counts.
         self._receiving_since: float | None = None
         self._grace = 0.0
         self._was_connected = False
-        self._reported: set[tuple[str, str, int]] = set()
+        self._reported: set[str] = set()  # overdue tasks handed to the coordinator
         self._lock = threading.Lock()
         self._beats: list[dict[str, Any]] = []
-        self._latest: dict[tuple[ObjectId, str], dict[str, Any]] = {}
-        # session -> what its peers are training (models.session.assignments), kept briefly: read once a
-        # second per session, not once per event or per peer (a session may have a thousand peers).
-        self._assignments: dict[ObjectId, tuple[float, dict[str, Any] | None, float]] = {}
+        self._latest: dict[tuple[Any, str], dict[str, Any]] = {}
+        # task id -> (until when it answers, its assignment as read): a task's heartbeats read it once a second,
+        # not once each (a thousand peers beat at once).
+        self._assignments: dict[str, tuple[float, dict[str, Any] | None]] = {}
         # Peers seen alive (registered, not OFFLINE as far as this monitor wrote) -> (their hostname, when
         # their sign of life was last written); later beats are written together at a flush, a first
         # sighting at once.
         self._alive: dict[str, tuple[str, float]] = {}
         self._beating: set[str] = set()
-        self._progress_at: dict[ObjectId, float] = {}  # session -> when its progress may be written again
+        self._progress_at: dict[Any, float] = {}  # session -> when its progress may be written again
         self.stored = 0  # heartbeats this monitor wrote first (the coordinator writes those it missed)
         self.accepted = 0  # heartbeats it believed and queued for writing
-        self.dropped: Counter[str] = Counter()
-        self._next_report = 0.0
 
     # --- events ------------------------------------------------------------------------------
 
     def on_event(self, event: dict[str, Any], sender: str | None = None) -> None:
         """Apply one event that broker user `sender` (the message's verified user_id) published."""
         kind = event.get("type")
-        if kind == HEARTBEAT:
-            self._heartbeat(event, protocol.peer_of(sender))
+        if kind == protocol.HEARTBEAT:
+            self._heartbeat(event, sender)
         elif kind in ("worker-online", "worker-heartbeat", "worker-offline"):
-            name = peer_name(event.get("hostname"))
+            name = protocol.peer_of_worker(event.get("hostname"))
             if name is None:
                 return  # the platform's own workers (the coordinator): nothing to track
             if name != protocol.peer_of(sender):
@@ -121,77 +116,43 @@ class Monitor:
             elif self._alive.get(name, (None,))[0] == event["hostname"]:
                 # A third of the silence limit is fresh enough: a live peer is never judged silent, and a
                 # thousand peers beating every 2 s cost a few hundred writes a second, not five hundred.
-                if self.clock() - self._alive[name][1] >= self.peer_timeout.total_seconds() / 3:
-                    self._alive[name] = (event["hostname"], self.clock())
+                if self.clock.monotonic() - self._alive[name][1] >= self.peer_timeout.total_seconds() / 3:
+                    self._alive[name] = (event["hostname"], self.clock.monotonic())
                     with self._lock:
                         self._beating.add(name)
             elif peers.seen(name, event["hostname"]):
-                self._alive[name] = (event["hostname"], self.clock())
+                self._alive[name] = (event["hostname"], self.clock.monotonic())
             else:
                 self._drop("unregistered peer", f"{kind} from {name}, which is not registered")
 
     def _drop(self, reason: str, detail: str) -> None:
-        self.dropped[reason] += 1
-        if self.dropped[reason] == 1 or self.clock() >= self._next_report:
-            self._next_report = self.clock() + 10.0
-            log.warning("dropped an event (%s): %s; dropped so far: %s", reason, detail, dict(self.dropped))
+        self.gate.drop(reason, detail, "an event")
 
-    def _session(self, session_id: ObjectId, round_: int = -1, peer: str | None = None) -> dict[str, Any] | None:
-        """What the session's peers train now (cached 1 s; read again when a later round shows up, or, at
-        most every 0.1 s, when `peer` is not known to train `round_`: an asynchronous peer's next task)."""
-        cached = self._assignments.get(session_id)
-        now = self.clock()
-        if cached is not None and cached[0] > now and cached[1] is not None:
-            found = cached[1]
-            current = (found["round"] if found["round"] is not None else -1) >= round_
-            if current and (peer is None or found["peers"].get(peer, (0, 0, None))[2] == round_
-                            or now < cached[2] + 0.1):
-                return found
-        found = sessions.assignments(session_id)
-        if len(self._assignments) > 10_000:
-            self._assignments.clear()
-        self._assignments[session_id] = (now + 1.0, found, now)
+    def _assignment(self, task_id: str) -> dict[str, Any] | None:
+        """The assignment of `task_id` as read at most ASSIGNMENT_SECONDS ago."""
+        now = self.clock.monotonic()
+        cached = self._assignments.get(task_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        found = assignments.get(task_id)
+        if len(self._assignments) > 100_000:
+            self._assignments = {k: v for k, v in self._assignments.items() if v[0] > now}
+        self._assignments[task_id] = (now + ASSIGNMENT_SECONDS, found)
         return found
-
-    def _assignment(self, session_id: ObjectId, peer: str, round_: int) -> tuple[int, int] | None:
-        """The (round, epochs per round) `peer` is training for `session_id`, or None if it is not."""
-        found = self._session(session_id, round_, peer)
-        if found is None or peer not in found["peers"]:
-            return None
-        _, epochs, round_now = found["peers"][peer]
-        return round_now, epochs
 
     def _heartbeat(self, event: dict[str, Any], sender: str | None) -> None:
         try:
-            session_id = ObjectId(event["session"])
-            peer, round_, epoch = event["peer"], event.get("round") or 0, event["epoch"]
-            if not (isinstance(peer, str) and isinstance(round_, int) and isinstance(epoch, int)):
-                raise TypeError("peer, round and epoch must be text and whole numbers")
-            metrics = {name: event.get(name) for name in heartbeats.METRICS}
-            if any(v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v))
-                   for v in metrics.values()):
-                raise TypeError("metrics must be finite numbers")
-        except (KeyError, TypeError, ValueError, InvalidId) as exc:
-            self._drop("malformed heartbeat", f"{exc} in {str(event)[:200]}")
+            assignment, beat = self.gate.heartbeat(event, sender)
+        except Dropped as exc:
+            self._drop(exc.reason, exc.detail)
             return
-        if peer != sender:
-            self._drop("not its own heartbeat", f"heartbeat for peer {peer!r} sent by {sender!r}")
-            return
-        assigned = self._assignment(session_id, peer, round_)
-        if assigned is None or assigned[0] != round_ or not 1 <= epoch <= assigned[1]:
-            self._drop("not its task", f"peer {peer}: session {session_id} round {round_} epoch {epoch} is not "
-                                        f"one it is training ({assigned})")
-            return
-        beat = {
-            "session_id": session_id, "peer": peer, "round": round_, "epoch": epoch,
-            "sent_at": datetime.fromtimestamp(event["timestamp"], UTC).replace(tzinfo=None)
-            if isinstance(event.get("timestamp"), int | float) else None,
-            **metrics, "epochs": assigned[1],
-        }
+        stamp = beat.pop("timestamp")
+        beat.update(session_id=assignment["session_id"], position=assignment["position"],
+                    sent_at=datetime.fromtimestamp(stamp, UTC).replace(tzinfo=None) if stamp is not None else None)
         with self._lock:
             self.accepted += 1
             self._beats.append(beat)
-            key = (session_id, peer)
+            key = (beat["session_id"], beat["peer"])
             latest = self._latest.get(key)
             if latest is None or (latest["round"], latest["epoch"]) <= (beat["round"], beat["epoch"]):
                 self._latest[key] = beat
@@ -213,32 +174,28 @@ class Monitor:
         self.stored += new
         return new
 
-    def _progress(self, latest: dict[tuple[ObjectId, str], dict[str, Any]]) -> None:
+    def _progress(self, latest: dict[tuple[Any, str], dict[str, Any]]) -> None:
         """Show each peer's newest epoch on its session: one update per session, at most every PROGRESS_EVERY s.
 
         The heartbeats themselves are stored (and streamed) at once; the session's summary of them
         is a thousand-peer document, rewritten a few times a second rather than at every flush."""
-        now, due = self.clock(), {}
+        now, due = self.clock.monotonic(), defaultdict(dict)
         for key, beat in latest.items():
             if now >= self._progress_at.get(key[0], 0.0):
-                due.setdefault(key[0], {})[key[1]] = beat
+                due[key[0]][key[1]] = beat
             else:
                 with self._lock:  # not yet: keep it unless a newer one came meanwhile
                     newer = self._latest.get(key)
                     if newer is None or (newer["round"], newer["epoch"]) < (beat["round"], beat["epoch"]):
                         self._latest[key] = beat
-        written = utcnow()
+        written = self.clock.now()
         for session_id, beats in due.items():
             self._progress_at[session_id] = now + PROGRESS_EVERY
             progress = {peer: {**{name: beat.get(name) for name in PROGRESS}, "updated_at": written}
                         for peer, beat in beats.items()}
-            found = self._session(session_id)
-            position = {name: at for name, (at, *_) in found["peers"].items()} if found else {}
             # Heartbeats that arrive as a session ends are stored, but its record no longer changes.
-            sessions.record_runs(session_id, position, {p: f for p, f in progress.items() if p in position},
+            sessions.record_runs(session_id, {peer: beat["position"] for peer, beat in beats.items()}, progress,
                                  active_only=True)
-            for peer in progress.keys() - position.keys():
-                sessions.record_progress(session_id, peer, progress[peer])
         if len(self._progress_at) > 10_000:
             self._progress_at = {k: v for k, v in self._progress_at.items() if v > now}
 
@@ -258,7 +215,7 @@ class Monitor:
         if self._receiving_since is None:
             self._grace = self.reconnect_grace if self._was_connected else 0.0
             self._was_connected = True
-            self._receiving_since = self.clock()
+            self._receiving_since = self.clock.monotonic()
 
     def blind(self) -> None:
         """The monitor lost the broker: it can no longer tell a silent peer from an unheard one."""
@@ -269,29 +226,27 @@ class Monitor:
     def judging(self) -> bool:
         """True when silence is evidence: connected long enough for every live peer to have been heard."""
         since = self._receiving_since
-        return since is not None and self.clock() - since >= self.peer_timeout.total_seconds() + self._grace
+        return since is not None and self.clock.monotonic() - since >= self.peer_timeout.total_seconds() + self._grace
 
     def sweep(self) -> list[str]:
-        """Report silent peers and rounds past their deadline; fail sessions past theirs. Returns lost peers."""
-        now = utcnow()
+        """Report silent peers and tasks past their deadline; fail sessions past theirs. Returns lost peers."""
+        now = self.clock.now()
         lost = []
         if self.judging():
             lost = [p.name for p in peers.silent_since(now - self.peer_timeout)]
             for name in lost:
                 self._lost(name, f"went offline (no heartbeat for {self.peer_timeout.total_seconds():g} s)")
-        for session in sessions.rounds_overdue(now):
-            round_ = session.launch["round"]
-            for run in session.peers:
-                key = (str(session.id), run.name, round_)
-                if run.name in session.launch["peers"] and run.status == sessions.RUNNING and key not in self._reported:
-                    self._reported.add(key)
-                    timeout = (session.launch["deadline"] - session.launch["started_at"]).total_seconds()
-                    self.lose(str(session.id), run.name, round_,
-                              f"did not finish round {round_} within its {timeout:g} s")
+        late: dict[str, list[str]] = defaultdict(list)
+        for assignment in assignments.overdue(now):
+            if assignment["_id"] not in self._reported:
+                self._reported.add(assignment["_id"])
+                late[str(assignment["session_id"])].append(assignment["_id"])
+        for session_id, task_ids in late.items():
+            self.overdue(session_id, task_ids)
         for session in sessions.overdue(now, self.start_timeout):
             why = ("it ran past its deadline" if session.status == sessions.RUNNING
                    else "no coordinator started it in time")
-            lifecycle.end(session.id, sessions.FAILED, f"the session was stopped: {why}")
+            lifecycle.end(self._app(), session.id, sessions.FAILED, f"the session was stopped: {why}", at=now)
         if len(self._reported) > 100_000:
             self._reported.clear()
         return lost
@@ -303,17 +258,19 @@ class Monitor:
             return
         log.info("peer %s is OFFLINE: %s", name, why)
         if before.status == peers.TRAINING and before.session_id is not None:
-            session = sessions.TrainingSession.objects(id=before.session_id).only("launch").first()
-            if session is not None and name in session.launch.get("peers", []):
-                self.lose(str(before.session_id), name, session.launch["round"], why)
+            self.lose(str(before.session_id), name, why)
 
+    def _app(self) -> Celery:
+        if self.app is None:
+            raise RuntimeError("this monitor was made without a Celery app to reach the coordinator with")
+        return self.app
 
-def _send_peer_lost(session_id: str, peer: str, round_: int, reason: str) -> None:
-    """Hand a lost peer to the coordinator, which decides whether its session goes on without it."""
-    from tasks.celery import app
+    def _send_peer_lost(self, session_id: str, peer: str, reason: str) -> None:
+        """Hand a lost peer to the coordinator, which decides whether its session goes on without it."""
+        self._app().send_task("peertrain.peer_lost", args=[session_id, peer, reason])
 
-    app.send_task("peertrain.peer_lost", args=[session_id, peer, round_, reason],
-                  queue=app.conf.task_default_queue)
+    def _send_deadline(self, session_id: str, task_ids: list[str]) -> None:
+        self._app().send_task("peertrain.deadline", args=[session_id, task_ids])
 
 
 class EventConsumer:
@@ -413,18 +370,20 @@ class EventConsumer:
             settle()
 
 
-def build(app: Celery, settings: Settings) -> EventConsumer:
+def build(app: Celery, settings: Settings, clock: Clock | None = None) -> EventConsumer:
     """The monitor as `settings` configure it (the database must be connected)."""
-    monitor = Monitor(settings.peer_timeout_seconds, settings.session_start_timeout)
+    monitor = Monitor(settings.peer_timeout_seconds, settings.session_start_timeout, clock=clock, app=app)
     return EventConsumer(app, monitor, settings.monitor_queue)
 
 
 def main() -> None:
-    from tasks.celery import app
+    from tasks.celery import create_app
 
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     models.connect(settings.mongodb_uri)
+    app = create_app(settings)
+    feed.install(app)  # the events the monitor stores are announced to every API process
     consumer = build(app, settings)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: consumer.stop())

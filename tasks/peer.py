@@ -24,6 +24,7 @@ from celery.app.events import Events
 from celery.backends.base import BaseBackend
 from celery.events.dispatcher import EventDispatcher
 
+import celeryconfig
 from settings import Settings
 from tasks import protocol
 
@@ -65,8 +66,7 @@ class ResultReporter(BaseBackend):
         self.exchange = protocol.results_exchange(app.conf.peertrain_results)
 
     def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
-        payload = {"task_id": task_id, "status": state, "result": result,
-                   "traceback": traceback[-4000:] if traceback else None}
+        payload = protocol.result_message(task_id, state, result, traceback)
         with self.app.producer_or_acquire() as producer:
             producer.publish(payload, exchange=self.exchange, routing_key=protocol.ROUTING_KEY, declare=[],
                              serializer="json", user_id=protocol.identity(self.app), delivery_mode=2, retry=True,
@@ -102,7 +102,7 @@ def create_app(broker_url: str | None = None, settings: Settings | None = None) 
     """A peer's app; `broker_url` (default BROKER_URL) carries the peer's own credentials."""
     settings = settings or Settings.from_env()
     app = Celery("peertrain-peer", events=StampedEvents, backend=ResultReporter)
-    app.config_from_object("celeryconfig:Peer")
+    app.conf.update(celeryconfig.peer(settings))
     logging.getLogger("celery.worker.request").addFilter(_REDELIVERED)
     app.conf.broker_url = broker_url or settings.broker_url
     from tasks import training  # torch loads with the task, on peers only
@@ -111,4 +111,15 @@ def create_app(broker_url: str | None = None, settings: Settings | None = None) 
     return app
 
 
-app = create_app()
+_cli_app: Celery | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # `celery -A tasks.peer worker ...` on a peer machine: its app, made from the environment when the
+    # command line asks for it (importing this module reads nothing).
+    global _cli_app
+    if name != "app":
+        raise AttributeError(name)
+    if _cli_app is None:
+        _cli_app = create_app()
+    return _cli_app

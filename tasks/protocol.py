@@ -1,40 +1,64 @@
-"""What the platform and its peers say to each other over the broker, besides Celery's own task messages.
+"""Everything the platform and its peers say to each other, in one place: names, queues, messages.
 
 A registered peer `alice` connects as broker user `peer.alice` and may touch only its own resources:
 it consumes `peer.alice` (its tasks) and `peer.alice.stop` (stop notices), and publishes to exactly two
 exchanges, the event exchange (heartbeats) and the results exchange (its tasks' outcomes), always with
 the message property `user_id` set to its user, which RabbitMQ checks against the connection's login.
-So whoever reads those messages knows for certain which peer sent them. Both sides import this module;
-it imports only kombu and the standard library (peers hold no database code).
+So whoever reads those messages knows for certain which peer sent them.
+
+The messages are schemas: `TrainSpec` (what the coordinator asks a peer to train; the peer checks it
+before it trains), `TrainResult` (what a peer reports; the coordinator keeps only what this schema
+knows) and `Heartbeat` (a `task-heartbeat` event). Whatever a peer sends passes through these (in
+tasks/gate.py, the one place that decides what to believe) before anything else reads it.
+Both sides import this module; it imports only kombu, marshmallow and the standard library (peers hold
+no database code).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
+from uuid import uuid4
 
+import marshmallow as ma
 from kombu import Connection, Exchange, Queue
+from marshmallow import EXCLUDE, fields, validate
+
+from trainer.limits import LimitError, check_hyperparameters
 
 log = logging.getLogger(__name__)
 
-PEER_USER_PREFIX = "peer."
+PEER_PREFIX = "peer."  # of a peer's broker user, its queues and its worker's hostname
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 # Stop notices older than this are of no use to anyone: sessions have ended, or restarted peers never saw them.
 STOP_NOTICE_TTL = 3600.0  # seconds
 # A task's outcome as a peer reports it: metrics and per-epoch history, never weights.
 MAX_RESULT_BYTES = 4 << 20
 RESULT_STATES = ("SUCCESS", "FAILURE", "REVOKED", "RETRY", "STARTED")
+FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
 ROUTING_KEY = "result"
+HEARTBEAT = "task-heartbeat"  # the custom Celery event a training task sends after each epoch
+MAX_ROUND = 1_000_000  # a round, or an asynchronous session's task number
 
+# One epoch as the trainer reports it (trainer.loop.EpochMetrics), besides its `epoch` and `epochs`.
+METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "val_r2", "samples_per_sec", "seconds", "samples",
+           "finished_at")
+# What a session shows of a peer's newest epoch.
+PROGRESS = ("epoch", "epochs", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2", "samples_per_sec")
+
+
+# --- names ------------------------------------------------------------------------------------
 
 def check_name(name: str) -> str:
     """`name` if it can name a peer (letters, digits, `_`, `-`: it becomes queue and user names), else ValueError."""
-    if not NAME_PATTERN.match(name or ""):
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise ValueError(f"a peer name is 1-63 letters, digits, '_' or '-', starting with a letter or digit; "
                          f"got {name!r}")
     return name
@@ -42,27 +66,47 @@ def check_name(name: str) -> str:
 
 def task_queue(name: str) -> str:
     """The queue a peer's worker consumes its tasks from."""
-    return f"peer.{name}"
+    return f"{PEER_PREFIX}{name}"
 
 
 def stop_queue(name: str) -> Queue:
     """The queue of stop notices for peer `name`: declared alike by whoever touches it first."""
-    queue_name = f"peer.{name}.stop"
+    queue_name = f"{PEER_PREFIX}{name}.stop"
     return Queue(queue_name, Exchange(queue_name, "direct", durable=True), routing_key=queue_name, durable=True,
                  message_ttl=STOP_NOTICE_TTL)
 
 
 def broker_user(name: str) -> str:
     """The broker user a peer logs in as."""
-    return f"{PEER_USER_PREFIX}{check_name(name)}"
+    return f"{PEER_PREFIX}{check_name(name)}"
+
+
+def worker_name(name: str, host: str = "%h") -> str:
+    """A peer worker's Celery hostname (`-n`): the monitor knows the peer by it."""
+    return f"{PEER_PREFIX}{name}@{host}"
+
+
+def worker_command(name: str, loglevel: str = "INFO") -> str:
+    """The command that runs peer `name` on its machine, with the environment its registration gave."""
+    return (f"celery -A tasks.peer worker -Q {task_queue(name)} -n {worker_name(name)} -c 1 "
+            f"--without-gossip --without-mingle --loglevel={loglevel}")
+
+
+def _named(text: Any) -> str | None:
+    if not isinstance(text, str) or not text.startswith(PEER_PREFIX):
+        return None
+    name = text[len(PEER_PREFIX):]
+    return name if NAME_PATTERN.match(name) else None
 
 
 def peer_of(user_id: str | None) -> str | None:
     """The peer a verified broker user is; None for anyone else (the platform's own processes)."""
-    if not user_id or not user_id.startswith(PEER_USER_PREFIX):
-        return None
-    name = user_id[len(PEER_USER_PREFIX):]
-    return name if NAME_PATTERN.match(name) else None
+    return _named(user_id)
+
+
+def peer_of_worker(hostname: str | None) -> str | None:
+    """`peer.<name>@host` → `<name>`; None for workers that are not peers (the coordinator, …)."""
+    return _named(hostname.split("@", 1)[0]) if isinstance(hostname, str) else None
 
 
 def results_exchange(name: str) -> Exchange:
@@ -81,12 +125,39 @@ def permissions(name: str, event_exchange: str, results: str) -> dict[str, str]:
     neither delete nor redeclare anything the platform shares; write covers the two exchanges it
     reports on; read only its own queues.
     """
-    own = rf"peer\.{re.escape(check_name(name))}(\.stop)?"
+    own = rf"{re.escape(PEER_PREFIX)}{re.escape(check_name(name))}(\.stop)?"
     return {
         "configure": rf"^{own}$",
         "write": rf"^({own}|{re.escape(event_exchange)}|{re.escape(results)})$",
         "read": rf"^{own}$",
     }
+
+
+@dataclass(frozen=True)
+class TaskId:
+    """A `train` task's id, `<session>:<round>:<nonce>`: it names its session and round (an asynchronous
+    session's task number), so whoever holds one can find the coordinator's record of it."""
+
+    session: str
+    round: int
+    nonce: str
+
+    @classmethod
+    def new(cls, session: Any, round_: int) -> TaskId:
+        return cls(str(session), round_, uuid4().hex)
+
+    @classmethod
+    def parse(cls, text: Any) -> TaskId | None:
+        """The id `text` spells, or None if it is not one."""
+        if not isinstance(text, str):
+            return None
+        parts = text.split(":")
+        if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not parts[2]:
+            return None
+        return cls(parts[0], int(parts[1]), parts[2])
+
+    def __str__(self) -> str:
+        return f"{self.session}:{self.round}:{self.nonce}"
 
 
 def stop_notice(session_id: str, reason: str) -> dict[str, Any]:
@@ -103,6 +174,201 @@ def _login(url: str) -> str | None:
     # Stamped on every event and result a peer sends: parse the URL once.
     return Connection(url).userid
 
+
+# --- messages ------------------------------------------------------------------------------------
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+class WholeNumber(fields.Integer):
+    """An integer that is one already: not a bool, not a float, not text."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.make_error("invalid")
+        return value
+
+
+class Measure(fields.Field):
+    """A finite number; anything else (text, NaN, infinity, a bool) becomes None, as a missing one."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float | None:
+        return float(value) if _finite(value) else None
+
+
+class StrictMeasure(fields.Field):
+    """A finite number or null; anything else is an error."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float | None:
+        if value is None:
+            return None
+        if not _finite(value):
+            raise ma.ValidationError("must be a finite number or null")
+        return float(value)
+
+
+class _Message(ma.Schema):
+    class Meta:
+        unknown = EXCLUDE  # fields this side does not know are not carried along
+
+
+class TrainSpecSchema(_Message):
+    """What a peer is asked to train (built by the coordinator, checked by the peer before it trains)."""
+
+    session = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    round = WholeNumber(load_default=0, validate=validate.Range(0, MAX_ROUND))
+    seed = WholeNumber(load_default=0, validate=validate.Range(0, 2**32 - 1))
+    target = fields.String(required=True, validate=validate.Length(min=1))
+    features = fields.List(fields.String(), required=True)
+    task = fields.String(required=True, validate=validate.OneOf(["classification", "regression"]))
+    classes = fields.List(fields.String(), load_default=None, allow_none=True)
+    normalization = fields.Dict(load_default=None, allow_none=True)
+    hyperparameters = fields.Dict(required=True)
+    data = fields.String(required=True, validate=validate.Length(min=1))  # read grant of its rows
+    data_id = fields.String(required=True, validate=validate.Length(min=1))  # names the object for its cache
+    weights = fields.String(required=True, validate=validate.Length(min=1))  # write grant of its weights
+    initial_weights = fields.String(load_default=None, allow_none=True)  # read grant of its starting weights
+    keep_data = fields.Boolean(load_default=False)
+    last_round = fields.Boolean(load_default=False)
+
+    @ma.post_load
+    def _limits(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        data["hyperparameters"] = check_hyperparameters(data["hyperparameters"])
+        return data
+
+
+def train_spec(spec: Any) -> dict[str, Any]:
+    """The spec if every field is of the right kind and within the platform's limits; LimitError otherwise."""
+    if not isinstance(spec, dict):
+        raise LimitError("the task's argument must be an object")
+    try:
+        return TrainSpecSchema().load(spec)
+    except ma.ValidationError as exc:
+        field, problem = next(iter(exc.normalized_messages().items()))
+        raise LimitError(f"the task's {field!r} is not valid: {problem}") from None
+
+
+class EpochSchema(_Message):
+    """One epoch of a reported history (or its final epoch)."""
+
+    epoch = WholeNumber(required=True, validate=validate.Range(min=1))
+    loss = Measure(load_default=None)
+    accuracy = Measure(load_default=None)
+    val_loss = Measure(load_default=None)
+    val_accuracy = Measure(load_default=None)
+    val_r2 = Measure(load_default=None)
+    samples_per_sec = Measure(load_default=None)
+    seconds = Measure(load_default=None)
+    samples = Measure(load_default=None)
+    finished_at = Measure(load_default=None)
+
+
+class TrainResultSchema(_Message):
+    """A task's result as a peer reports it; history and final epoch are read by `train_result`."""
+
+    history = fields.Raw(load_default=list)
+    final = fields.Raw(load_default=None)
+    bytes_fetched = fields.Raw(load_default=0)
+    seconds = Measure(load_default=0.0)
+    stopped = fields.Raw(load_default=True)
+    device = fields.Raw(load_default=None)
+
+
+def _epoch(data: Any, epochs: int) -> dict[str, Any] | None:
+    """One epoch's numbers, or None if it does not describe an epoch of a task of `epochs` epochs."""
+    try:
+        clean = EpochSchema().load(data) if isinstance(data, dict) else None
+    except ma.ValidationError:
+        return None
+    if clean is None or clean["epoch"] > epochs:
+        return None
+    clean["epochs"] = epochs
+    return clean
+
+
+def train_result(result: Any, epochs: int) -> dict[str, Any]:
+    """A peer's reported result reduced to known fields of known types, for a task of `epochs` epochs: each
+    epoch once (the first report of it), in order; numbers that are not finite become None; a result that
+    is not one becomes an empty, stopped one. Who it is from and where its weights are is not in it."""
+    loaded = TrainResultSchema().load(result if isinstance(result, dict) else {})
+    history = loaded["history"] if isinstance(loaded["history"], list) else []
+    seen: dict[int, dict[str, Any]] = {}
+    for entry in history[:epochs]:
+        clean = _epoch(entry, epochs)
+        if clean is not None:
+            seen.setdefault(clean["epoch"], clean)
+    fetched, device = loaded["bytes_fetched"], loaded["device"]
+    return {
+        "final": _epoch(loaded["final"], epochs) or {},
+        "history": [seen[e] for e in sorted(seen)],
+        "bytes_fetched": fetched if isinstance(fetched, int) and not isinstance(fetched, bool)
+        and 0 <= fetched < 1 << 50 else 0,
+        "seconds": loaded["seconds"] or 0.0,
+        "stopped": loaded["stopped"] is not False,
+        "device": str(device)[:40] if device else None,
+    }
+
+
+def result_message(task_id: str, state: str, result: Any, traceback: str | None = None) -> dict[str, Any]:
+    """A task's outcome as a peer publishes it to the results exchange."""
+    return {"task_id": task_id, "status": state, "result": result,
+            "traceback": traceback[-4000:] if traceback else None}
+
+
+def failure(exc: BaseException) -> dict[str, Any]:
+    """A failed task's result, as Celery reports an exception."""
+    return {"exc_type": type(exc).__name__, "exc_message": [str(exc)[:200]]}
+
+
+def describe_failure(result: Any) -> str:
+    """A peer's account of its task's failure, as bounded plain text."""
+    if isinstance(result, dict):
+        kind = str(result.get("exc_type") or "error")[:80]
+        message = result.get("exc_message")
+        if isinstance(message, list | tuple):
+            message = " ".join(str(part) for part in message)
+        text = f"{kind}: {message}" if message else kind
+    else:
+        text = str(result)
+    return "".join(ch if ch.isprintable() else " " for ch in text)[:500]
+
+
+class HeartbeatSchema(_Message):
+    """A `task-heartbeat` event: one epoch of one task, as a training task sends it (tasks/training.py)."""
+
+    uuid = fields.String(required=True, validate=validate.Length(min=1, max=200))  # the task's id (Celery sets it)
+    session = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    peer = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    round = WholeNumber(load_default=0, validate=validate.Range(0, MAX_ROUND))
+    epoch = WholeNumber(required=True, validate=validate.Range(min=1))
+    epochs = WholeNumber(load_default=None, allow_none=True)
+    loss = StrictMeasure(load_default=None)
+    accuracy = StrictMeasure(load_default=None)
+    val_loss = StrictMeasure(load_default=None)
+    val_accuracy = StrictMeasure(load_default=None)
+    val_r2 = StrictMeasure(load_default=None)
+    samples_per_sec = StrictMeasure(load_default=None)
+    seconds = StrictMeasure(load_default=None)
+    samples = StrictMeasure(load_default=None)
+    finished_at = StrictMeasure(load_default=None)
+    timestamp = Measure(load_default=None)
+
+
+def heartbeat(event: Any) -> dict[str, Any]:
+    """The heartbeat `event` holds; ValueError naming what is wrong with it."""
+    try:
+        return HeartbeatSchema().load(event if isinstance(event, dict) else {})
+    except ma.ValidationError as exc:
+        raise ValueError(str(exc.normalized_messages())[:200]) from None
+
+
+def heartbeat_fields(session: str, peer: str | None, round_: int, epoch: dict[str, Any]) -> dict[str, Any]:
+    """A heartbeat's fields as a training task sends them (Celery adds the task's id as `uuid`)."""
+    return {"session": session, "peer": peer, "round": round_, **epoch}
+
+
+# --- stop notices ----------------------------------------------------------------------------------
 
 class StopNotices:
     """Which sessions this peer has been told to stop, read from its stop queue at most every `every` s."""

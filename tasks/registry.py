@@ -28,12 +28,9 @@ from models import session as sessions
 from settings import Settings
 from tasks import lifecycle, protocol
 from tasks.brokeradmin import BrokerAdmin
-from tasks.celery import app
+from tasks.celery import create_app
 
 log = logging.getLogger(__name__)
-
-WORKER_COMMAND = ("celery -A tasks.peer worker -Q peer.{name} -n peer.{name}@%h -c 1 "
-                  "--without-gossip --without-mingle --loglevel=INFO")
 
 
 @dataclass(frozen=True)
@@ -45,7 +42,7 @@ class Enrolment:
 
     @property
     def command(self) -> str:
-        return WORKER_COMMAND.format(name=self.name)
+        return protocol.worker_command(self.name)
 
     def env_file(self) -> str:
         return "".join(f"{key}={value}\n" for key, value in self.environment.items())
@@ -61,7 +58,7 @@ def peer_broker_url(settings: Settings, user: str, password: str) -> str:
 
 def declare_shared(settings: Settings) -> None:
     """Declare what peers publish to but may not declare: the event exchange, the results exchange and queue."""
-    with app.connection_for_write() as connection:
+    with create_app(settings).connection_for_write() as connection:
         channel = connection.default_channel
         get_exchange(connection, name=settings.event_exchange)(channel).declare()
         protocol.results_queue(settings.results_queue)(channel).declare()
@@ -105,6 +102,7 @@ def remove(name: str, settings: Settings) -> bool:
     before = peers.unregister(name)
     if not settings.embedded_broker:
         BrokerAdmin.from_settings(settings).remove_user(protocol.broker_user(name))
+    app = create_app(settings)
     with app.connection_for_write() as connection:
         channel = connection.default_channel
         for queue in (protocol.task_queue(name), protocol.stop_queue(name).name):
@@ -115,7 +113,7 @@ def remove(name: str, settings: Settings) -> bool:
     if before is None:
         return False
     if before.status == peers.TRAINING and before.session_id is not None:
-        lifecycle.end(before.session_id, sessions.FAILED, f"peer {name} was removed from the platform")
+        lifecycle.end(app, before.session_id, sessions.FAILED, f"peer {name} was removed from the platform")
     log.info("peer %s removed", name)
     return True
 

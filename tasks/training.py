@@ -4,7 +4,8 @@ It runs on peer machines, which hold no database or storage credentials: data an
 through the grants in the spec (tasks/transfer.py), progress leaves as Celery events
 (`task-heartbeat`, verified and persisted by the monitor), the outcome as the task's return value,
 which the peer's app reports to the coordinator (tasks/peer.py). The spec is checked against the
-platform's limits before anything runs: a peer does not train what the API would have refused.
+protocol's schema and the platform's limits before anything runs (tasks/protocol.py `train_spec`): a
+peer does not train what the API would have refused.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from celery.signals import worker_init
 from settings import Settings
 from tasks import protocol, transfer
 from trainer.dataset import Dataset, prepare
-from trainer.limits import LimitError, check_hyperparameters, check_table_size
+from trainer.limits import check_table_size
 from trainer.loop import EpochMetrics, TrainConfig
 from trainer.loop import train as fit
 from trainer.memory import keep_freed_memory
@@ -39,14 +40,12 @@ from trainer.weights import max_state_bytes, state_from_bytes, state_to_bytes
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT = "task-heartbeat"
 # One quick retry: an epoch must not wait on a broker that is away.
 EVENT_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 # A dataset or shard larger than this is refused before it fills the disk (the API takes 200 MiB by default).
 MAX_DATA_BYTES = 4 << 30
 SHARDS = Path(tempfile.gettempdir()) / "peertrain-shards"
 STALE_SECONDS = 600
-_TEXT_KEYS = ("session", "data", "data_id", "weights", "target", "task")
 
 
 def register(app: Celery, settings: Settings) -> None:
@@ -68,29 +67,10 @@ def register(app: Celery, settings: Settings) -> None:
             return done[self.request.id]
         if not notices:
             notices.append(protocol.StopNotices(self.app, protocol.peer_of(protocol.identity(self.app)) or "unknown"))
-        result = done[self.request.id] = run(self, check_spec(spec), notices[0], settings, kept)
+        result = done[self.request.id] = run(self, protocol.train_spec(spec), notices[0], settings, kept)
         while len(done) > 16:
             done.popitem(last=False)
         return result
-
-
-def check_spec(spec: Any) -> dict[str, Any]:
-    """The spec if every field is of the right kind and within the platform's limits; LimitError otherwise."""
-    if not isinstance(spec, dict):
-        raise LimitError("the task's argument must be an object")
-    for key in _TEXT_KEYS:
-        if not isinstance(spec.get(key), str) or not spec[key]:
-            raise LimitError(f"the task lacks {key!r}")
-    if not isinstance(spec.get("features"), list) or not all(isinstance(f, str) for f in spec["features"]):
-        raise LimitError("the task's features must be a list of column names")
-    round_, seed = spec.get("round", 0), spec.get("seed", 0)
-    if not (isinstance(round_, int) and 0 <= round_ <= 10_000 and isinstance(seed, int) and 0 <= seed < 2**32):
-        raise LimitError("the task's round or seed is out of range")
-    if spec["task"] not in ("classification", "regression"):
-        raise LimitError(f"unknown task kind {spec['task']!r}")
-    if not isinstance(spec.get("hyperparameters"), dict):
-        raise LimitError("the task's hyperparameters must be an object")
-    return {**spec, "round": round_, "seed": seed, "hyperparameters": check_hyperparameters(spec["hyperparameters"])}
 
 
 def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, settings: Settings,
@@ -119,8 +99,8 @@ def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, setting
     def report(metrics: EpochMetrics) -> None:
         nonlocal unsent
         try:
-            task.send_event(HEARTBEAT, retry=True, retry_policy=EVENT_RETRY, session=session, peer=name, round=round_,
-                            **metrics.to_dict())
+            task.send_event(protocol.HEARTBEAT, retry=True, retry_policy=EVENT_RETRY,
+                            **protocol.heartbeat_fields(session, name, round_, metrics.to_dict()))
         except Exception as exc:  # the broker is away: train on; the result carries every epoch anyway
             unsent += 1
             if unsent == 1:

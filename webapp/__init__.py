@@ -16,9 +16,15 @@ from settings import DEVELOPMENT, Settings, secret_problem
 log = logging.getLogger(__name__)
 
 
-def create_app(test_config: dict[str, Any] | None = None, settings: Settings | None = None) -> Flask:
-    """Build the API: defaults from `settings` (the environment), then `test_config` on top."""
+def create_app(test_config: dict[str, Any] | None = None, settings: Settings | None = None,
+               celery: Any = None) -> Flask:
+    """Build the API: defaults from `settings` (the environment), then `test_config` on top. `celery`: the
+    Celery app it sends tasks with (default: the platform's app made from `settings`)."""
     settings = settings or Settings.from_env()
+    if celery is None:
+        from tasks.celery import create_app as create_celery
+
+        celery = create_celery(settings)
     app = Flask(__name__)
     app.config.from_mapping(_config(settings))
     if test_config:
@@ -34,7 +40,7 @@ def create_app(test_config: dict[str, Any] | None = None, settings: Settings | N
 
     from webapp import errors, extensions, throttling
 
-    api = extensions.init_app(app)
+    api = extensions.init_app(app, celery)
     errors.init_app(app, api)
 
     from webapp.auth import blp as auth

@@ -52,6 +52,7 @@ class Blueprint(flask_smorest.Blueprint):
 jwt = JWTManager()
 
 STORAGE = "peertrain.storage"
+CELERY = "peertrain.celery"
 DISPATCHER = "peertrain.dispatcher"
 PASSWORDS = "peertrain.passwords"
 
@@ -74,7 +75,7 @@ class Dispatcher:
             conn.ensure_connection(max_retries=1, timeout=2)
 
 
-def init_app(app: Flask) -> flask_smorest.Api:
+def init_app(app: Flask, celery: Any) -> flask_smorest.Api:
     """Attach every extension; returns the app's OpenAPI-documenting Api to register blueprints on."""
     expires = app.config["JWT_ACCESS_TOKEN_EXPIRES"]
     if isinstance(expires, int):
@@ -92,15 +93,19 @@ def init_app(app: Flask) -> flask_smorest.Api:
         app.extensions[PASSWORDS] = Passwords(app.config["BCRYPT_ROUNDS"], app.config["PASSWORD_HASHING_SLOTS"])
     if DISPATCHER not in app.extensions:
         from tasks import feed
-        from tasks.celery import app as celery_app
 
-        app.extensions[DISPATCHER] = Dispatcher(celery_app, app.config["COORDINATOR_QUEUE"])
-        feed.install(celery_app)  # the session events this process stores (a start, a failed start) are announced
+        app.extensions[CELERY] = celery
+        app.extensions[DISPATCHER] = Dispatcher(celery, app.config["COORDINATOR_QUEUE"])
+        feed.install(celery)  # the session events this process stores (a start, a failed start) are announced
     return api
 
 
 def storage() -> Storage:
     return current_app.extensions[STORAGE]
+
+
+def celery_app() -> Any:
+    return current_app.extensions[CELERY]
 
 
 def dispatcher() -> Dispatcher:

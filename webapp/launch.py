@@ -25,7 +25,7 @@ from models import Dataset, PeerRun, TrainingSession, User
 from models import event as events
 from models import peer as peers
 from models import session as sessions
-from models.session import FAILED, FEDERATED, PENDING
+from models.session import FAILED, FEDERATED, PENDING, FederatedSettings
 from tasks.storage import HashingReader
 from trainer.split import VALIDATION_FRACTION, shard
 from trainer.table import DatasetError, Table, read_table, split_indices
@@ -119,20 +119,15 @@ def _start(user: User, form: dict[str, Any], upload: Upload) -> TrainingSession:
 
 def _document(session_id: ObjectId, user: User, form: dict[str, Any], table: Table, names: list[str],
               url: str, upload: Upload) -> TrainingSession:
+    federated = None
+    if form["mode"] == FEDERATED:
+        chosen = ("rounds", "local_epochs", "partition", "alpha", "aggregation", "schedule", "buffer_size",
+                  "max_updates", "time_budget")
+        federated = FederatedSettings(**{key: form[key] for key in chosen if form.get(key) is not None})
     runs = [
-        PeerRun(name=name, hyperparameters=hp, epochs=_epochs(form, hp))
+        PeerRun(name=name, hyperparameters=hp, epochs=federated.epochs_per_peer() if federated else hp["epochs"])
         for name, hp in zip(names, form["hyperparameters"], strict=True)
     ]
-    federated = {}
-    if form["mode"] == FEDERATED:
-        federated = {
-            key: form[key] for key in ("rounds", "local_epochs", "partition", "alpha", "aggregation")
-        }
-        federated["min_peers"] = form.get("min_peers") or len(names)
-        federated["schedule"] = form["schedule"]
-        if form["schedule"] == "async":
-            federated.update(buffer_size=form["buffer_size"], max_updates=form["max_updates"],
-                             time_budget=form.get("time_budget"))
     return TrainingSession(
         id=session_id,
         owner_id=user.id,
@@ -155,10 +150,3 @@ def _document(session_id: ObjectId, user: User, form: dict[str, Any], table: Tab
         peers=runs,
         federated=federated,
     )
-
-
-def _epochs(form: dict[str, Any], hp: dict[str, Any]) -> int | None:
-    if form["mode"] == FEDERATED:
-        # Asynchronous: as many as its tasks, which depends on how fast it is.
-        return None if form["schedule"] == "async" else form["rounds"] * form["local_epochs"]
-    return hp["epochs"]

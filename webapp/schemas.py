@@ -11,7 +11,7 @@ from flask_smorest.fields import Upload
 from marshmallow import fields, validate
 from werkzeug.datastructures import FileStorage
 
-from models.session import FEDERATED, MODES, SWEEP
+from models.session import AGGREGATIONS, ASYNC, FEDERATED, MODES, PARTITIONS, SCHEDULES, SWEEP, SYNC
 from models.user import email_error
 from settings import Settings
 
@@ -198,16 +198,16 @@ class StartSessionSchema(StrictSchema):
     # Federated mode only.
     rounds = fields.Integer(load_default=5, validate=validate.Range(min=1, max=1000))
     local_epochs = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1000))
-    partition = fields.String(load_default="iid", validate=validate.OneOf(["iid", "label_skew"]))
+    partition = fields.String(load_default="iid", validate=validate.OneOf(PARTITIONS))
     alpha = fields.Float(load_default=0.5, validate=validate.Range(min=0.01, max=1000))
-    aggregation = fields.String(load_default="fedavg", validate=validate.OneOf(["fedavg", "median", "trimmed_mean"]))
+    aggregation = fields.String(load_default="fedavg", validate=validate.OneOf(AGGREGATIONS))
     # Either mode: how many peers must finish each round for the session to go on (default: all), and
     # how long a round may take before the peers still training are left out.
     min_peers = fields.Integer(validate=validate.Range(min=1, max=MAX_PEERS))
     round_timeout = fields.Integer(validate=validate.Range(min=1, max=7 * 24 * 3600),
                                    metadata={"description": "seconds (default: the peers' training time limit)"})
     # Federated, asynchronous (tasks/buffered.py): no round waits for the slowest peer.
-    schedule = fields.String(load_default="sync", validate=validate.OneOf(["sync", "async"]), metadata={
+    schedule = fields.String(load_default=SYNC, validate=validate.OneOf(SCHEDULES), metadata={
         "description": "federated: `sync` rounds, or `async` (each update folded in as soon as `buffer_size` wait)"})
     buffer_size = fields.Integer(validate=validate.Range(min=1, max=MAX_PEERS), metadata={
         "description": "async: updates folded into the global model at once (default: half the peers, rounded up)"})
@@ -255,7 +255,7 @@ class StartSessionSchema(StrictSchema):
     @staticmethod
     def _schedule(data: dict[str, Any]) -> None:
         asynchronous = ("buffer_size", "max_updates", "time_budget")
-        if data.get("schedule") != "async":
+        if data.get("schedule") != ASYNC:
             for key in asynchronous:
                 if key in data:
                     raise ma.ValidationError("only for asynchronous sessions (schedule=async)", key)
@@ -308,7 +308,7 @@ class PreviewRequestSchema(StrictSchema):
     mode = fields.String(load_default=SWEEP, validate=validate.OneOf(MODES))
     num_peers = fields.Integer(load_default=1, validate=validate.Range(min=1, max=MAX_PEERS))
     seed = fields.Integer(load_default=0, validate=validate.Range(min=0, max=2**31 - 1))
-    partition = fields.String(load_default="iid", validate=validate.OneOf(["iid", "label_skew"]))
+    partition = fields.String(load_default="iid", validate=validate.OneOf(PARTITIONS))
     alpha = fields.Float(load_default=0.5, validate=validate.Range(min=0.01, max=1000))
 
 

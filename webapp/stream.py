@@ -243,9 +243,9 @@ def hub(extensions: dict[str, Any]) -> Hub:
     """The app's Hub (an app's `extensions`), made on first use."""
     found = extensions.get(EXTENSION)
     if found is None:
-        from tasks.celery import app as celery_app
+        from webapp.extensions import CELERY
 
-        found = extensions.setdefault(EXTENSION, Hub(celery_app))
+        found = extensions.setdefault(EXTENSION, Hub(extensions[CELERY]))
     return found
 
 

@@ -13,10 +13,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import pytest
 
-from tests.e2e.platform import wait_until
+from harness.waiting import wait_until
+from tasks.protocol import TaskId
 
 pytestmark = pytest.mark.e2e
 
@@ -128,7 +130,7 @@ def first_sent(task: str) -> Iterator[list[tuple]]:
 def test_an_aggregate_delivered_twice_records_its_round_once(platform, two_peers, digits_csv):
     """A redelivered `aggregate` (its coordinator died after running it) must not record a round twice
     or launch the next round a second time."""
-    from tasks.celery import app
+    app = platform.celery
 
     with first_sent("peertrain.aggregate") as sent:
         user = platform.user()
@@ -147,14 +149,14 @@ def test_an_aggregate_delivered_twice_records_its_round_once(platform, two_peers
 def test_an_asynchronous_update_delivered_twice_hands_its_peer_one_next_task(platform, two_peers, digits_csv):
     """A redelivered `update` (its coordinator died after running it) must not buffer the update twice or
     give the peer a second task at once (its first would never be answered: the session would hang)."""
-    from tasks.celery import app
+    app = platform.celery
 
     with first_sent("peertrain.update") as sent:
         user = platform.user()
         session_id = user.start(digits_csv, num_peers=2, schedule="async", max_updates=8, local_epochs=1,
                                 **FEDERATED).json()["session_id"]
         wait_until(lambda: sent, 60, "the first update to be sent")
-        seq = int(sent[0][1].split(":")[1])
+        seq = TaskId.parse(sent[0][1]).round
 
         def acted_on():
             tasks = user.get(f"/sessions/{session_id}/updates").json()["items"]
@@ -176,16 +178,16 @@ def test_an_asynchronous_update_delivered_twice_hands_its_peer_one_next_task(pla
 def test_an_asynchronous_session_goes_on_when_its_fold_lease_was_left_by_a_dead_coordinator(platform, two_peers,
                                                                                             digits_csv, monkeypatch):
     from models import TrainingSession, utcnow
-    from tasks import buffered
+    from tasks.asynchronous import AsyncFederated
 
-    monkeypatch.setattr(buffered, "LEASE_SECONDS", 3)
+    monkeypatch.setattr(AsyncFederated, "lease", timedelta(seconds=3))
     user = platform.user()
     session_id = user.start(digits_csv, num_peers=2, schedule="async", max_updates=8, local_epochs=1,
                             **FEDERATED).json()["session_id"]
     wait_until(lambda: user.session(session_id)["rounds"], 60, "a first version")
     # A coordinator took the lease to fold, then died: nobody lets go of it.
     left = utcnow()
-    TrainingSession.objects(id=session_id).update_one(set__plan__folding=left)
+    TrainingSession.objects(id=session_id).update_one(set__asynchronous__folding=left)
     session = user.wait_finished(session_id, timeout=90)
     assert session["status"] == "COMPLETED", (session["reason"], session["peers"])
     tasks = user.get(f"/sessions/{session_id}/updates").json()["items"]
@@ -217,10 +219,11 @@ def test_a_sweep_with_a_quorum_completes_with_the_peers_that_finished(platform, 
 def test_a_sweep_survives_its_broker_restarting(tmp_path):
     """The broker (a private RabbitMQ node) stops for ~10 s mid-sweep and comes back: the peers train on,
     everyone reconnects, the session completes with every heartbeat and no peer is blamed."""
+    from harness import rabbitnode
+    from harness.http import Api
+    from harness.processes import make_target
     from settings import ROOT
     from tests import conftest, services
-    from tests.e2e import rabbitnode
-    from tests.e2e.platform import Api, make_target
 
     services.require(rabbitnode.available() and conftest.REAL_BROKER,
                      "a private RabbitMQ node (rabbitmq-server, as root) and Redis")

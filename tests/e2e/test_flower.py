@@ -11,8 +11,8 @@ import sys
 import pytest
 import requests
 
+from harness.waiting import wait_until
 from settings import ROOT
-from tests.e2e.platform import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +30,7 @@ def flower(platform, tmp_path):
     port = free_port()
     log = (tmp_path / "flower.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tasks", "flower", "--address=127.0.0.1", f"--port={port}",
+        [sys.executable, "-m", "celery", "-A", "tasks.celery", "flower", "--address=127.0.0.1", f"--port={port}",
          f"--basic-auth={AUTH[0]}:{AUTH[1]}"],
         cwd=ROOT, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT,
     )

@@ -13,10 +13,11 @@ import json
 import pytest
 import requests
 
+from harness.processes import PeerProcess, peer_environment
+from harness.waiting import wait_until
 from models import Heartbeat, TrainingSession
 from settings import Settings
 from tests.e2e.attacker import REFUSED, Attacker
-from tests.e2e.platform import PeerProcess, peer_environment, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -137,8 +138,7 @@ def test_a_peer_lying_about_its_result_cannot_outweigh_the_others(platform, two_
         assert response.status_code == 202, response.text
         session = user.wait_finished(response.json()["session_id"], timeout=120)
         assert session["status"] == "COMPLETED", session
-        plan = TrainingSession.objects.get(id=session["id"]).plan
-        rows = plan["shard_rows"]
+        rows = TrainingSession.objects.get(id=session["id"]).plan.shard_rows
         by_peer = {p["name"]: p for p in session["peers"]}
         assert by_peer[liar]["samples"] == rows[liar]  # the coordinator's count, not the claim
         assert "someone-else" not in by_peer
@@ -154,8 +154,7 @@ def test_a_peer_spec_out_of_range_is_refused_and_the_peer_stays_useful(platform,
     two layers of 12,000 units. The peer refuses it at once instead of burning its machine."""
     from celery import states
 
-    from tasks.celery import app
-
+    app = platform.celery
     victim = two_peers[0]
     spec = {"session": "0" * 24, "round": 0, "data": "http://127.0.0.1:9/x", "data_id": "x",
             "weights": "http://127.0.0.1:9/y", "target": "label", "task": "classification", "features": ["a"],

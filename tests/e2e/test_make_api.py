@@ -7,7 +7,8 @@ import os
 import pytest
 import requests
 
-from tests.e2e.platform import Api, make_target
+from harness.http import Api
+from harness.processes import make_target
 
 pytestmark = pytest.mark.e2e
 

@@ -7,8 +7,10 @@ import os
 
 import pytest
 
+from harness.http import Api
+from harness.processes import make_target
+from harness.waiting import wait_until
 from settings import ROOT
-from tests.e2e.platform import Api, make_target, wait_until
 
 pytestmark = pytest.mark.e2e
 

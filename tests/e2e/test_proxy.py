@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from harness.processes import make_target
+from harness.waiting import wait_until
 from settings import ROOT
 from tests import services
-from tests.e2e.platform import make_target, wait_until
 
 pytestmark = pytest.mark.e2e
 

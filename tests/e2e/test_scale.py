@@ -11,12 +11,12 @@ import json
 
 import pytest
 
-from bench.simulated import Fleet, Options
+from harness.datasets import blobs_csv
+from harness.simulated import Fleet, Options
+from harness.waiting import wait_until
 from models import Peer
 from settings import Settings
 from tests import conftest
-from tests.datasets import blobs_csv
-from tests.e2e.platform import wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -97,7 +97,7 @@ def test_a_failing_peer_fails_the_session_quickly_and_frees_everyone(platform, t
             peers = {p["name"]: p["status"] for p in user.get("/peers").json()["peers"]}
             return all(peers[n] == "ONLINE" for n in [*two_peers, broken])
 
-        from tests.e2e.platform import wait_until
+        from harness.waiting import wait_until
 
         wait_until(all_free, 10, "every peer to be ONLINE again")
 
@@ -117,8 +117,8 @@ def test_a_failing_peer_fails_the_session_quickly_and_frees_everyone(platform, t
 
 
 def test_a_peer_that_dies_mid_session_fails_it_within_seconds(platform, two_peers, digits_csv, unique):
+    from harness.waiting import wait_until
     from tests.e2e.conftest import PEER_TIMEOUT
-    from tests.e2e.platform import wait_until
 
     victim = unique("victim")
     platform.start_peers(victim)
@@ -138,7 +138,7 @@ def test_a_peer_that_dies_mid_session_fails_it_within_seconds(platform, two_peer
 
 
 def test_cancelling_stops_the_peers_and_frees_them(platform, two_peers, digits_csv):
-    from tests.e2e.platform import wait_until
+    from harness.waiting import wait_until
 
     user = platform.user()
     long = json.dumps({"learning_rate": 0.001, "epochs": 1000, "hidden": [64]})
@@ -162,7 +162,7 @@ def test_cancelling_stops_the_peers_and_frees_them(platform, two_peers, digits_c
 
 def test_the_event_stream_shows_every_epoch_of_every_peer_once_and_survives_a_reconnect(platform, two_peers,
                                                                                            digits_csv):
-    from tests.e2e.platform import wait_until
+    from harness.waiting import wait_until
 
     user = platform.user()
     epochs = 12

@@ -9,10 +9,12 @@ import subprocess
 
 import pytest
 
+from harness import rabbitnode
+from harness.http import Api
+from harness.processes import make_target
+from harness.waiting import wait_until
 from settings import ROOT
 from tests import services
-from tests.e2e import rabbitnode
-from tests.e2e.platform import Api, make_target, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -25,7 +25,7 @@ def test_a_registered_peer_is_offline_until_seen_then_online(db):
     assert Peer.objects.get(name="a").status == OFFLINE
     assert peers.seen("a", "peer.a@host1")
     peer = Peer.objects.get(name="a")
-    assert peer.status == ONLINE and peer.hostname == "peer.a@host1" and peer.queue == "peer.a"
+    assert peer.status == ONLINE and peer.hostname == "peer.a@host1"
     assert peer.last_seen is not None
 
 

@@ -6,7 +6,7 @@ import pytest
 from bson import ObjectId
 from mongoengine import ValidationError
 
-from models import Dataset, PeerRun, TrainingSession
+from models import Dataset, PeerRun, TrainingSession, utcnow
 from models import session as sessions
 
 
@@ -22,17 +22,60 @@ def make_session(peers=("a", "b")) -> TrainingSession:
 
 def test_a_session_runs_then_ends_once(db):
     session = make_session()
-    launch = {"round": 0, "group": "g", "body": "b", "peers": ["a", "b"]}
-    assert sessions.start_running(session.id, {"a": "task-a", "b": "task-b"}, launch, deadline_seconds=60)
-    assert not sessions.start_running(session.id, {"a": "x", "b": "y"}, launch, deadline_seconds=60)
+    launch = sessions.Launch(round=0, group="g", body="b", peers=["a", "b"])
+    position = sessions.positions(session)
+    now = utcnow()
+    assert sessions.start_running(session.id, {"a": "task-a", "b": "task-b"}, launch, 60, position, now)
+    assert not sessions.start_running(session.id, {"a": "x", "b": "y"}, launch, 60, position, now)
     session.reload()
     assert session.status == "RUNNING" and [p.task_id for p in session.peers] == ["task-a", "task-b"]
-    assert sessions.by_task_id("task-b").id == session.id and session.launch == launch
-    assert sessions.run_of_task(session, "task-b").name == "b" and sessions.run_of_task(session, "x") is None
+    assert session.launch.group == "g" and not session.launch.sent
+    sessions.launched(session.id, 0)
+    assert TrainingSession.objects.get(id=session.id).launch.sent
     assert sessions.finish(session.id, "FAILED", reason="peer b failed")
     assert not sessions.finish(session.id, "COMPLETED")
     session.reload()
     assert session.status == "FAILED" and session.reason == "peer b failed" and session.finished_at
+
+
+def test_a_round_is_launched_once_and_recorded_once(db):
+    session = make_session()
+    position = sessions.positions(session)
+    first = sessions.Launch(round=0, peers=["a", "b"])
+    assert sessions.start_running(session.id, {"a": "0a", "b": "0b"}, first, 60, position, utcnow())
+    second = sessions.Launch(round=1, peers=["a", "b"])
+    assert sessions.next_round(session.id, {"a": "1a", "b": "1b"}, second, position)
+    assert not sessions.next_round(session.id, {"a": "x", "b": "y"}, second, position)  # a redelivered launch
+    assert [p.round for p in TrainingSession.objects.get(id=session.id).peers] == [1, 1]
+    done = sessions.Round(round=1, metrics={"val_accuracy": 0.5})
+    assert sessions.record_round(session.id, done, "file:///g1")
+    assert not sessions.record_round(session.id, done, "file:///g1")
+    session.reload()
+    assert [r.round for r in session.rounds] == [1] and session.plan.global_url == "file:///g1"
+
+
+def test_an_asynchronous_budget_is_taken_once_per_task_and_folds_take_turns(db):
+    from datetime import timedelta
+
+    session = make_session()
+    now = utcnow()
+    state = sessions.AsyncState(version=0, sent=2, remaining=1)
+    session.plan = sessions.Plan(global_url="file:///v0")
+    session.save()
+    assert sessions.start_running(session.id, {"a": "t0", "b": "t1"}, sessions.Launch(round=0), 60,
+                                  sessions.positions(session), now, state=state, rounds={"a": 0, "b": 1})
+    assert [p.round for p in TrainingSession.objects.get(id=session.id).peers] == [0, 1]
+    assert sessions.take_task(session.id, "a", now) == (2, 0, "file:///v0")
+    assert sessions.take_task(session.id, "b", now) is None  # the budget is spent
+    sessions.give_back(session.id, 1)
+    assert sessions.take_task(session.id, "b", now) == (3, 0, "file:///v0")
+    lease = timedelta(seconds=30)
+    assert sessions.take_fold_lease(session.id, now, lease) and not sessions.take_fold_lease(session.id, now, lease)
+    assert sessions.take_fold_lease(session.id, now + 2 * lease, lease)  # its holder died: it expired
+    sessions.drop_fold_lease(session.id)
+    assert not sessions.fold_leased(session.id)
+    assert sessions.record_fold(session.id, 0, sessions.Round(round=0), "file:///v1")
+    assert not sessions.record_fold(session.id, 0, sessions.Round(round=0), "file:///v1")
 
 
 def test_progress_and_results_land_on_the_right_peer(db):

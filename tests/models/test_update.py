@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
 from bson import ObjectId
-from mongoengine import NotUniqueError
-from pymongo.errors import BulkWriteError
 
 from models import update as updates
 
@@ -30,9 +27,12 @@ def test_an_update_is_received_once_and_folded_once(db):
 def test_a_task_number_is_taken_once_per_session(db):
     session = ObjectId()
     updates.dispatched(session, [task(0, "a")])
-    with pytest.raises((NotUniqueError, BulkWriteError)):
-        updates.dispatched(session, [task(0, "b")])
+    updates.dispatched(session, [task(0, "b")])  # a dispatch run again: the first record stands
+    assert updates.of_task(session, 0).peer == "a" and updates.for_session(session).count() == 1
     updates.dispatched(ObjectId(), [task(0, "b")])  # another session's own numbering
+    assert [u.seq for u in updates.unsent(session)] == [0]
+    updates.mark_sent(session, [0])
+    assert updates.unsent(session) == []
 
 
 def test_what_a_peer_was_handed_after_a_task_and_what_is_given_up(db):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.federated import _outliers, combine
+from tasks.federated import combine, outliers
 
 
 def states(values):
@@ -29,23 +29,21 @@ def test_fedavg_weights_peers_by_their_samples():
 def test_outliers_are_peers_far_from_the_aggregate():
     peers = dict(zip("abcd", states([1.0, 1.01, 0.99, 500.0]), strict=True))
     merged = combine("median", list(peers.values()), [1] * 4)
-    found = _outliers(merged, peers)
+    found = outliers(merged, peers)
     assert list(found) == ["d"] and found["d"] > 10
-    assert _outliers(merged, dict(list(peers.items())[:2])) == {}
+    assert outliers(merged, dict(list(peers.items())[:2])) == {}
 
 
 @pytest.mark.parametrize("name", ["global", "validation", "initial", "dataset", "model"])
 def test_no_peer_name_reaches_an_object_of_the_coordinators(name):
     """Attack: a peer registered as `global` (or `validation`) would, with keys built from names alone, get
     the write grant of the round's global weights (or read and overwrite the validation rows)."""
-    from types import SimpleNamespace
+    from tasks import asynchronous, federated, sweep
 
-    from tasks import federated, sweep
-    from tasks.rounds import session_prefix
-
-    session = SimpleNamespace(owner_id="u", id="s")
-    prefix = session_prefix(session)
+    prefix = "users/u/sessions/s"
     coordinators = {f"{prefix}/rounds/0/global.safetensors", f"{prefix}/rounds/initial.safetensors",
-                    f"{prefix}/shards/validation.csv", f"{prefix}/dataset.csv", f"{prefix}/model.safetensors"}
-    assert federated.weights_key(session, 0, name) not in coordinators
-    assert sweep.weights_key(session, name) not in coordinators
+                    f"{prefix}/shards/validation.csv", f"{prefix}/dataset.csv", f"{prefix}/model.safetensors",
+                    f"{prefix}/versions/1.safetensors"}
+    assert federated.weights_key(prefix, 0, name) not in coordinators
+    assert asynchronous.weights_key(prefix, 1, name) not in coordinators
+    assert sweep.weights_key(prefix, name) not in coordinators

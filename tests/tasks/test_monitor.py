@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from datetime import timedelta
 
 import pytest
 from bson import ObjectId
 
+from harness.waiting import wait_until
 from models import Dataset, Heartbeat, Peer, PeerRun, TrainingSession, utcnow
+from models import assignment as assignments
 from models import peer as peers
 from models import session as sessions
-from tasks.monitor import EventConsumer, Monitor, peer_name
-from tests.e2e.platform import wait_until
+from tasks.monitor import EventConsumer, Monitor
+from tasks.services import FrozenClock
 
 
 def online(*names: str, at=None) -> None:
@@ -24,30 +25,40 @@ def online(*names: str, at=None) -> None:
         peers.seen(name, f"peer.{name}@h", at=at)
 
 
+def task_id(session, peer, round=0) -> str:
+    return f"{session.id}:{round}:{peer}"
+
+
+def assign(session, peer, round=0, epochs=3, deadline=None, sent_at=None) -> str:
+    """The coordinator's record of a task it sent `peer` (as a strategy records it before sending)."""
+    sent_at = sent_at or utcnow()
+    assignments.record([{"_id": task_id(session, peer, round), "session_id": session.id, "peer": peer, "round": round,
+                         "epochs": epochs, "position": sessions.positions(session)[peer], "chord": None,
+                         "sent_at": sent_at, "deadline": deadline}])
+    return task_id(session, peer, round)
+
+
 def make_session(names, status=sessions.RUNNING, **fields) -> TrainingSession:
     session = TrainingSession(
         owner_id=ObjectId(), target="label", status=status,
         dataset=Dataset(filename="d.csv", url="file:///x", bytes=1, sha256="0" * 64, rows=1, columns=1),
         peers=[PeerRun(name=n, status=sessions.RUNNING if status == sessions.RUNNING else sessions.PENDING,
                        hyperparameters={"epochs": 3}) for n in names],
-        launch={"round": 0, "group": "g", "body": "b", "peers": list(names)},
         **fields,
     ).save()
-    # These peers, as a start request would have claimed them.
+    # These peers, as a start request would have claimed them, and their tasks as the coordinator sent them.
     assert Peer.objects(name__in=names, status="ONLINE").update(set__status="TRAINING",
                                                                set__session_id=session.id) == len(names)
+    if status == sessions.RUNNING:
+        for name in names:
+            assign(session, name)
     return session
 
 
-def heartbeat(session, peer, epoch, round=0, **metrics):
-    return {"type": "task-heartbeat", "session": str(session.id), "peer": peer, "round": round, "epoch": epoch,
-            "epochs": 3, "loss": 1.0 / (1 + epoch), "timestamp": time.time(), **metrics}
-
-
-@pytest.mark.parametrize(("hostname", "name"), [("peer.a@host", "a"), ("peer.gpu-1@x.y", "gpu-1"),
-                                                ("coordinator@host", None), ("peer.@host", None), (None, None)])
-def test_peer_names_come_from_worker_hostnames(hostname, name):
-    assert peer_name(hostname) == name
+def heartbeat(session, peer, epoch, round=0, task=None, **metrics):
+    return {"type": "task-heartbeat", "uuid": task or task_id(session, peer, round), "session": str(session.id),
+            "peer": peer, "round": round, "epoch": epoch, "epochs": 3, "loss": 1.0 / (1 + epoch),
+            "timestamp": 1.7e9, **metrics}
 
 
 def test_worker_events_drive_peer_status(db):
@@ -104,55 +115,70 @@ def test_heartbeats_are_stored_once_and_show_as_progress(db):
 def test_heartbeats_that_come_as_a_session_ends_are_stored_but_its_record_stays_as_it_ended(db):
     online("a")
     session = make_session(["a"])
-    monitor = Monitor(peer_timeout=10)
+    clock = FrozenClock()
+    monitor = Monitor(peer_timeout=10, clock=clock)
     monitor.on_event(heartbeat(session, "a", 1), "peer.a")
     monitor.flush()
     monitor.on_event(heartbeat(session, "a", 2), "peer.a")  # believed: the session is running
     assert sessions.finish(session.id, sessions.COMPLETED)
     ended = TrainingSession.objects.get(id=session.id).to_mongo()
-    time.sleep(0.3)  # past the progress throttle: this flush would write progress
+    clock.advance(1)  # past the progress throttle: this flush would write progress
     assert monitor.flush() == 1
     assert Heartbeat.objects(session_id=session.id).count() == 2
     assert TrainingSession.objects.get(id=session.id).to_mongo() == ended
 
 
 def test_an_asynchronous_peer_heartbeats_for_its_own_current_task(db):
-    """No common round: each peer's heartbeats name its own task's number, taken from its task id."""
+    """No common round: each task is numbered on its own, and a heartbeat counts for the task it names."""
     online("a", "b")
     session = make_session(["a", "b"], mode=sessions.FEDERATED,
-                           federated={"schedule": "async", "local_epochs": 3})
-    position = sessions.positions(session)
-    sessions.record_runs(session.id, position, {"a": {"task_id": f"{session.id}:3:x"},
-                                                "b": {"task_id": f"{session.id}:7:y"}})
-    monitor = Monitor(peer_timeout=10)
+                           federated=sessions.FederatedSettings(schedule=sessions.ASYNC, local_epochs=3))
+    a3, b7 = assign(session, "a", 3), assign(session, "b", 7)
+    monitor = Monitor(peer_timeout=10, clock=FrozenClock())
     monitor.on_event(heartbeat(session, "a", 1, round=3), "peer.a")
     monitor.on_event(heartbeat(session, "b", 1, round=7), "peer.b")
-    monitor.on_event(heartbeat(session, "a", 1, round=7), "peer.a")  # b's task, not a's
-    assert monitor.dropped["not its task"] == 1
+    monitor.on_event(heartbeat(session, "a", 1, round=7, task=b7), "peer.a")  # b's task, not a's
+    monitor.on_event(heartbeat(session, "a", 1, round=7, task=a3), "peer.a")  # a's task, another round
+    assert monitor.dropped["not its task"] == 2
     # a answered and was given task 6 (numbered before b's 7, recorded after): believed at once all the same.
-    sessions.record_runs(session.id, position, {"a": {"task_id": f"{session.id}:6:z"}})
-    time.sleep(0.15)
+    assign(session, "a", 6)
     monitor.on_event(heartbeat(session, "a", 1, round=6), "peer.a")
-    assert monitor.dropped["not its task"] == 1
+    assert monitor.dropped["not its task"] == 2
     assert monitor.flush() == 3
     assert sorted((h.peer, h.round) for h in Heartbeat.objects(session_id=session.id)) == [
         ("a", 3), ("a", 6), ("b", 7)]
 
 
-@pytest.mark.parametrize(("peer", "sender", "session_round", "epoch", "why"), [
-    ("b", "peer.b", 0, 1, "not its task"),          # b is registered but not in this session
-    ("a", "peer.b", 0, 1, "not its own heartbeat"),  # b writes in a's name
-    ("a", None, 0, 1, "not its own heartbeat"),      # unstamped: not from a peer at all
-    ("a", "peer.a", 1, 1, "not its task"),           # a round it has not been given
-    ("a", "peer.a", 0, 999, "not its task"),         # epoch 999 of 3
-    ("a", "peer.a", 0, 0, "not its task"),
+def test_a_heartbeat_long_after_its_task_was_decided_is_dropped(db):
+    online("a")
+    session = make_session(["a"])
+    clock = FrozenClock()
+    monitor = Monitor(peer_timeout=10, clock=clock)
+    assignments.claim(task_id(session, "a"), {"kind": "trained", "result": {}, "reason": None}, clock.now())
+    monitor.on_event(heartbeat(session, "a", 1), "peer.a")  # just decided: it may trail its result
+    clock.advance(120)
+    monitor.on_event(heartbeat(session, "a", 2), "peer.a")
+    assert monitor.flush() == 1 and monitor.dropped["stale heartbeat"] == 1
+
+
+@pytest.mark.parametrize(("peer", "sender", "session_round", "epoch", "own_task", "why"), [
+    ("b", "peer.b", 0, 1, False, "unknown task"),            # b is registered but was sent no task here
+    ("b", "peer.b", 0, 1, True, "not its own heartbeat"),    # b writes in a's name
+    ("a", "peer.b", 0, 1, True, "not its own heartbeat"),    # b writes in a's name, a's task
+    ("a", None, 0, 1, True, "not from a peer"),              # unstamped: not from a peer at all
+    ("a", "peer.a", 1, 1, True, "not its task"),             # a round it has not been given
+    ("a", "peer.a", 0, 999, True, "not its task"),           # epoch 999 of 3
+    ("a", "peer.a", 0, 0, True, "malformed heartbeat"),
 ])
-def test_a_forged_heartbeat_is_dropped_and_counted(db, peer, sender, session_round, epoch, why):
+def test_a_forged_heartbeat_is_dropped_and_counted(db, peer, sender, session_round, epoch, own_task, why):
     """Attack: a heartbeat for a session, round or epoch the sender is not training, or in another's name."""
     online("a", "b")
     session = make_session(["a"])
     monitor = Monitor(peer_timeout=10)
-    monitor.on_event(heartbeat(session, peer, epoch, round=session_round), sender)
+    event = heartbeat(session, peer, epoch, round=session_round, task=task_id(session, "a") if own_task else None)
+    if own_task and peer == "b":
+        event["peer"] = "a"
+    monitor.on_event(event, sender)
     assert monitor.flush() == 0 and Heartbeat.objects.count() == 0
     assert monitor.dropped[why] == 1
     # The genuine heartbeat for that slot is still stored when it comes.
@@ -169,22 +195,12 @@ def test_a_heartbeat_with_values_that_are_not_numbers_is_dropped(db):
     assert monitor.flush() == 0 and monitor.dropped["malformed heartbeat"] == 2
 
 
-class Clock:
-    """A monotonic clock the test moves."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def judging_monitor(lost: list, clock: Clock | None = None, **options) -> Monitor:
+def judging_monitor(lost: list, clock: FrozenClock | None = None, **options) -> Monitor:
     """A monitor that has been receiving long enough to judge silence; lost peers go to `lost`."""
-    clock = clock or Clock()
+    clock = clock or FrozenClock(utcnow() - timedelta(seconds=10))  # it has been listening for 10 s, until now
     monitor = Monitor(peer_timeout=10, clock=clock, lose=lambda *args: lost.append(args), **options)
     monitor.receiving()
-    clock.now += 10
+    clock.advance(10)
     return monitor
 
 
@@ -207,7 +223,7 @@ def test_silent_peers_are_marked_offline_and_reported(db):
     session = make_session(["quiet", "busy"])
     lost: list = []
     assert judging_monitor(lost).sweep() == ["quiet"]
-    assert lost == [(str(session.id), "quiet", 0, "went offline (no heartbeat for 10 s)")]
+    assert lost == [(str(session.id), "quiet", "went offline (no heartbeat for 10 s)")]
     assert Peer.objects.get(name="quiet").status == "OFFLINE" and Peer.objects.get(name="busy").status == "TRAINING"
 
 
@@ -216,37 +232,45 @@ def test_silence_is_not_judged_while_the_monitor_cannot_hear(db):
     online("quiet", at=utcnow() - timedelta(seconds=30))
     make_session(["quiet"])
     lost: list = []
-    clock = Clock()
+    clock = FrozenClock(utcnow() - timedelta(seconds=10))
     monitor = judging_monitor(lost, clock, reconnect_grace=30)
     monitor.blind()
     assert monitor.sweep() == [] and not monitor.judging()
     monitor.receiving()  # back: every peer gets the reconnection grace to show up again
-    clock.now += 10 + 29
+    clock.advance(10 + 29)
     assert monitor.sweep() == [] and lost == []
-    clock.now += 1
+    clock.advance(1)
     assert monitor.sweep() == ["quiet"] and len(lost) == 1
 
 
-def test_a_round_past_its_deadline_reports_the_peers_still_training_once(db):
+def test_tasks_past_their_deadline_are_reported_once(db):
     online("slow", "quick")
-    now = utcnow()
-    session = make_session(["slow", "quick"])
-    TrainingSession.objects(id=session.id).update_one(
-        set__launch__started_at=now - timedelta(seconds=60), set__launch__deadline=now - timedelta(seconds=1),
-        set__peers__1__status="COMPLETED")
-    lost: list = []
-    monitor = judging_monitor(lost)
+    clock = FrozenClock()
+    session = make_session([])
+    session.peers = [PeerRun(name="slow"), PeerRun(name="quick")]
+    session.save()
+    slow = assign(session, "slow", deadline=clock.now() - timedelta(seconds=1))
+    quick = assign(session, "quick", deadline=clock.now() - timedelta(seconds=1))
+    assign(session, "quick", round=1, deadline=clock.now() + timedelta(seconds=60))
+    assignments.claim(quick, {"kind": "trained", "result": {}, "reason": None}, clock.now())  # it reported
+    late: list = []
+    monitor = Monitor(peer_timeout=10, clock=clock, overdue=lambda *args: late.append(args))
     monitor.sweep()
     monitor.sweep()
-    assert lost == [(str(session.id), "slow", 0, "did not finish round 0 within its 59 s")]
+    assert late == [(str(session.id), [slow])]
+    clock.advance(61)
+    monitor.sweep()
+    assert late[1:] == [(str(session.id), [task_id(session, "quick", 1)])]
 
 
-def test_sweep_fails_sessions_past_their_deadline_or_never_started(db):
+def test_sweep_fails_sessions_past_their_deadline_or_never_started(db, settings):
     online("a", "b")
     late = make_session(["a"], deadline=utcnow() - timedelta(seconds=1))
     stuck = make_session(["b"], status=sessions.PENDING, created_at=utcnow() - timedelta(hours=1))
     fresh = make_session([], status=sessions.PENDING)
-    judging_monitor([], start_timeout=600).sweep()
+    from tasks.celery import create_app
+
+    judging_monitor([], start_timeout=600, app=create_app(settings)).sweep()
     assert "deadline" in TrainingSession.objects.get(id=late.id).reason
     assert "no coordinator" in TrainingSession.objects.get(id=stuck.id).reason
     assert TrainingSession.objects.get(id=fresh.id).status == "PENDING"
@@ -256,9 +280,10 @@ def test_sweep_fails_sessions_past_their_deadline_or_never_started(db):
 def test_events_sent_while_the_monitor_is_down_are_applied_when_it_returns(db, settings):
     from tasks import peer as peer_app
     from tasks import protocol, registry
-    from tasks.celery import app
+    from tasks.celery import create_app
     from tests import conftest
 
+    app = create_app(settings)
     queue = f"test-monitor-{uuid.uuid4().hex[:8]}"
     name = f"a{conftest.RUN_ID}"
     login = registry.add(name, settings).environment["BROKER_URL"]  # a real broker user when there is one

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.datasets import blobs_csv, sklearn_csv
+from harness.datasets import blobs_csv, sklearn_csv
 
 
 @pytest.fixture(scope="session")

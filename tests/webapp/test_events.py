@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from bson import ObjectId
 
-from models import TrainingSession
+from harness.datasets import blobs_csv
+from harness.http import sse
+from models import TrainingSession, utcnow
 from models import event as events
 from models import session as sessions
 from models.heartbeat import insert_many
-from tests.datasets import blobs_csv
-from tests.e2e.platform import sse
 
 EPOCHS = 3
 
@@ -45,11 +45,17 @@ def beats(session_id: str, peer: str, epochs=range(1, EPOCHS + 1)) -> list[dict]
              "loss": 1.0 / e, "accuracy": 0.5 + e / 10} for e in epochs]
 
 
+def start_running(sid: ObjectId, names: list[str]) -> bool:
+    """What the coordinator records as it sends a sweep's round."""
+    position = {run.name: i for i, run in enumerate(sessions.TrainingSession.objects.get(id=sid).peers)}
+    return sessions.start_running(sid, {name: f"task-{name}" for name in names},
+                                  sessions.Launch(round=0, peers=names), 60, position, utcnow())
+
+
 def run_to_the_end(session_id: str, names: list[str]) -> None:
     """What the coordinator and the monitor write for a sweep, repeats included."""
     sid = ObjectId(session_id)
-    assert sessions.start_running(sid, {name: f"task-{name}" for name in names}, {"round": 0, "peers": names},
-                                  deadline_seconds=60)
+    assert start_running(sid, names)
     for name in names:
         insert_many(beats(session_id, name, [1, 2]))  # the monitor, epoch by epoch
     insert_many(beats(session_id, names[0]))  # the coordinator stores a returned history: 1 and 2 again
@@ -123,8 +129,7 @@ def test_a_live_stream_follows_the_session_and_closes_after_the_end(client, auth
     arrived: queue.Queue = queue.Queue()
     thread = follow(client, session_id, auth, arrived)
     assert next_event(arrived)["data"]["status"] == "PENDING"
-    assert sessions.start_running(sid, {name: f"task-{name}" for name in names}, {"round": 0, "peers": names},
-                                  deadline_seconds=60)
+    assert start_running(sid, names)
     assert [next_event(arrived)["event"] for _ in range(3)] == ["status", "peer", "peer"]
     insert_many(beats(session_id, names[0], [1]))
     assert next_event(arrived)["data"]["epoch"] == 1
@@ -135,9 +140,9 @@ def test_a_live_stream_follows_the_session_and_closes_after_the_end(client, auth
         insert_many(beats(session_id, names[0], [2]))
     finally:
         from tasks import feed
-        from tasks.celery import app as celery_app
+        from webapp.extensions import CELERY
 
-        feed.install(celery_app)
+        feed.install(client.application.extensions[CELERY])
     insert_many(beats(session_id, names[0], [3]))
     assert [next_event(arrived)["data"]["epoch"] for _ in range(2)] == [2, 3]
     assert sessions.finish(sid, "CANCELLED", "cancelled by the user")

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from werkzeug.serving import make_server
 
+from harness.datasets import blobs_csv
 from models import TrainingSession
 from models.session import COMPLETED
-from tests.datasets import blobs_csv
 from webapp import create_app
 from webapp.extensions import storage
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from bson import ObjectId
 
+from harness.datasets import blobs_csv
 from models import Heartbeat, Peer, TrainingSession, User
 from models.heartbeat import insert_many
 from models.peer import ONLINE, TRAINING
-from tests.datasets import blobs_csv
 
 
 @pytest.fixture
@@ -63,8 +63,9 @@ def test_start_claims_peers_stores_the_csv_and_creates_a_pending_session(client,
 
 
 def test_start_enqueues_the_coordinator_task_by_name(client, auth, online_peers, csv_path, settings):
-    from tasks.celery import app as celery_app
+    from webapp.extensions import CELERY
 
+    celery_app = client.application.extensions[CELERY]
     online_peers(2)
     response = start(client, auth, csv_path)
     assert response.status_code == 202
@@ -321,7 +322,8 @@ def test_a_federated_start_records_its_settings(client, auth, online_peers, csv_
     detail = client.get(f"/sessions/{response.json['session_id']}", headers=auth).json
     assert detail["mode"] == "federated"
     assert detail["federated"] == {"rounds": 4, "local_epochs": 3, "partition": "label_skew", "alpha": 0.3,
-                                   "aggregation": "median", "min_peers": 2, "schedule": "sync"}
+                                   "aggregation": "median", "schedule": "sync"}
+    assert detail["min_peers"] is None  # every peer must finish each round
     assert [p["epochs"] for p in detail["peers"]] == [12, 12]
 
 

@@ -1,4 +1,4 @@
-"""A private RabbitMQ node for the tests that stop a broker or speak TLS to one (never the shared node).
+"""A private RabbitMQ node for the tests and benches that stop a broker or speak TLS to one (never the shared node).
 
 Started as root with every path of its own (see ../shared/FIELD-NOTES.md), the management plugin on
 (peers' logins are made through it), and optionally a TLS listener with certificates made by openssl.
@@ -8,20 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests import services
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from harness.waiting import free_port, reachable
 
 
 def available() -> bool:
@@ -108,7 +101,7 @@ class RabbitNode:
     def start(self, timeout: float = 90.0) -> None:
         subprocess.run(["rabbitmq-server", "-detached"], env=self.env, check=True, capture_output=True, timeout=60)
         deadline = time.monotonic() + timeout
-        while not (services.reachable("127.0.0.1", self.port) and services.reachable("127.0.0.1", self.admin_port)):
+        while not (reachable("127.0.0.1", self.port) and reachable("127.0.0.1", self.admin_port)):
             if time.monotonic() > deadline:
                 raise AssertionError(f"RabbitMQ node {self.name} did not come up: {self.log()[-2000:]}")
             time.sleep(0.2)
@@ -116,7 +109,7 @@ class RabbitNode:
     def stop(self) -> None:
         subprocess.run(["rabbitmqctl", "-n", self.name, "stop"], env=self.env, capture_output=True, timeout=60)
         deadline = time.monotonic() + 30
-        while services.reachable("127.0.0.1", self.port) and time.monotonic() < deadline:
+        while reachable("127.0.0.1", self.port) and time.monotonic() < deadline:
             time.sleep(0.1)
 
     def remove(self) -> None:

@@ -34,3 +34,12 @@ def blobs_csv(path: Path, rows: int = 200, features: int = 4, classes: int = 2, 
     centers = rng.normal(0, 4, size=(classes, features))
     x = centers[y] + rng.normal(0, 1, size=(rows, features))
     return write_csv(path, x, y)
+
+
+def tabular_csv(path: Path, rows: int = 20_000, features: int = 40, classes: int = 7, seed: int = 0) -> Path:
+    """The tabular job the round benches train: scikit-learn's make_classification, 40 features, 7 classes."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(n_samples=rows, n_features=features, n_informative=24, n_redundant=8,
+                               n_classes=classes, n_clusters_per_class=1, random_state=seed)
+    return write_csv(path, x.round(4), y)

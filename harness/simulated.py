@@ -4,8 +4,9 @@ Each `SimulatedPeer` is what a peer machine is to the platform, less the trainin
 connection with its own login (issued by tasks/registry.py), a consumer of its own queue
 `peer.<name>`, worker events (`worker-online`, then `worker-heartbeat` every 2 s, `worker-offline`)
 and `task-heartbeat` events stamped with its `user_id`, and each task's outcome published to the
-results exchange as tasks/peer.py's ResultReporter publishes it. A `train` task is checked like a
-real peer checks it (tasks.training.check_spec); the peer fetches the global weights through the
+results exchange as tasks/peer.py's ResultReporter publishes it, every message built by the
+protocol module (tasks/protocol.py). A `train` task is checked like a real peer checks it
+(`train_spec`); the peer fetches the global weights through the
 task's grant, makes a tiny real update of them (small noise, so the weights stay valid and finite),
 uploads them through its write grant (tasks/transfer.py, as a real peer does), sends one heartbeat
 per local epoch (`epoch_seconds` apart) and reports. Nothing in the coordinator or the monitor can
@@ -29,6 +30,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+from tasks import protocol
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +68,8 @@ class SimulatedPeer:
 
     def __init__(self, name: str, broker_url: str, options: Options, pool: ThreadPoolExecutor) -> None:
         self.name, self.url, self.options, self.pool = name, broker_url, options, pool
-        self.user = f"peer.{name}"
-        self.hostname = f"peer.{name}@{socket.gethostname()}-sim"
+        self.user = protocol.broker_user(name)
+        self.hostname = protocol.worker_name(name, f"{socket.gethostname()}-sim")
         self.seen: list[Seen] = []
         self.failures: list[str] = []
         self._clock = 0
@@ -79,7 +82,7 @@ class SimulatedPeer:
         # No publisher confirms: Celery's event dispatcher and a peer's result reporter use none either.
         self.channel = await self.connection.channel(publisher_confirms=False)
         await self.channel.basic_qos(prefetch_count=1)
-        queue = f"peer.{self.name}"
+        queue = protocol.task_queue(self.name)
         # Declared as Celery declares a peer's queue (the coordinator declares it alike when it sends).
         await self.channel.exchange_declare(exchange=queue, exchange_type="direct", durable=True)
         await self.channel.queue_declare(queue, durable=True)
@@ -128,22 +131,19 @@ class SimulatedPeer:
             if headers.get("task") != "peertrain.train":
                 raise ValueError(f"unknown task {headers.get('task')!r}")
             outcome = await self._train(task_id, spec, received)
-            await self.publish({"task_id": task_id, "status": "SUCCESS", "result": outcome, "traceback": None},
-                               self.options.results_exchange, "result", persistent=True)
+            await self.publish(protocol.result_message(task_id, "SUCCESS", outcome), self.options.results_exchange,
+                               protocol.ROUTING_KEY, persistent=True)
         except Exception as exc:
             self.failures.append(f"{type(exc).__name__}: {exc}")
-            await self.publish({"task_id": task_id, "status": "FAILURE",
-                                "result": {"exc_type": type(exc).__name__, "exc_message": [str(exc)[:200]]},
-                                "traceback": None}, self.options.results_exchange, "result", persistent=True)
+            await self.publish(protocol.result_message(task_id, "FAILURE", protocol.failure(exc)),
+                               self.options.results_exchange, protocol.ROUTING_KEY, persistent=True)
         finally:
             if self.seen and self.seen[-1].received == received:
                 self.seen[-1].reported = time.time()
             await self.channel.basic_ack(message.delivery.delivery_tag)
 
     async def _train(self, task_id: str, spec: Any, received: float) -> dict[str, Any]:
-        from tasks.training import check_spec
-
-        spec = check_spec(spec)
+        spec = protocol.train_spec(spec)
         session, round_, hp = spec["session"], spec["round"], spec["hyperparameters"]
         self.seen.append(Seen(session, round_, received))
         loop = asyncio.get_running_loop()
@@ -160,7 +160,8 @@ class SimulatedPeer:
                        "samples_per_sec": 1000.0, "seconds": self.options.epoch_time(self.name),
                        "finished_at": time.time()}
             history.append(metrics)
-            await self.event("task-heartbeat", uuid=task_id, session=session, peer=self.name, round=round_, **metrics)
+            await self.event(protocol.HEARTBEAT, uuid=task_id,
+                             **protocol.heartbeat_fields(session, self.name, round_, metrics))
         await loop.run_in_executor(self.pool, _upload, spec["weights"], update)
         await self.event("task-succeeded", uuid=task_id, runtime=time.time() - began)
         return {"round": round_, "final": history[-1], "history": history, "bytes_fetched": 0,

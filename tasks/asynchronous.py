@@ -1,0 +1,303 @@
+"""Asynchronous federated sessions (`schedule=async`): no round waits for the slowest peer.
+
+Every peer gets a `train` task at once, from the current global weights. When a peer reports,
+its update is buffered; as soon as `buffer_size` (K) updates wait, their weights are read and checked
+as a round checks them (the gate: the coordinator's own key, size-capped, shapes, finite values) and
+folded into a new global version (trainer/staleness.py: each change weighted down by how many versions
+old its starting weights are), which is evaluated on the held-out rows and recorded like a round. That
+peer is handed its next task at once, from the newest global weights. The session ends when
+`max_updates` tasks have been handed out and answered (or given up on), or `time_budget` seconds
+after it started: then what is buffered is folded and the last global model is the session's result.
+
+Every task has its session's next sequence number (`Update.seq`, also the task's `round`, so its
+heartbeats are the peer's own per task). Each step is a conditional update, so every call here is
+safe to make twice; folds take a lease on the session (`AsyncState.folding`), so however many
+coordinator processes receive updates at once, one folds at a time, and whoever holds the lease
+looks again after letting go, so an update that arrived meanwhile is never left waiting. A task is
+recorded before it is sent and marked sent after: a run that died in between is completed by the
+next one (`resend`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import timedelta
+
+from models import Round
+from models import assignment as assignments
+from models import event as events
+from models import session as sessions
+from models import update as updates
+from models.session import AsyncState, Launch
+from tasks import gate, protocol, relay
+from tasks.federated import Federated, combine
+from tasks.gate import Outcome
+from trainer.model import SimpleDNN
+from trainer.staleness import Contribution, fold
+from trainer.weights import state_to_bytes
+
+log = logging.getLogger(__name__)
+
+# A fold that has not let go of its lease after this long died with it; the next one takes over.
+LEASE_SECONDS = 30
+
+
+def weights_key(prefix: str, seq: int, peer: str) -> str:
+    """Where peer `peer` uploads the weights of task `seq`."""
+    return f"{prefix}/updates/{seq}/peers/{peer}.safetensors"
+
+
+class AsyncFederated(Federated):
+    """Buffered asynchronous folds: a peer that reports gets its next task at once."""
+
+    unit = "task"
+    lease = timedelta(seconds=LEASE_SECONDS)
+    retry_after = LEASE_SECONDS / 2
+
+    def deadline_seconds(self) -> int:
+        settings_, limit = self.settings, self.services.settings.train_time_limit + 60
+        if settings_.time_budget:
+            return settings_.time_budget + limit
+        # Even if only `min_peers` peers keep answering, one task at a time each.
+        return math.ceil(settings_.max_updates / self.session.quorum) * limit
+
+    # --- start ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Split the data as a synchronous session does, then give every peer its first task."""
+        session = self.session
+        if session.status == sessions.PENDING:
+            self.prepare()
+            settings_ = self.settings
+            first = min(len(session.peers), settings_.max_updates)
+            now = self.clock.now()
+            budget = settings_.time_budget
+            state = AsyncState(version=0, sent=first, remaining=settings_.max_updates - first, folding=None,
+                               stop_at=now + timedelta(seconds=budget) if budget else None)
+            tasks = {run.name: str(protocol.TaskId.new(session.id, seq))
+                     for seq, run in enumerate(session.peers[:first])}
+            launch = Launch(round=0, peers=[run.name for run in session.peers], started_at=now, sent=False)
+            # Running first, then the records: a start run again finds it running and completes what is unsent.
+            sessions.start_running(session.id, tasks, launch, self.deadline_seconds(), sessions.positions(session),
+                                   now, state=state, rounds={name: seq for seq, name in enumerate(tasks)})
+            session.reload()
+        if session.status != sessions.RUNNING or session.launch.sent:
+            return
+        # The first tasks, as the start recorded them on the runs (this run's, or one that died before sending).
+        first = [run for run in session.peers if run.task_id and run.round == protocol.TaskId.parse(run.task_id).round]
+        updates.dispatched(session.id, [{"seq": run.round, "peer": run.name, "task_id": run.task_id,
+                                         "base_version": 0} for run in first], at=session.started_at)
+        self.resend()
+        sessions.launched(session.id, 0)
+
+    # --- sending ---------------------------------------------------------------------------------------
+
+    def _send(self, tasks: list[updates.Update], global_url: str) -> None:
+        """Record and send tasks recorded as updates (each from the global weights at `global_url`)."""
+        if not tasks:
+            return
+        session = self.session
+        now = self.clock.now()
+        self.record_assignments([(task.task_id, task.peer, task.seq, self.settings.local_epochs, None)
+                                 for task in tasks], now)
+        grant = self.gate.read_grant(global_url)  # every task starts from the same object
+        with self.app.producer_or_acquire() as producer:
+            for task in tasks:
+                spec = self.spec(task.peer, task.seq, grant, weights_key(self.prefix, task.seq, task.peer), False)
+                relay.train(self.app, protocol.task_queue(task.peer), task.task_id, spec, self.gate.grant_seconds,
+                            f"session {session.id}, update {task.seq}, peer {task.peer}").apply_async(
+                    producer=producer)
+        updates.mark_sent(session.id, [task.seq for task in tasks])
+
+    def resend(self) -> None:
+        """Send the tasks recorded but not known to be sent (their sender died in between)."""
+        pending = updates.unsent(self.session.id)
+        by_version: dict[int, list[updates.Update]] = {}
+        for task in pending:
+            by_version.setdefault(task.base_version, []).append(task)
+        for version, tasks in sorted(by_version.items()):
+            self._send(tasks, self._version_url(version))
+
+    def dispatch(self, peer: str) -> bool:
+        """Give `peer` its next task from the newest global weights, while the budget lasts and the peer is
+        not given up on; True if sent."""
+        session = self.session
+        now = self.clock.now()
+        taken = sessions.take_task(session.id, peer, now)
+        if taken is None:
+            return False
+        seq, version, global_url = taken
+        task_id = str(protocol.TaskId.new(session.id, seq))
+        updates.dispatched(session.id, [{"seq": seq, "peer": peer, "task_id": task_id, "base_version": version}],
+                           at=now)
+        # Named on the peer's run before it is sent: heartbeats and results name the task it was given.
+        sessions.record_runs(session.id, sessions.positions(session),
+                             {peer: {"task_id": task_id, "status": sessions.RUNNING, "round": seq}},
+                             before={peer: sessions.RUNNING})
+        self._send([updates.of_task(session.id, seq)], global_url)
+        return True
+
+    # --- a peer reported -------------------------------------------------------------------------------
+
+    def on_result(self, round_: int, outcomes: list[Outcome]) -> None:
+        """Buffer (or reject) the update of task `round_`, fold if the buffer is full, hand its peer its next task.
+
+        Safe to run again for the same task (a redelivered `update` whose first run died midway): the update
+        moves once, and the peer gets one next task, however often this runs."""
+        session = self.session
+        for outcome in outcomes:
+            update = updates.of_task(session.id, round_)
+            if update is None or update.task_id != outcome.task or update.peer != outcome.peer:
+                log.warning("session %s: no task %s of peer %s; result dropped", session.id, outcome.task,
+                            outcome.peer)
+                continue
+            if update.status == updates.LOST or outcome.left_out:
+                continue  # given up on meanwhile: its share of the budget went to another peer
+            if update.status == updates.TRAINING:
+                self._buffer(update, outcome)
+            self.fold_while_due()
+            self.resend()  # a next task recorded by a run that died before sending it
+            sent = not updates.sent_after(session.id, update.peer, update.seq) and self.dispatch(update.peer)
+            if not sent:
+                self.fold_while_due()  # that was the last task out: the session may be done
+
+    def _buffer(self, update: updates.Update, outcome: Outcome) -> None:
+        # Its weights are read and checked once, when they are folded.
+        session, result = self.session, outcome.result
+        samples = gate.samples(session.plan, update.peer)
+        info = {"metrics": result["final"], "seconds": result["seconds"], "samples": samples}
+        now = self.clock.now()
+        if result["stopped"]:
+            taken = updates.settle(session.id, update.seq, updates.REJECTED, at=now,
+                                   reason="it stopped before finishing", **info)
+        else:
+            taken = updates.settle(session.id, update.seq, updates.BUFFERED, at=now, **info)
+        if taken:
+            self.record_results([outcome], sessions.RUNNING, samples={update.peer: samples})
+
+    def on_lost(self, peer: str, reason: str) -> None:
+        """`peer` will not report: it is given up on, and its tasks' share of the budget goes to the others."""
+        session = self.session
+        if session.finished or peer not in {run.name for run in session.peers}:
+            return
+        if session.peer(peer).status == sessions.FAILED or self.give_up_on(peer, reason):
+            return
+        assignments.close(session.id, gate.closed(reason), self.clock.now(), peer=peer)
+        if given_back := updates.lose_training(session.id, peer, reason):
+            sessions.give_back(session.id, given_back)
+            # Peers that answered their last task while the budget looked spent are idle: they take it.
+            session.reload()
+            busy = updates.busy_peers(session.id)
+            for run in session.in_play():
+                if run.name not in busy and not self.dispatch(run.name):
+                    break
+        self.fold_while_due()
+
+    # --- folding ---------------------------------------------------------------------------------------
+
+    def stalled(self) -> bool:
+        """Work waits while another holds the fold lease (it may have died with it: look again later)."""
+        return sessions.fold_leased(self.session.id) and self._waiting()
+
+    def fold_while_due(self) -> None:
+        """Fold while a full buffer waits, and, once every task is answered, the rest; then finish."""
+        session_id = self.session.id
+        while True:
+            if not sessions.take_fold_lease(session_id, self.clock.now(), self.lease):
+                return  # whoever holds the lease looks again when it lets go
+            try:
+                worked = self._step()
+            finally:
+                sessions.drop_fold_lease(session_id)
+            if not worked and not self._waiting():
+                return
+
+    def _reloaded(self) -> bool:
+        found = sessions.load(self.session.id)
+        if found is None or found.status != sessions.RUNNING:
+            return False
+        self.session = found
+        return True
+
+    def _done(self) -> bool:
+        """No task is out, and none will be sent."""
+        state = self.session.asynchronous
+        spent = state.remaining <= 0 or (state.stop_at is not None and self.clock.now() >= state.stop_at)
+        return spent and updates.count(self.session.id, updates.TRAINING) == 0
+
+    def _waiting(self) -> bool:
+        if not self._reloaded():
+            return False
+        pending = updates.count(self.session.id, updates.BUFFERED)
+        return pending >= self.settings.buffer_size or self._done()
+
+    def _step(self) -> bool:
+        """Under the lease: one fold, or the session's end; False if there was nothing to do."""
+        if not self._reloaded():
+            return False
+        pending, done = updates.buffered(self.session.id), self._done()
+        size = self.settings.buffer_size
+        if len(pending) >= size or (pending and done):
+            self._fold(pending if done else pending[:size])
+            return True
+        if done:
+            self.finish()
+            return True
+        return False
+
+    def _version_url(self, version: int) -> str:
+        if version == 0:
+            return self.session.plan.initial_url
+        return self.storage.url(f"{self.prefix}/versions/{version}.safetensors")
+
+    def _fold(self, pending: list[updates.Update]) -> None:
+        session, plan = self.session, self.session.plan
+        version = session.asynchronous.version
+        contributions, used, rejected = [], [], {}
+        for update in pending:
+            # Read here, once, and not when it arrived: until its grant expires a peer could replace it anyway.
+            read = self.gate.weights(weights_key(self.prefix, update.seq, update.peer), self.config)
+            if isinstance(read, str):
+                log.warning("session %s: update %s of peer %s rejected: %s", session.id, update.seq, update.peer, read)
+                updates.reject(session.id, update.seq, read)
+                rejected[f"{update.peer}#{update.seq}"] = read
+                continue
+            contributions.append(Contribution(self.global_state(self._version_url(update.base_version)), read,
+                                              update.samples, version - update.base_version))
+            used.append(update)
+        if not contributions:
+            return
+        method = self.settings.aggregation
+        merged = fold(self.global_state(plan.global_url), contributions,
+                      lambda states, samples: combine(method, list(states), list(samples)))
+        model = SimpleDNN(self.config)
+        model.load_state_dict(merged)
+        metrics = self.evaluate_global(model)
+        url = self.storage.put_bytes(f"{self.prefix}/versions/{version + 1}.safetensors",
+                                     state_to_bytes(merged, {"version": version + 1}))
+        folded = [{"seq": u.seq, "peer": u.peer, "staleness": c.staleness, "weight": round(c.weight, 4)}
+                  for u, c in zip(used, contributions, strict=True)]
+        now = self.clock.now()
+        elapsed = (now - session.started_at).total_seconds() if session.started_at else None
+        round_doc = Round(round=version, peers=[u.peer for u in used], rejected=rejected, outliers={}, updates=folded,
+                          metrics={**metrics, "samples": sum(c.samples for c in contributions), "updates": len(used),
+                                   "mean_staleness": sum(c.staleness for c in contributions) / len(contributions),
+                                   "seconds": elapsed}, finished_at=now)
+        if not sessions.record_fold(session.id, version, round_doc, url):
+            return  # it ended meanwhile
+        for entry in folded:
+            updates.folded(session.id, entry["seq"], version + 1, entry["staleness"], entry["weight"])
+        events.record_round(session.id, round_doc)
+        log.info("session %s: version %d from %d update(s), staleness %s", session.id, version + 1, len(used),
+                 [c.staleness for c in contributions])
+
+    def finish(self) -> None:
+        session = self.session
+        if not session.rounds:
+            self.end(sessions.FAILED, "no peer returned a usable update")
+            return
+        counts = {status: updates.count(session.id, status) for status in updates.STATUSES}
+        self.store_model(session.rounds[-1].metrics,
+                         extra={"schedule": self.settings.schedule, "versions": session.asynchronous.version,
+                                "updates": {k.lower(): v for k, v in counts.items() if v}})

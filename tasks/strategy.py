@@ -1,0 +1,300 @@
+"""How a session runs: one `Strategy` per mode, chosen once per session (`strategy_for`), as flwr's strategies.
+
+Every strategy answers the same five calls, which the coordinator's Celery tasks (tasks/coordinator.py)
+only dispatch to:
+- `start()`: prepare the data and send the first tasks;
+- `on_result(round_, outcomes)`: the platform decided about tasks (tasks/gate.py `Outcome`): a round's
+  chord joined, or one asynchronous task came back;
+- `on_lost(peer, reason)`: a peer will not report (its task failed, it fell silent);
+- `on_deadline(assignments)`: tasks ran past their deadline;
+- `finish()`: store the result and end the session COMPLETED.
+Each call is safe to make twice, and after a crash half-way (a coordinator task is acknowledged only
+after it ran, so it runs again when its worker died): every step is a conditional update.
+
+`RoundStrategy` writes the round loop once, a chord per round (sweeps: one round; synchronous federated
+sessions: R). The modes live in tasks/sweep.py (`Sweep`), tasks/federated.py (`SyncFederated`) and
+tasks/asynchronous.py (`AsyncFederated`).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from celery import uuid
+
+from models import TrainingSession
+from models import assignment as assignments
+from models import heartbeat as heartbeats
+from models import session as sessions
+from models.session import Launch
+from tasks import gate, lifecycle, protocol, relay
+from tasks.gate import Outcome
+from tasks.services import Services
+
+log = logging.getLogger(__name__)
+
+
+def strategy_for(session: TrainingSession, services: Services) -> Strategy:
+    """The strategy of `session`'s mode: the one place that asks which mode a session is."""
+    if session.mode == sessions.SWEEP:
+        from tasks.sweep import Sweep
+
+        return Sweep(session, services)
+    if session.federated.schedule == sessions.ASYNC:
+        from tasks.asynchronous import AsyncFederated
+
+        return AsyncFederated(session, services)
+    from tasks.federated import SyncFederated
+
+    return SyncFederated(session, services)
+
+
+def metric_of(task: str) -> str:
+    """The held-out metric a session's models are judged by (higher is better)."""
+    return "val_accuracy" if task == "classification" else "val_r2"
+
+
+def scores(evaluated: dict[str, Any], task: str) -> dict[str, Any]:
+    """trainer.loop.evaluate's measures as a session reports them."""
+    return {"val_loss": evaluated["loss"],
+            metric_of(task): evaluated["accuracy" if task == "classification" else "r2"],
+            "val_rows": evaluated["samples"]}
+
+
+class Strategy:
+    """One session's mode: what to send, what to make of what comes back, how it ends."""
+
+    def __init__(self, session: TrainingSession, services: Services) -> None:
+        self.session = session
+        self.services = services
+        self.app = services.app
+        self.storage = services.storage
+        self.clock = services.clock
+        self.gate = services.gate
+
+    # --- the interface ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def on_result(self, round_: int, outcomes: list[Outcome]) -> None:
+        raise NotImplementedError
+
+    def on_lost(self, peer: str, reason: str) -> None:
+        raise NotImplementedError
+
+    def on_deadline(self, overdue: list[dict[str, Any]]) -> None:
+        """Leave out the peers of tasks past their deadline (each once: its task is decided then)."""
+        for assignment in overdue:
+            if self.session.finished:
+                return
+            seconds = (assignment["deadline"] - assignment["sent_at"]).total_seconds()
+            self.on_lost(assignment["peer"], f"did not finish {self.unit} {assignment['round']} within its "
+                                             f"{seconds:g} s")
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+    def stalled(self) -> bool:
+        """True while work waits on another coordinator (which may have died): ask again `retry_after` s later."""
+        return False
+
+    retry_after = 1.0
+
+    # --- shared ----------------------------------------------------------------------------------------
+
+    unit = "round"  # what a task is part of, in messages
+
+    @property
+    def metric(self) -> str:
+        return metric_of(self.session.task)
+
+    @property
+    def prefix(self) -> str:
+        """Where the session's objects live in storage."""
+        return f"users/{self.session.owner_id}/sessions/{self.session.id}"
+
+    def end(self, status: str, reason: str | None = None, **fields: Any) -> bool:
+        return lifecycle.end(self.app, self.session.id, status, reason, at=self.clock.now(), **fields)
+
+    def deadline_seconds(self) -> int:
+        """How long the whole session may run (past that the monitor fails it)."""
+        raise NotImplementedError
+
+    def task_deadline(self, sent_at: Any) -> Any:
+        """When a task sent at `sent_at` is overdue (its peer is then left out)."""
+        timeout = self.session.round_timeout or self.services.settings.train_time_limit
+        return sent_at + timedelta(seconds=timeout)
+
+    def give_up_on(self, peer: str, reason: str) -> bool:
+        """Leave `peer` out (FAILED with `reason`), or end the session if it cannot go on; True if it ended."""
+        session = self.session
+        sessions.record_peer_result(session.id, peer, sessions.FAILED, error=reason)
+        lifecycle.request_stop(self.app, str(session.id), [peer], reason)
+        if session.can_lose(peer):
+            log.warning("session %s goes on without peer %s: %s", session.id, peer, reason)
+            session.peer(peer).status = sessions.FAILED
+            return False
+        return self.end(sessions.FAILED, f"peer {peer} {reason}")
+
+    def leave_out(self, assignment: dict[str, Any], reason: str) -> Outcome:
+        """Decide `assignment` as left out, unless it was decided already; the outcome it has now."""
+        decided = Outcome.of(assignment)
+        if decided is None:
+            verdict = gate.left_out(assignment, reason)
+            if assignments.claim(assignment["_id"], verdict.stored(), self.clock.now()):
+                relay.deliver(self.app, self.services.queue, assignment, verdict)
+                return verdict
+            assignment = assignments.get(assignment["_id"])
+            decided = Outcome.of(assignment)
+        if not assignment.get("settled"):
+            # Decided by a run that died before passing it on.
+            relay.deliver(self.app, self.services.queue, assignment, decided)
+        return decided
+
+    def record_assignments(self, tasks: list[tuple[str, str, int, int, dict[str, Any] | None]], at: Any) -> None:
+        """Record tasks about to be sent: (task id, peer, round, epochs, chord place) each."""
+        position = sessions.positions(self.session)
+        deadline = self.task_deadline(at)
+        assignments.record({"_id": task_id, "session_id": self.session.id, "peer": peer, "round": round_,
+                            "epochs": epochs, "position": position[peer], "chord": chord, "sent_at": at,
+                            "deadline": deadline} for task_id, peer, round_, epochs, chord in tasks)
+
+    def record_results(self, outcomes: list[Outcome], status: str, samples: dict[str, int]) -> None:
+        """Store trained outcomes: final metrics, sample counts, every epoch's heartbeat.
+
+        A round's results in one insert of heartbeats and one update of the session, however many peers."""
+        if not outcomes:
+            return
+        session = self.session
+        # The epochs first: the event stream shows a peer's heartbeats before its result.
+        heartbeats.insert_many({"session_id": session.id, "peer": o.peer, "round": o.round, **epoch}
+                               for o in outcomes for epoch in o.result["history"])
+        changes = {}
+        for o in outcomes:
+            final = o.result["final"]
+            changes[o.peer] = {"status": status, "final": final, "samples": samples[o.peer], "round": o.round,
+                               **{k: final.get(k) for k in protocol.PROGRESS if k in final}}
+        # A federated peer fetches its shard once and keeps it for later rounds: bytes add up.
+        sessions.record_runs(session.id, sessions.positions(session), changes,
+                             before={run.name: run.status for run in session.peers},
+                             added={o.peer: {"bytes_fetched": o.result["bytes_fetched"]} for o in outcomes})
+
+
+class RoundStrategy(Strategy):
+    """Rounds: every peer in play trains from the same start, a chord joins their outcomes into `on_result`."""
+
+    @property
+    def rounds(self) -> int:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Whatever the first round needs (safe to run twice)."""
+
+    def epochs(self, run: Any) -> int:
+        """Epochs a task of `run`'s trains."""
+        raise NotImplementedError
+
+    def specs(self, round_: int, names: list[str]) -> dict[str, dict[str, Any]]:
+        """Each peer's `train` argument for round `round_`."""
+        raise NotImplementedError
+
+    def aggregate(self, round_: int, kept: list[Outcome]) -> None:
+        """Make the round's result from the outcomes of the peers that trained (at least a quorum)."""
+        raise NotImplementedError
+
+    def deadline_seconds(self) -> int:
+        # Each round may use a training task's whole time limit; past that the session cannot succeed.
+        return self.rounds * (self.services.settings.train_time_limit + 60)
+
+    def start(self) -> None:
+        if self.session.status == sessions.PENDING or self._unsent(0):
+            self.prepare()
+            self.launch_round(0)
+
+    def _unsent(self, round_: int) -> bool:
+        launch = self.session.launch
+        return (self.session.status == sessions.RUNNING and launch is not None and launch.round == round_
+                and not launch.sent)
+
+    def launch_round(self, round_: int) -> None:
+        """Record round `round_` and send its chord, once: a second run sends only what the first recorded and
+        did not send (it died in between); a round recorded and sent is not sent again."""
+        session = self.session
+        if session.launch is None or session.launch.round != round_:
+            names = [run.name for run in session.in_play()]
+            now = self.clock.now()
+            body = protocol.TaskId(str(session.id), round_, f"aggregate-{uuid()}")
+            launch = Launch(round=round_, group=uuid(), body=str(body), peers=names, started_at=now, sent=False)
+            ids = {name: str(protocol.TaskId.new(session.id, round_)) for name in names}
+            position = sessions.positions(session)
+            recorded = (sessions.start_running(session.id, ids, launch, self.deadline_seconds(), position, now)
+                        if round_ == 0 else sessions.next_round(session.id, ids, launch, position))
+            session.reload()
+            if not recorded and not self._unsent(round_):
+                log.info("session %s: round %d was launched already, or the session ended", session.id, round_)
+                return
+        elif not self._unsent(round_):
+            return
+        self._send(round_)
+
+    def _send(self, round_: int) -> None:
+        session, launch = self.session, self.session.launch
+        ids = {name: session.peer(name).task_id for name in launch.peers}
+        size = len(launch.peers)
+        self.record_assignments(
+            [(ids[name], name, round_, self.epochs(session.peer(name)),
+              {"group": launch.group, "index": i, "size": size, "body": launch.body})
+             for i, name in enumerate(launch.peers)], launch.started_at)
+        specs = self.specs(round_, list(launch.peers))
+        header = [relay.train(self.app, protocol.task_queue(name), ids[name], specs[name], self.gate.grant_seconds,
+                              f"session {session.id}, round {round_}, peer {name}") for name in launch.peers]
+        relay.send(self.app, header, launch.group,
+                   relay.body(self.app, self.services.queue, str(session.id), round_, launch.body, size))
+        sessions.launched(session.id, round_)
+
+    def on_result(self, round_: int, outcomes: list[Outcome]) -> None:
+        """The round's chord joined: every peer reported or was left out."""
+        session = self.session
+        if session.finished or session.launch is None:
+            return
+        if session.launch.round == round_ + 1:
+            self.launch_round(round_ + 1)  # a redelivery: the next round was recorded, and may not have been sent
+            return
+        if session.launch.round != round_:
+            return
+        kept = []
+        for outcome in outcomes:
+            if outcome.left_out:
+                if session.peer(outcome.peer).status != sessions.FAILED and self.give_up_on(outcome.peer,
+                                                                                           outcome.reason):
+                    return
+            else:
+                kept.append(outcome)
+        if len(kept) < session.quorum:
+            self.end(sessions.FAILED, f"round {round_}: {len(kept)} peer(s) finished, {session.quorum} needed")
+            return
+        self.aggregate(round_, kept)
+
+    def on_lost(self, peer: str, reason: str) -> None:
+        """A peer will not report this round: its part of the chord is decided left out, so the round closes
+        when the others have reported (a late result of it is then dropped); it is given up on."""
+        session = self.session
+        if session.finished or session.launch is None or peer not in session.launch.peers:
+            return
+        if session.peer(peer).status == sessions.FAILED:
+            return
+        assignment = assignments.of_round(session.id, session.launch.round, peer)
+        if assignment is None:
+            return
+        if self.leave_out(assignment, reason).left_out:
+            self.give_up_on(peer, reason)
+
+    def next_round(self, round_: int) -> None:
+        """After `round_` is recorded: launch the next round (once) or finish."""
+        if round_ + 1 < self.rounds:
+            self.launch_round(round_ + 1)
+        else:
+            self.finish()

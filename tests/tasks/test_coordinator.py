@@ -1,0 +1,307 @@
+"""Every coordinator task is safe to deliver twice, and to run again after its worker died half-way.
+
+The coordinator's tasks are acknowledged after they ran (acks_late, reject_on_worker_lost): a worker that
+dies mid-task gets the message back from the broker, and a broker may deliver one twice. These run the
+real tasks and strategies (tests/tasks/conftest.py `kit`: in-memory broker and backend, mongomock, a
+local storage directory), and check what a user would see: how many tasks each peer was sent, how many
+rounds were recorded, how the session ended.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from models import assignment as assignments
+from models import session as sessions
+from models import update as updates
+from tasks import relay
+from tasks.asynchronous import AsyncFederated
+from tasks.collector import Collector
+from tests.tasks.conftest import Crash
+
+FEDERATED = {"mode": sessions.FEDERATED, "rounds": 3, "local_epochs": 1}
+ASYNC = {"mode": sessions.FEDERATED, "schedule": sessions.ASYNC, "buffer_size": 2, "max_updates": 6,
+         "local_epochs": 1}
+
+
+def crash_once(monkeypatch, target, name):
+    """Make `target.name` die the first time it is called (as the process would), and work after."""
+    real = getattr(target, name)
+    calls = []
+
+    def dying(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise Crash(name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, dying)
+    return calls
+
+
+def run_session(kit, session):
+    kit.app.tasks["peertrain.run_session"](str(session.id))
+
+
+def sent_per_peer(kit, session) -> dict[str, int]:
+    return {name: len(messages) for name, messages in kit.trains(session).items()}
+
+
+# --- run_session ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [{}, FEDERATED, ASYNC], ids=["sweep", "sync", "async"])
+def test_run_session_delivered_twice_sends_each_peer_one_task(kit, options):
+    session = kit.session(**options)
+    run_session(kit, session)
+    run_session(kit, session)
+    assert kit.reload(session).status == sessions.RUNNING
+    assert sent_per_peer(kit, session) == {run.name: 1 for run in session.peers}
+
+
+@pytest.mark.parametrize(("options", "target", "name"), [
+    ({}, relay, "send"),  # the round recorded, its chord never sent
+    (FEDERATED, relay, "send"),
+    (ASYNC, AsyncFederated, "_send"),  # running, the first tasks recorded, never sent
+    (ASYNC, updates, "dispatched"),  # running, the first tasks not even recorded
+], ids=["sweep", "sync", "async-unsent", "async-unrecorded"])
+def test_run_session_that_died_half_way_is_completed_by_its_redelivery(kit, monkeypatch, options, target, name):
+    session = kit.session(**options)
+    crash_once(monkeypatch, target, name)
+    with pytest.raises(Crash):
+        run_session(kit, session)
+    assert sent_per_peer(kit, session) == {run.name: 0 for run in session.peers}
+    run_session(kit, session)  # the broker hands the message out again
+    messages = kit.trains(session)
+    assert {name: len(m) for name, m in messages.items()} == {run.name: 1 for run in session.peers}
+    # Sent under the ids recorded before the crash: those are what the platform believes.
+    recorded = {run.name: run.task_id for run in kit.reload(session).peers}
+    assert {name: m[0]["id"] for name, m in messages.items()} == recorded
+    assert all(assignments.get(task_id) is not None for task_id in recorded.values())
+
+
+# --- the chord and aggregate -------------------------------------------------------------------------
+
+
+def test_a_federated_session_runs_every_round_and_completes(kit):
+    session = kit.session(**FEDERATED)
+    run_session(kit, session)
+    for _ in range(3):
+        assert kit.answer_all(session) == 2
+        kit.coordinate()
+    done = kit.reload(session)
+    assert done.status == sessions.COMPLETED, done.reason
+    assert [r.round for r in done.rounds] == [0, 1, 2] and done.model_url
+
+
+def test_aggregate_delivered_twice_records_its_round_once_and_launches_the_next_once(kit):
+    session = kit.session(**FEDERATED)
+    run_session(kit, session)
+    kit.answer_all(session)
+    body = kit.take(kit.settings.coordinator_queue)
+    assert [m["task"] for m in body] == ["peertrain.aggregate"]
+    for _ in range(2):
+        kit.app.tasks["peertrain.aggregate"](*body[0]["args"])
+    assert [r.round for r in kit.reload(session).rounds] == [0]
+    assert sent_per_peer(kit, session) == {run.name: 1 for run in session.peers}
+
+
+@pytest.mark.parametrize(("target", "name"), [(sessions, "next_round"), (relay, "send")],
+                         ids=["before-the-next-round-is-recorded", "before-it-is-sent"])
+def test_aggregate_that_died_half_way_is_completed_by_its_redelivery(kit, monkeypatch, target, name):
+    session = kit.session(**FEDERATED)
+    run_session(kit, session)
+    kit.answer_all(session)
+    body = kit.take(kit.settings.coordinator_queue)[0]
+    crash_once(monkeypatch, target, name)
+    with pytest.raises(Crash):
+        kit.app.tasks["peertrain.aggregate"](*body["args"])
+    kit.app.tasks["peertrain.aggregate"](*body["args"])
+    assert [r.round for r in kit.reload(session).rounds] == [0]
+    assert sent_per_peer(kit, session) == {run.name: 1 for run in session.peers}
+    assert kit.reload(session).launch.round == 1 and kit.reload(session).launch.sent
+
+
+# --- results in: the collector ------------------------------------------------------------------------
+
+
+def test_a_result_delivered_twice_counts_once_in_its_round(kit):
+    session = kit.session(peers_=2, **FEDERATED)
+    run_session(kit, session)
+    trains = kit.trains(session)
+    first, second = (kit.peer(0), trains[kit.peer(0)][0]), (kit.peer(1), trains[kit.peer(1)][0])
+    assert kit.answer(first[1], first[0])
+    assert not kit.answer(first[1], first[0])  # the same result again: nothing to count
+    # The round waits for the other peer: a result counted twice would have closed it already.
+    assert kit.take(kit.settings.coordinator_queue) == []
+    assert kit.answer(second[1], second[0])
+    assert [m["task"] for m in kit.take(kit.settings.coordinator_queue)] == ["peertrain.aggregate"]
+
+
+def test_two_collectors_taking_one_result_at_once_count_it_once(kit):
+    """Two coordinator processes consume the results queue; a redelivered message reaches both."""
+    session = kit.session(peers_=2, **FEDERATED)
+    run_session(kit, session)
+    trains = kit.trains(session)
+    message = trains[kit.peer(0)][0]
+    start = threading.Barrier(2)
+    counted = []
+
+    def collect() -> None:
+        collector = Collector(kit.services)
+        start.wait()
+        counted.append(kit.answer(message, kit.peer(0), via=collector))
+
+    threads = [threading.Thread(target=collect) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(counted) == [False, True]
+    assert kit.take(kit.settings.coordinator_queue) == []  # one of two peers counted: the round waits
+
+
+def test_a_result_decided_by_a_collector_that_died_before_passing_it_on_is_passed_on_by_its_redelivery(
+        kit, monkeypatch):
+    session = kit.session(peers_=1, **FEDERATED)
+    run_session(kit, session)
+    message = kit.trains(session)[kit.peer(0)][0]
+    crash_once(monkeypatch, relay, "settle")
+    with pytest.raises(Crash):
+        kit.answer(message, kit.peer(0))
+    assert assignments.get(message["id"])["outcome"] and kit.take(kit.settings.coordinator_queue) == []
+    assert kit.answer(message, kit.peer(0))  # redelivered: decided already, passed on now
+    assert [m["task"] for m in kit.take(kit.settings.coordinator_queue)] == ["peertrain.aggregate"]
+    assert not kit.answer(message, kit.peer(0))
+
+
+# --- update (asynchronous) ---------------------------------------------------------------------------
+
+
+def test_an_asynchronous_session_folds_every_update_and_completes(kit):
+    session = kit.session(**ASYNC)
+    run_session(kit, session)
+    for _ in range(10):
+        if not kit.answer_all(session):
+            break
+        kit.coordinate()
+    done = kit.reload(session)
+    assert done.status == sessions.COMPLETED, done.reason
+    tasks = list(updates.for_session(session.id))
+    assert len(tasks) == 6 and {t.status for t in tasks} == {updates.FOLDED}
+    assert sum(len(r.updates) for r in done.rounds) == 6
+
+
+def test_update_delivered_twice_buffers_once_and_sends_one_next_task(kit):
+    session = kit.session(**ASYNC)
+    run_session(kit, session)
+    message = kit.trains(session)[kit.peer(0)][0]
+    kit.answer(message, kit.peer(0))
+    update = kit.take(kit.settings.coordinator_queue)
+    assert [m["task"] for m in update] == ["peertrain.update"]
+    for _ in range(2):
+        kit.app.tasks["peertrain.update"](*update[0]["args"])
+    assert sent_per_peer(kit, session) == {kit.peer(0): 1, kit.peer(1): 0}
+    assert updates.count(session.id, updates.BUFFERED) == 1
+
+
+def test_update_that_died_after_recording_the_next_task_sends_it_on_redelivery(kit, monkeypatch):
+    session = kit.session(**ASYNC)
+    run_session(kit, session)
+    message = kit.trains(session)[kit.peer(0)][0]
+    kit.answer(message, kit.peer(0))
+    update = kit.take(kit.settings.coordinator_queue)[0]
+    crash_once(monkeypatch, AsyncFederated, "_send")
+    with pytest.raises(Crash):
+        kit.app.tasks["peertrain.update"](*update["args"])
+    assert sent_per_peer(kit, session) == {kit.peer(0): 0, kit.peer(1): 0}
+    kit.app.tasks["peertrain.update"](*update["args"])
+    assert sent_per_peer(kit, session) == {kit.peer(0): 1, kit.peer(1): 0}
+
+
+# --- peer_lost, deadline ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [{}, FEDERATED], ids=["sweep", "sync"])
+def test_peer_lost_delivered_twice_leaves_the_peer_out_once_and_the_round_closes(kit, options):
+    session = kit.session(peers_=3, min_peers=2, **options)
+    run_session(kit, session)
+    trains = kit.trains(session)
+    for _ in range(2):
+        kit.app.tasks["peertrain.peer_lost"](str(session.id), kit.peer(2), "went offline")
+    for i in (0, 1):
+        kit.answer(trains[kit.peer(i)][0], kit.peer(i))
+    kit.coordinate()
+    done = kit.reload(session)
+    assert done.peer(kit.peer(2)).status == sessions.FAILED and done.peer(kit.peer(2)).error == "went offline"
+    assert done.status == sessions.RUNNING if options else done.status == sessions.COMPLETED
+    assert done.rounds[0].peers == [kit.peer(0), kit.peer(1)] if options else True
+
+
+def test_peer_lost_that_died_before_counting_its_verdict_counts_it_on_redelivery(kit, monkeypatch):
+    session = kit.session(peers_=2, min_peers=1)
+    run_session(kit, session)
+    trains = kit.trains(session)
+    crash_once(monkeypatch, relay, "settle")
+    with pytest.raises(Crash):
+        kit.app.tasks["peertrain.peer_lost"](str(session.id), kit.peer(1), "went offline")
+    kit.app.tasks["peertrain.peer_lost"](str(session.id), kit.peer(1), "went offline")
+    kit.answer(trains[kit.peer(0)][0], kit.peer(0))
+    kit.coordinate()
+    done = kit.reload(session)
+    assert done.status == sessions.COMPLETED, done.reason
+    assert done.results["best_peer"] == kit.peer(0)
+
+
+def test_a_late_result_of_a_peer_left_out_is_dropped(kit):
+    session = kit.session(peers_=2, min_peers=1)
+    run_session(kit, session)
+    trains = kit.trains(session)
+    kit.app.tasks["peertrain.peer_lost"](str(session.id), kit.peer(1), "went offline")
+    assert not kit.answer(trains[kit.peer(1)][0], kit.peer(1))
+    assert kit.services.gate.dropped["already reported"] == 1
+
+
+def test_a_peer_past_its_deadline_is_left_out_once(kit):
+    session = kit.session(peers_=2, min_peers=1, **FEDERATED)
+    run_session(kit, session)
+    trains = kit.trains(session)
+    kit.answer(trains[kit.peer(0)][0], kit.peer(0))
+    kit.clock.advance(61)  # round_timeout 60
+    late = [a["_id"] for a in assignments.overdue(kit.clock.now())]
+    assert late == [trains[kit.peer(1)][0]["id"]]
+    for _ in range(2):
+        kit.app.tasks["peertrain.deadline"](str(session.id), late)
+    kit.coordinate()
+    done = kit.reload(session)
+    assert done.peer(kit.peer(1)).error == "did not finish round 0 within its 60 s"
+    assert [r.round for r in done.rounds] == [0] and done.rounds[0].peers == [kit.peer(0)]
+
+
+def test_a_session_that_cannot_go_on_without_a_lost_peer_fails_naming_it(kit):
+    session = kit.session(peers_=2, **FEDERATED)
+    run_session(kit, session)
+    kit.trains(session)
+    kit.app.tasks["peertrain.peer_lost"](str(session.id), kit.peer(1), "went offline")
+    done = kit.reload(session)
+    assert done.status == sessions.FAILED and done.reason == f"peer {kit.peer(1)} went offline"
+    assert assignments.open_of(session.id) == []  # nothing it sent is still waiting for an answer
+
+
+# --- failures of the coordinator's own: round_failed, cancel_session -----------------------------------
+
+
+def test_round_failed_and_cancel_session_delivered_twice_end_the_session_once(kit):
+    failing, cancelled = kit.session(**FEDERATED), kit.session(**FEDERATED)
+    for session in (failing, cancelled):
+        run_session(kit, session)
+    body_id = kit.reload(failing).launch.body
+    for _ in range(2):
+        kit.app.tasks["peertrain.round_failed"](body_id)
+        kit.app.tasks["peertrain.cancel_session"](str(cancelled.id))
+    assert kit.reload(failing).status == sessions.FAILED and "round 0" in kit.reload(failing).reason
+    assert kit.reload(cancelled).status == sessions.CANCELLED
+    events = [e["kind"] for e in sessions.events.after(cancelled.id, 0)]
+    assert events.count("end") == 1
