@@ -4,13 +4,14 @@ The record is made before the task is sent, and is what the platform believes ab
 result or a heartbeat counts only if it names a task recorded here for the peer that sent it. Its
 outcome is taken once (`claim`: a conditional update, so two consumers of one result, a result racing
 a "left out" verdict, or a replayed message change nothing after the first), and for a round's chord
-it is then counted in the chord once (`settle`). A session that ends closes its open assignments.
+it is then passed on once (into the chord, or to the coordinator): whoever takes the delivery lease
+(`take_delivery`) passes it on and marks it settled. A session that ends closes its open assignments.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
@@ -53,7 +54,8 @@ class Assignment(Document):
     deadline = DateTimeField()  # past this, its peer is left out
     outcome = DictField(default=None)  # what was decided about it, once (tasks/gate.py makes these)
     reported_at = DateTimeField()
-    settled = BooleanField(default=False)  # counted in its chord
+    delivering = DateTimeField()  # since when a coordinator has been passing the outcome on (a lease)
+    settled = BooleanField(default=False)  # passed on: counted in its chord, or handed to the coordinator
 
     meta = {"collection": "assignments",
             "indexes": [("session_id", "peer"), ("outcome", "deadline")]}
@@ -89,9 +91,18 @@ def claim(task_id: str, outcome: dict[str, Any], at: datetime) -> bool:
                                          {"$set": {"outcome": outcome, "reported_at": at}}).modified_count)
 
 
+def take_delivery(task_id: str, now: datetime, lease: timedelta) -> bool:
+    """The right to pass task `task_id`'s decided outcome on, for one coordinator at a time (a lease its holder
+    lets go of by settling; one left by a coordinator that died expires after `lease`)."""
+    return bool(_collection().update_one(
+        {"_id": task_id, "settled": False, "outcome": {"$ne": None},
+         "$or": [{"delivering": None}, {"delivering": {"$lt": now - lease}}]},
+        {"$set": {"delivering": now}}).modified_count)
+
+
 def settle(task_id: str) -> None:
-    """Its outcome is counted in its chord."""
-    _collection().update_one({"_id": task_id}, {"$set": {"settled": True}})
+    """Its outcome was passed on."""
+    _collection().update_one({"_id": task_id}, {"$set": {"settled": True, "delivering": None}})
 
 
 def open_of(session_id: ObjectId, peer: str | None = None) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ For Celery's command line, `app` is made from the environment on first use (`cel
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -24,14 +25,19 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-_cli_app: Celery | None = None
+def command_line_app(factory: Callable[[Settings], Celery]) -> Callable[[str], Any]:
+    """A module `__getattr__` giving Celery's command line (`celery -A module ...`) the module's `app`, made by
+    `factory` from the environment the first time it is asked for: importing the module reads nothing."""
+    made: list[Celery] = []
+
+    def module_getattr(name: str) -> Any:
+        if name != "app":
+            raise AttributeError(name)
+        if not made:
+            made.append(factory(Settings.from_env()))
+        return made[0]
+
+    return module_getattr
 
 
-def __getattr__(name: str) -> Any:
-    # `celery -A tasks.celery ...`: the command line's app, made when it asks for it (importing reads nothing).
-    global _cli_app
-    if name != "app":
-        raise AttributeError(name)
-    if _cli_app is None:
-        _cli_app = create_app(Settings.from_env())
-    return _cli_app
+__getattr__ = command_line_app(create_app)

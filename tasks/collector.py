@@ -44,18 +44,16 @@ class Collector:
         if found is None:
             return False  # STARTED, RETRY: nothing to decide
         assignment, outcome = found
-        if not assignments.claim(assignment["_id"], outcome.stored(), self.services.clock.now()):
-            assignment = assignments.get(assignment["_id"])
-            if assignment.get("settled"):
-                self.gate.drop("already reported", f"task {assignment['_id']} was decided before", "a result")
-                return False
-            outcome = Outcome.of(assignment)  # decided by a run that died before passing it on
-        relay.deliver(self.services.app, self.services.queue, assignment, outcome)
-        if outcome.left_out:
-            # At once, not when the round closes: a session that cannot go on without it fails now.
-            self.services.app.send_task("peertrain.peer_lost", args=[str(assignment["session_id"]), outcome.peer,
-                                                                     outcome.reason], queue=self.services.queue)
-        return True
+        now = self.services.clock.now()
+        if assignments.claim(assignment["_id"], outcome.stored(), now):
+            relay.hand_on(self.services.app, self.services.queue, assignment, outcome, now)
+            return True
+        assignment = assignments.get(assignment["_id"])
+        if assignment.get("settled"):
+            self.gate.drop("already reported", f"task {assignment['_id']} was decided before", "a result")
+        else:  # decided by another consumer, passing it on now, or by one that died before it could
+            relay.hand_on(self.services.app, self.services.queue, assignment, Outcome.of(assignment), now)
+        return False
 
 
 def step(services: Services) -> type[bootsteps.ConsumerStep]:

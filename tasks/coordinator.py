@@ -28,7 +28,7 @@ from models import assignment as assignments
 from models import session as sessions
 from settings import Settings
 from tasks import celery as platform
-from tasks import collector, feed, lifecycle, protocol
+from tasks import collector, feed, lifecycle, protocol, relay
 from tasks.gate import Outcome
 from tasks.services import Clock, Services
 from tasks.storage import Storage, StorageError, from_settings
@@ -120,11 +120,24 @@ def register(app: Celery, services: Services) -> None:
         found = strategy(session_id)
         if found is None:
             return
+        # Still open, or decided by a run of this task that died before passing its verdict on.
         overdue = [a for a in map(assignments.get, task_ids)
-                   if a is not None and not a.get("outcome") and a.get("deadline") is not None
+                   if a is not None and not a.get("settled") and a.get("deadline") is not None
                    and a["deadline"] < services.clock.now() and str(a["session_id"]) == session_id]
         if overdue:
             found.on_deadline(overdue)
+
+    @app.task(name="peertrain.deliver", bind=True, **RELIABLE)
+    def deliver(self, task_id: str) -> None:
+        """Pass on a decided outcome whose delivery another coordinator held (and may have died holding)."""
+        models.ensure_connected(services.settings.mongodb_uri)
+        assignment = assignments.get(task_id)
+        outcome = Outcome.of(assignment) if assignment is not None else None
+        if outcome is None or assignment.get("settled"):
+            return
+        # It may stand in for a result collector that died: a peer left out is reported again (harmless).
+        if not relay.deliver(app, services.queue, assignment, outcome, services.clock.now()):
+            raise self.retry(countdown=relay.LEASE.total_seconds(), max_retries=5)
 
     @app.task(name="peertrain.round_failed", **RELIABLE)
     def round_failed(task_id: str) -> None:
@@ -181,14 +194,5 @@ def _warm_up(**_: Any) -> None:
     torch.set_num_threads(1)
 
 
-_cli_app: Celery | None = None
-
-
-def __getattr__(name: str) -> Any:
-    # `celery -A tasks worker -Q coordinator`: the command line's app, made from the environment when it asks.
-    global _cli_app
-    if name != "app":
-        raise AttributeError(name)
-    if _cli_app is None:
-        _cli_app = create_app(Settings.from_env())
-    return _cli_app
+# `celery -A tasks worker -Q coordinator` (tasks.app is this `app`).
+__getattr__ = platform.command_line_app(create_app)

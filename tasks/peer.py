@@ -27,6 +27,7 @@ from celery.events.dispatcher import EventDispatcher
 import celeryconfig
 from settings import Settings
 from tasks import protocol
+from tasks.celery import command_line_app
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +112,5 @@ def create_app(broker_url: str | None = None, settings: Settings | None = None) 
     return app
 
 
-_cli_app: Celery | None = None
-
-
-def __getattr__(name: str) -> Any:
-    # `celery -A tasks.peer worker ...` on a peer machine: its app, made from the environment when the
-    # command line asks for it (importing this module reads nothing).
-    global _cli_app
-    if name != "app":
-        raise AttributeError(name)
-    if _cli_app is None:
-        _cli_app = create_app()
-    return _cli_app
+# `celery -A tasks.peer worker ...` on a peer machine.
+__getattr__ = command_line_app(lambda settings: create_app(settings=settings))

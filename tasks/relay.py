@@ -9,12 +9,14 @@ header order. That is the one Celery behaviour this module relies on beyond its 
 tests/tasks/test_relay.py pins it, for the in-memory backend and for Redis's.
 
 What is counted is the coordinator's `Outcome` (tasks/gate.py), taken once per task (models/assignment.py
-`claim`), never what a peer sent; `deliver` passes it on and records that it did (`settled`), so an
-outcome decided by a run that died before passing it on is passed on by the next.
+`claim`), never what a peer sent. `deliver` passes it on under a lease on the assignment and records
+that it did (`settled`): two coordinators never both pass one on, and an outcome decided by one that
+died before passing it on is passed on by the next once the lease has expired (`peertrain.deliver`).
 """
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery, chord
@@ -23,6 +25,9 @@ from celery.canvas import Signature
 
 from models import assignment as assignments
 from tasks.gate import Outcome
+
+# A coordinator passing an outcome on that has not settled it after this long died doing so.
+LEASE = timedelta(seconds=30)
 
 
 def body(app: Celery, queue: str, session_id: str, round_: int, body_id: str, size: int) -> Signature:
@@ -55,11 +60,31 @@ def settle(app: Celery, queue: str, assignment: dict[str, Any], outcome: Outcome
     app.backend.mark_as_done(assignment["_id"], outcome.to_message(), request=request)
 
 
-def deliver(app: Celery, queue: str, assignment: dict[str, Any], outcome: Outcome) -> None:
-    """Pass a decided outcome on, once it is stored on its assignment: a round's chord counts it; an
-    asynchronous task's result goes to the coordinator's `update` (which reads it from the assignment)."""
+def deliver(app: Celery, queue: str, assignment: dict[str, Any], outcome: Outcome, now: datetime,
+            report_lost: bool = True) -> bool:
+    """Pass a decided outcome on (it is stored on its assignment), unless another coordinator is doing so or
+    did; True if this call did. A round's chord counts it; an asynchronous task's result goes to the
+    coordinator's `update` (which reads it from the assignment); a task left out goes to `peer_lost` at once
+    (unless `report_lost` is False: the caller is handling that loss), so a session that cannot go on
+    without its peer fails now, not when the round closes."""
+    if not assignments.take_delivery(assignment["_id"], now, LEASE):
+        return False
+    session_id = str(assignment["session_id"])
     if assignment.get("chord"):
         settle(app, queue, assignment, outcome)
     elif not outcome.left_out:
-        app.send_task("peertrain.update", args=[str(assignment["session_id"]), assignment["_id"]], queue=queue)
+        app.send_task("peertrain.update", args=[session_id, assignment["_id"]], queue=queue)
+    if outcome.left_out and report_lost:
+        app.send_task("peertrain.peer_lost", args=[session_id, outcome.peer, outcome.reason], queue=queue)
     assignments.settle(assignment["_id"])
+    return True
+
+
+def hand_on(app: Celery, queue: str, assignment: dict[str, Any], outcome: Outcome, now: datetime,
+            report_lost: bool = True) -> bool:
+    """`deliver`, or, when another coordinator holds the delivery (it may have died holding it), have the
+    coordinator look again once its lease has expired (`peertrain.deliver`). True if this call delivered."""
+    if deliver(app, queue, assignment, outcome, now, report_lost):
+        return True
+    app.send_task("peertrain.deliver", args=[assignment["_id"]], queue=queue, countdown=LEASE.total_seconds())
+    return False

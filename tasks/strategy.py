@@ -145,13 +145,13 @@ class Strategy:
         if decided is None:
             verdict = gate.left_out(assignment, reason)
             if assignments.claim(assignment["_id"], verdict.stored(), self.clock.now()):
-                relay.deliver(self.app, self.services.queue, assignment, verdict)
+                relay.hand_on(self.app, self.services.queue, assignment, verdict, self.clock.now(), report_lost=False)
                 return verdict
             assignment = assignments.get(assignment["_id"])
             decided = Outcome.of(assignment)
         if not assignment.get("settled"):
-            # Decided by a run that died before passing it on.
-            relay.deliver(self.app, self.services.queue, assignment, decided)
+            # Decided by another run, passing it on now, or by one that died before it could.
+            relay.hand_on(self.app, self.services.queue, assignment, decided, self.clock.now(), report_lost=False)
         return decided
 
     def record_assignments(self, tasks: list[tuple[str, str, int, int, dict[str, Any] | None]], at: Any) -> None:

@@ -166,3 +166,13 @@ def online_peers(db):
         return names
 
     return make
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The figures tests measured against their (generous) deadlines, so a slow trend shows before a failure."""
+    figures = [(report.nodeid, name, value) for reports in terminalreporter.stats.values() for report in reports
+               if getattr(report, "when", None) == "call" for name, value in getattr(report, "user_properties", ())]
+    if figures:
+        terminalreporter.section("measured figures")
+        for nodeid, name, value in figures:
+            terminalreporter.write_line(f"{value!s:>8}  {name}  ({nodeid.split('::')[-1]})")
