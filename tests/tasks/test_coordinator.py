@@ -174,8 +174,8 @@ def test_two_collectors_taking_one_result_at_once_count_it_once(kit):
     assert kit.take(kit.settings.coordinator_queue) == []
 
 
-def test_a_result_decided_by_a_collector_that_died_before_passing_it_on_is_passed_on_after_its_lease(
-        kit, monkeypatch):
+def decided_by_a_dead_collector(kit, monkeypatch) -> dict:
+    """A one-peer round whose result a collector decided, then died before passing it on; the task's message."""
     session = kit.session(peers_=1, **FEDERATED)
     run_session(kit, session)
     message = kit.trains(session)[kit.peer(0)][0]
@@ -183,6 +183,12 @@ def test_a_result_decided_by_a_collector_that_died_before_passing_it_on_is_passe
     with pytest.raises(Crash):
         kit.answer(message, kit.peer(0))
     assert assignments.get(message["id"])["outcome"] and kit.take(kit.settings.coordinator_queue) == []
+    return message
+
+
+def test_a_result_decided_by_a_collector_that_died_before_passing_it_on_is_passed_on_after_its_lease(
+        kit, monkeypatch):
+    message = decided_by_a_dead_collector(kit, monkeypatch)
     # Redelivered while the dead collector's lease on passing it on still holds: the coordinator looks again later.
     assert not kit.answer(message, kit.peer(0))
     [retry] = kit.take(kit.settings.coordinator_queue)
@@ -344,12 +350,7 @@ def test_deadline_that_died_before_counting_its_verdict_counts_it_on_redelivery(
 
 
 def test_deliver_delivered_twice_or_after_dying_passes_an_outcome_on_once(kit, monkeypatch):
-    session = kit.session(peers_=1, **FEDERATED)
-    run_session(kit, session)
-    message = kit.trains(session)[kit.peer(0)][0]
-    crash_once(monkeypatch, relay, "settle")
-    with pytest.raises(Crash):
-        kit.answer(message, kit.peer(0))
+    message = decided_by_a_dead_collector(kit, monkeypatch)
     kit.clock.advance(31)
     crash_once(monkeypatch, relay, "settle")
     with pytest.raises(Crash):
