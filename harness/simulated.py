@@ -82,12 +82,8 @@ class SimulatedPeer:
         # No publisher confirms: Celery's event dispatcher and a peer's result reporter use none either.
         self.channel = await self.connection.channel(publisher_confirms=False)
         await self.channel.basic_qos(prefetch_count=1)
-        queue = protocol.task_queue(self.name)
-        # Declared as Celery declares a peer's queue (the coordinator declares it alike when it sends).
-        await self.channel.exchange_declare(exchange=queue, exchange_type="direct", durable=True)
-        await self.channel.queue_declare(queue, durable=True)
-        await self.channel.queue_bind(queue, queue, routing_key=queue)
-        await self.channel.basic_consume(queue, self._on_task, no_ack=False)
+        # The queue the platform declared when it registered this peer (a peer declares nothing).
+        await self.channel.basic_consume(protocol.task_queue(self.name), self._on_task, no_ack=False)
         await self.event("worker-online", freq=WORKER_BEAT_SECONDS)
         self._beats = asyncio.create_task(self._beat())
 
@@ -182,7 +178,8 @@ def _update(spec: dict[str, Any], seed: int, spoil: bool = False) -> bytes:
     config = ModelConfig(len(spec["features"]), outputs, tuple(hp["hidden"]), hp["dropout"], spec["task"])
     state = state_from_bytes(transfer.fetch(spec["initial_weights"], max_state_bytes(config)), config)
     generator = torch.Generator().manual_seed(seed)
-    moved = {k: v + 1e-3 * torch.randn(v.shape, generator=generator) for k, v in state.items()}
+    # Every peer moves the weights the same small way (as peers training on alike data would), plus its own noise.
+    moved = {k: v * (1 - 1e-3) + 1e-5 * torch.randn(v.shape, generator=generator) for k, v in state.items()}
     if spoil:
         moved = {k: torch.full_like(v, float("nan")) for k, v in moved.items()}
     return state_to_bytes(moved, {"round": spec["round"]})

@@ -8,7 +8,8 @@ the grants inside its current task. So, unlike the platform's own app (tasks/cel
   writing a result backend: it has no Redis credentials, and the coordinator joins the chord;
 - stamps every event and result with `user_id` = its broker user, which RabbitMQ verifies
   (`StampedDispatcher`), so the monitor and the coordinator know who sent it;
-- declares nothing shared: events and results go to exchanges the platform declared;
+- declares nothing at all: its queues, and the exchanges its events and results go to, are the
+  platform's (its login has no configure right);
 - takes no remote-control commands (`worker_enable_remote_control = False`): broadcasting would need
   the right to declare the shared control exchange, which would also let a peer delete it;
 - reads stop notices for its sessions from its own queue (`protocol.StopNotices`).
@@ -106,6 +107,10 @@ def create_app(broker_url: str | None = None, settings: Settings | None = None) 
     app.conf.update(celeryconfig.peer(settings))
     logging.getLogger("celery.worker.request").addFilter(_REDELIVERED)
     app.conf.broker_url = broker_url or settings.broker_url
+    name = protocol.peer_of(protocol.identity(app))
+    if name is not None:
+        # Its queue as the platform declared it (`-Q peer.<name>` picks it): consumed, never declared.
+        app.conf.task_queues = [protocol.tasks_queue(name)]
     from tasks import training  # torch loads with the task, on peers only
 
     training.register(app, settings)

@@ -4,7 +4,10 @@ A registered peer `alice` connects as broker user `peer.alice` and may touch onl
 it consumes `peer.alice` (its tasks) and `peer.alice.stop` (stop notices), and publishes to exactly two
 exchanges, the event exchange (heartbeats) and the results exchange (its tasks' outcomes), always with
 the message property `user_id` set to its user, which RabbitMQ checks against the connection's login.
-So whoever reads those messages knows for certain which peer sent them.
+So whoever reads those messages knows for certain which peer sent them. It declares nothing: every
+exchange, queue and binding it uses is declared by the platform (`declarations`), so no name a peer
+could configure is one the platform declares, binds or publishes to. Tasks reach its queue through the
+platform's exchange `peertrain.tasks`.
 
 The messages are schemas: `TrainSpec` (what the coordinator asks a peer to train; the peer checks it
 before it trains), `TrainResult` (what a peer reports; the coordinator keeps only what this schema
@@ -64,16 +67,31 @@ def check_name(name: str) -> str:
     return name
 
 
+TASKS_EXCHANGE = "peertrain.tasks"  # what the coordinator sends `train` tasks to (routing key: the peer's queue)
+STOPS_EXCHANGE = "peertrain.stops"  # what stop notices go to (routing key: the peer's stop queue)
+
+
 def task_queue(name: str) -> str:
     """The queue a peer's worker consumes its tasks from."""
     return f"{PEER_PREFIX}{name}"
 
 
-def stop_queue(name: str) -> Queue:
-    """The queue of stop notices for peer `name`: declared alike by whoever touches it first."""
+def tasks_queue(name: str, declare: bool = False) -> Queue:
+    """Peer `name`'s task queue, bound to the platform's tasks exchange; the peer's side never declares it."""
+    return Queue(task_queue(name), Exchange(TASKS_EXCHANGE, "direct", durable=True, no_declare=not declare),
+                 routing_key=task_queue(name), durable=True, no_declare=not declare)
+
+
+def stop_queue(name: str, declare: bool = False) -> Queue:
+    """The queue of stop notices for peer `name`, bound to the platform's stops exchange (declared by the platform)."""
     queue_name = f"{PEER_PREFIX}{name}.stop"
-    return Queue(queue_name, Exchange(queue_name, "direct", durable=True), routing_key=queue_name, durable=True,
-                 message_ttl=STOP_NOTICE_TTL)
+    return Queue(queue_name, Exchange(STOPS_EXCHANGE, "direct", durable=True, no_declare=not declare),
+                 routing_key=queue_name, durable=True, message_ttl=STOP_NOTICE_TTL, no_declare=not declare)
+
+
+def declarations(name: str) -> list[Queue]:
+    """What the platform declares for peer `name` (with the exchanges and bindings they need)."""
+    return [tasks_queue(name, declare=True), stop_queue(name, declare=True)]
 
 
 def broker_user(name: str) -> str:
@@ -119,16 +137,17 @@ def results_queue(name: str) -> Queue:
 
 
 def permissions(name: str, event_exchange: str, results: str) -> dict[str, str]:
-    """RabbitMQ's configure/write/read patterns for peer `name`: its own queues, and publishing to two exchanges.
+    """RabbitMQ's configure/write/read patterns for peer `name`: consuming its own two queues, publishing to
+    the two exchanges it reports on, declaring nothing.
 
-    Configure (declare and delete) covers only the peer's own queues and their exchanges, so it can
-    neither delete nor redeclare anything the platform shares; write covers the two exchanges it
-    reports on; read only its own queues.
+    Configure (declare, redeclare, delete) covers no name at all: whatever a peer could configure, it could
+    also redeclare in a shape the platform does not expect, and every declaration of the platform's would
+    then fail. Write covers the two exchanges it reports on; read its own queues only.
     """
     own = rf"{re.escape(PEER_PREFIX)}{re.escape(check_name(name))}(\.stop)?"
     return {
-        "configure": rf"^{own}$",
-        "write": rf"^({own}|{re.escape(event_exchange)}|{re.escape(results)})$",
+        "configure": "^$",
+        "write": rf"^({re.escape(event_exchange)}|{re.escape(results)})$",
         "read": rf"^{own}$",
     }
 
@@ -229,6 +248,9 @@ class TrainSpecSchema(_Message):
     data_id = fields.String(required=True, validate=validate.Length(min=1))  # names the object for its cache
     weights = fields.String(required=True, validate=validate.Length(min=1))  # write grant of its weights
     initial_weights = fields.String(load_default=None, allow_none=True)  # read grant of its starting weights
+    # Given `normalization`, the rows are training rows scaled so; `holdout`: the share of them the peer keeps
+    # aside for its own validation curve (the platform's held-out rows are never in a task).
+    holdout = fields.Float(load_default=0.0, validate=validate.Range(0.0, 0.5))
     keep_data = fields.Boolean(load_default=False)
     last_round = fields.Boolean(load_default=False)
 

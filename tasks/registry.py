@@ -1,7 +1,8 @@
-"""Registering and removing peers: `python -m tasks.registry add|remove|list`.
+"""Registering and removing peers: `python -m tasks.registry add|remove|restore|list`.
 
     python -m tasks.registry add gpu1 [--env-file gpu1.env]   # prints (or writes) all the peer machine needs
     python -m tasks.registry remove gpu1                      # revokes its login at once
+    python -m tasks.registry restore gpu1                     # a quarantined peer takes work again
     python -m tasks.registry list
 
 A peer machine gets exactly its own broker login (a user with rights on its own queues and the two
@@ -26,7 +27,7 @@ import models
 from models import peer as peers
 from models import session as sessions
 from settings import Settings
-from tasks import lifecycle, protocol
+from tasks import lifecycle, protocol, relay
 from tasks.brokeradmin import BrokerAdmin
 from tasks.celery import create_app
 
@@ -56,12 +57,15 @@ def peer_broker_url(settings: Settings, user: str, password: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def declare_shared(settings: Settings) -> None:
-    """Declare what peers publish to but may not declare: the event exchange, the results exchange and queue."""
-    with create_app(settings).connection_for_write() as connection:
+def declare(settings: Settings, names: list[str] = ()) -> None:
+    """Declare what peers use but may not declare: the event exchange, the results exchange and queue, and
+    peers `names`' task and stop queues with their bindings to the platform's exchanges."""
+    app = create_app(settings)
+    with app.connection_for_write() as connection:
         channel = connection.default_channel
         get_exchange(connection, name=settings.event_exchange)(channel).declare()
         protocol.results_queue(settings.results_queue)(channel).declare()
+    relay.declare(app, list(names))
 
 
 def issue_login(name: str, settings: Settings) -> Enrolment:
@@ -73,7 +77,7 @@ def issue_login(name: str, settings: Settings) -> Enrolment:
         BrokerAdmin.from_settings(settings).add_user(
             user, password, protocol.permissions(name, settings.event_exchange, settings.results_queue))
         broker_url = peer_broker_url(settings, user, password)
-    declare_shared(settings)
+    declare(settings, [name])
     environment = {"BROKER_URL": broker_url, "EVENT_EXCHANGE": settings.event_exchange,
                    "RESULTS_QUEUE": settings.results_queue, "TRAIN_TIME_LIMIT": str(settings.train_time_limit)}
     if settings.broker_ca_file:
@@ -127,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     adding.add_argument("--rotate", action="store_true",
                         help="if the peer is registered already, issue it a new login (the old one stops working)")
     commands.add_parser("remove", help="revoke a peer's login and forget it").add_argument("name")
-    commands.add_parser("list", help="the registered peers")
+    commands.add_parser("list", help="the registered peers, their status and record")
+    commands.add_parser("restore", help="let a quarantined peer take work again").add_argument("name")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
@@ -151,9 +156,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"no peer named {args.name!r} was registered", file=sys.stderr)
                 return 1
             print(f"peer {args.name} removed; its login no longer works")
+        elif args.command == "restore":
+            if not peers.restore(args.name):
+                print(f"no quarantined peer named {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"peer {args.name} restored: it takes work again once it is seen")
         else:
             for peer in peers.Peer.objects.order_by("name"):
-                print(f"{peer.name}\t{peer.status}\t{peer.last_seen or '-'}")
+                record = " ".join(f"{name} {getattr(peer, name)}" for name in peers.COUNTERS)
+                print(f"{peer.name}\t{peer.status}\t{peer.last_seen or '-'}\treputation {peer.reputation:.2f}"
+                      f"\t{record}")
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2

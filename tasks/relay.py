@@ -24,6 +24,7 @@ from celery.app.task import Context
 from celery.canvas import Signature
 
 from models import assignment as assignments
+from tasks import protocol
 from tasks.gate import Outcome
 
 # A coordinator passing an outcome on that has not settled it after this long died doing so.
@@ -39,10 +40,22 @@ def body(app: Celery, queue: str, session_id: str, round_: int, body_id: str, si
     return signature
 
 
-def train(app: Celery, queue: str, task_id: str, spec: dict[str, Any], seconds: int, describe: str) -> Signature:
-    """One `train` task for one peer's queue; its events show `describe` instead of the spec (which holds grants)."""
-    return app.signature("peertrain.train", args=[spec], queue=queue, task_id=task_id, argsrepr=f"({describe})",
+def train(app: Celery, peer: str, task_id: str, spec: dict[str, Any], seconds: int, describe: str) -> Signature:
+    """One `train` task for peer `peer`, through the platform's tasks exchange to that peer's queue (never an
+    exchange a peer could have declared); its events show `describe` instead of the spec (which holds grants)."""
+    return app.signature("peertrain.train", args=[spec], exchange=protocol.TASKS_EXCHANGE,
+                         routing_key=protocol.task_queue(peer), task_id=task_id, argsrepr=f"({describe})",
                          kwargsrepr="{}", expires=seconds)
+
+
+def declare(app: Celery, peers: list[str]) -> None:
+    """Declare the peers' task and stop queues and their bindings (done at registration; again when a session
+    starts, for peers registered before the platform's exchanges existed)."""
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        for name in peers:
+            for queue in protocol.declarations(name):
+                queue(channel).declare()
 
 
 def send(app: Celery, header: list[Signature], group: str, body_: Signature) -> None:

@@ -46,12 +46,24 @@ def test_names_that_cannot_name_queues_and_logins_are_refused(db, capsys, name):
     assert Peer.objects.count() == 0
 
 
-def test_permissions_cover_only_the_peers_own_resources():
-    rules = protocol.permissions("alice", "celeryev", "peertrain.results")
+def test_no_name_the_platform_declares_binds_or_publishes_to_is_one_a_peer_may_configure(settings):
+    """Every exchange and queue of the platform's, as its own code names them, against what peer `alice`'s login
+    may do: configure none, write only the two exchanges it reports on, read only its own two queues."""
     import re
 
-    for resource, allowed in (("peer.alice", "cwr"), ("peer.alice.stop", "cwr"), ("peer.alicex", ""),
-                              ("peer.bob", ""), ("coordinator", ""), ("celeryev", "w"),
-                              ("peertrain.results", "w"), ("celery.pidbox", ""), ("amq.default", "")):
-        got = "".join(k[0] for k in ("configure", "write", "read") if re.match(rules[k], resource))
+    from tasks import feed
+    from tasks.celery import create_app
+
+    app = create_app(settings)
+    platforms = {settings.coordinator_queue: "", settings.monitor_queue: "", feed.exchange(app).name: "",
+                 protocol.TASKS_EXCHANGE: "", protocol.STOPS_EXCHANGE: "", settings.event_exchange: "w",
+                 settings.results_queue: "w", app.conf.task_default_exchange or "celery": "",
+                 "celery.pidbox": "", "reply.celery.pidbox": "", "amq.default": ""}  # RabbitMQ checks "" so
+    for peer in ("alice", "bob", "alicex"):
+        for queue in protocol.declarations(peer):
+            platforms[queue.name] = "r" if peer == "alice" else ""
+            platforms[queue.exchange.name] = ""
+    rules = protocol.permissions("alice", settings.event_exchange, settings.results_queue)
+    for resource, allowed in platforms.items():
+        got = "".join(k[0] for k in ("configure", "write", "read") if re.search(rules[k], resource))
         assert got == allowed, (resource, got)
