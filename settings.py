@@ -149,10 +149,18 @@ class Settings:
     peer_keep_memory: bool = _opt(
         "PEER_KEEP_MEMORY", True, "peers keep freed memory for the next read/shuffle instead of faulting it in again"
     )
+    peer_event_rate: float = _opt(
+        "PEER_EVENT_RATE", 200.0, "events per second one peer may send (bursts of 10 s worth); more are dropped"
+        " unread (its result still carries every epoch)"
+    )
     peer_timeout_seconds: float = _opt(
         "PEER_TIMEOUT_SECONDS", 10.0, "a peer silent this long is OFFLINE (workers beat every 2 s)"
     )
     train_time_limit: int = _opt("TRAIN_TIME_LIMIT", 3600, "seconds a training task may run before it is killed")
+    deadline_floor: float = _opt(
+        "DEADLINE_FLOOR_SECONDS", 60.0, "a task without a user-given `round_timeout` is overdue once it has taken 3x"
+        " as long per epoch as the slowest of its fellows that finished, but never before this many seconds"
+    )
     session_start_timeout: int = _opt(
         "SESSION_START_TIMEOUT", 600, "a session no coordinator has started after this many seconds fails"
     )

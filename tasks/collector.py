@@ -20,7 +20,7 @@ from kombu import Consumer
 import models
 from models import assignment as assignments
 from tasks import protocol, relay
-from tasks.gate import Dropped, Outcome
+from tasks.gate import Budget, Dropped, Outcome
 from tasks.services import Services
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ def step(services: Services) -> type[bootsteps.ConsumerStep]:
             super().__init__(c, **kwargs)
             self.collector = Collector(services)
             self.queue = protocol.results_queue(services.settings.results_queue)
+            # A peer has one task out at a time: a few results a second is plenty, and the rest is a flood.
+            self.budget = Budget(rate=20.0, burst=200.0)
 
         def get_consumers(self, channel) -> list[Consumer]:
             # on_message: the raw message, so its size is checked before its body is decoded.
@@ -71,6 +73,11 @@ def step(services: Services) -> type[bootsteps.ConsumerStep]:
                              prefetch_count=256)]
 
         def on_message(self, message) -> None:
+            if not self.budget.allow(message.properties.get("user_id")):
+                self.collector.gate.drop("over budget", f"results from {message.properties.get('user_id')!r}",
+                                         "a result")
+                message.ack()
+                return
             size = len(message.body or b"")
             try:
                 self.collector.collect(message.properties.get("user_id"), size,

@@ -9,7 +9,8 @@ A peer is a stranger's machine; what it says is believed only as far as the plat
 - **what it uploaded**: weights read from where the coordinator's plan puts them, size-capped, shapes
   and values checked (`weights`);
 - **how much it counts**: sample counts from the coordinator's plan (`samples`), never the peer's;
-- **what it may touch**: grants to exactly the objects of its task (`grants`).
+- **what it may touch**: grants to exactly the objects of its task (`grants`);
+- **how much it may send**: a budget per peer (`Budget`), spent before its message is even decoded.
 The strategies (tasks/strategy.py) and the monitor decide nothing about a peer's word themselves:
 they ask this module. Its verdicts are `Outcome`s, which only it makes, so a peer cannot craft one.
 """
@@ -17,6 +18,7 @@ they ask this module. Its verdicts are `Outcome`s, which only it makes, so a pee
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +36,27 @@ TRAINED, LEFT_OUT = "trained", "left_out"
 HEARTBEAT_GRACE = timedelta(seconds=30)
 # Longest a task's grants stay valid beyond the training time limit (a task may wait in its queue).
 GRANT_SLACK_SECONDS = 600
+
+
+class Budget:
+    """What one peer may send per second (`rate`, in bursts of up to `burst`), checked on a message's verified
+    sender before anything reads the message: one peer's flood costs that peer's messages, nobody else's.
+    The platform's own processes (a sender that is not a peer) are not limited."""
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._left: dict[str, tuple[float, float]] = {}  # sender -> (messages it may still send, when counted)
+
+    def allow(self, user_id: str | None) -> bool:
+        if protocol.peer_of(user_id) is None:
+            return True
+        now = self.clock()
+        left, at = self._left.get(user_id, (self.burst, now))
+        left = min(self.burst, left + (now - at) * self.rate)
+        if len(self._left) > 100_000:  # a budget per registered peer: this many means they come and go
+            self._left.clear()
+        self._left[user_id] = (left - 1, now) if left >= 1 else (left, now)
+        return left >= 1
 
 
 class Dropped(Exception):
@@ -206,17 +229,16 @@ class Gate:
     def grant_seconds(self) -> int:
         return self.train_time_limit + GRANT_SLACK_SECONDS
 
-    def read_grant(self, url: str) -> str:
-        """A grant to read one object (the same for every peer of a round: starting weights)."""
-        return self.storage.grant_read(url, self.grant_seconds)
-
-    def grants(self, data_url: str, weights_key: str, config: Any, initial_grant: str | None = None) -> dict[str, Any]:
-        """A task's doors to storage: read its data (and its starting weights), write its weights, nothing else."""
+    def grants(self, task_id: str, data_url: str, weights_key: str, config: Any,
+               initial_url: str | None = None) -> dict[str, Any]:
+        """Task `task_id`'s doors to storage: read its data (and its starting weights), write its weights, nothing
+        else; each ends with the task where storage can end it (local storage: webapp/objects.py)."""
         from trainer.weights import max_state_bytes
 
+        seconds = self.grant_seconds
         return {
-            "data": self.storage.grant_read(data_url, self.grant_seconds),
+            "data": self.storage.grant_read(data_url, seconds, task=task_id),
             "data_id": data_url,  # names the object for the peer's cache; opens nothing
-            "initial_weights": initial_grant,
-            "weights": self.storage.grant_write(weights_key, self.grant_seconds, max_state_bytes(config)),
+            "initial_weights": self.storage.grant_read(initial_url, seconds, task=task_id) if initial_url else None,
+            "weights": self.storage.grant_write(weights_key, seconds, max_state_bytes(config), task=task_id),
         }

@@ -41,7 +41,8 @@ from models import peer as peers
 from models import session as sessions
 from settings import Settings
 from tasks import feed, lifecycle, protocol
-from tasks.gate import Dropped, Gate
+from tasks.brokeradmin import BrokerAdmin
+from tasks.gate import Budget, Dropped, Gate
 from tasks.services import Clock
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ ROUTING_KEYS = ("worker.#", "task.heartbeat")  # Celery routes an event by its t
 PROGRESS_EVERY = 0.25  # seconds between writes of one session's peers' progress
 PROGRESS = ("round", *protocol.PROGRESS)
 ASSIGNMENT_SECONDS = 1.0  # how long a task's assignment, as read, answers for its heartbeats
+# A task whose deadline the user did not set is overdue once it has taken this many times as long per epoch as
+# the slowest of its fellows that finished (models.assignment.tighten), looked at every TIGHTEN_EVERY s.
+DEADLINE_FACTOR = 3.0
+TIGHTEN_EVERY = 5.0
 
 
 class Monitor:
@@ -61,7 +66,9 @@ class Monitor:
     def __init__(self, peer_timeout: float, start_timeout: float = 600.0, batch_size: int = 2000,
                  clock: Clock | None = None, app: Celery | None = None,
                  lose: Callable[[str, str, str], None] | None = None,
-                 overdue: Callable[[str, list[str]], None] | None = None, reconnect_grace: float = 30.0) -> None:
+                 overdue: Callable[[str, list[str]], None] | None = None, reconnect_grace: float = 30.0,
+                 consumers: Callable[[], set[str]] | None = None, look_every: float = 2.0,
+                 deadline_floor: float = 60.0) -> None:
         self.peer_timeout = timedelta(seconds=peer_timeout)
         self.start_timeout = timedelta(seconds=start_timeout)
         self.batch_size = batch_size
@@ -70,11 +77,20 @@ class Monitor:
         self.lose = lose or self._send_peer_lost
         self.overdue = overdue or self._send_deadline
         self.reconnect_grace = reconnect_grace
+        # The broker's own view (the peers whose login consumes their queue), asked every `look_every` s;
+        # None where there is none (the in-memory broker: then the peers are the platform's own threads,
+        # and their events say they are there).
+        self.consumers = consumers
+        self.look_every = look_every
+        self._looked = float("-inf")
+        self.deadline_floor = deadline_floor
+        self._tightened = float("-inf")
         self.gate = Gate(storage=None, clock=self.clock, lookup=self._assignment)
         self.dropped = self.gate.dropped
         # Monotonic time since which the monitor has been receiving events (None: not connected), and
         # the extra time peers get after that before their silence counts.
         self._receiving_since: float | None = None
+        self.behind = False  # set by whoever feeds it: events wait unread in its queue
         self._grace = 0.0
         self._was_connected = False
         self._reported: set[str] = set()  # overdue tasks handed to the coordinator
@@ -120,13 +136,19 @@ class Monitor:
                     self._alive[name] = (event["hostname"], self.clock.monotonic())
                     with self._lock:
                         self._beating.add(name)
-            elif peers.seen(name, event["hostname"]):
+            elif peers.seen(name, event["hostname"], online=self.consumers is None):
                 self._alive[name] = (event["hostname"], self.clock.monotonic())
             else:
                 self._drop("unregistered peer", f"{kind} from {name}, which is not registered")
 
     def _drop(self, reason: str, detail: str) -> None:
         self.gate.drop(reason, detail, "an event")
+
+    drop = _drop
+
+    def over_budget(self, sender: str | None) -> None:
+        """A peer sent more events than its budget: dropped before they were read."""
+        self.gate.drop("over budget", f"events from {sender!r} beyond its budget", "an event")
 
     def _assignment(self, task_id: str) -> dict[str, Any] | None:
         """The assignment of `task_id` as read at most ASSIGNMENT_SECONDS ago."""
@@ -203,7 +225,7 @@ class Monitor:
         """Write the worker heartbeats of peers seen before, in one go; forget the ones no longer registered."""
         if not names:
             return
-        known = peers.still_seen(sorted(names))
+        known = peers.still_seen(sorted(names), online=self.consumers is None)
         for name in names - known:
             self._alive.pop(name, None)
             self._drop("unregistered peer", f"worker heartbeat from {name}, which is not registered (any more)")
@@ -224,9 +246,11 @@ class Monitor:
         self._receiving_since = None
 
     def judging(self) -> bool:
-        """True when silence is evidence: connected long enough for every live peer to have been heard."""
+        """True when silence is evidence: connected long enough for every live peer to have been heard, and not
+        behind (a backlog of unread events may hold the very events that would show a peer alive)."""
         since = self._receiving_since
-        return since is not None and self.clock.monotonic() - since >= self.peer_timeout.total_seconds() + self._grace
+        return (since is not None and not self.behind
+                and self.clock.monotonic() - since >= self.peer_timeout.total_seconds() + self._grace)
 
     def sweep(self) -> list[str]:
         """Report silent peers and tasks past their deadline; fail sessions past theirs. Returns lost peers."""
@@ -236,6 +260,10 @@ class Monitor:
             lost = [p.name for p in peers.silent_since(now - self.peer_timeout)]
             for name in lost:
                 self._lost(name, f"went offline (no heartbeat for {self.peer_timeout.total_seconds():g} s)")
+        lost += self._look(now)
+        if self.clock.monotonic() >= self._tightened + TIGHTEN_EVERY:
+            self._tightened = self.clock.monotonic()
+            assignments.tighten(DEADLINE_FACTOR, self.deadline_floor)
         late: dict[str, list[str]] = defaultdict(list)
         for assignment in assignments.overdue(now):
             if assignment["_id"] not in self._reported:
@@ -250,6 +278,25 @@ class Monitor:
         if len(self._reported) > 100_000:
             self._reported.clear()
         return lost
+
+    def _look(self, now: datetime) -> list[str]:
+        """Ask the broker which peers consume their own queue: they are ONLINE, and (while the monitor is in a
+        position to judge) the others are OFFLINE, and lost to the session they were training for."""
+        if self.consumers is None or self.clock.monotonic() < self._looked + self.look_every:
+            return []
+        self._looked = self.clock.monotonic()
+        try:
+            consuming = self.consumers()
+        except Exception as exc:  # the management API is away: no evidence either way
+            log.warning("could not ask the broker which peers are consuming (%s)", exc)
+            return []
+        away = peers.consuming(consuming, now, judge=self.judging())
+        for peer in away:
+            self._alive.pop(peer.name, None)
+            log.info("peer %s is OFFLINE: its login no longer consumes its queue", peer.name)
+            if peer.status == peers.TRAINING and peer.session_id is not None:
+                self.lose(str(peer.session_id), peer.name, "went offline (its worker stopped taking tasks)")
+        return [peer.name for peer in away]
 
     def _lost(self, name: str, why: str) -> None:
         self._alive.pop(name, None)
@@ -282,7 +329,8 @@ class EventConsumer:
     """
 
     def __init__(self, app: Celery, monitor: Monitor, queue: str, flush_every: float = 0.05,
-                 sweep_every: float = 1.0, max_length: int = 1_000_000, message_ttl: float = 86400) -> None:
+                 sweep_every: float = 1.0, max_length: int = 1_000_000, message_ttl: float = 86400,
+                 budget: Budget | None = None) -> None:
         self.app = app
         self.monitor = monitor
         self.queue_name = queue
@@ -292,6 +340,7 @@ class EventConsumer:
         self.message_ttl = message_ttl
         self.stopped = threading.Event()
         self.ready = threading.Event()
+        self.budget = budget or Budget(rate=200.0, burst=2000.0)
 
     def queue(self, connection) -> Queue:
         exchange = get_exchange(connection, name=self.app.conf.event_exchange)
@@ -326,12 +375,21 @@ class EventConsumer:
         # Only AMQP acknowledges up to a delivery tag in one frame; virtual transports ack one by one.
         bulk_ack = connection.transport.driver_type == "amqp"
 
-        def on_message(body: Any, message: Any) -> None:
+        def on_message(message: Any) -> None:
+            # The sender's budget first, from the message's verified user_id: a flood is dropped undecoded.
             sender = message.properties.get("user_id")
+            pending.append(message)
+            if not self.budget.allow(sender):
+                self.monitor.over_budget(sender)
+                return
+            try:
+                body = message.decode()
+            except Exception as exc:  # not JSON, or too deep: nothing a peer sends may stop the monitor
+                self.monitor.drop("malformed event", f"from {sender!r}: {type(exc).__name__}")
+                return
             for event in body if isinstance(body, list) else (body,):
                 if isinstance(event, dict):
                     self.monitor.on_event(event, sender)
-            pending.append(message)
 
         def settle() -> None:
             self.monitor.flush()
@@ -348,7 +406,7 @@ class EventConsumer:
         bound = queue(connection.default_channel)
         bound.declare()
         bound.unbind_from(get_exchange(connection, name=self.app.conf.event_exchange), routing_key="#")
-        consumer = connection.Consumer(queues=[queue], callbacks=[on_message], accept=["json"],
+        consumer = connection.Consumer(queues=[queue], on_message=on_message, accept=["json"],
                                        no_ack=False, prefetch_count=5000)
         with consumer:
             self.monitor.receiving()
@@ -365,15 +423,33 @@ class EventConsumer:
                     settle()
                     next_flush = now + self.flush_every
                 if now >= next_sweep:
+                    # Silence is judged only from events read: not while a backlog waits in the queue.
+                    self.monitor.behind = bound.queue_declare(passive=True).message_count > self.monitor.batch_size
                     self.monitor.sweep()
                     next_sweep = now + self.sweep_every
             settle()
 
 
+def broker_view(settings: Settings) -> Callable[[], set[str]] | None:
+    """The peers whose own login consumes their own task queue, as RabbitMQ's management API shows it; None on
+    the in-memory broker, which has no such view."""
+    if settings.embedded_broker:
+        return None
+    admin = BrokerAdmin.from_settings(settings)
+
+    def consuming() -> set[str]:
+        return {name for queue, user in admin.consumers()
+                if (name := protocol.peer_of(user)) is not None and queue == protocol.task_queue(name)}
+
+    return consuming
+
+
 def build(app: Celery, settings: Settings, clock: Clock | None = None) -> EventConsumer:
     """The monitor as `settings` configure it (the database must be connected)."""
-    monitor = Monitor(settings.peer_timeout_seconds, settings.session_start_timeout, clock=clock, app=app)
-    return EventConsumer(app, monitor, settings.monitor_queue)
+    monitor = Monitor(settings.peer_timeout_seconds, settings.session_start_timeout, clock=clock, app=app,
+                      consumers=broker_view(settings), deadline_floor=settings.deadline_floor)
+    budget = Budget(rate=settings.peer_event_rate, burst=10 * settings.peer_event_rate)
+    return EventConsumer(app, monitor, settings.monitor_queue, budget=budget)
 
 
 def main() -> None:

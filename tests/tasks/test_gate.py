@@ -74,3 +74,15 @@ def test_weights_are_read_where_the_coordinator_put_them_capped_and_checked(gate
     gate.storage.put_bytes("w/shape", state_to_bytes(SimpleDNN(ModelConfig(4, 2, (9,)), seed=0).state_dict()))
     for key in ("w/nan", "w/huge", "w/shape", "w/missing"):
         assert isinstance(gate.weights(key, CONFIG), str), key
+
+
+def test_a_peers_budget_is_spent_before_its_messages_are_read_and_refills_with_time():
+    from tasks.gate import Budget
+
+    now = [0.0]
+    budget = Budget(rate=10, burst=20, clock=lambda: now[0])
+    assert sum(budget.allow("peer.flood") for _ in range(100)) == 20  # its burst, then nothing
+    assert budget.allow("peer.honest")  # another peer's budget is its own
+    assert all(budget.allow("guest") for _ in range(1000))  # the platform's own processes are not limited
+    now[0] += 1.0
+    assert sum(budget.allow("peer.flood") for _ in range(100)) == 10  # ten a second

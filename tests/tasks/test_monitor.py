@@ -243,6 +243,18 @@ def test_silence_is_not_judged_while_the_monitor_cannot_hear(db):
     assert monitor.sweep() == ["quiet"] and len(lost) == 1
 
 
+def test_silence_is_not_judged_while_events_wait_unread(db):
+    """A flood (or a burst) fills the monitor's queue: the events that show a peer alive may be in it."""
+    online("quiet", at=utcnow() - timedelta(seconds=30))
+    make_session(["quiet"])
+    lost: list = []
+    monitor = judging_monitor(lost)
+    monitor.behind = True
+    assert monitor.sweep() == [] and lost == []
+    monitor.behind = False
+    assert monitor.sweep() == ["quiet"] and len(lost) == 1
+
+
 def test_tasks_past_their_deadline_are_reported_once(db):
     online("slow", "quick")
     clock = FrozenClock()
