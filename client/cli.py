@@ -169,10 +169,12 @@ def peers(state: State, as_json: bool) -> None:
     answer = state.api().peers()
     if as_json:
         return emit(answer)
-    table = Table("peer", "status", "host", "last seen", "session", box=box.SIMPLE)
+    table = Table("peer", "status", "host", "last seen", "session", "used", "refused", "timed out", "failed",
+                  "reputation", box=box.SIMPLE)
     for p in answer["peers"]:
         table.add_row(p["name"], p["status"], p.get("hostname") or "", _local(p.get("last_seen")),
-                      p.get("session_id") or "")
+                      p.get("session_id") or "", str(p.get("accepted", 0)), str(p.get("rejected", 0)),
+                      str(p.get("timed_out", 0)), str(p.get("failed", 0)), f"{p.get('reputation', 0.5):.2f}")
     state.console.print(table)
     state.console.print(f"{answer['total']} known, {answer['online']} online, {answer['free']} free to train")
 

@@ -1,26 +1,37 @@
-"""Peers: the registered worker machines that train, and the atomic claim that hands them to one session.
+"""Peers: the registered worker machines that train, their record, and the atomic claim that hands them to a session.
 
 A peer exists here only once it is registered (`python -m tasks.registry add NAME`, which also issues
-its broker login); the monitor marks registered peers ONLINE or OFFLINE, and never adds one.
+its broker login). Whether it is there is the broker's say where the broker can say it: a peer is ONLINE
+while its own login consumes its own queue (the monitor asks RabbitMQ, `consuming`); its events only
+say how fresh it is and how its training goes. Its record (tasks accepted, rejected, outliers, timed out,
+failed) follows it across sessions: claims prefer reputable peers, and one whose updates were rejected
+in three sessions running is QUARANTINED, never claimed, until an operator restores it.
 """
 
 from __future__ import annotations
 
+import random
 from datetime import datetime, timedelta
+from typing import Any
 
 from bson import ObjectId
-from mongoengine import DateTimeField, Document, ObjectIdField, StringField
+from mongoengine import DateTimeField, Document, IntField, ObjectIdField, StringField
 
 from models.db import utcnow
 
 ONLINE = "ONLINE"
 TRAINING = "TRAINING"
 OFFLINE = "OFFLINE"
-STATUSES = (ONLINE, TRAINING, OFFLINE)
+QUARANTINED = "QUARANTINED"
+STATUSES = (ONLINE, TRAINING, OFFLINE, QUARANTINED)
+# What a peer's record counts, task by task.
+COUNTERS = ("accepted", "rejected", "outliers", "timed_out", "failed")
+# Sessions running in which a peer's updates were rejected, after which it is quarantined.
+STRIKES = 3
 
 
 class Peer(Document):
-    """One peer worker, known from the events its Celery worker sends."""
+    """One peer worker and its record."""
 
     name = StringField(required=True, unique=True)
     status = StringField(required=True, choices=STATUSES, default=OFFLINE)
@@ -29,8 +40,28 @@ class Peer(Document):
     last_seen = DateTimeField()
     online_since = DateTimeField()
     registered_at = DateTimeField(default=utcnow)
+    accepted = IntField(default=0)  # tasks whose result the coordinator used
+    rejected = IntField(default=0)  # tasks whose update the coordinator refused (why: last_rejection)
+    outliers = IntField(default=0)  # tasks whose update was far from the others'
+    timed_out = IntField(default=0)  # tasks not finished by their deadline
+    failed = IntField(default=0)  # tasks that failed on the peer
+    strikes = IntField(default=0)  # sessions running in which some update of its was rejected
+    last_rejection = StringField()
+    quarantined_at = DateTimeField()
 
-    meta = {"collection": "peers", "indexes": ["status", "session_id"]}
+    meta = {"collection": "peers", "indexes": ["status", "session_id"], "strict": False}
+
+    @property
+    def reputation(self) -> float:
+        return reputation(self.to_mongo())
+
+
+def reputation(record: dict[str, Any]) -> float:
+    """How far a peer's record lets it be trusted, 0..1: the share of its tasks that were used, counted as if
+    it had one used and one refused beforehand (a newcomer is 0.5: neither starved nor favoured)."""
+    good = record.get("accepted") or 0
+    bad = sum(record.get(name) or 0 for name in ("rejected", "timed_out", "failed"))
+    return (good + 1) / (good + bad + 2)
 
 
 def register(name: str) -> Peer:
@@ -45,18 +76,18 @@ def unregister(name: str) -> Peer | None:
     return Peer.objects(name=name).modify(remove=True)
 
 
-def seen(name: str, hostname: str, at: datetime | None = None) -> bool:
-    """Record a sign of life of a registered peer; an OFFLINE one becomes ONLINE, a TRAINING one stays so.
-
-    False (and nothing recorded) when no such peer is registered."""
+def seen(name: str, hostname: str, at: datetime | None = None, online: bool = True) -> bool:
+    """Record a sign of life of a registered peer (with `online`, an OFFLINE one becomes ONLINE: where nothing
+    else can tell, as with `make run`'s in-process peers); False (nothing recorded) when it is not registered."""
     at = at or utcnow()
     if not Peer.objects(name=name).update_one(set__hostname=hostname, set__last_seen=at):
         return False
-    Peer.objects(name=name, status=OFFLINE).update_one(set__status=ONLINE, set__online_since=at)
+    if online:
+        Peer.objects(name=name, status=OFFLINE).update_one(set__status=ONLINE, set__online_since=at)
     return True
 
 
-def still_seen(names: list[str], at: datetime | None = None) -> set[str]:
+def still_seen(names: list[str], at: datetime | None = None, online: bool = True) -> set[str]:
     """Record a sign of life of many peers at once (their hostnames unchanged); returns the registered ones.
 
     One read and two updates for any number of peers: the monitor's way with the worker heartbeats of
@@ -67,39 +98,58 @@ def still_seen(names: list[str], at: datetime | None = None) -> set[str]:
     known = set(Peer.objects(name__in=names).scalar("name"))
     if known:
         Peer.objects(name__in=list(known)).update(set__last_seen=at)
-        Peer.objects(name__in=list(known), status=OFFLINE).update(set__status=ONLINE, set__online_since=at)
+        if online:
+            Peer.objects(name__in=list(known), status=OFFLINE).update(set__status=ONLINE, set__online_since=at)
     return known
+
+
+def consuming(names: set[str], at: datetime, judge: bool = True) -> list[Peer]:
+    """What the broker shows: peers `names` consume their own queue. OFFLINE ones among them become ONLINE;
+    with `judge`, peers ONLINE or TRAINING that do not are OFFLINE. Returns those, as they were."""
+    Peer.objects(name__in=list(names), status=OFFLINE).update(set__status=ONLINE, set__online_since=at)
+    if not judge:
+        return []
+    away = list(Peer.objects(status__in=[ONLINE, TRAINING], name__nin=list(names)))
+    for peer in away:
+        Peer.objects(name=peer.name, status=peer.status).update_one(set__status=OFFLINE)
+    return away
 
 
 def gone(name: str, idle_only: bool = False) -> Peer | None:
     """Mark a peer OFFLINE (it fell silent; with `idle_only`, only if it is not training); returns it as it was."""
-    query = Peer.objects(name=name, status=ONLINE) if idle_only else Peer.objects(name=name, status__ne=OFFLINE)
+    query = (Peer.objects(name=name, status=ONLINE) if idle_only
+             else Peer.objects(name=name, status__in=[ONLINE, TRAINING]))
     return query.modify(set__status=OFFLINE, new=False)
 
 
 def silent_since(cutoff: datetime) -> list[Peer]:
-    """Peers not OFFLINE whose last sign of life is older than `cutoff`."""
-    return list(Peer.objects(status__ne=OFFLINE, last_seen__lt=cutoff))
+    """Peers ONLINE or TRAINING whose last sign of life is older than `cutoff`."""
+    return list(Peer.objects(status__in=[ONLINE, TRAINING], last_seen__lt=cutoff))
 
 
 def online_count() -> int:
     return Peer.objects(status=ONLINE).count()
 
 
-def claim(session_id: ObjectId, count: int, stale_after: timedelta | None = None) -> list[str]:
+def claim(session_id: ObjectId, count: int, stale_after: timedelta | None = None,
+          rng: random.Random | None = None) -> list[str]:
     """Atomically move `count` ONLINE peers to TRAINING for `session_id`; all of them or none.
 
-    Each peer is taken with a conditional update (ONLINE → TRAINING), so two sessions claiming at
-    once never share a peer; if fewer than `count` can be taken, the ones taken are given back.
+    The most reputable first, equals in a random order (never by how fresh their events are: any peer can
+    make its own look fresh). Each peer is taken with a conditional update (ONLINE → TRAINING), so two
+    sessions claiming at once never share a peer; if fewer than `count` can be taken, the ones taken are
+    given back.
     """
     if count < 1:
         return []
     query = Peer.objects(status=ONLINE)
     if stale_after is not None:
         query = query.filter(last_seen__gte=utcnow() - stale_after)
+    rng = rng or random.Random()
+    candidates = [(-reputation(record), rng.random(), record["name"])
+                  for record in query.only("name", *COUNTERS).as_pymongo()]
     claimed: list[str] = []
-    # Freshest first: a peer that beat recently is the likeliest to be there when its task arrives.
-    for name in query.order_by("-last_seen").scalar("name"):
+    for _, _, name in sorted(candidates):
         taken = Peer.objects(name=name, status=ONLINE).update_one(set__status=TRAINING, set__session_id=session_id)
         if taken:
             claimed.append(name)
@@ -122,3 +172,34 @@ def release(session_id: ObjectId, names: list[str] | None = None) -> int:
     released = query.filter(status=TRAINING).update(set__status=ONLINE, unset__session_id=True)
     query.update(unset__session_id=True)
     return released
+
+
+# --- the record ----------------------------------------------------------------------------------------
+
+def count(name: str, why: str | None = None, **counters: int) -> None:
+    """Add to a peer's record (`accepted=1`, `rejected=1`, …); `why` a rejection's reason."""
+    incs = {f"inc__{key}": value for key, value in counters.items() if key in COUNTERS and value}
+    if why:
+        incs["set__last_rejection"] = why[:300]
+    if incs:
+        Peer.objects(name=name).update_one(**incs)
+
+
+def strike(names: list[str], spared: list[str], at: datetime) -> list[str]:
+    """After a session: peers `names` had updates rejected in it (a strike each), peers `spared` did not
+    (their strikes start over). Returns the peers quarantined now (STRIKES sessions running)."""
+    if spared:
+        Peer.objects(name__in=spared).update(set__strikes=0)
+    if not names:
+        return []
+    Peer.objects(name__in=names).update(inc__strikes=1)
+    out = list(Peer.objects(name__in=names, strikes__gte=STRIKES, status__ne=QUARANTINED).scalar("name"))
+    if out:
+        Peer.objects(name__in=out).update(set__status=QUARANTINED, set__quarantined_at=at, unset__session_id=True)
+    return out
+
+
+def restore(name: str) -> bool:
+    """An operator lets a quarantined peer work again (OFFLINE until it is seen, its strikes forgotten)."""
+    return bool(Peer.objects(name=name, status=QUARANTINED).update_one(
+        set__status=OFFLINE, set__strikes=0, unset__quarantined_at=True))

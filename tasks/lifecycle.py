@@ -32,7 +32,7 @@ def request_stop(app: Celery, session_id: str, names: Iterable[str], reason: str
     notice = protocol.stop_notice(session_id, reason)
     with app.producer_or_acquire() as producer:
         for name in names:
-            queue = protocol.stop_queue(name)
+            queue = protocol.stop_queue(name, declare=True)
             producer.publish(notice, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
                              serializer="json", delivery_mode=2, retry=True)
 
@@ -63,5 +63,10 @@ def end(app: Celery, session_id: str | ObjectId, status: str, reason: str | None
     released = peers.release(session_id)
     if not sessions.finish(session_id, status, reason, **fields):
         return False
+    # A strike for each peer most of whose updates were refused here; three sessions running and it is out.
+    struck = [run.name for run in session.peers if run.rejected and run.rejected >= run.accepted]
+    spared = [run.name for run in session.peers if run.accepted > run.rejected]
+    for name in peers.strike(struck, spared, at):
+        log.warning("peer %s is QUARANTINED: its updates were refused in %d sessions running", name, peers.STRIKES)
     log.info("session %s %s (%s); %d peer(s) released", session_id, status, reason or "-", released)
     return True

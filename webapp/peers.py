@@ -6,7 +6,7 @@ from flask.views import MethodView
 from flask_jwt_extended import jwt_required
 
 from models import Peer
-from models.peer import OFFLINE, ONLINE
+from models.peer import ONLINE, TRAINING
 from webapp.extensions import Blueprint
 from webapp.schemas import PeerListSchema
 
@@ -20,7 +20,7 @@ class Peers(MethodView):
     @blp.response(200, PeerListSchema)
     @blp.doc(security=[{"bearerAuth": []}])
     def get(self):
-        """Every known peer with its status; `online` counts the reachable ones, `free` those idle among them."""
+        """Every known peer with its status and record; `online` counts the reachable ones, `free` those idle."""
         peers = list(Peer.objects.order_by("name"))
-        return {"peers": peers, "online": sum(p.status != OFFLINE for p in peers),
+        return {"peers": peers, "online": sum(p.status in (ONLINE, TRAINING) for p in peers),
                 "free": sum(p.status == ONLINE for p in peers), "total": len(peers)}

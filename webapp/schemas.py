@@ -14,6 +14,7 @@ from werkzeug.datastructures import FileStorage
 from models.session import AGGREGATIONS, ASYNC, FEDERATED, MODES, PARTITIONS, SCHEDULES, SWEEP, SYNC
 from models.user import email_error
 from settings import Settings
+from tasks.protocol import task_queue
 
 # Read once, when the schemas are built (a setting, so that a 1,000-peer simulation can ask for more).
 MAX_PEERS = Settings.from_env().max_peers
@@ -84,11 +85,22 @@ class TokenSchema(ma.Schema):
 
 class PeerSchema(ma.Schema):
     name = fields.String()
-    status = fields.String(metadata={"enum": ["ONLINE", "TRAINING", "OFFLINE"]})
+    status = fields.String(metadata={"enum": ["ONLINE", "TRAINING", "OFFLINE", "QUARANTINED"]})
     hostname = fields.String(allow_none=True)
-    queue = fields.String()
+    queue = fields.Function(lambda peer: task_queue(peer.name))
     last_seen = UTCDateTime(allow_none=True)
     session_id = fields.String(allow_none=True)
+    # Its record across sessions, as the coordinator counted it (never as the peer reported it).
+    accepted = fields.Integer(metadata={"description": "tasks whose update (or model) was used"})
+    rejected = fields.Integer(metadata={"description": "tasks whose update was refused (why: last_rejection)"})
+    outliers = fields.Integer(metadata={"description": "tasks whose update was out of line with the others'"})
+    timed_out = fields.Integer(metadata={"description": "tasks not finished by their deadline"})
+    failed = fields.Integer(metadata={"description": "tasks that failed on the peer"})
+    reputation = fields.Float(metadata={"description": "the share of its tasks that were used, a newcomer 0.5; "
+                                                       "claims prefer higher"})
+    last_rejection = fields.String(allow_none=True)
+    quarantined_at = UTCDateTime(allow_none=True, metadata={
+        "description": "when its updates had been refused in three sessions running; an operator restores it"})
 
 
 class PeerListSchema(ma.Schema):

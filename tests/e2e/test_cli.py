@@ -46,7 +46,10 @@ def test_start_watches_a_sweep_to_the_end_and_exits_0(platform, two_peers, cli, 
     peers = json.loads(cli("peers", "--json").stdout)
     assert {p["name"]: p["status"] for p in peers["peers"] if p["name"] in two_peers} == dict.fromkeys(two_peers,
                                                                                                          "ONLINE")
-    assert f"{len(peers['peers'])} known, " in cli("peers").stdout
+    shown = cli("peers").stdout
+    assert f"{len(peers['peers'])} known, " in shown and "reputation" in shown
+    # Each peer's record, as the coordinator counted it: a newcomer is neutral.
+    assert all({"accepted", "rejected", "timed_out", "failed", "reputation"} <= p.keys() for p in peers["peers"])
 
     hp = json.dumps([{"learning_rate": 0.01}, {"learning_rate": 0.001}])
     done = cli("start", str(WINE), "--peers", "2", "--epochs", str(EPOCHS), "--hp", hp, "--json")

@@ -160,7 +160,7 @@ def test_a_user_signs_up_starts_a_session_watches_it_and_downloads_the_model(pla
         assert "COMPLETED" in page.inner_text("#sessions")
         visit.shot("laptop-5-sessions")
         page.click("nav >> text=Peers")
-        page.wait_for_selector("#peers tbody tr")
+        page.wait_for_selector("#peers tbody tr td[data-reputation]")
         visit.shot("laptop-6-peers")
         visit.check("status of 400")  # the refused bad.csv's preview, which the browser notes too
 

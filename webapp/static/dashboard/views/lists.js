@@ -40,10 +40,13 @@ export async function peersView(root, signal) {
   const body = h("tbody");
   root.append(h("section", { class: "card" }, h("h1", {}, "Peers"), summary,
     h("div", { class: "scroll" }, h("table", { class: "list", id: "peers" },
-      h("thead", {}, h("tr", {}, ["Peer", "Status", "Host", "Last seen", "Session"].map((t) => h("th", {}, t)))),
+      h("thead", {}, h("tr", {}, ["Peer", "Status", "Host", "Last seen", "Session", "Used", "Refused", "Timed out",
+        "Failed", "Reputation"].map((t) => h("th", {}, t)))),
       body)),
     h("p", { class: "muted small" }, "A peer is a machine running ",
-      h("code", {}, "make peer NAME=…"), "; it shows here once it reports in.")));
+      h("code", {}, "make peer NAME=…"), "; it shows here once it reports in. Reputation is the share of its tasks whose work was used ",
+      "(a newcomer starts at 0.5); a QUARANTINED peer had its updates refused in three sessions running and gets ",
+      "no work until an operator restores it.")));
 
   const load = async () => {
     const answer = await request("/peers", { signal });
@@ -53,7 +56,13 @@ export async function peersView(root, signal) {
       h("td", {}, badge(p.status)),
       h("td", { class: "wrap" }, p.hostname || "–"),
       h("td", {}, ago(p.last_seen)),
-      h("td", { class: "mono" }, p.session_id ? p.session_id.slice(-8) : "–"))));
+      h("td", { class: "mono" }, p.session_id ? p.session_id.slice(-8) : "–"),
+      h("td", { class: "num" }, String(p.accepted)),
+      // Why its last update was refused, on hover: the coordinator's words, never the peer's.
+      h("td", { class: "num", title: p.last_rejection || "" }, String(p.rejected)),
+      h("td", { class: "num" }, String(p.timed_out)),
+      h("td", { class: "num" }, String(p.failed)),
+      h("td", { class: "num", "data-reputation": p.reputation.toFixed(2) }, p.reputation.toFixed(2)))));
   };
   await load();
   repeat(5, () => load().catch(() => {}), signal);
