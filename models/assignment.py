@@ -52,6 +52,7 @@ class Assignment(Document):
     chord = EmbeddedDocumentField(ChordPlace)  # None for tasks that are not part of a chord
     sent_at = DateTimeField(required=True)
     deadline = DateTimeField()  # past this, its peer is left out
+    fixed = BooleanField(default=False)  # the deadline is the user's (round_timeout), not one the platform measures
     outcome = DictField(default=None)  # what was decided about it, once (tasks/gate.py makes these)
     reported_at = DateTimeField()
     delivering = DateTimeField()  # since when a coordinator has been passing the outcome on (a lease)
@@ -125,6 +126,32 @@ def close(session_id: ObjectId, outcome: dict[str, Any], at: datetime, peer: str
         query["peer"] = peer
     return _collection().update_many(
         query, {"$set": {"outcome": outcome, "reported_at": at, "settled": True}}).modified_count
+
+
+def tighten(factor: float, floor: float) -> int:
+    """Give open tasks whose deadline is not the user's a deadline from what the platform measured of the
+    finished tasks they wait with (a round's, or an asynchronous session's): `factor` times the slowest one's
+    time per epoch, times their own epochs, and at least `floor` seconds after they were sent; never later than
+    they had. Returns how many deadlines moved."""
+    groups: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
+    for task in _collection().find({"outcome": None, "fixed": {"$ne": True}},
+                                   {"session_id": 1, "round": 1, "chord": 1, "sent_at": 1, "epochs": 1, "deadline": 1}):
+        groups.setdefault((task["session_id"], task["round"] if task.get("chord") else None), []).append(task)
+    moved = 0
+    for (session_id, round_), waiting in groups.items():
+        query: dict[str, Any] = {"session_id": session_id, "outcome.kind": "trained"}
+        if round_ is not None:
+            query["round"] = round_
+        finished = list(_collection().find(query, {"sent_at": 1, "reported_at": 1, "epochs": 1}))
+        if not finished:
+            continue
+        per_epoch = max((a["reported_at"] - a["sent_at"]).total_seconds() / a["epochs"] for a in finished)
+        for task in waiting:
+            deadline = task["sent_at"] + timedelta(seconds=max(floor, factor * per_epoch * task["epochs"]))
+            if task.get("deadline") is None or deadline < task["deadline"]:
+                moved += _collection().update_one({"_id": task["_id"], "outcome": None},
+                                                  {"$set": {"deadline": deadline}}).modified_count
+    return moved
 
 
 def overdue(now: datetime) -> list[dict[str, Any]]:

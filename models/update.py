@@ -109,10 +109,10 @@ def folded(session_id: ObjectId, seq: int, version: int, staleness: int, weight:
         set__status=FOLDED, set__version=version, set__staleness=staleness, set__weight=weight)
 
 
-def reject(session_id: ObjectId, seq: int, reason: str) -> None:
-    """A buffered update whose weights did not hold up when they were read to be folded."""
-    Update.objects(session_id=session_id, seq=seq, status=BUFFERED).update_one(
-        set__status=REJECTED, set__reason=reason)
+def reject(session_id: ObjectId, seq: int, reason: str) -> bool:
+    """A buffered update whose weights did not hold up when they were read to be folded; False if it had moved."""
+    return bool(Update.objects(session_id=session_id, seq=seq, status=BUFFERED).update_one(
+        set__status=REJECTED, set__reason=reason))
 
 
 def busy_peers(session_id: ObjectId) -> set[str]:

@@ -41,8 +41,8 @@ class Storage(Protocol):
     def put_bytes(self, key: str, data: bytes) -> str: ...
     def download(self, url: str, path: str | os.PathLike) -> int: ...
     def get_bytes(self, url: str, max_bytes: int | None = None) -> bytes: ...
-    def grant_read(self, url: str, seconds: int) -> str: ...
-    def grant_write(self, key: str, seconds: int, max_bytes: int) -> str: ...
+    def grant_read(self, url: str, seconds: int, task: str | None = None) -> str: ...
+    def grant_write(self, key: str, seconds: int, max_bytes: int, task: str | None = None) -> str: ...
     def iter_chunks(self, url: str) -> Iterator[bytes]: ...
     def delete_prefix(self, key: str) -> None: ...
     def ping(self) -> None: ...
@@ -51,8 +51,9 @@ class Storage(Protocol):
 class LocalGrants:
     """Grants on local storage: URLs of the API's `/objects/<key>` route, signed with the platform's key.
 
-    The signature covers the method, the key, the expiry and (for writes) the size cap, so a grant
-    opens one object for one purpose until it expires, and cannot be turned into another.
+    The signature covers the method, the key, the expiry, (for writes) the size cap and the task it is
+    for, so a grant opens one object for one purpose until it expires, and cannot be turned into another;
+    whoever serves it (webapp/objects.py) also refuses it once its task is decided.
     """
 
     def __init__(self, base_url: str, key: bytes, clock=time.time) -> None:
@@ -60,23 +61,25 @@ class LocalGrants:
         self.key = key
         self.clock = clock
 
-    def _signature(self, method: str, key: str, expires: int, max_bytes: int | None) -> str:
-        message = f"{method}\n{key}\n{expires}\n{'' if max_bytes is None else max_bytes}".encode()
+    def _signature(self, method: str, key: str, expires: int, max_bytes: int | None, task: str | None) -> str:
+        message = f"{method}\n{key}\n{expires}\n{'' if max_bytes is None else max_bytes}\n{task or ''}".encode()
         return hmac.new(self.key, message, hashlib.sha256).hexdigest()
 
-    def url(self, method: str, key: str, seconds: int, max_bytes: int | None = None) -> str:
+    def url(self, method: str, key: str, seconds: int, max_bytes: int | None = None, task: str | None = None) -> str:
         expires = int(self.clock()) + min(seconds, MAX_GRANT_SECONDS)
         query = {"expires": expires, **({} if max_bytes is None else {"max_bytes": max_bytes}),
-                 "signature": self._signature(method, key, expires, max_bytes)}
+                 **({} if task is None else {"task": task}),
+                 "signature": self._signature(method, key, expires, max_bytes, task)}
         return f"{self.base_url}/objects/{quote(key)}?{urlencode(query)}"
 
-    def check(self, method: str, key: str, expires: str, signature: str, max_bytes: str | None = None) -> int | None:
+    def check(self, method: str, key: str, expires: str, signature: str, max_bytes: str | None = None,
+              task: str | None = None) -> int | None:
         """The write cap (None for reads) if the grant is genuine and current; StorageError otherwise."""
         try:
             expiry, cap = int(expires), None if max_bytes is None else int(max_bytes)
         except (TypeError, ValueError):
             raise StorageError("the grant is malformed") from None
-        expected = self._signature(method, key, expiry, cap)
+        expected = self._signature(method, key, expiry, cap, task)
         if not hmac.compare_digest(expected, signature or ""):
             raise StorageError("the grant's signature does not match")
         if expiry < self.clock():
@@ -142,12 +145,12 @@ class LocalStorage:
         except FileNotFoundError:
             raise StorageError(f"no object at {url}") from None
 
-    def grant_read(self, url: str, seconds: int) -> str:
-        return self._grants().url("GET", self.key_of(url), seconds)
+    def grant_read(self, url: str, seconds: int, task: str | None = None) -> str:
+        return self._grants().url("GET", self.key_of(url), seconds, task=task)
 
-    def grant_write(self, key: str, seconds: int, max_bytes: int) -> str:
+    def grant_write(self, key: str, seconds: int, max_bytes: int, task: str | None = None) -> str:
         self._path(key)  # refuse a key outside the directory now, not when the peer writes
-        return self._grants().url("PUT", key, seconds, max_bytes)
+        return self._grants().url("PUT", key, seconds, max_bytes, task=task)
 
     def _grants(self) -> LocalGrants:
         if self.grants is None:
@@ -255,12 +258,13 @@ class S3Storage:
             _check_size(url, response["ContentLength"], max_bytes)
             return body.read()
 
-    def grant_read(self, url: str, seconds: int) -> str:
+    def grant_read(self, url: str, seconds: int, task: str | None = None) -> str:
+        # A presigned URL cannot be revoked: it ends when it expires, whatever becomes of its task.
         bucket, key = self._locate(url)
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=min(seconds, MAX_GRANT_SECONDS))
 
-    def grant_write(self, key: str, seconds: int, max_bytes: int) -> str:
+    def grant_write(self, key: str, seconds: int, max_bytes: int, task: str | None = None) -> str:
         # A presigned PUT cannot cap the size it accepts: whoever reads the object caps it (get_bytes).
         return self.client.generate_presigned_url(
             "put_object", Params={"Bucket": self.bucket, "Key": self._key(key), "ContentType": OCTET_STREAM},

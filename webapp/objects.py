@@ -2,8 +2,9 @@
 
 With S3 storage peers use presigned URLs and this route answers 404. With a local storage directory
 (`make run`, or a deployment without S3) it is the local equivalent: a GET reads, a PUT writes, one
-object each, until the grant expires, and a PUT no larger than the grant says. It is not part of the
-user-facing API (no token; the grant is the credential), so it stays out of the OpenAPI document.
+object each, until the grant expires or its task is decided, and a PUT no larger than the grant says.
+It is not part of the user-facing API (no token; the grant is the credential), so it stays out of the
+OpenAPI document.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import io
 
 from flask import Blueprint, Response, abort, request, stream_with_context
 
+from models import Peer
+from models import assignment as assignments
 from tasks.storage import LocalStorage, StorageError
 from webapp.extensions import storage
 
@@ -26,11 +29,19 @@ def _local() -> LocalStorage:
 
 
 def _checked(store: LocalStorage, method: str, key: str) -> int | None:
+    task = request.args.get("task")
     try:
-        return store.grants.check(method, key, request.args.get("expires"), request.args.get("signature"),
-                                  request.args.get("max_bytes"))
+        cap = store.grants.check(method, key, request.args.get("expires"), request.args.get("signature"),
+                                 request.args.get("max_bytes"), task)
     except StorageError as exc:
         abort(403, description=f"this grant does not open {key}: {exc}")
+    if task is not None:
+        # A grant ends with its task: once its outcome is decided (its result used, its peer left out, its
+        # session over), or its peer removed, it opens nothing more.
+        assignment = assignments.get(task)
+        if assignment is None or assignment.get("outcome") or Peer.objects(name=assignment["peer"]).count() == 0:
+            abort(403, description=f"this grant does not open {key}: its task is over")
+    return cap
 
 
 @blp.get("/<path:key>")

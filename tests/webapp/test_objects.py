@@ -48,3 +48,34 @@ def test_objects_are_not_served_from_s3_storage(tmp_path, db, s3_endpoint):
 
     app = create_app({"TESTING": True, "MONGODB_URI": db, "STORAGE_URL": "s3://bucket", "S3_ENDPOINT_URL": s3_endpoint})
     assert app.test_client().get("/objects/x?expires=1&signature=y").status_code == 404
+
+
+def test_a_grant_for_a_task_ends_with_it(client, store):
+    """A peer keeps nothing past its task: once the outcome is decided, or the peer removed, its grants open
+    nothing, even before they expire; and the task named cannot be swapped for one still open."""
+    from datetime import UTC, datetime
+
+    from bson import ObjectId
+
+    from models import assignment as assignments
+    from models import peer as peers
+
+    peers.register("p1")
+    session = ObjectId()
+    assignments.record([{"_id": f"{session}:{n}:p1", "session_id": session, "peer": "p1", "round": n, "epochs": 1,
+                         "position": 0, "sent_at": datetime.now(UTC), "deadline": None} for n in (0, 1)])
+    url = store.put_bytes("users/u/sessions/s/shards/p1.csv", b"a,b\n1,2\n")
+    first, second = store.grant_read(url, 60, task=f"{session}:0:p1"), store.grant_read(url, 60, task=f"{session}:1:p1")
+    upload = store.grant_write("users/u/sessions/s/peers/p1/w", 60, max_bytes=10, task=f"{session}:0:p1")
+    assert client.get(path(first)).data == b"a,b\n1,2\n"
+
+    assert assignments.claim(f"{session}:0:p1", {"status": "lost"}, datetime.now(UTC))
+    for method, grant in (("get", first), ("put", upload)):
+        response = getattr(client, method)(path(grant), data=b"x")
+        assert response.status_code == 403 and "task is over" in response.json["message"]
+    swapped = path(first).replace(f"{session}%3A0%3Ap1", f"{session}%3A1%3Ap1")
+    assert swapped != path(first) and client.get(swapped).status_code == 403
+    assert client.get(path(second)).status_code == 200
+
+    peers.unregister("p1")
+    assert client.get(path(second)).status_code == 403
