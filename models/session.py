@@ -85,6 +85,8 @@ class PeerRun(EmbeddedDocument):
     bytes_fetched = IntField(default=0)
     weights_url = StringField()
     error = StringField()
+    accepted = IntField(default=0)  # its updates (or model) the coordinator used
+    rejected = IntField(default=0)  # ... and refused (the round's `rejected` says why)
 
 
 class FederatedSettings(EmbeddedDocument):
@@ -112,7 +114,7 @@ class Plan(EmbeddedDocument):
 
     meta = {"strict": False}
 
-    shards = DictField()  # peer -> its shard's URL
+    shards = DictField()  # peer -> its shard's URL (a sweep's peers share one: every training row)
     shard_rows = DictField()  # peer -> rows in its shard (the sample counts aggregation weighs by)
     validation_url = StringField()
     validation_rows = IntField()
@@ -148,6 +150,14 @@ class AsyncState(EmbeddedDocument):
     stop_at = DateTimeField()  # the time budget's end
 
 
+class History(EmbeddedDocument):
+    """What recently accepted updates measured (their change's size, their held-out loss change, relative):
+    what a round or fold of a few updates is judged against (trainer/screening.py)."""
+
+    norms = ListField(FloatField())
+    gains = ListField(FloatField())
+
+
 class Round(EmbeddedDocument):
     """One federated round as the coordinator aggregated it (asynchronous: one fold, `round` its version - 1)."""
 
@@ -170,6 +180,9 @@ class TrainingSession(Document):
     target = StringField(required=True)
     features = ListField(StringField())
     seed = IntField(default=0)
+    # Splits the held-out rows from the training rows: the platform's secret, never sent to a peer (the
+    # `seed` above is the user's, for the peers' training).
+    split_seed = IntField()
     dataset = EmbeddedDocumentField(Dataset, required=True)
     peers = EmbeddedDocumentListField(PeerRun)
     federated = EmbeddedDocumentField(FederatedSettings)
@@ -178,6 +191,7 @@ class TrainingSession(Document):
     plan = EmbeddedDocumentField(Plan)
     launch = EmbeddedDocumentField(Launch)
     asynchronous = EmbeddedDocumentField(AsyncState, db_field="async_state")
+    history = EmbeddedDocumentField(History)
     rounds = EmbeddedDocumentListField(Round)
     results = DictField()
     model_url = StringField()
@@ -266,7 +280,7 @@ def view(session_id: str, owner_id: ObjectId) -> dict[str, Any] | None:
     if not ObjectId.is_valid(session_id):
         return None
     return TrainingSession.objects(id=session_id, owner_id=owner_id).exclude(
-        "plan", "launch", "asynchronous").as_pymongo().first()
+        "plan", "launch", "asynchronous", "split_seed", "history").as_pymongo().first()
 
 
 def start_running(session_id: ObjectId, task_ids: dict[str, str], launch: Launch, deadline_seconds: float,
@@ -305,27 +319,44 @@ def record_plan(session_id: ObjectId, plan: Plan) -> None:
     TrainingSession.objects(id=session_id).update_one(set__plan=plan)
 
 
-def record_round(session_id: ObjectId, round_doc: Round, global_url: str) -> bool:
-    """Add a synchronous round's result once; False if it ended meanwhile or the round is recorded already."""
-    return bool(TrainingSession.objects(id=session_id, status=RUNNING, rounds__round__ne=round_doc.round).update_one(
-        push__rounds=round_doc, set__plan__global_url=global_url))
+def record_round(session_id: ObjectId, round_doc: Round, global_url: str, history: History) -> bool:
+    """Add a synchronous round's result (and the screening history after it) once; False if it ended meanwhile
+    or the round is recorded already."""
+    return bool(_collection().update_one(
+        {"_id": session_id, "status": RUNNING, "rounds.round": {"$ne": round_doc.round}},
+        {"$push": {"rounds": round_doc.to_mongo().to_dict()},
+         "$set": {"plan.global_url": global_url, "history": history.to_mongo().to_dict()}}).modified_count)
 
 
-def record_fold(session_id: ObjectId, version: int, round_doc: Round, global_url: str) -> bool:
-    """An asynchronous session's new global version, once: False if another fold or the session's end came first."""
+def record_fold(session_id: ObjectId, version: int, round_doc: Round, global_url: str, history: History) -> bool:
+    """An asynchronous session's new global version (and the screening history after it), once: False if another
+    fold or the session's end came first."""
     return bool(_collection().update_one(
         {"_id": session_id, "status": RUNNING, "async_state.version": version},
         {"$push": {"rounds": round_doc.to_mongo().to_dict()},
-         "$set": {"async_state.version": version + 1, "plan.global_url": global_url}}).modified_count)
+         "$set": {"async_state.version": version + 1, "plan.global_url": global_url,
+                  "history": history.to_mongo().to_dict()}}).modified_count)
 
 
-def take_task(session_id: ObjectId, peer: str, now: datetime) -> tuple[int, int, str] | None:
+def count_updates(session_id: ObjectId, position: dict[str, int], accepted: list[str], rejected: list[str]) -> None:
+    """Add to the peers' runs how many of their updates were used and refused (a name once per update)."""
+    incs: dict[str, int] = {}
+    for field, names in (("accepted", accepted), ("rejected", rejected)):
+        for name in names:
+            key = f"peers.{position[name]}.{field}"
+            incs[key] = incs.get(key, 0) + 1
+    if incs:
+        _collection().update_one({"_id": ObjectId(session_id)}, {"$inc": incs})
+
+
+def take_task(session_id: ObjectId, peer: str, now: datetime, refusals: int) -> tuple[int, int, str] | None:
     """An asynchronous session's next task for `peer`, from its budget: (its number, the global version, where
-    the global weights are); None when the budget or the time is spent, the session ended or gave up on the peer."""
+    the global weights are); None when the budget or the time is spent, the session ended, gave up on the peer,
+    or refused `refusals` of its updates already (its tasks would only spend the budget)."""
     taken = _collection().find_one_and_update(
         {"_id": session_id, "status": RUNNING, "async_state.remaining": {"$gt": 0},
          "$or": [{"async_state.stop_at": None}, {"async_state.stop_at": {"$gt": now}}],
-         "peers": {"$elemMatch": {"name": peer, "status": {"$ne": FAILED}}}},
+         "peers": {"$elemMatch": {"name": peer, "status": {"$ne": FAILED}, "rejected": {"$not": {"$gte": refusals}}}}},
         {"$inc": {"async_state.remaining": -1, "async_state.sent": 1}},
         projection={"async_state": 1, "plan.global_url": 1}, return_document=ReturnDocument.AFTER)
     if taken is None:

@@ -27,6 +27,7 @@ from datetime import timedelta
 from models import Round
 from models import assignment as assignments
 from models import event as events
+from models import peer as peers
 from models import session as sessions
 from models import update as updates
 from models.session import AsyncState, Launch
@@ -34,13 +35,15 @@ from tasks import gate, protocol, relay
 from tasks.federated import Federated, combine
 from tasks.gate import Outcome
 from trainer.model import SimpleDNN
-from trainer.staleness import Contribution, fold
+from trainer.staleness import Contribution, applied
 from trainer.weights import state_to_bytes
 
 log = logging.getLogger(__name__)
 
 # A fold that has not let go of its lease after this long died with it; the next one takes over.
 LEASE_SECONDS = 30
+# A peer with this many updates refused in a session is given no more tasks in it (its share goes to others).
+REFUSALS = 3
 
 
 def weights_key(prefix: str, seq: int, peer: str) -> str:
@@ -84,6 +87,7 @@ class AsyncFederated(Federated):
             session.reload()
         if session.status != sessions.RUNNING or session.launch.sent:
             return
+        relay.declare(self.app, [run.name for run in session.peers])
         # The first tasks, as the start recorded them on the runs (this run's, or one that died before sending).
         first = [run for run in session.peers if run.task_id and run.round == protocol.TaskId.parse(run.task_id).round]
         updates.dispatched(session.id, [{"seq": run.round, "peer": run.name, "task_id": run.task_id,
@@ -101,11 +105,11 @@ class AsyncFederated(Federated):
         now = self.clock.now()
         self.record_assignments([(task.task_id, task.peer, task.seq, self.settings.local_epochs, None)
                                  for task in tasks], now)
-        grant = self.gate.read_grant(global_url)  # every task starts from the same object
         with self.app.producer_or_acquire() as producer:
             for task in tasks:
-                spec = self.spec(task.peer, task.seq, grant, weights_key(self.prefix, task.seq, task.peer), False)
-                relay.train(self.app, protocol.task_queue(task.peer), task.task_id, spec, self.gate.grant_seconds,
+                spec = self.spec(task.peer, task.seq, task.task_id, global_url,
+                                 weights_key(self.prefix, task.seq, task.peer), False)
+                relay.train(self.app, task.peer, task.task_id, spec, self.gate.grant_seconds,
                             f"session {session.id}, update {task.seq}, peer {task.peer}").apply_async(
                     producer=producer)
         updates.mark_sent(session.id, [task.seq for task in tasks])
@@ -124,7 +128,7 @@ class AsyncFederated(Federated):
         not given up on; True if sent."""
         session = self.session
         now = self.clock.now()
-        taken = sessions.take_task(session.id, peer, now)
+        taken = sessions.take_task(session.id, peer, now, REFUSALS)
         if taken is None:
             return False
         seq, version, global_url = taken
@@ -253,39 +257,55 @@ class AsyncFederated(Federated):
 
     def _fold(self, pending: list[updates.Update]) -> None:
         session, plan = self.session, self.session.plan
-        version = session.asynchronous.version
-        contributions, used, rejected = [], [], {}
+        state = session.asynchronous
+        version = state.version
+        current = self.global_state(plan.global_url)
+        trust = {p["name"]: min(1.0, 2 * peers.reputation(p))
+                 for p in peers.Peer.objects(name__in=[u.peer for u in pending]).as_pymongo()}
+        candidates, by_name, rejected = {}, {}, {}
         for update in pending:
+            name = f"{update.peer}#{update.seq}"
             # Read here, once, and not when it arrived: until its grant expires a peer could replace it anyway.
             read = self.gate.weights(weights_key(self.prefix, update.seq, update.peer), self.config)
             if isinstance(read, str):
-                log.warning("session %s: update %s of peer %s rejected: %s", session.id, update.seq, update.peer, read)
-                updates.reject(session.id, update.seq, read)
-                rejected[f"{update.peer}#{update.seq}"] = read
+                rejected[name] = read
                 continue
-            contributions.append(Contribution(self.global_state(self._version_url(update.base_version)), read,
-                                              update.samples, version - update.base_version))
-            used.append(update)
-        if not contributions:
+            # Stale updates count less, and so do peers with a poor record (a newcomer counts fully).
+            contribution = Contribution(self.global_state(self._version_url(update.base_version)), read,
+                                        update.samples * trust.get(update.peer, 1.0), version - update.base_version)
+            candidates[name], by_name[name] = applied(current, contribution), (update, contribution)
+        # Each one bounded and judged on the held-out rows, against what recently accepted ones did.
+        screened = self.screen(current, candidates, senders={name: by_name[name][0].peer for name in candidates})
+        rejected.update(screened.rejected)
+        for update in pending:
+            name = f"{update.peer}#{update.seq}"
+            # Counted once: only the run that moves it from buffered to rejected.
+            if name in rejected and updates.reject(session.id, update.seq, rejected[name]):
+                self.count_refused(update.peer, str(update.seq), rejected[name], screened=name in screened.rejected)
+        if not screened.states:
             return
-        method = self.settings.aggregation
-        merged = fold(self.global_state(plan.global_url), contributions,
-                      lambda states, samples: combine(method, list(states), list(samples)))
+        kept = sorted(screened.states, key=lambda name: by_name[name][0].seq)
+        used = [by_name[name][0] for name in kept]
+        contributions = [by_name[name][1] for name in kept]
+        weights = [c.samples * screened.trust.get(name, 1.0) for name, c in zip(kept, contributions, strict=True)]
+        merged = combine(self.settings.aggregation, [screened.states[name] for name in kept], weights)
         model = SimpleDNN(self.config)
         model.load_state_dict(merged)
-        metrics = self.evaluate_global(model)
+        metrics = self.evaluate_held_out(model)
         url = self.storage.put_bytes(f"{self.prefix}/versions/{version + 1}.safetensors",
                                      state_to_bytes(merged, {"version": version + 1}))
         folded = [{"seq": u.seq, "peer": u.peer, "staleness": c.staleness, "weight": round(c.weight, 4)}
                   for u, c in zip(used, contributions, strict=True)]
         now = self.clock.now()
         elapsed = (now - session.started_at).total_seconds() if session.started_at else None
-        round_doc = Round(round=version, peers=[u.peer for u in used], rejected=rejected, outliers={}, updates=folded,
+        round_doc = Round(round=version, peers=[u.peer for u in used], rejected=rejected,
+                          outliers=screened.outliers, updates=folded,
                           metrics={**metrics, "samples": sum(c.samples for c in contributions), "updates": len(used),
                                    "mean_staleness": sum(c.staleness for c in contributions) / len(contributions),
                                    "seconds": elapsed}, finished_at=now)
-        if not sessions.record_fold(session.id, version, round_doc, url):
+        if not sessions.record_fold(session.id, version, round_doc, url, self.history_after(screened)):
             return  # it ended meanwhile
+        self.count_used([update.peer for update in used])
         for entry in folded:
             updates.folded(session.id, entry["seq"], version + 1, entry["staleness"], entry["weight"])
         events.record_round(session.id, round_doc)

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,18 +21,19 @@ import torch
 
 from models import Round
 from models import event as events
+from models import peer as peers
 from models import session as sessions
-from models.session import Plan
+from models.session import History, Plan
 from tasks import gate
 from tasks.gate import Outcome
 from tasks.storage import LocalStorage
-from tasks.strategy import RoundStrategy, Strategy, scores
-from trainer.csvfile import CsvFile
+from tasks.strategy import RoundStrategy, Strategy, split_seed
+from trainer import screening
 from trainer.loop import evaluate
 from trainer.model import ModelConfig, SimpleDNN
 from trainer.normalization import Normalization, fit_normalization
-from trainer.split import VALIDATION_FRACTION, shard, split_indices
-from trainer.table import Table, read_table
+from trainer.split import shard
+from trainer.table import Table
 from trainer.weights import (
     Checkpoint,
     checkpoint_bytes,
@@ -53,6 +52,8 @@ log = logging.getLogger(__name__)
 OUTLIER_FACTOR = 10.0
 # Peers' weights read from storage at once while aggregating.
 READERS = 8
+# Accepted updates whose size and effect the next rounds or folds are judged against.
+HISTORY = 32
 
 
 def combine(method: str, states: list[dict[str, torch.Tensor]], samples: list[float]) -> dict[str, torch.Tensor]:
@@ -92,49 +93,42 @@ class Federated(Strategy):
         return ModelConfig.from_dict(self.session.plan.model)
 
     def prepare(self) -> None:
-        """Split the dataset into held-out rows and one shard per peer, store them and the initial weights,
-        and record the plan; a plan recorded already (a start run again) is kept."""
+        """Hold the validation rows out and split the rest into one shard per peer; store them and the initial
+        weights, and record the plan; a plan recorded already (a start run again) is kept."""
         session = self.session
         if session.plan is not None and session.plan.initial_url:
             return
-        store = self.storage
-        with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
-            path = Path(tmp) / "dataset.csv"
-            store.download(session.dataset.url, path)
-            table = read_table(path, target=session.target, features=session.features, task=session.task)
-            classified = table.classes is not None
-            train_rows, val_rows = split_indices(table.y, VALIDATION_FRACTION, seed=session.seed,
-                                                 stratify=classified)
-            shards = shard(train_rows, table.y, len(session.peers), self.settings.partition,
-                           alpha=self.settings.alpha, seed=session.seed)
-            normalization = fit_normalization(table.x[train_rows], table.y[train_rows] if not classified else None)
-            # Peers' objects live apart from the coordinator's (here and in storage): no peer's name can make
-            # its shard, or its upload, the same object as the validation rows or the global weights.
-            (Path(tmp) / "peers").mkdir()
-            files = [Path(tmp) / "peers" / f"{run.name}.csv" for run in session.peers] + [Path(tmp) / "validation.csv"]
-            CsvFile(path).split([*shards, val_rows], files)
-            keys = ([f"{self.prefix}/shards/peers/{run.name}.csv" for run in session.peers]
-                    + [f"{self.prefix}/shards/validation.csv"])
-            stored = []
-            for key, file in zip(keys, files, strict=True):
-                with file.open("rb") as stream:
-                    stored.append(store.put(key, stream))
-        hp = session.peers[0].hyperparameters
+        runs = session.peers
+        split: dict[str, np.ndarray] = {}
+
+        def shards(table: Table, train_rows: np.ndarray) -> dict[str, np.ndarray]:
+            parts = shard(train_rows, table.y, len(runs), self.settings.partition, alpha=self.settings.alpha,
+                          seed=split_seed(session))
+            split.update(zip((run.name for run in runs), parts, strict=True))
+            return {f"{self.prefix}/shards/peers/{run.name}.csv": split[run.name] for run in runs}
+
+        table, urls = self.store_split(shards)
+        train_rows, val_rows = self.split_rows
+        classified = table.classes is not None
+        normalization = fit_normalization(table.x[train_rows], table.y[train_rows] if not classified else None)
+        hp = runs[0].hyperparameters
         config = ModelConfig(len(table.features), table.output_size, tuple(hp["hidden"]), hp.get("dropout", 0.0),
                              table.task)
         # Every peer starts from the same weights, as FedAvg requires.
-        initial = store.put_bytes(f"{self.prefix}/rounds/initial.safetensors",
-                                  state_to_bytes(SimpleDNN(config, seed=session.seed).state_dict()))
+        initial = self.storage.put_bytes(f"{self.prefix}/rounds/initial.safetensors",
+                                         state_to_bytes(SimpleDNN(config, seed=session.seed).state_dict()))
         session.plan = Plan(
-            shards={run.name: url for run, url in zip(session.peers, stored, strict=False)},
-            shard_rows={run.name: len(rows) for run, rows in zip(session.peers, shards, strict=True)},
-            validation_url=stored[-1], validation_rows=len(val_rows), normalization=normalization.to_dict(),
-            classes=table.classes, model=config.to_dict(), initial_url=initial, global_url=initial)
+            shards={run.name: urls[f"{self.prefix}/shards/peers/{run.name}.csv"] for run in runs},
+            shard_rows={name: len(rows) for name, rows in split.items()},
+            validation_url=urls[f"{self.prefix}/shards/validation.csv"], validation_rows=len(val_rows),
+            normalization=normalization.to_dict(), classes=table.classes, model=config.to_dict(), initial_url=initial,
+            global_url=initial)
         sessions.record_plan(session.id, session.plan)
 
-    def spec(self, peer: str, round_: int, initial_grant: str, key: str, last_round: bool) -> dict[str, Any]:
-        """A peer's `train` argument: `local_epochs` on its shard from the weights `initial_grant` opens,
-        its weights to `key` (the only object it may write, capped at the model's size)."""
+    def spec(self, peer: str, round_: int, task_id: str, initial_url: str, key: str,
+             last_round: bool) -> dict[str, Any]:
+        """A peer's `train` argument for task `task_id`: `local_epochs` on its shard from the weights at
+        `initial_url`, its weights to `key` (the only object it may write, capped at the model's size)."""
         session, plan = self.session, self.session.plan
         return {
             "session": str(session.id),
@@ -148,11 +142,47 @@ class Federated(Strategy):
             "hyperparameters": {**session.peer(peer).hyperparameters, "epochs": self.settings.local_epochs},
             "keep_data": True,
             "last_round": last_round,
-            **self.gate.grants(plan.shards[peer], key, self.config, initial_grant=initial_grant),
+            **self.gate.grants(task_id, plan.shards[peer], key, self.config, initial_url=initial_url),
         }
 
     def epochs(self, run: Any) -> int:
         return self.settings.local_epochs
+
+    def held_out_loss(self) -> Any:
+        """A function: weights -> their loss on the held-out rows (one model, loaded for each)."""
+        model, (x, y) = SimpleDNN(self.config), self.held_out_arrays()
+
+        def loss(state: dict[str, torch.Tensor]) -> float:
+            model.load_state_dict(state)
+            return evaluate(model, x, y)["loss"]
+
+        return loss
+
+    def screen(self, base: dict[str, torch.Tensor], states: dict[str, dict[str, torch.Tensor]],
+               senders: dict[str, str] | None = None) -> screening.Screened:
+        """Bound and judge updates before they count (trainer/screening.py), on the held-out rows, against what
+        the session's recently accepted updates did."""
+        past = self.session.history or History()
+        return screening.screen(base, states, self.held_out_loss(), recent_norms=past.norms, recent_gains=past.gains,
+                                senders=senders)
+
+    def history_after(self, found: screening.Screened) -> History:
+        """The screening history with `found`'s accepted updates added (the most recent HISTORY kept)."""
+        past = self.session.history or History()
+        return History(norms=[*past.norms, *(found.norms[n] for n in found.states)][-HISTORY:],
+                       gains=[*past.gains, *(found.gains[n] for n in found.states)][-HISTORY:])
+
+    def count_used(self, used: list[str]) -> None:
+        """Peers `used` (one name per update) had an update used: their records and runs say so."""
+        sessions.count_updates(self.session.id, sessions.positions(self.session), used, [])
+        for name in used:
+            peers.count(name, accepted=1)
+
+    def count_refused(self, peer: str, update: str, why: str, screened: bool) -> None:
+        """An update of `peer` was refused (`screened`: by the screening, not because it could not be read)."""
+        log.warning("session %s: update %s of peer %s rejected: %s", self.session.id, update, peer, why)
+        sessions.count_updates(self.session.id, sessions.positions(self.session), [], [peer])
+        peers.count(peer, why, rejected=1, outliers=int(screened))
 
     def global_state(self, url: str) -> dict[str, torch.Tensor]:
         """Global weights the coordinator wrote (each version is read once per process: it never changes)."""
@@ -160,28 +190,6 @@ class Federated(Strategy):
         return self.services.states.get(
             (url, json.dumps(config.to_dict(), sort_keys=True)),
             lambda: state_from_bytes(self.storage.get_bytes(url, max_state_bytes(config)), config))
-
-    def validation(self) -> Table:
-        """The held-out rows, read once per coordinator process and session."""
-        plan, session = self.session.plan, self.session
-        classes = tuple(plan.classes) if plan.classes else None
-
-        def read() -> Table:
-            with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
-                path = Path(tmp) / "validation.csv"
-                self.storage.download(plan.validation_url, path)
-                return read_table(path, target=session.target, features=list(session.features), task=session.task,
-                                  classes=list(classes) if classes else None)
-
-        return self.services.tables.get((plan.validation_url, session.target, tuple(session.features), classes),
-                                        read)
-
-    def evaluate_global(self, model: SimpleDNN) -> dict[str, Any]:
-        """The global model's measures on the held-out rows."""
-        table = self.validation()
-        normalization = Normalization.from_dict(self.session.plan.normalization)
-        y = normalization.apply_target(table.y) if self.session.task == "regression" else table.y
-        return scores(evaluate(model, normalization.apply(table.x), y), self.session.task)
 
     def store_model(self, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
         """Store the last global model as the session's result and end it COMPLETED (`extra`: more results)."""
@@ -221,11 +229,10 @@ class SyncFederated(Federated, RoundStrategy):
     def rounds(self) -> int:
         return self.settings.rounds
 
-    def specs(self, round_: int, names: list[str]) -> dict[str, dict[str, Any]]:
-        initial = self.gate.read_grant(self.session.plan.global_url)  # the same object for every peer: one grant
+    def specs(self, round_: int, ids: dict[str, str]) -> dict[str, dict[str, Any]]:
         last = round_ + 1 == self.rounds
-        return {name: self.spec(name, round_, initial, weights_key(self.prefix, round_, name), last)
-                for name in names}
+        return {name: self.spec(name, round_, task_id, self.session.plan.global_url,
+                                weights_key(self.prefix, round_, name), last) for name, task_id in ids.items()}
 
     def aggregate(self, round_: int, kept: list[Outcome]) -> None:
         """Check and combine the peers' weights, evaluate the global model, then go on or finish.
@@ -254,22 +261,31 @@ class SyncFederated(Federated, RoundStrategy):
                     rejected[outcome.peer] = found
                 else:
                     states[outcome.peer], samples[outcome.peer] = found, gate.samples(plan, outcome.peer)
-        if len(states) < session.quorum:
-            self.end(sessions.FAILED, f"round {round_}: only {len(states)} peer(s) returned usable weights, "
-                                      f"{session.quorum} needed; rejected: {_listing(rejected)}")
-            return
-        names = sorted(states)
-        merged = combine(self.settings.aggregation, [states[n] for n in names], [samples[n] for n in names])
+        # Each update bounded and judged on the held-out rows before it counts, whatever the rule.
+        screened = self.screen(self.global_state(plan.global_url), states)
+        rejected.update(screened.rejected)
+        # Peers that trained count towards the quorum (RoundStrategy.on_result); an update refused here only
+        # does not count: a hostile peer cannot fail a session by sending garbage. With none usable, the
+        # global weights stay as they were for the next round.
+        names = sorted(screened.states)
+        # Each counts by its rows, and by how far it goes the others' way (random weights hardly count).
+        merged = (combine(self.settings.aggregation, [screened.states[n] for n in names],
+                          [samples[n] * screened.trust.get(n, 1.0) for n in names]) if names
+                  else self.global_state(plan.global_url))
         model = SimpleDNN(config)
         model.load_state_dict(merged)
-        metrics = self.evaluate_global(model)
+        metrics = self.evaluate_held_out(model)
         global_url = self.storage.put_bytes(f"{self.prefix}/rounds/{round_}/global.safetensors",
                                             state_to_bytes(merged, {"round": round_}))
-        round_doc = Round(round=round_, metrics={**metrics, "samples": sum(samples.values())}, peers=names,
-                          rejected=rejected, outliers=outliers(merged, {n: states[n] for n in names}),
+        round_doc = Round(round=round_, metrics={**metrics, "samples": sum(samples[n] for n in names)}, peers=names,
+                          rejected=rejected,
+                          outliers={**outliers(merged, {n: screened.states[n] for n in names}), **screened.outliers},
                           finished_at=self.clock.now())
-        if not sessions.record_round(session.id, round_doc, global_url):
+        if not sessions.record_round(session.id, round_doc, global_url, self.history_after(screened)):
             return  # it ended meanwhile, or another run of this round recorded it first
+        self.count_used(names)
+        for peer, why in rejected.items():
+            self.count_refused(peer, peer, why, screened=peer in screened.rejected)
         events.record_round(session.id, round_doc)
         # What the update wrote, kept in step here rather than read again (a session document holds every peer).
         session.rounds.append(round_doc)

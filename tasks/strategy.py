@@ -19,19 +19,29 @@ tasks/asynchronous.py (`AsyncFederated`).
 from __future__ import annotations
 
 import logging
+import tempfile
+from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from celery import uuid
 
 from models import TrainingSession
 from models import assignment as assignments
 from models import heartbeat as heartbeats
+from models import peer as peers
 from models import session as sessions
 from models.session import Launch
 from tasks import gate, lifecycle, protocol, relay
 from tasks.gate import Outcome
 from tasks.services import Services
+from trainer.csvfile import CsvFile
+from trainer.loop import evaluate
+from trainer.normalization import Normalization
+from trainer.split import VALIDATION_FRACTION, split_indices
+from trainer.table import Table, read_table
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +64,11 @@ def strategy_for(session: TrainingSession, services: Services) -> Strategy:
 def metric_of(task: str) -> str:
     """The held-out metric a session's models are judged by (higher is better)."""
     return "val_accuracy" if task == "classification" else "val_r2"
+
+
+def split_seed(session: TrainingSession) -> int:
+    """The seed that holds the validation rows out: the platform's own (sessions before it: the user's)."""
+    return session.split_seed if session.split_seed is not None else session.seed
 
 
 def scores(evaluated: dict[str, Any], task: str) -> dict[str, Any]:
@@ -90,6 +105,7 @@ class Strategy:
         for assignment in overdue:
             if self.session.finished:
                 return
+            peers.count(assignment["peer"], timed_out=1)
             seconds = (assignment["deadline"] - assignment["sent_at"]).total_seconds()
             self.on_lost(assignment["peer"], f"did not finish {self.unit} {assignment['round']} within its "
                                              f"{seconds:g} s")
@@ -116,6 +132,55 @@ class Strategy:
         """Where the session's objects live in storage."""
         return f"users/{self.session.owner_id}/sessions/{self.session.id}"
 
+    # --- the held-out rows: split with a seed no peer learns, written where no grant reaches ----------------
+
+    def store_split(self, parts: Callable[[Table, np.ndarray], dict[str, np.ndarray]]) -> tuple[Table, dict[str, str]]:
+        """Read the dataset, hold out the validation rows, and store the parts `parts(table, train_rows)` names
+        (key -> rows) and `shards/validation.csv` under the session's prefix; (the table, key -> URL)."""
+        session = self.session
+        with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
+            path = Path(tmp) / "dataset.csv"
+            self.storage.download(session.dataset.url, path)
+            table = read_table(path, target=session.target, features=list(session.features), task=session.task)
+            train_rows, val_rows = split_indices(table.y, VALIDATION_FRACTION, seed=split_seed(session),
+                                                 stratify=table.classes is not None)
+            keys = {**parts(table, train_rows), f"{self.prefix}/shards/validation.csv": val_rows}
+            # Peers' objects live apart from the coordinator's (here and in storage): no peer's name can make
+            # its shard, or its upload, the same object as the validation rows or the global weights.
+            files = [Path(tmp) / f"part{i}.csv" for i in range(len(keys))]
+            CsvFile(path).split(list(keys.values()), files)
+            urls = {}
+            for key, file in zip(keys, files, strict=True):
+                with file.open("rb") as stream:
+                    urls[key] = self.storage.put(key, stream)
+        self.split_rows = (train_rows, val_rows)
+        return table, urls
+
+    def held_out(self) -> Table:
+        """The held-out rows (the plan's), read once per coordinator process and session."""
+        plan, session = self.session.plan, self.session
+        classes = tuple(plan.classes) if plan.classes else None
+
+        def read() -> Table:
+            with tempfile.TemporaryDirectory(prefix="peertrain-") as tmp:
+                path = Path(tmp) / "validation.csv"
+                self.storage.download(plan.validation_url, path)
+                return read_table(path, target=session.target, features=list(session.features), task=session.task,
+                                  classes=list(classes) if classes else None)
+
+        return self.services.tables.get((plan.validation_url, session.target, tuple(session.features), classes),
+                                        read)
+
+    def held_out_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The held-out rows as a model sees them (scaled as the training rows were)."""
+        table, normalization = self.held_out(), Normalization.from_dict(self.session.plan.normalization)
+        y = normalization.apply_target(table.y) if self.session.task == "regression" else table.y
+        return normalization.apply(table.x), y
+
+    def evaluate_held_out(self, model: Any) -> dict[str, Any]:
+        """A model's measures on the held-out rows."""
+        return scores(evaluate(model, *self.held_out_arrays()), self.session.task)
+
     def end(self, status: str, reason: str | None = None, **fields: Any) -> bool:
         return lifecycle.end(self.app, self.session.id, status, reason, at=self.clock.now(), **fields)
 
@@ -124,7 +189,8 @@ class Strategy:
         raise NotImplementedError
 
     def task_deadline(self, sent_at: Any) -> Any:
-        """When a task sent at `sent_at` is overdue (its peer is then left out)."""
+        """When a task sent at `sent_at` is overdue (its peer is then left out): after the user's `round_timeout`,
+        or else the training time limit, until the monitor measures its fellows (models.assignment.tighten)."""
         timeout = self.session.round_timeout or self.services.settings.train_time_limit
         return sent_at + timedelta(seconds=timeout)
 
@@ -160,7 +226,8 @@ class Strategy:
         deadline = self.task_deadline(at)
         assignments.record({"_id": task_id, "session_id": self.session.id, "peer": peer, "round": round_,
                             "epochs": epochs, "position": position[peer], "chord": chord, "sent_at": at,
-                            "deadline": deadline} for task_id, peer, round_, epochs, chord in tasks)
+                            "deadline": deadline, "fixed": bool(self.session.round_timeout)}
+                           for task_id, peer, round_, epochs, chord in tasks)
 
     def record_results(self, outcomes: list[Outcome], status: str, samples: dict[str, int]) -> None:
         """Store trained outcomes: final metrics, sample counts, every epoch's heartbeat.
@@ -197,8 +264,8 @@ class RoundStrategy(Strategy):
         """Epochs a task of `run`'s trains."""
         raise NotImplementedError
 
-    def specs(self, round_: int, names: list[str]) -> dict[str, dict[str, Any]]:
-        """Each peer's `train` argument for round `round_`."""
+    def specs(self, round_: int, ids: dict[str, str]) -> dict[str, dict[str, Any]]:
+        """Each peer's `train` argument for round `round_` (`ids`: peer -> its task's id)."""
         raise NotImplementedError
 
     def aggregate(self, round_: int, kept: list[Outcome]) -> None:
@@ -248,8 +315,10 @@ class RoundStrategy(Strategy):
             [(ids[name], name, round_, self.epochs(session.peer(name)),
               {"group": launch.group, "index": i, "size": size, "body": launch.body})
              for i, name in enumerate(launch.peers)], launch.started_at)
-        specs = self.specs(round_, list(launch.peers))
-        header = [relay.train(self.app, protocol.task_queue(name), ids[name], specs[name], self.gate.grant_seconds,
+        specs = self.specs(round_, ids)
+        if round_ == 0:
+            relay.declare(self.app, list(launch.peers))
+        header = [relay.train(self.app, name, ids[name], specs[name], self.gate.grant_seconds,
                               f"session {session.id}, round {round_}, peer {name}") for name in launch.peers]
         relay.send(self.app, header, launch.group,
                    relay.body(self.app, self.services.queue, str(session.id), round_, launch.body, size))

@@ -33,7 +33,7 @@ from trainer.loop import train as fit
 from trainer.memory import keep_freed_memory
 from trainer.model import ModelConfig, SimpleDNN
 from trainer.normalization import Normalization
-from trainer.split import VALIDATION_FRACTION
+from trainer.split import VALIDATION_FRACTION, split_indices
 from trainer.table import read_table
 from trainer.warmup import warm_up
 from trainer.weights import max_state_bytes, state_from_bytes, state_to_bytes
@@ -250,7 +250,11 @@ def _dataset(spec: dict[str, Any], path: Path) -> Dataset:
                        classes=spec.get("classes"))
     check_table_size(table.rows, len(table.features))
     if spec.get("normalization"):
-        # A federated shard: the whole file is training data, scaled like every other peer's.
-        return Dataset.from_indices(table, np.arange(table.rows), None,
-                                    Normalization.from_dict(spec["normalization"]))
+        # Training rows, scaled as the coordinator says (a federated shard: like every other peer's); a share of
+        # them kept aside for this peer's own validation curve, if the task asks.
+        normalization = Normalization.from_dict(spec["normalization"])
+        if spec.get("holdout"):
+            train, val = split_indices(table.y, spec["holdout"], seed=spec["seed"], stratify=table.classes is not None)
+            return Dataset.from_indices(table, train, val, normalization)
+        return Dataset.from_indices(table, np.arange(table.rows), None, normalization)
     return prepare(table, VALIDATION_FRACTION, seed=spec["seed"], stratify=table.classes is not None)

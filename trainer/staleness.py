@@ -42,6 +42,13 @@ class Contribution:
         return staleness_weight(self.staleness)
 
 
+def applied(current: State, contribution: Contribution) -> dict[str, torch.Tensor]:
+    """`current` moved by one contribution's staleness-weighted change, as a fold would move it by that one alone."""
+    c = contribution
+    return {key: (value.double() + (c.state[key].double() - c.base[key].double()) * c.weight).to(value.dtype)
+            if value.is_floating_point() else value.detach().clone() for key, value in current.items()}
+
+
 Combine = Callable[[Sequence[State], Sequence[float]], dict[str, torch.Tensor]]
 
 

@@ -35,7 +35,8 @@ class Preview(MethodView):
         with launch.spooled(form["file"]) as upload:
             if form["target"] is None:
                 form["target"] = _default_target(upload.path)
-            table = launch.inspect_upload(upload, form)
+            # A start splits with a seed of its own (secret); any seed checks that the split and shards can be made.
+            table = launch.inspect_upload(upload, form, form.get("seed") or 0)
             return {
                 "filename": upload.filename,
                 "bytes": upload.bytes,

@@ -7,6 +7,7 @@ step fails, so a refused or failed start leaves nothing locked and nothing half-
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -59,15 +60,15 @@ def spooled(upload: FileStorage) -> Iterator[Upload]:
         yield Upload(path, upload.filename[-200:], reader.bytes, reader.sha256)
 
 
-def inspect_upload(upload: Upload, form: dict[str, Any]) -> Table:
+def inspect_upload(upload: Upload, form: dict[str, Any], split_seed: int) -> Table:
     """Read and validate the CSV with the trainer's own reader; a bad file is a 400 naming the problem."""
     try:
         table = read_table(upload.path, target=form["target"], features=form.get("features"), task=form["task"])
-        train_rows, _ = split_indices(table.y, VALIDATION_FRACTION, seed=form["seed"],
+        train_rows, _ = split_indices(table.y, VALIDATION_FRACTION, seed=split_seed,
                                       stratify=table.classes is not None)
         if form["mode"] == FEDERATED:
             # The coordinator will shard the same way: refuse now what it could not do.
-            shard(train_rows, table.y, form["num_peers"], form["partition"], alpha=form["alpha"], seed=form["seed"])
+            shard(train_rows, table.y, form["num_peers"], form["partition"], alpha=form["alpha"], seed=split_seed)
     except DatasetError as exc:
         abort(400, message=f"the dataset cannot be used: {exc}", errors={"file": [str(exc)]})
     return table
@@ -80,7 +81,9 @@ def start(user: User, form: dict[str, Any], file: FileStorage) -> TrainingSessio
 
 
 def _start(user: User, form: dict[str, Any], upload: Upload) -> TrainingSession:
-    table = inspect_upload(upload, form)
+    # Which rows are held out is the platform's secret: no peer learns this seed (its `seed` is the user's).
+    split_seed = secrets.randbelow(2**31)
+    table = inspect_upload(upload, form, split_seed)
     wanted = form["num_peers"]
     session_id = ObjectId()
     stale_after = timedelta(seconds=current_app.config["PEER_TIMEOUT_SECONDS"])
@@ -97,6 +100,7 @@ def _start(user: User, form: dict[str, Any], upload: Upload) -> TrainingSession:
         with upload.path.open("rb") as stream:
             url = storage().put(f"users/{user.id}/sessions/{session_id}/dataset.csv", stream)
         session = _document(session_id, user, form, table, names, url, upload)
+        session.split_seed = split_seed
         session.save()
         saved = True
         events.append(session_id, [events.status(PENDING, at=session.created_at)])
@@ -137,7 +141,8 @@ def _document(session_id: ObjectId, user: User, form: dict[str, Any], table: Tab
         features=table.features,
         seed=form["seed"],
         min_peers=form.get("min_peers"),
-        round_timeout=form.get("round_timeout") or current_app.config["TRAIN_TIME_LIMIT"],
+        # None: the platform sets each task's deadline from how long its fellows took (models.assignment.tighten).
+        round_timeout=form.get("round_timeout"),
         dataset=Dataset(
             filename=upload.filename,
             url=url,

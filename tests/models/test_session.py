@@ -48,10 +48,11 @@ def test_a_round_is_launched_once_and_recorded_once(db):
     assert not sessions.next_round(session.id, {"a": "x", "b": "y"}, second, position)  # a redelivered launch
     assert [p.round for p in TrainingSession.objects.get(id=session.id).peers] == [1, 1]
     done = sessions.Round(round=1, metrics={"val_accuracy": 0.5})
-    assert sessions.record_round(session.id, done, "file:///g1")
-    assert not sessions.record_round(session.id, done, "file:///g1")
+    assert sessions.record_round(session.id, done, "file:///g1", sessions.History(norms=[1.0], gains=[-0.1]))
+    assert not sessions.record_round(session.id, done, "file:///g1", sessions.History())
     session.reload()
     assert [r.round for r in session.rounds] == [1] and session.plan.global_url == "file:///g1"
+    assert session.history.norms == [1.0]
 
 
 def test_an_asynchronous_budget_is_taken_once_per_task_and_folds_take_turns(db):
@@ -65,17 +66,17 @@ def test_an_asynchronous_budget_is_taken_once_per_task_and_folds_take_turns(db):
     assert sessions.start_running(session.id, {"a": "t0", "b": "t1"}, sessions.Launch(round=0), 60,
                                   sessions.positions(session), now, state=state, rounds={"a": 0, "b": 1})
     assert [p.round for p in TrainingSession.objects.get(id=session.id).peers] == [0, 1]
-    assert sessions.take_task(session.id, "a", now) == (2, 0, "file:///v0")
-    assert sessions.take_task(session.id, "b", now) is None  # the budget is spent
+    assert sessions.take_task(session.id, "a", now, 3) == (2, 0, "file:///v0")
+    assert sessions.take_task(session.id, "b", now, 3) is None  # the budget is spent
     sessions.give_back(session.id, 1)
-    assert sessions.take_task(session.id, "b", now) == (3, 0, "file:///v0")
+    assert sessions.take_task(session.id, "b", now, 3) == (3, 0, "file:///v0")
     lease = timedelta(seconds=30)
     assert sessions.take_fold_lease(session.id, now, lease) and not sessions.take_fold_lease(session.id, now, lease)
     assert sessions.take_fold_lease(session.id, now + 2 * lease, lease)  # its holder died: it expired
     sessions.drop_fold_lease(session.id)
     assert not sessions.fold_leased(session.id)
-    assert sessions.record_fold(session.id, 0, sessions.Round(round=0), "file:///v1")
-    assert not sessions.record_fold(session.id, 0, sessions.Round(round=0), "file:///v1")
+    assert sessions.record_fold(session.id, 0, sessions.Round(round=0), "file:///v1", sessions.History())
+    assert not sessions.record_fold(session.id, 0, sessions.Round(round=0), "file:///v1", sessions.History())
 
 
 def test_progress_and_results_land_on_the_right_peer(db):

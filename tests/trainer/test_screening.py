@@ -1,0 +1,85 @@
+"""Screening: one hostile update of five is bounded or refused, and every honest one counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainer.screening import screen
+
+TARGET = {"w": torch.full((50,), 1.0), "b": torch.full((5,), -1.0)}
+
+
+def loss(state) -> float:
+    return float(sum(torch.sum((state[k] - TARGET[k]) ** 2) for k in TARGET))
+
+
+def honest(base, seed: int, step: float = 0.2):
+    """A step towards the target with some noise, as local training moves the model."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + step * (TARGET[k] - v) + 0.02 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+
+
+def attack(base, kind: str):
+    good = honest(base, 99)
+    if kind == "x100":
+        return {k: base[k] + 100 * (good[k] - base[k]) for k in base}
+    if kind == "flip":
+        return {k: base[k] - (good[k] - base[k]) for k in base}
+    if kind == "random":
+        g = torch.Generator().manual_seed(7)
+        return {k: 5 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    if kind == "zero":
+        return {k: torch.zeros_like(v) for k, v in base.items()}
+    if kind == "nan":
+        return {k: torch.full_like(v, float("nan")) for k, v in base.items()}
+    raise ValueError(kind)
+
+
+BASE = {"w": torch.full((50,), 0.3), "b": torch.full((5,), -0.3)}  # part of the way to the target
+
+
+@pytest.mark.parametrize("kind", ["x100", "flip", "random", "zero", "nan"])
+def test_one_hostile_update_of_five_is_bounded_or_refused_and_named(kind):
+    states = {f"h{i}": honest(BASE, i) for i in range(4)} | {"bad": attack(BASE, kind)}
+    result = screen(BASE, states, loss)
+    assert set(result.states) >= {"h0", "h1", "h2", "h3"}  # every honest update counts
+    assert "bad" in result.outliers or "bad" in result.rejected
+    merged = {k: torch.stack([s[k] for s in result.states.values()]).mean(0) for k in BASE}
+    honest_only = {k: torch.stack([states[f"h{i}"][k] for i in range(4)]).mean(0) for k in BASE}
+    # What got through moves the model about as the honest ones alone would have.
+    assert loss(merged) <= loss(honest_only) * 1.15 < loss(BASE)
+
+
+def test_a_sign_flipped_update_is_refused_though_its_size_is_honest():
+    states = {f"h{i}": honest(BASE, i) for i in range(4)} | {"bad": attack(BASE, "flip")}
+    result = screen(BASE, states, loss)
+    assert "bad" in result.rejected and "raises the held-out loss" in result.rejected["bad"]
+
+
+def test_an_update_screened_alone_is_judged_against_recent_ones():
+    """An asynchronous fold of one or two updates: the history of accepted ones says what is typical."""
+    good = screen(BASE, {f"h{i}": honest(BASE, i) for i in range(4)}, loss)
+    norms, gains = list(good.norms.values()), list(good.gains.values())
+    for kind in ("x100", "flip", "random", "zero"):
+        alone = screen(BASE, {"h": honest(BASE, 5), "bad": attack(BASE, kind)}, loss, recent_norms=norms,
+                       recent_gains=gains)
+        assert "h" in alone.states and ("bad" in alone.rejected or "bad" in alone.scaled), kind
+        merged = {k: torch.stack([s[k] for s in alone.states.values()]).mean(0) for k in BASE}
+        assert loss(merged) < loss(BASE)
+
+
+def test_a_first_fold_of_two_still_refuses_what_is_plainly_harmful():
+    for kind in ("x100", "random", "zero"):
+        result = screen(BASE, {"h": honest(BASE, 1), "bad": attack(BASE, kind)}, loss)
+        assert "h" in result.states and ("bad" in result.rejected or "bad" in result.scaled), kind
+
+
+def test_honest_updates_near_convergence_all_count():
+    close = {k: v.clone() * 0.999 for k, v in TARGET.items()}
+    states = {f"h{i}": honest(close, i, step=0.01) for i in range(5)}
+    result = screen(close, states, loss)
+    assert set(result.states) == set(states) and not result.rejected
+    assert all(math.isfinite(g) for g in result.gains.values())
