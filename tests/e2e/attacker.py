@@ -47,12 +47,30 @@ class Attacker:
         body = [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
         self.publish(exchange, routing_key, body, headers=headers)
 
+    def flood(self, exchange: str, seconds: float, **fields: Any) -> int:
+        """Publish `task-heartbeat` events in its own name as fast as one connection goes, for `seconds`;
+        returns how many it sent."""
+        sent, until = 0, time.monotonic() + seconds
+        with Connection(self.url, connect_timeout=10) as connection:
+            producer = connection.Producer()
+            while time.monotonic() < until:
+                for _ in range(200):
+                    body = {"type": "task-heartbeat", "timestamp": time.time(), "clock": sent, **fields,
+                            "epoch": 1 + sent % 50}
+                    producer.publish(body, exchange=exchange, routing_key="task.heartbeat", serializer="json",
+                                     declare=[], user_id=self.user)
+                    sent += 1
+        return sent
+
     def consume(self, queue: str) -> None:
         """Try to read a queue (raises when refused)."""
         with self._connection() as connection:
-            Queue(queue, Exchange(queue, "direct"), routing_key=queue)(connection.default_channel).declare(
-                nowait=False)
             connection.default_channel.basic_get(queue)
+
+    def declare_queue(self, name: str, **arguments: Any) -> None:
+        with self._connection() as connection:
+            Queue(name, Exchange(name, "direct"), routing_key=name, queue_arguments=arguments)(
+                connection.default_channel).declare(nowait=False)
 
     def declare_exchange(self, name: str, kind: str = "topic") -> None:
         with self._connection() as connection:

@@ -19,6 +19,7 @@ from settings import Settings
 from tests import conftest, services
 
 PEER_TIMEOUT = 6.0
+DEADLINE_FLOOR = 10.0  # a task that never answers is left out this soon at least (its fellows take ~1 s)
 
 
 @pytest.fixture(scope="package")
@@ -34,7 +35,7 @@ def platform(tmp_path_factory, s3_endpoint) -> Iterator[Served]:
     # A short silence limit, so a peer killed mid-session is noticed within seconds.
     settings = dataclasses.replace(Settings.from_env(), mongodb_uri=conftest.database_uri(db_name),
                                    storage_url=storage_url, s3_endpoint_url=s3_endpoint,
-                                   peer_timeout_seconds=PEER_TIMEOUT)
+                                   peer_timeout_seconds=PEER_TIMEOUT, deadline_floor=DEADLINE_FLOOR)
     assert settings.broker_url.startswith("amqp://"), settings.broker_url
     served = Served(settings, tmp_path_factory.mktemp("logs"), name=f"coordinator-{conftest.RUN_ID}").start()
     try:

@@ -17,6 +17,7 @@ from harness.processes import PeerProcess, peer_environment
 from harness.waiting import wait_until
 from models import Heartbeat, TrainingSession
 from settings import Settings
+from tasks import protocol, relay
 from tests.e2e.attacker import REFUSED, Attacker
 
 pytestmark = pytest.mark.e2e
@@ -159,7 +160,7 @@ def test_a_peer_spec_out_of_range_is_refused_and_the_peer_stays_useful(platform,
     spec = {"session": "0" * 24, "round": 0, "data": "http://127.0.0.1:9/x", "data_id": "x",
             "weights": "http://127.0.0.1:9/y", "target": "label", "task": "classification", "features": ["a"],
             "hyperparameters": {"epochs": 10**9, "hidden": [12000, 12000]}}
-    result = app.send_task("peertrain.train", args=[spec], queue=f"peer.{victim}")
+    result = relay.train(app, victim, "0" * 24 + ":0:forged", spec, 60, "forged").apply_async()
     # The peer reports the refusal to the coordinator's collector, which drops it (no session gave that
     # task); the peer's own log says why, and it answers the next session at once.
     log = platform.peers[victim].log_path
@@ -240,3 +241,184 @@ def test_peers_hold_no_platform_credentials(platform, two_peers):
         assert not any(key.startswith(("MONGODB_", "RESULT_", "STORAGE_", "S3_", "AWS_", "JWT_"))
                        for key in environment)
         assert f"peer.{name}:" in environment["BROKER_URL"] and "guest" not in environment["BROKER_URL"]
+
+
+# --- the second layer: liveness, names, floods, held-out rows, robust rounds, records, deadlines ----------
+
+
+def test_a_login_that_runs_no_worker_is_never_online_nor_claimed(platform, two_peers, attacker, digits_csv):
+    """Attack: a registered login with no worker sends `worker-heartbeat` events under changing hostnames,
+    hoping to look the freshest peer and be claimed (in a sweep that is a grant to the user's whole data)."""
+    settings = Settings.from_env()
+    from models import Peer
+
+    name = protocol.peer_of(attacker.user)
+    for i in range(20):
+        attacker.event(settings.event_exchange, "worker-heartbeat", hostname=f"peer.{name}@fresh{i}", freq=2.0)
+    assert Peer.objects.get(name=name).status == "OFFLINE"  # the broker shows no consumer of its queue
+    for _ in range(3):
+        user, session_id = sweep(platform, digits_csv, hp=json.dumps({"epochs": 2, "hidden": [16]}))
+        session = user.wait_finished(session_id, timeout=60)
+        assert session["status"] == "COMPLETED" and name not in [p["name"] for p in session["peers"]]
+        attacker.event(settings.event_exchange, "worker-heartbeat", hostname=f"peer.{name}@later", freq=2.0)
+    assert Peer.objects.get(name=name).status == "OFFLINE"
+
+
+def test_a_peer_can_declare_nothing_so_no_name_the_platform_uses(platform, two_peers, attacker, digits_csv):
+    """Attack: a peer re-declares `peer.<its name>` (the exchange its tasks used to come through) as fanout, or
+    its own queue with other arguments, so that every session it is given fails at start."""
+    name = protocol.peer_of(attacker.user)
+    for exchange in (f"peer.{name}", protocol.TASKS_EXCHANGE, protocol.STOPS_EXCHANGE):
+        with pytest.raises(REFUSED):
+            attacker.declare_exchange(exchange, "fanout")
+    with pytest.raises(REFUSED):
+        attacker.declare_queue(protocol.task_queue(name), **{"x-max-length": 1})
+    user, session_id = sweep(platform, digits_csv, hp=json.dumps({"epochs": 2, "hidden": [16]}))
+    assert user.wait_finished(session_id, timeout=60)["status"] == "COMPLETED"
+
+
+def test_one_peers_flood_costs_only_that_peer(platform, two_peers, attacker, digits_csv, record_property):
+    """Attack: a peer floods the event exchange with its own heartbeats as fast as one connection goes for
+    60 s while other users' sessions run one after another: no honest peer is judged offline, every session
+    completes, their streams keep up, and what waits unread in the monitor's queue stays bounded."""
+    import threading
+    import time
+    from datetime import datetime
+
+    from kombu import Connection
+
+    from models import Heartbeat, Peer
+
+    settings = Settings.from_env()
+    platform_login = Connection(settings.broker_url)
+    name, seconds = protocol.peer_of(attacker.user), 60
+    sent: list[int] = []
+    flooding = threading.Thread(target=lambda: sent.append(attacker.flood(
+        settings.event_exchange, seconds, uuid="0" * 24 + ":0:x", session="0" * 24, peer=name, round=0, loss=1.0)))
+    dropped = platform.monitor.dropped["over budget"]
+    depths, statuses, latencies, sessions = [], set(), [], 0
+    until = time.monotonic() + seconds
+    user = platform.user()
+    flooding.start()
+    try:
+        while time.monotonic() < until - 5:
+            response = user.start(digits_csv, num_peers=2, hyperparameters=json.dumps({"epochs": 30, "hidden": [64]}))
+            assert response.status_code == 202, response.text
+            session_id = response.json()["session_id"]
+            for event in user.events(session_id):
+                if event["event"] == "heartbeat" and event["data"]["sent_at"]:
+                    sent_at = datetime.fromisoformat(event["data"]["sent_at"].replace("Z", "+00:00"))
+                    latencies.append(time.time() - sent_at.timestamp())
+                    depths.append(platform_login.default_channel.queue_declare(
+                        settings.monitor_queue, passive=True).message_count)
+                    statuses.update(p.status for p in Peer.objects(name__in=two_peers))
+                if event["event"] == "end":
+                    break
+            session = user.session(session_id)
+            assert session["status"] == "COMPLETED", session["reason"]
+            assert Heartbeat.objects(session_id=session_id).count() == 2 * 30
+            sessions += 1
+    finally:
+        flooding.join(seconds + 30)
+        platform_login.release()
+    assert sessions >= 2 and statuses <= {"ONLINE", "TRAINING"}, (sessions, statuses)
+    assert platform.monitor.dropped["over budget"] - dropped > sent[0] // 2, (sent, platform.monitor.dropped)
+    latencies.sort()
+    p95 = latencies[int(0.95 * (len(latencies) - 1))]
+    record_property("flood events sent / s", round(sent[0] / seconds))
+    record_property("sessions run during the flood", sessions)
+    record_property("p95 s from a heartbeat to the other session's stream", round(p95, 3))
+    record_property("most events waiting in the monitor's queue", max(depths))
+    assert p95 <= 1.0, latencies[-10:]
+    # Unread events stay bounded: the monitor drops a flood as fast as it comes, unread (≈ 1 s of it at most).
+    assert max(depths) < 10_000, depths
+
+
+def test_a_sweep_peer_never_holds_the_rows_it_is_judged_on(platform, two_peers, digits_csv, unique, tmp_path):
+    """Attack: a sweep peer trains on the validation rows (it used to get the whole CSV and the split's seed)
+    to win. Now its task holds the training rows only, and no seed tells it which rows are held out."""
+    keeper, kept = unique("peeker"), tmp_path / "specs.jsonl"
+    platform.start_peers(keeper, app="tests.e2e.faulty_peer", PEERTRAIN_TEST_FAULT="keep",
+                         PEERTRAIN_TEST_KEEP=str(kept))
+    try:
+        user = platform.user()
+        response = user.start(digits_csv, num_peers=3, hyperparameters=QUICK)
+        session = user.wait_finished(response.json()["session_id"], timeout=120)
+        assert session["status"] == "COMPLETED", session
+        spec = json.loads(kept.read_text().splitlines()[-1])
+        given = requests.get(spec["data"], timeout=10).content.decode().splitlines()
+        from tasks.storage import open_storage
+
+        store = open_storage(platform.storage_url, platform.s3_endpoint)
+        prefix = f"users/{TrainingSession.objects.get(id=session['id']).owner_id}/sessions/{session['id']}"
+        held_out = store.get_bytes(store.url(f"{prefix}/shards/validation.csv")).decode().splitlines()
+        whole = digits_csv.read_text().splitlines()
+        assert given[0] == held_out[0] == whole[0]  # the header
+        from collections import Counter
+
+        # Every row once: either the peer was given it, or it is held out (rows, not just their count).
+        assert Counter(given[1:]) + Counter(held_out[1:]) == Counter(whole[1:]) and len(held_out) > 300
+        assert "split_seed" not in json.dumps(spec)
+        assert session["results"]["peers"][session["results"]["best_peer"]]["val_accuracy"] > 0.8
+    finally:
+        platform.stop_peer(keeper)
+
+
+@pytest.mark.parametrize("aggregation", ["fedavg", "median"])
+def test_a_peer_scaling_its_update_a_hundredfold_is_bounded_and_named(platform, two_peers, digits_csv, unique,
+                                                                       aggregation):
+    """Attack: one peer uploads its update x100 (the right shape, under the size cap) to drag FedAvg along."""
+    from tests.e2e.test_federated import start_federated
+
+    liar = unique(f"scaler{aggregation[:3]}")
+    platform.start_peers(liar, app="tests.e2e.faulty_peer", PEERTRAIN_TEST_FAULT="scale")
+    try:
+        user = platform.user()
+        session = user.wait_finished(start_federated(user, digits_csv, 3, aggregation=aggregation), timeout=180)
+        assert session["status"] == "COMPLETED", session["reason"]
+        for r in session["rounds"]:
+            assert liar in r["outliers"] or liar in r["rejected"], r
+        assert session["rounds"][-1]["metrics"]["val_accuracy"] >= 0.85
+    finally:
+        platform.stop_peer(liar)
+
+
+def test_a_peer_that_never_answers_is_left_out_without_a_round_timeout(platform, two_peers, digits_csv, unique):
+    """Attack: a claimed peer keeps its worker beating and never finishes its task, with no `round_timeout`
+    given: its deadline comes from how long the others took, not from the hour-long training limit."""
+    silent = unique("silent")
+    platform.start_peers(silent, app="tests.e2e.faulty_peer", PEERTRAIN_TEST_FAULT="silent")
+    try:
+        user = platform.user()
+        response = user.start(digits_csv, num_peers=3, hyperparameters=QUICK, min_peers=2)
+        session = user.wait_finished(response.json()["session_id"], timeout=60)
+        assert session["status"] == "COMPLETED", session["reason"]
+        run = {p["name"]: p for p in session["peers"]}[silent]
+        assert run["status"] == "FAILED" and "did not finish round 0" in run["error"], run
+    finally:
+        platform.stop_peer(silent)
+
+
+def test_a_peer_whose_updates_are_refused_three_sessions_running_is_quarantined(platform, two_peers, digits_csv,
+                                                                                 unique):
+    """Its record follows it: three sessions of refused updates, and it is never claimed again until an
+    operator restores it."""
+    from models import Peer
+    from tasks import registry
+    from tests.e2e.test_federated import start_federated
+
+    liar = unique("repeat")
+    platform.start_peers(liar, app="tests.e2e.faulty_peer", PEERTRAIN_TEST_FAULT="nan")
+    try:
+        user = platform.user()
+        for _ in range(3):
+            session = user.wait_finished(start_federated(user, digits_csv, 3, min_peers=2), timeout=180)
+            assert session["status"] == "COMPLETED", session["reason"]
+        record = {p["name"]: p for p in user.get("/peers").json()["peers"]}[liar]
+        assert record["status"] == "QUARANTINED" and record["rejected"] >= 3 and record["reputation"] < 0.5
+        assert "finite" in record["last_rejection"]
+        assert user.start(digits_csv, num_peers=3, hyperparameters=QUICK).status_code == 400  # two free, not three
+        assert registry.main(["restore", liar]) == 0
+        wait_until(lambda: Peer.objects.get(name=liar).status == "ONLINE", 30, "the restored peer ONLINE")
+    finally:
+        platform.stop_peer(liar)

@@ -39,7 +39,8 @@ def test_a_sweep_trains_each_peer_with_its_own_settings(platform, two_peers, dig
         assert all(b["epochs"] == EPOCHS and b["loss"] > 0 and b["val_accuracy"] is not None for b in beats)
         curves[hp["learning_rate"]] = [b["loss"] for b in beats]
         assert run["epoch"] == EPOCHS and run["final"]["epoch"] == EPOCHS
-        assert run["bytes_fetched"] == digits_csv.stat().st_size
+        # The training rows only: a fifth of the rows is held out, in no peer's grant.
+        assert 0.75 < run["bytes_fetched"] / digits_csv.stat().st_size < 0.85
     assert curves[0.01] != curves[0.0005]
     # A higher learning rate (within reason) learns digits faster in 5 epochs.
     assert curves[0.01][-1] < curves[0.0005][-1]
@@ -48,7 +49,9 @@ def test_a_sweep_trains_each_peer_with_its_own_settings(platform, two_peers, dig
     results = session["results"]
     assert results["metric"] == "val_accuracy"
     assert results["best_peer"] in two_peers
-    assert results["best_value"] == max(by_peer[n]["final"]["val_accuracy"] for n in two_peers)
+    # Judged by the coordinator on rows no peer saw (each peer's own curve is on a part of its training rows).
+    assert results["best_value"] == max(results["peers"][n]["val_accuracy"] for n in two_peers)
+    assert results["best_value"] == results["peers"][results["best_peer"]]["val_accuracy"] > 0.9
     assert session["model_available"]
     model = user.get(f"/sessions/{started['session_id']}/model")
     assert model.status_code == 200
