@@ -33,29 +33,24 @@ from harness.platform import Served
 from harness.waiting import wait_until
 from models import peer as peers
 from settings import Settings
-from tasks import peer as peer_app
-from tasks import protocol, registry
 
 PEERS, ROUNDS, LOCAL_EPOCHS = 3, 5, 2
 TARGET_TIME, TARGET_POINTS = 0.5, 1.0
 HP = {"learning_rate": 0.001, "batch_size": 64, "hidden": [128, 64]}
 
 
-def straggler(served: Served, name: str, slowdown: float) -> None:
-    """A third peer, in this process like the others, whose real `train` task reports `slowdown` times later."""
-    peers.register(name)
-    login = registry.issue_login(name, served.settings).environment["BROKER_URL"]
-    app = peer_app.create_app(login, served.settings)
-    task = app.tasks["peertrain.train"]
-    honest = task.run
+def straggler(slowdown: float) -> Any:
+    """A third peer's `train`: the real one, reporting `slowdown` times later."""
 
-    def slow(spec: dict[str, Any]) -> dict[str, Any]:
-        result = honest(spec)
-        time.sleep((slowdown - 1) * result.get("seconds", 0.0))
-        return result
+    def around(honest: Any) -> Any:
+        def slow(spec: dict[str, Any]) -> dict[str, Any]:
+            result = honest(spec)
+            time.sleep((slowdown - 1) * result.get("seconds", 0.0))
+            return result
 
-    task.run = slow
-    served.platform.workers.start(app, protocol.task_queue(name), protocol.worker_name(name, "bench"))
+        return slow
+
+    return around
 
 
 def run(api: Any, csv: Path, seed: int, **form: Any) -> dict[str, Any]:
@@ -97,7 +92,7 @@ def main() -> None:
             "BCRYPT_ROUNDS": "4", "PEER_THREADS": "1", "LOG_LEVEL": "WARNING", "DATA_DIR": ""})
         served = Served(settings, Path(scratch), peers=["fast1", "fast2"]).start()
         try:
-            straggler(served, "slow", args.slowdown)
+            served.start_peer_here("slow", straggler(args.slowdown))
             wait_until(lambda: peers.Peer.objects(status=peers.ONLINE).count() == PEERS, 60, "every peer ONLINE")
             api = served.user("bench")
             csv = tabular_csv(Path(scratch) / "tabular.csv")

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,16 @@ class Served:
                 print(self.peers[name].log()[-3000:])
             raise
         return list(names)
+
+    def start_peer_here(self, name: str, around: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+        """Register peer `name` and run it on this process's workers (the in-memory broker's), its real `train`
+        task replaced by `around(the real one)`: a peer that lies or lags in a way a bench chooses."""
+        from tasks import peer as peer_app  # torch loads with the peer's task
+
+        app = peer_app.create_app(self.register(name)["BROKER_URL"], self.settings)
+        task = app.tasks["peertrain.train"]
+        task.run = around(task.run)
+        self.platform.workers.start(app, protocol.task_queue(name), protocol.worker_name(name, "here"))
 
     def stop_peer(self, name: str) -> None:
         self.peers.pop(name).stop()
