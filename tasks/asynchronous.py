@@ -24,6 +24,8 @@ import logging
 import math
 from datetime import timedelta
 
+import torch
+
 from models import Round
 from models import assignment as assignments
 from models import event as events
@@ -34,6 +36,7 @@ from models.session import AsyncState, Launch
 from tasks import gate, protocol, relay
 from tasks.federated import Federated, combine
 from tasks.gate import Outcome
+from trainer import screening
 from trainer.model import SimpleDNN
 from trainer.staleness import Contribution, applied
 from trainer.weights import state_to_bytes
@@ -256,32 +259,9 @@ class AsyncFederated(Federated):
         return self.storage.url(f"{self.prefix}/versions/{version}.safetensors")
 
     def _fold(self, pending: list[updates.Update]) -> None:
-        session, plan = self.session, self.session.plan
-        state = session.asynchronous
-        version = state.version
-        current = self.global_state(plan.global_url)
-        trust = {p["name"]: min(1.0, 2 * peers.reputation(p))
-                 for p in peers.Peer.objects(name__in=[u.peer for u in pending]).as_pymongo()}
-        candidates, by_name, rejected = {}, {}, {}
-        for update in pending:
-            name = f"{update.peer}#{update.seq}"
-            # Read here, once, and not when it arrived: until its grant expires a peer could replace it anyway.
-            read = self.gate.weights(weights_key(self.prefix, update.seq, update.peer), self.config)
-            if isinstance(read, str):
-                rejected[name] = read
-                continue
-            # Stale updates count less, and so do peers with a poor record (a newcomer counts fully).
-            contribution = Contribution(self.global_state(self._version_url(update.base_version)), read,
-                                        update.samples * trust.get(update.peer, 1.0), version - update.base_version)
-            candidates[name], by_name[name] = applied(current, contribution), (update, contribution)
-        # Each one bounded and judged on the held-out rows, against what recently accepted ones did.
-        screened = self.screen(current, candidates, senders={name: by_name[name][0].peer for name in candidates})
-        rejected.update(screened.rejected)
-        for update in pending:
-            name = f"{update.peer}#{update.seq}"
-            # Counted once: only the run that moves it from buffered to rejected.
-            if name in rejected and updates.reject(session.id, update.seq, rejected[name]):
-                self.count_refused(update.peer, str(update.seq), rejected[name], screened=name in screened.rejected)
+        session, version = self.session, self.session.asynchronous.version
+        current = self.global_state(session.plan.global_url)
+        screened, by_name, rejected = self._screened(current, pending)
         if not screened.states:
             return
         kept = sorted(screened.states, key=lambda name: by_name[name][0].seq)
@@ -311,6 +291,36 @@ class AsyncFederated(Federated):
         events.record_round(session.id, round_doc)
         log.info("session %s: version %d from %d update(s), staleness %s", session.id, version + 1, len(used),
                  [c.staleness for c in contributions])
+
+    def _screened(self, current: dict[str, torch.Tensor], pending: list[updates.Update]) -> tuple[
+            screening.Screened, dict[str, tuple[updates.Update, Contribution]], dict[str, str]]:
+        """The buffered updates read and screened, each as `current` moved by it alone (`peer#seq` names them):
+        what screening made of them, each one's update and contribution, and the refused ones with why (marked
+        REJECTED here, and counted on their peers' records)."""
+        version = self.session.asynchronous.version
+        trust = {p["name"]: min(1.0, 2 * peers.reputation(p))
+                 for p in peers.Peer.objects(name__in=[u.peer for u in pending]).as_pymongo()}
+        candidates, by_name, rejected = {}, {}, {}
+        for update in pending:
+            name = f"{update.peer}#{update.seq}"
+            # Read here, once, and not when it arrived: until its grant expires a peer could replace it anyway.
+            read = self.gate.weights(weights_key(self.prefix, update.seq, update.peer), self.config)
+            if isinstance(read, str):
+                rejected[name] = read
+                continue
+            # Stale updates count less, and so do peers with a poor record (a newcomer counts fully).
+            contribution = Contribution(self.global_state(self._version_url(update.base_version)), read,
+                                        update.samples * trust.get(update.peer, 1.0), version - update.base_version)
+            candidates[name], by_name[name] = applied(current, contribution), (update, contribution)
+        # Each one bounded and judged on the held-out rows, against what recently accepted ones did.
+        screened = self.screen(current, candidates, senders={name: by_name[name][0].peer for name in candidates})
+        rejected.update(screened.rejected)
+        for update in pending:
+            name = f"{update.peer}#{update.seq}"
+            # Counted once: only the run that moves it from buffered to rejected.
+            if name in rejected and updates.reject(self.session.id, update.seq, rejected[name]):
+                self.count_refused(update.peer, str(update.seq), rejected[name], screened=name in screened.rejected)
+        return screened, by_name, rejected
 
     def finish(self) -> None:
         session = self.session

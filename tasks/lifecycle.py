@@ -63,10 +63,15 @@ def end(app: Celery, session_id: str | ObjectId, status: str, reason: str | None
     released = peers.release(session_id)
     if not sessions.finish(session_id, status, reason, **fields):
         return False
-    # A strike for each peer most of whose updates were refused here; three sessions running and it is out.
-    struck = [run.name for run in session.peers if run.rejected and run.rejected >= run.accepted]
-    spared = [run.name for run in session.peers if run.accepted > run.rejected]
-    for name in peers.strike(struck, spared, at):
-        log.warning("peer %s is QUARANTINED: its updates were refused in %d sessions running", name, peers.STRIKES)
+    _strike(session.peers, at)
     log.info("session %s %s (%s); %d peer(s) released", session_id, status, reason or "-", released)
     return True
+
+
+def _strike(runs: list[sessions.PeerRun], at: datetime) -> None:
+    """A strike for each peer most of whose updates were refused in the session; three sessions running and it
+    is QUARANTINED. One most of whose updates were used starts again from none."""
+    struck = [run.name for run in runs if run.rejected and run.rejected >= run.accepted]
+    spared = [run.name for run in runs if run.accepted > run.rejected]
+    for name in peers.strike(struck, spared, at):
+        log.warning("peer %s is QUARANTINED: its updates were refused in %d sessions running", name, peers.STRIKES)

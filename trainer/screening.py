@@ -93,33 +93,11 @@ def screen(base: State, states: Mapping[str, State], loss: Callable[[State], flo
     each (default: each its own)."""
     senders = senders or {}
     result = Screened()
-    changes = {}
-    for name, state in states.items():
-        change = _change(state, base)
-        norm = _norm(change)
-        if not math.isfinite(norm):
-            result.rejected[name] = "its weights are not finite"
-            continue
-        changes[name], result.norms[name] = change, norm
+    changes = _measured(base, states, result)
     pool = [*recent_norms, *_per_sender(result.norms, senders)]
     # Too few to have a median: nothing is bounded (any one of two could set the scale), the loss judges alone.
-    typical = (_median(pool) if len(pool) >= FEW else max(pool, default=0.0)) or 1e-12
-    result._typical = typical
-    base_loss = loss(base)
-    result.base_loss = base_loss
-    bounded = {}
-    for name, change in changes.items():
-        ratio = result.norms[name] / typical
-        factor = min(1.0, clip / ratio) if ratio > 0 else 1.0
-        if factor < 1.0:
-            result.scaled[name] = round(ratio, 1)
-        bounded[name] = {key: (value.double() + changes[name][key] * factor).to(value.dtype)
-                         if key in change else value.detach().clone() for key, value in base.items()}
-        measured = loss(bounded[name])
-        if not math.isfinite(measured):
-            result.rejected[name] = "it makes the held-out loss infinite"
-            continue
-        result.gains[name] = (measured - base_loss) / max(abs(base_loss), 1e-12)
+    result._typical = (_median(pool) if len(pool) >= FEW else max(pool, default=0.0)) or 1e-12
+    bounded = _bounded(base, changes, loss, clip, result)
     gains = [*recent_gains, *_per_sender(result.gains, senders)]
     if len(gains) >= FEW:
         middle = _median(gains)
@@ -142,6 +120,40 @@ def screen(base: State, states: Mapping[str, State], loss: Callable[[State], flo
             result.states[name] = bounded[name]
             result.trust[name] = min(1.0, cosines[name] / typical_cosine) if typical_cosine > 0 else 1.0
     return result
+
+
+def _measured(base: State, states: Mapping[str, State], result: Screened) -> dict[str, dict[str, torch.Tensor]]:
+    """Each update's change from `base`, and its size in `result.norms`; one that is not finite is rejected."""
+    changes = {}
+    for name, state in states.items():
+        change = _change(state, base)
+        norm = _norm(change)
+        if not math.isfinite(norm):
+            result.rejected[name] = "its weights are not finite"
+            continue
+        changes[name], result.norms[name] = change, norm
+    return changes
+
+
+def _bounded(base: State, changes: Mapping[str, Mapping[str, torch.Tensor]], loss: Callable[[State], float],
+             clip: float, result: Screened) -> dict[str, dict[str, torch.Tensor]]:
+    """`base` moved by each change scaled down to at most `clip` times the typical size; how each moves the
+    held-out loss goes to `result.gains` (one that makes it infinite is rejected)."""
+    result.base_loss = base_loss = loss(base)
+    bounded = {}
+    for name, change in changes.items():
+        ratio = result.norms[name] / result._typical
+        factor = min(1.0, clip / ratio) if ratio > 0 else 1.0
+        if factor < 1.0:
+            result.scaled[name] = round(ratio, 1)
+        bounded[name] = {key: (value.double() + change[key] * factor).to(value.dtype)
+                         if key in change else value.detach().clone() for key, value in base.items()}
+        measured = loss(bounded[name])
+        if not math.isfinite(measured):
+            result.rejected[name] = "it makes the held-out loss infinite"
+            continue
+        result.gains[name] = (measured - base_loss) / max(abs(base_loss), 1e-12)
+    return bounded
 
 
 def _cosines(states: Mapping[str, State], base: State) -> dict[str, float]:
