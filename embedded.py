@@ -101,6 +101,7 @@ class Platform:
         self.storage, self.clock, self.name = storage, clock, name
         self.celery = None  # the coordinator's Celery app (it also sends what the API sends)
         self.consumer = None
+        self.api = None  # the Flask app, once started
         self.monitor_thread: threading.Thread | None = None
         self.workers = None
 
@@ -135,7 +136,8 @@ class Platform:
             login = registry.issue_login(name, settings).environment["BROKER_URL"]
             self.workers.start(peer_app.create_app(login, settings), protocol.task_queue(name),
                                protocol.worker_name(name, host))
-        return create_app(settings=settings, celery=self.celery)
+        self.api = create_app(settings=settings, celery=self.celery)
+        return self.api
 
     def stop(self, reason: str = INTERRUPTED) -> None:
         """End the running sessions (their peers stop), close the workers and the monitor, keep the data."""
@@ -149,6 +151,13 @@ class Platform:
         if self.consumer is not None:
             self.consumer.stop()
             self.monitor_thread.join(10)
+        if self.api is not None:
+            from webapp import stream
+
+            # Its listener stops before the broker's virtual host or connection goes, not with a traceback after.
+            hub = self.api.extensions.get(stream.EXTENSION)
+            if hub is not None:
+                hub.close()
         if self.keep_data and self.settings.data_dir and models.db.is_mock():
             kept = models.db.save_snapshot(self.settings.data_dir)
             log.info("kept %d documents in %s for the next run", kept, self.settings.data_dir)

@@ -39,6 +39,7 @@ from settings import Settings
 from tasks import protocol, transfer
 from trainer.model import ModelConfig
 from trainer.weights import max_state_bytes, state_from_bytes, state_to_bytes
+from webapp import launch
 
 PEERS = 5
 ATTACKER = "hostile"
@@ -97,18 +98,32 @@ class Attack:
     now = ""  # the attack of the session running now ("" for the honest baseline)
 
 
+class Split:
+    """The platform draws each session's held-out rows with a secret seed; the bench sets it, so that a
+    session and its attacked twin hold out the same rows (the product's code reads it as it always does)."""
+
+    seed = 0
+
+    @staticmethod
+    def randbelow(_: int) -> int:
+        return Split.seed
+
+
 def session(api: Any, csv: Path, seed: int, mode: str, rule: str, rounds: int) -> dict[str, Any]:
     form: dict[str, Any] = {"num_peers": PEERS, "mode": "federated", "seed": seed, "rounds": rounds,
                             "local_epochs": 1, "aggregation": rule, "hyperparameters": json.dumps(HP)}
     if mode == "async":
         form.update(schedule="async", max_updates=rounds * PEERS)
+    Split.seed = 1000 + seed  # the same held-out rows with and without the attack: the gap is paired
     with csv.open("rb") as file:
         response = api.post("/sessions/start", files={"file": (csv.name, file, "text/csv")}, data=form)
     assert response.status_code == 202, response.text
     done = api.wait_finished(response.json()["session_id"], timeout=600)
     assert done["status"] == "COMPLETED", done["reason"]
-    # The hostile peer's record would quarantine it after three such sessions; an operator lets it back in.
+    # Each session starts from clean records: the hostile peer's would quarantine it after three such
+    # sessions (an operator lets it back in), and lower its weight in the honest baselines that follow.
     peers.restore(ATTACKER)
+    peers.Peer.objects.update(**{f"set__{name}": 0 for name in peers.COUNTERS})
     wait_until(lambda: peers.Peer.objects(status=peers.ONLINE).count() == PEERS, 60, "every peer ONLINE again")
     return done
 
@@ -131,6 +146,7 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # it logs every request at INFO whatever the root says
     transfer.upload = _hostile_upload
+    launch.secrets = Split  # webapp/launch.py draws the split seed through `secrets.randbelow`
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="peertrain-bench-byzantine-") as scratch:
         settings = Settings.from_env({

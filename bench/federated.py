@@ -1,8 +1,9 @@
 """Benchmark federated quality: centralized training vs 4 peers (IID) vs 4 peers label-skewed, side by side.
 
 On scikit-learn's digits and breast_cancer, for each seed: (a) the trainer alone on all training rows,
-(b) a federated session with IID shards, (c) one with Dirichlet(alpha) label-skewed shards. All three
-hold out the same 20% (stratified, seeded) rows, start from the same initial weights, use the same
+(b) a federated session with IID shards, (c) one with Dirichlet(alpha) label-skewed shards. Each session
+holds out 20% of the rows (stratified) with a seed only the platform knows; the centralized run is made
+on each session's own split (read from the database), from the same initial weights, with the same
 hyperparameters and the same total epochs (centralized epochs = rounds x local epochs).
 
 The federated runs go through the real platform, as `make run` assembles it in one process: the API
@@ -26,16 +27,13 @@ import shutil
 import statistics
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from harness.datasets import sklearn_csv
 from harness.platform import Served
-from models import peer as peers
-from models.db import utcnow
+from models.session import TrainingSession
 from settings import Settings
-from tasks import protocol
 from trainer.dataset import Dataset
 from trainer.loop import TrainConfig, evaluate, train
 from trainer.model import ModelConfig, SimpleDNN
@@ -76,14 +74,15 @@ def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
             "hidden": [int(h) for h in args.hidden.split(",") if h]}
 
 
-def centralized(csv: Path, seed: int, args: argparse.Namespace) -> float:
-    """Held-out accuracy of the trainer alone, on the rows and from the weights a federated session uses."""
+def centralized(csv: Path, seed: int, split_seed: int, args: argparse.Namespace) -> float:
+    """Held-out accuracy of the trainer alone, on the rows and from the weights a federated session uses
+    (`split_seed`: the session's own, which only the platform knows; the bench reads it from the database)."""
     from trainer.split import VALIDATION_FRACTION
 
     hp = hyperparameters(args)
     table = read_table(csv)
-    # The coordinator's split and normalization (tasks/federated.py `start`), rebuilt with the same calls.
-    train_rows, val_rows = split_indices(table.y, VALIDATION_FRACTION, seed=seed, stratify=True)
+    # The coordinator's split and normalization (tasks/strategy.py `store_split`), rebuilt with the same calls.
+    train_rows, val_rows = split_indices(table.y, VALIDATION_FRACTION, seed=split_seed, stratify=True)
     data = Dataset.from_indices(table, train_rows, val_rows, fit_normalization(table.x[train_rows]))
     config = ModelConfig(len(table.features), table.output_size, tuple(hp["hidden"]), 0.0, table.task)
     model = SimpleDNN(config, seed=seed)  # the federated session's round-0 global weights
@@ -118,11 +117,6 @@ class Platform:
 
     def federated(self, csv: Path, seed: int, partition: str, args: argparse.Namespace) -> dict[str, Any]:
         """Run one federated session to the end; its GET /sessions/<id> document."""
-        # The API claims the freshest peer first: distinct times give bench1 shard 0, bench2 shard 1, ...
-        # every run, so FedAvg sums the same peers in the same order and reruns print the same figures.
-        now = utcnow()
-        for i, name in enumerate(self.peers):
-            peers.seen(name, protocol.worker_name(name, "bench"), at=now - timedelta(milliseconds=10 * i))
         form = {"num_peers": str(len(self.peers)), "mode": "federated", "seed": str(seed),
                 "rounds": str(args.rounds), "local_epochs": str(args.local_epochs), "partition": partition,
                 "alpha": str(args.alpha), "aggregation": args.aggregation,
@@ -160,24 +154,30 @@ def bench_dataset(platform: Platform, name: str, args: argparse.Namespace) -> di
     began = time.monotonic()
     acc: dict[str, list[float]] = {"centralized": [], "iid": [], "label_skew": []}
     ratios: list[float] = []
+    paired: dict[str, list[float]] = {"iid": [], "label_skew": []}  # centralized - federated, on the same rows
     val_rows = 0
     print(f"\n{name}: {rows} rows, {csv.stat().st_size:,} bytes")
     print(f"  {'seed':>4} {'centralized':>11} {'iid':>7} {'label_skew':>10} {'gap iid':>8} {'gap skew':>9}"
           f" {'fetched/size':>13}")
     for seed in range(args.seeds):
-        acc["centralized"].append(100 * centralized(csv, seed, args))
-        seed_ratios = []
+        seed_ratios, centralized_acc = [], {}
         for partition in ("iid", "label_skew"):
             session = platform.federated(csv, seed, partition, args)
             last = session["rounds"][-1]["metrics"]
             acc[partition].append(100 * last["val_accuracy"])
             val_rows = last["val_rows"]
             seed_ratios.append(session["results"]["bytes_fetched"] / session["dataset"]["bytes"])
+            # Each session holds out rows of its own choosing: the centralized run is paired with each.
+            centralized_acc[partition] = 100 * centralized(
+                csv, seed, TrainingSession.objects.get(id=session["id"]).split_seed, args)
         ratios += seed_ratios
+        acc["centralized"].append(statistics.mean(centralized_acc.values()))
+        paired["iid"].append(centralized_acc["iid"] - acc["iid"][-1])
+        paired["label_skew"].append(centralized_acc["label_skew"] - acc["label_skew"][-1])
         c, i, s = acc["centralized"][-1], acc["iid"][-1], acc["label_skew"][-1]
-        print(f"  {seed:>4} {c:11.2f} {i:7.2f} {s:10.2f} {c - i:8.2f} {c - s:9.2f}"
+        print(f"  {seed:>4} {c:11.2f} {i:7.2f} {s:10.2f} {paired['iid'][-1]:8.2f} {paired['label_skew'][-1]:9.2f}"
               f" {'/'.join(f'{r:.3f}' for r in seed_ratios):>13}")
-    gaps = {p: [c - f for c, f in zip(acc["centralized"], acc[p], strict=True)] for p in TARGETS}
+    gaps = paired
     print(f"  mean ± sd over {args.seeds} seeds (points; 1 held-out row = {100 / val_rows:.2f}):")
     for label, values in acc.items():
         print(f"    {label:<12} accuracy {mean_sd(values)}")

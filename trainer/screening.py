@@ -5,23 +5,25 @@ Any one peer may send anything. Before its update is combined with the others':
    change (the median norm of the changes screened with it and of recently accepted ones; with too few
    to have a median, none is bounded). Whatever its scale (x100, random weights, all zeros), an update
    then moves the model no more than a couple of honest ones do.
-2. It is judged by what it does alone: the bounded update applied to `base`, measured on held-out rows
-   (`loss`, given by the caller). One that makes the loss much worse than the typical update does (by more
-   than `spread` robust deviations above the median change of loss, more than half that typical change,
-   and more than `tolerance` of the loss itself), or that makes it not finite, is rejected. A sign-flipped
-   update, bounded to honest size, is found here: it raises the loss where the others lower it.
-
+2. It is judged by what it does to the others: the held-out loss (`loss`, given by the caller) of `base`
+   moved by the mean of all the bounded changes, against the same without this one (leave-one-out). One
+   whose presence makes the combined update much worse (by more than `spread` robust deviations above what
+   the typical update's presence does, and more than `tolerance` of the loss itself), or makes the loss
+   not finite, is rejected if on its own, too, it makes the model worse (one that improves it alone only
+   went less far, or elsewhere, than the rest). Honest updates from skewed data each pull their own way
+   and can each make the loss worse alone; together they are better, and none is refused for being
+   different. A sign-flipped update, bounded to honest size, cancels the others' progress and is found
+   here. A lone update has no others: it is refused only if it alone doubles the held-out loss.
 3. What it counts for is how far it goes the way the others go: the cosine of its bounded change with the
    coordinate-wise median of all the changes (a direction fewer than half can move), over the typical
-   cosine, at most 1 (`Screened.trust`). Honest updates, alike or not (skewed data makes them all point
-   apart), count fully; random weights, which point nowhere in particular, hardly count; one that points
-   away from the others is rejected.
+   cosine, at most 1 (`Screened.trust`). Honest updates count fully; random weights, which point nowhere
+   in particular, hardly count; one that points away from the others is rejected.
 
 Nothing here is told who is honest: the typical update is what most of them do (the median over their
 senders, each sender counted once however many updates it sent), so this holds while fewer than half of
 the senders are hostile. Callers keep a history (`Screened.norms`, `Screened.gains`) to judge the few
-updates of a small round or an asynchronous fold against recent ones; with too few senders and no
-history, only an update that doubles the held-out loss is refused (random weights do far worse).
+updates of a small round or an asynchronous fold against recent ones; with too few to compare and no
+history, an update whose presence makes the combined update `FEW_LIMIT` worse is refused.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ State = Mapping[str, torch.Tensor]
 
 CLIP = 2.0  # an update moves the model at most this many times as far as the typical one
 SPREAD = 3.0  # robust deviations (MAD) of the loss change beyond the median that still pass
-TOLERANCE = 0.02  # ... and at least this share of the held-out loss (honest noise near convergence)
-SHARE = 0.5  # ... and at least half the typical change itself (similar updates do not all gain alike)
-ALONE = 1.0  # with too few senders to compare, only an update that alone doubles the held-out loss is refused
+TOLERANCE = 0.05  # ... and at least this share of the held-out loss (honest updates differ by this much)
+FEW_LIMIT = 0.1  # with too few to compare, the share of the held-out loss one update may cost the others
+ALONE = 1.0  # a lone update with nothing to compare it with is refused only if it doubles the held-out loss
 FEW = 3  # fewer updates than this (with their history) have no median to speak of
 
 
@@ -89,35 +91,40 @@ def screen(base: State, states: Mapping[str, State], loss: Callable[[State], flo
            spread: float = SPREAD, tolerance: float = TOLERANCE, recent_norms: Sequence[float] = (),
            recent_gains: Sequence[float] = (), senders: Mapping[str, str] | None = None) -> Screened:
     """Bound and judge `states` (name -> weights) as updates of `base`; `recent_*`: what recently accepted
-    updates measured (their norms, their relative loss changes), to judge a few against; `senders`: who sent
-    each (default: each its own)."""
+    updates measured (their norms, what their presence cost the others), to judge a few against; `senders`:
+    who sent each (default: each its own)."""
     senders = senders or {}
     result = Screened()
     changes = _measured(base, states, result)
     pool = [*recent_norms, *_per_sender(result.norms, senders)]
     # Too few to have a median: nothing is bounded (any one of two could set the scale), the loss judges alone.
     result._typical = (_median(pool) if len(pool) >= FEW else max(pool, default=0.0)) or 1e-12
-    bounded = _bounded(base, changes, loss, clip, result)
-    gains = [*recent_gains, *_per_sender(result.gains, senders)]
-    if len(gains) >= FEW:
-        middle = _median(gains)
-        deviation = _median([abs(g - middle) for g in gains])
-        limit = middle + max(spread * deviation, tolerance, SHARE * abs(middle))
-    else:  # too few voices to tell the typical change of loss: only what does not plainly harm passes
+    bounded = _bounded(changes, clip, result)
+    _costs(base, bounded, loss, result)
+    costs = [*recent_gains, *_per_sender(result.gains, senders)]
+    if len(bounded) == 1 and not recent_gains:
         limit = ALONE
-    cosines = _cosines({name: bounded[name] for name in result.gains}, base)
+    elif len(costs) >= FEW:
+        middle = _median(costs)
+        limit = middle + max(spread * _median([abs(c - middle) for c in costs]), tolerance)
+    else:  # too few voices to tell what an update's presence typically costs
+        limit = FEW_LIMIT
+    moved = {name: _moved(base, bounded[name]) for name in result.gains}
+    cosines = _cosines(bounded, result.gains)
     pooled = _per_sender(cosines, senders)
     typical_cosine = _median(pooled) if len(pooled) >= FEW else 0.0
-    for name, gain in result.gains.items():
-        # Whatever the others do, an update that does not make the loss worse (by more than noise) is no harm:
-        # updates improve less as training goes on, and their history must not turn that into a verdict.
-        if gain > max(limit, tolerance):
-            result.rejected[name] = (f"it raises the held-out loss by {100 * gain:.1f}% where the others change it "
-                                     f"by {100 * _median(gains):+.1f}%")
+    for name, cost in result.gains.items():
+        # Whatever the others do, an update that costs them no more than noise is no harm: updates improve
+        # less as training goes on, and their history must not turn that into a verdict. Nor is one that
+        # improves the model on its own: it only went less far, or elsewhere, than the rest.
+        if cost > max(limit, tolerance) and (len(bounded) == 1 or _alone(moved[name], loss, result) > tolerance):
+            result.rejected[name] = (f"with it the update of the round raises the held-out loss by {100 * cost:.1f}% "
+                                     "more than without it, and alone it makes the model worse"
+                                     if len(bounded) > 1 else f"it raises the held-out loss by {100 * cost:.1f}%")
         elif typical_cosine > 0 and cosines[name] <= 0:
             result.rejected[name] = "it points away from the other updates"
         else:
-            result.states[name] = bounded[name]
+            result.states[name] = moved[name]
             result.trust[name] = min(1.0, cosines[name] / typical_cosine) if typical_cosine > 0 else 1.0
     return result
 
@@ -135,32 +142,58 @@ def _measured(base: State, states: Mapping[str, State], result: Screened) -> dic
     return changes
 
 
-def _bounded(base: State, changes: Mapping[str, Mapping[str, torch.Tensor]], loss: Callable[[State], float],
-             clip: float, result: Screened) -> dict[str, dict[str, torch.Tensor]]:
-    """`base` moved by each change scaled down to at most `clip` times the typical size; how each moves the
-    held-out loss goes to `result.gains` (one that makes it infinite is rejected)."""
-    result.base_loss = base_loss = loss(base)
+def _bounded(changes: Mapping[str, Mapping[str, torch.Tensor]], clip: float,
+             result: Screened) -> dict[str, dict[str, torch.Tensor]]:
+    """Each change scaled down to at most `clip` times the typical size (those scaled go to `result.scaled`)."""
     bounded = {}
     for name, change in changes.items():
         ratio = result.norms[name] / result._typical
         factor = min(1.0, clip / ratio) if ratio > 0 else 1.0
         if factor < 1.0:
             result.scaled[name] = round(ratio, 1)
-        bounded[name] = {key: (value.double() + change[key] * factor).to(value.dtype)
-                         if key in change else value.detach().clone() for key, value in base.items()}
-        measured = loss(bounded[name])
-        if not math.isfinite(measured):
-            result.rejected[name] = "it makes the held-out loss infinite"
-            continue
-        result.gains[name] = (measured - base_loss) / max(abs(base_loss), 1e-12)
+        bounded[name] = {key: value * factor for key, value in change.items()}
     return bounded
 
 
-def _cosines(states: Mapping[str, State], base: State) -> dict[str, float]:
-    """Each change's cosine with the coordinate-wise median of all the changes."""
-    if not states:
+def _moved(base: State, change: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: (value.double() + change[key]).to(value.dtype) if key in change else value.detach().clone()
+            for key, value in base.items()}
+
+
+def _alone(state: State, loss: Callable[[State], float], result: Screened) -> float:
+    """What one update does to the held-out loss on its own, as a share of the base's loss."""
+    measured = loss(state)
+    return (measured - result.base_loss) / max(abs(result.base_loss), 1e-12) if math.isfinite(measured) else math.inf
+
+
+def _costs(base: State, bounded: Mapping[str, Mapping[str, torch.Tensor]], loss: Callable[[State], float],
+           result: Screened) -> None:
+    """What each bounded change's presence costs the mean of them all on the held-out loss, as a share of
+    `base`'s loss, in `result.gains` (a lone change: what it does to `base`); one whose presence makes the
+    loss infinite is rejected."""
+    result.base_loss = base_loss = loss(base)
+    scale = max(abs(base_loss), 1e-12)
+    count = len(bounded)
+    if count == 0:
+        return
+    total = {key: sum(change[key] for change in bounded.values()) for key in next(iter(bounded.values()))}
+    with_all = loss(_moved(base, {key: value / count for key, value in total.items()}))
+    for name, change in bounded.items():
+        without = base_loss if count == 1 else loss(
+            _moved(base, {key: (value - change[key]) / (count - 1) for key, value in total.items()}))
+        if not math.isfinite(with_all) and math.isfinite(without):
+            result.rejected[name] = "it makes the held-out loss infinite"
+        elif math.isfinite(with_all):
+            result.gains[name] = (with_all - without) / scale if math.isfinite(without) else -math.inf
+        else:  # infinite with it and without: another one is to blame
+            result.gains[name] = -math.inf
+
+
+def _cosines(bounded: Mapping[str, Mapping[str, torch.Tensor]], names: Mapping[str, float]) -> dict[str, float]:
+    """Each change (of `names`) with the coordinate-wise median of them all: their cosine."""
+    if not names:
         return {}
-    changes = {name: torch.cat([c.flatten() for c in _change(state, base).values()]) for name, state in states.items()}
+    changes = {name: torch.cat([c.flatten() for c in bounded[name].values()]) for name in names}
     reference = torch.stack(list(changes.values())).median(dim=0).values
     size = float(torch.linalg.vector_norm(reference)) or 1e-12
     return {name: float(torch.dot(change, reference)) / ((float(torch.linalg.vector_norm(change)) or 1e-12) * size)

@@ -83,3 +83,33 @@ def test_honest_updates_near_convergence_all_count():
     result = screen(close, states, loss)
     assert set(result.states) == set(states) and not result.rejected
     assert all(math.isfinite(g) for g in result.gains.values())
+
+
+def test_honest_updates_from_skewed_data_all_count_though_each_alone_makes_the_model_worse():
+    """Label skew: each peer pulls the part of the model its own classes need and drags the rest along with
+    it, one of them (the most skewed) much further than the others. Alone, each makes the held-out loss worse,
+    that one by far the most; together they make it better, and none is refused: without the most skewed one
+    its classes would be lost."""
+    base = {"w": torch.full((50,), 0.5), "b": torch.full((5,), -0.5)}
+    states = {}
+    for i in range(5):
+        own = torch.zeros(50, dtype=torch.bool)
+        own[10 * i:10 * (i + 1)] = True
+        w = base["w"].clone()
+        w[own] += 0.9 * (TARGET["w"][own] - w[own])  # its own part, far towards the target
+        w[~own] -= 0.12 if i == 0 else 0.08  # the others' part, dragged away
+        states[f"p{i}"] = {"w": w, "b": base["b"] + 0.2 * (TARGET["b"] - base["b"])}
+    assert all(loss(state) > loss(base) for state in states.values())
+    result = screen(base, states, loss)
+    assert set(result.states) == set(states) and not result.rejected, result.rejected
+    merged = {k: torch.stack([s[k] for s in result.states.values()]).mean(0) for k in base}
+    assert loss(merged) < loss(base)
+
+
+def test_honest_updates_that_all_raise_the_held_out_loss_all_count():
+    """Past the best epoch every local update overfits a little: none is refused for it."""
+    states = {f"h{i}": {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(i))
+                        for k, v in TARGET.items()} for i in range(5)}
+    assert all(loss(state) > loss(TARGET) for state in states.values())
+    result = screen(TARGET, states, loss)
+    assert set(result.states) == set(states) and not result.rejected, result.rejected
