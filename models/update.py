@@ -100,6 +100,11 @@ def buffered(session_id: ObjectId) -> list[Update]:
     return list(Update.objects(session_id=session_id, status=BUFFERED).order_by("seq"))
 
 
+def buffered_of(session_id: ObjectId, peer: str) -> int:
+    """How many of `peer`'s updates wait to be folded."""
+    return Update.objects(session_id=session_id, peer=peer, status=BUFFERED).count()
+
+
 def count(session_id: ObjectId, status: str) -> int:
     return Update.objects(session_id=session_id, status=status).count()
 

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 LEASE_SECONDS = 30
 # A peer with this many updates refused in a session is given no more tasks in it (its share goes to others).
 REFUSALS = 3
+# A peer with this many updates waiting to be folded gets no next task until a fold takes one: answering at
+# once (with anything) must not spend the session's budget faster than folds can judge what it sent.
+HELD = 2
 
 
 def weights_key(prefix: str, seq: int, peer: str) -> str:
@@ -130,6 +133,8 @@ class AsyncFederated(Federated):
         """Give `peer` its next task from the newest global weights, while the budget lasts and the peer is
         not given up on; True if sent."""
         session = self.session
+        if updates.buffered_of(session.id, peer) >= HELD:
+            return False  # its next task waits for a fold to take one of its updates (see _dispatch_idle)
         now = self.clock.now()
         taken = sessions.take_task(session.id, peer, now, REFUSALS)
         if taken is None:
@@ -236,22 +241,45 @@ class AsyncFederated(Federated):
     def _waiting(self) -> bool:
         if not self._reloaded():
             return False
-        pending = updates.count(self.session.id, updates.BUFFERED)
-        return pending >= self.settings.buffer_size or self._done()
+        done = self._done()
+        return bool(self._due(updates.buffered(self.session.id), done)) or done
+
+    def _due(self, pending: list[updates.Update], done: bool) -> list[updates.Update]:
+        """The updates of the next fold, if one is due: the oldest of each of `buffer_size` different peers
+        (fewer when fewer take tasks), so that a peer answering at once cannot fill a fold by itself; once no
+        more tasks will be answered, all that wait."""
+        if done:
+            return pending
+        oldest: dict[str, updates.Update] = {}
+        for update in pending:
+            oldest.setdefault(update.peer, update)
+        taking = sum(1 for run in self.session.in_play() if (run.rejected or 0) < REFUSALS)
+        need = min(self.settings.buffer_size, max(1, taking))
+        return sorted(oldest.values(), key=lambda u: u.seq)[:need] if len(oldest) >= need else []
 
     def _step(self) -> bool:
         """Under the lease: one fold, or the session's end; False if there was nothing to do."""
         if not self._reloaded():
             return False
-        pending, done = updates.buffered(self.session.id), self._done()
-        size = self.settings.buffer_size
-        if len(pending) >= size or (pending and done):
-            self._fold(pending if done else pending[:size])
+        done = self._done()
+        due = self._due(updates.buffered(self.session.id), done)
+        if due:
+            self._fold(due)
+            self._dispatch_idle()
             return True
         if done:
             self.finish()
             return True
         return False
+
+    def _dispatch_idle(self) -> None:
+        """Peers held back (HELD updates waiting) or idle take their next task once a fold made room."""
+        session = self.session
+        session.reload()
+        busy = updates.busy_peers(session.id)
+        for run in session.in_play():
+            if run.name not in busy:
+                self.dispatch(run.name)
 
     def _version_url(self, version: int) -> str:
         if version == 0:

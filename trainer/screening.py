@@ -100,27 +100,30 @@ def screen(base: State, states: Mapping[str, State], loss: Callable[[State], flo
     # Too few to have a median: nothing is bounded (any one of two could set the scale), the loss judges alone.
     result._typical = (_median(pool) if len(pool) >= FEW else max(pool, default=0.0)) or 1e-12
     bounded = _bounded(changes, clip, result)
-    _costs(base, bounded, loss, result)
+    voices = len({senders.get(name, name) for name in bounded})
+    _costs(base, bounded, loss, result, senders)
     costs = [*recent_gains, *_per_sender(result.gains, senders)]
-    if len(bounded) == 1 and not recent_gains:
-        limit = ALONE
+    if voices == 1:
+        # No others to compare with: without a history, only plain harm is refused; with one (a fold left to a
+        # single peer), only what improves the model passes: what others' updates cost says nothing of it.
+        bar = ALONE if not recent_gains else 0.0
     elif len(costs) >= FEW:
         middle = _median(costs)
-        limit = middle + max(spread * _median([abs(c - middle) for c in costs]), tolerance)
+        # Whatever the others do, an update that costs them no more than noise is no harm: updates improve
+        # less as training goes on, and their history must not turn that into a verdict.
+        bar = max(middle + max(spread * _median([abs(c - middle) for c in costs]), tolerance), tolerance)
     else:  # too few voices to tell what an update's presence typically costs
-        limit = FEW_LIMIT
+        bar = FEW_LIMIT
     moved = {name: _moved(base, bounded[name]) for name in result.gains}
-    cosines = _cosines(bounded, result.gains)
+    cosines = _cosines(bounded, result.gains, senders)
     pooled = _per_sender(cosines, senders)
     typical_cosine = _median(pooled) if len(pooled) >= FEW else 0.0
     for name, cost in result.gains.items():
-        # Whatever the others do, an update that costs them no more than noise is no harm: updates improve
-        # less as training goes on, and their history must not turn that into a verdict. Nor is one that
-        # improves the model on its own: it only went less far, or elsewhere, than the rest.
-        if cost > max(limit, tolerance) and (len(bounded) == 1 or _alone(moved[name], loss, result) > tolerance):
+        # One that improves the model on its own is no harm either: it only went less far, or elsewhere.
+        if cost > bar and (voices == 1 or _alone(moved[name], loss, result) > tolerance):
             result.rejected[name] = (f"with it the update of the round raises the held-out loss by {100 * cost:.1f}% "
                                      "more than without it, and alone it makes the model worse"
-                                     if len(bounded) > 1 else f"it raises the held-out loss by {100 * cost:.1f}%")
+                                     if voices > 1 else f"it raises the held-out loss by {100 * cost:.1f}%")
         elif typical_cosine > 0 and cosines[name] <= 0:
             result.rejected[name] = "it points away from the other updates"
         else:
@@ -167,34 +170,62 @@ def _alone(state: State, loss: Callable[[State], float], result: Screened) -> fl
 
 
 def _costs(base: State, bounded: Mapping[str, Mapping[str, torch.Tensor]], loss: Callable[[State], float],
-           result: Screened) -> None:
-    """What each bounded change's presence costs the mean of them all on the held-out loss, as a share of
-    `base`'s loss, in `result.gains` (a lone change: what it does to `base`); one whose presence makes the
-    loss infinite is rejected."""
+           result: Screened, senders: Mapping[str, str]) -> None:
+    """What each sender's presence costs the combined update (the mean over senders of each one's mean
+    bounded change) on the held-out loss, as a share of `base`'s loss, in `result.gains` for each of its
+    updates (a lone sender: what each of its changes does to `base`); an update whose presence makes the loss infinite
+    is rejected. By sender, so that a peer with two updates in a fold cannot hide one behind the other."""
     result.base_loss = base_loss = loss(base)
     scale = max(abs(base_loss), 1e-12)
-    count = len(bounded)
+    means = _by_sender(bounded, senders)
+    count = len(means)
     if count == 0:
         return
-    total = {key: sum(change[key] for change in bounded.values()) for key in next(iter(bounded.values()))}
+    if count == 1:  # no others to cost: each update by what it does to `base` alone (not their mean, which
+        # averages random noise away: a peer that fills a fold by itself must not pass by sending more)
+        for name in bounded:
+            cost = _alone(_moved(base, bounded[name]), loss, result)
+            if math.isfinite(cost):
+                result.gains[name] = cost
+            else:
+                result.rejected[name] = "it makes the held-out loss infinite"
+        return
+    total = {key: sum(change[key] for change in means.values()) for key in next(iter(means.values()))}
     with_all = loss(_moved(base, {key: value / count for key, value in total.items()}))
-    for name, change in bounded.items():
+    for sender, change in means.items():
         without = base_loss if count == 1 else loss(
             _moved(base, {key: (value - change[key]) / (count - 1) for key, value in total.items()}))
-        if not math.isfinite(with_all) and math.isfinite(without):
-            result.rejected[name] = "it makes the held-out loss infinite"
-        elif math.isfinite(with_all):
-            result.gains[name] = (with_all - without) / scale if math.isfinite(without) else -math.inf
-        else:  # infinite with it and without: another one is to blame
-            result.gains[name] = -math.inf
+        for name in (n for n in bounded if senders.get(n, n) == sender):
+            if not math.isfinite(with_all) and math.isfinite(without):
+                result.rejected[name] = "it makes the held-out loss infinite"
+            elif math.isfinite(with_all):
+                result.gains[name] = (with_all - without) / scale if math.isfinite(without) else -math.inf
+            else:  # infinite with it and without: another one is to blame
+                result.gains[name] = -math.inf
 
 
-def _cosines(bounded: Mapping[str, Mapping[str, torch.Tensor]], names: Mapping[str, float]) -> dict[str, float]:
-    """Each change (of `names`) with the coordinate-wise median of them all: their cosine."""
+def _by_sender(bounded: Mapping[str, Mapping[str, torch.Tensor]],
+               senders: Mapping[str, str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each sender's mean change."""
+    grouped: dict[str, list[Mapping[str, torch.Tensor]]] = {}
+    for name, change in bounded.items():
+        grouped.setdefault(senders.get(name, name), []).append(change)
+    return {sender: {key: sum(c[key] for c in changes) / len(changes) for key in changes[0]}
+            for sender, changes in grouped.items()}
+
+
+def _cosines(bounded: Mapping[str, Mapping[str, torch.Tensor]], names: Mapping[str, float],
+             senders: Mapping[str, str]) -> dict[str, float]:
+    """Each change (of `names`) with the coordinate-wise median of the senders' mean changes: their cosine."""
     if not names:
         return {}
-    changes = {name: torch.cat([c.flatten() for c in bounded[name].values()]) for name in names}
-    reference = torch.stack(list(changes.values())).median(dim=0).values
+
+    def flat(change: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([c.flatten() for c in change.values()])
+
+    kept = {name: bounded[name] for name in names}
+    reference = torch.stack([flat(c) for c in _by_sender(kept, senders).values()]).median(dim=0).values
     size = float(torch.linalg.vector_norm(reference)) or 1e-12
+    changes = {name: flat(change) for name, change in kept.items()}
     return {name: float(torch.dot(change, reference)) / ((float(torch.linalg.vector_norm(change)) or 1e-12) * size)
             for name, change in changes.items()}

@@ -43,14 +43,17 @@ def test_two_hundred_simulated_peers_train_a_federated_session_and_every_heartbe
         session = user.wait_finished(session_id, timeout=240)
 
         assert session["status"] == "COMPLETED", session["reason"]
-        # The platform claims whichever free peers it saw last: mostly the simulated ones, perhaps also the
-        # real peers other tests left ONLINE. Nothing may tell the two apart, so both are welcome.
+        # The platform claims free peers by their record: mostly the simulated ones, and the real peers other
+        # tests left ONLINE (their record is better). Nothing may tell the two apart, so both are welcome; but
+        # a real peer's trained update points elsewhere than 200 simulated ones, and screening may refuse it.
         chosen = sorted(p["name"] for p in session["peers"])
         assert len(chosen) == PEERS
         assert set(chosen) <= set(names) | set(platform.peers)
-        assert len(set(chosen) & set(names)) >= PEERS - len(platform.peers)
-        assert [sorted(r["peers"]) for r in session["rounds"]] == [chosen] * ROUNDS
-        assert all(r["rejected"] == {} for r in session["rounds"])
+        simulated = sorted(set(chosen) & set(names))
+        assert len(simulated) >= PEERS - len(platform.peers)
+        for r in session["rounds"]:
+            assert sorted(set(r["peers"]) & set(names)) == simulated and set(r["rejected"]) <= set(platform.peers), r
+        assert len(session["rounds"]) == ROUNDS
         assert {p["status"] for p in session["peers"]} == {"COMPLETED"}
         # Every chosen simulated peer got its task in every round and answered it; the others got none.
         seen, failures = fleet.seen()

@@ -113,3 +113,29 @@ def test_honest_updates_that_all_raise_the_held_out_loss_all_count():
     assert all(loss(state) > loss(TARGET) for state in states.values())
     result = screen(TARGET, states, loss)
     assert set(result.states) == set(states) and not result.rejected, result.rejected
+
+
+@pytest.mark.parametrize("kind", ["flip", "random", "zero"])
+def test_a_peer_with_two_updates_in_a_fold_cannot_hide_one_behind_the_other(kind):
+    """An asynchronous fold: a peer that answers at once can have two updates beside an honest one. Judged
+    one update at a time, each of its two would look harmless while the other stays; judged by sender, both go."""
+    good = screen(BASE, {f"h{i}": honest(BASE, i) for i in range(4)}, loss)
+    states = {"h": honest(BASE, 5), "bad#1": attack(BASE, kind), "bad#2": attack(BASE, kind)}
+    result = screen(BASE, states, loss, recent_norms=list(good.norms.values()),
+                    recent_gains=list(good.gains.values()), senders={"bad#1": "bad", "bad#2": "bad"})
+    assert "h" in result.states
+    for name in ("bad#1", "bad#2"):
+        assert name in result.rejected or (name in result.scaled and result.trust[name] < 0.5), (name, result)
+    merged = {k: torch.stack([s[k] for s in result.states.values()]).mean(0) for k in BASE}
+    assert loss(merged) < loss(BASE)
+
+
+def test_a_peer_that_fills_a_fold_by_itself_is_judged_update_by_update():
+    """It answers at once, so a fold can hold only its updates: random ones average out to little harm
+    together, but each alone makes the model worse than what the session's accepted updates do."""
+    good = screen(BASE, {f"h{i}": honest(BASE, i) for i in range(4)}, loss)
+    states = {f"bad#{i}": {k: 5 * torch.randn(v.shape, generator=torch.Generator().manual_seed(i))
+                           for k, v in BASE.items()} for i in range(6)}
+    result = screen(BASE, states, loss, recent_norms=list(good.norms.values()),
+                    recent_gains=list(good.gains.values()), senders=dict.fromkeys(states, "bad"))
+    assert not result.states and set(result.rejected) == set(states), result
