@@ -23,7 +23,8 @@ Nothing here is told who is honest: the typical update is what most of them do (
 senders, each sender counted once however many updates it sent), so this holds while fewer than half of
 the senders are hostile. Callers keep a history (`Screened.norms`, `Screened.gains`) to judge the few
 updates of a small round or an asynchronous fold against recent ones; with too few to compare and no
-history, an update whose presence makes the combined update `FEW_LIMIT` worse is refused.
+history, an update whose presence makes the combined update `FEW_LIMIT` worse is refused; a fold left to
+one peer keeps, with a history, only the updates that alone make the model no more than `tolerance` worse.
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ def screen(base: State, states: Mapping[str, State], loss: Callable[[State], flo
     costs = [*recent_gains, *_per_sender(result.gains, senders)]
     if voices == 1:
         # No others to compare with: without a history, only plain harm is refused; with one (a fold left to a
-        # single peer), only what improves the model passes: what others' updates cost says nothing of it.
-        bar = ALONE if not recent_gains else 0.0
+        # single peer), what others' updates cost says nothing of this one's effect alone: it may cost noise.
+        bar = ALONE if not recent_gains else tolerance
     elif len(costs) >= FEW:
         middle = _median(costs)
         # Whatever the others do, an update that costs them no more than noise is no harm: updates improve
