@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 
 import pytest
 import requests
@@ -37,6 +38,23 @@ def unique():
     from tests import conftest
 
     return lambda name: f"{name}{conftest.RUN_ID}"
+
+
+@contextmanager
+def sweep_beside_a_keeper(platform, csv, unique, tmp_path):
+    """A 3-peer sweep with the two honest peers and one that keeps every task it is sent (its spec, with its
+    grants, one JSON line each): yields the user, the finished session and the file of kept specs."""
+    keeper, kept = unique("keeper"), tmp_path / "specs.jsonl"
+    platform.start_peers(keeper, app="tests.e2e.faulty_peer", PEERTRAIN_TEST_FAULT="keep",
+                         PEERTRAIN_TEST_KEEP=str(kept))
+    try:
+        user = platform.user()
+        response = user.start(csv, num_peers=3, hyperparameters=QUICK)
+        session = user.wait_finished(response.json()["session_id"], timeout=120)
+        assert session["status"] == "COMPLETED", session
+        yield user, session, kept
+    finally:
+        platform.stop_peer(keeper)
 
 
 def sweep(platform, csv, peers=2, hp=QUICK):
@@ -174,22 +192,13 @@ def test_a_peer_spec_out_of_range_is_refused_and_the_peer_stays_useful(platform,
 def test_a_peer_cannot_change_the_model_after_its_session(platform, two_peers, digits_csv, unique, tmp_path):
     """Attack: a peer keeps the grants of its task and, after the session, uploads other weights
     through its write grant, hoping to replace the model users download."""
-    keeper, kept = unique("keeper"), tmp_path / "grants.jsonl"
-    platform.start_peers(keeper, app="tests.e2e.faulty_peer", PEERTRAIN_TEST_FAULT="keep",
-                         PEERTRAIN_TEST_KEEP=str(kept))
-    try:
-        user = platform.user()
-        response = user.start(digits_csv, num_peers=3, hyperparameters=QUICK)
-        session = user.wait_finished(response.json()["session_id"], timeout=120)
-        assert session["status"] == "COMPLETED", session
+    with sweep_beside_a_keeper(platform, digits_csv, unique, tmp_path) as (user, session, kept):
         before = hashlib.sha256(user.get(f"/sessions/{session['id']}/model").content).hexdigest()
         grant = json.loads(kept.read_text().splitlines()[-1])["weights"]
         assert requests.put(grant, data=b"\0" * 1000, headers={"Content-Type": "application/octet-stream"},
                             timeout=10).status_code == 200  # its own grant still works, for its own object
         after = hashlib.sha256(user.get(f"/sessions/{session['id']}/model").content).hexdigest()
         assert after == before
-    finally:
-        platform.stop_peer(keeper)
 
 
 def test_an_unregistered_worker_never_shows_online(platform, unique, tmp_path):
@@ -339,14 +348,7 @@ def test_one_peers_flood_costs_only_that_peer(platform, two_peers, attacker, dig
 def test_a_sweep_peer_never_holds_the_rows_it_is_judged_on(platform, two_peers, digits_csv, unique, tmp_path):
     """Attack: a sweep peer trains on the validation rows (it used to get the whole CSV and the split's seed)
     to win. Now its task holds the training rows only, and no seed tells it which rows are held out."""
-    keeper, kept = unique("peeker"), tmp_path / "specs.jsonl"
-    platform.start_peers(keeper, app="tests.e2e.faulty_peer", PEERTRAIN_TEST_FAULT="keep",
-                         PEERTRAIN_TEST_KEEP=str(kept))
-    try:
-        user = platform.user()
-        response = user.start(digits_csv, num_peers=3, hyperparameters=QUICK)
-        session = user.wait_finished(response.json()["session_id"], timeout=120)
-        assert session["status"] == "COMPLETED", session
+    with sweep_beside_a_keeper(platform, digits_csv, unique, tmp_path) as (_, session, kept):
         spec = json.loads(kept.read_text().splitlines()[-1])
         given = requests.get(spec["data"], timeout=10).content.decode().splitlines()
         from tasks.storage import open_storage
@@ -362,8 +364,6 @@ def test_a_sweep_peer_never_holds_the_rows_it_is_judged_on(platform, two_peers, 
         assert Counter(given[1:]) + Counter(held_out[1:]) == Counter(whole[1:]) and len(held_out) > 300
         assert "split_seed" not in json.dumps(spec)
         assert session["results"]["peers"][session["results"]["best_peer"]]["val_accuracy"] > 0.8
-    finally:
-        platform.stop_peer(keeper)
 
 
 @pytest.mark.parametrize("aggregation", ["fedavg", "median"])
