@@ -75,6 +75,8 @@ def platform(settings: Settings) -> dict[str, Any]:
         # The coordinator tasks go to the coordinator; `train` is routed per call to one peer's queue.
         "task_routes": {name: {"queue": settings.coordinator_queue} for name in COORDINATOR_TASKS},
         "task_default_queue": settings.coordinator_queue,
+        # The prefix of the monitor's queues of peers' events (tasks/relay.py declares them).
+        "peertrain_monitor": settings.monitor_queue,
         # Give up publishing quickly when the broker is down: the API answers 503 rather than hanging.
         "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
                                       "interval_max": 1},

@@ -133,9 +133,9 @@ class Platform:
         self.workers = InProcessWorkers()
         self.workers.start(self.celery, settings.coordinator_queue, f"{self.name}@{host}")
         for name in self.names if settings.embedded_broker else []:
-            login = registry.issue_login(name, settings).environment["BROKER_URL"]
-            self.workers.start(peer_app.create_app(login, settings), protocol.task_queue(name),
-                               protocol.worker_name(name, host))
+            enrolment = registry.issue_login(name, settings).environment
+            self.workers.start(peer_app.create_app(enrolment["BROKER_URL"], settings, enrolment["EVENT_EXCHANGE"]),
+                               protocol.task_queue(name), protocol.worker_name(name, host))
         self.api = create_app(settings=settings, celery=self.celery)
         return self.api
 

@@ -141,7 +141,8 @@ class Settings:
         "EVENT_EXCHANGE", "celeryev", "exchange Celery events travel on; deployments sharing a broker need their own"
     )
     monitor_queue: str = _opt(
-        "MONITOR_QUEUE", "peertrain.monitor", "durable queue the monitor reads Celery events from"
+        "MONITOR_QUEUE", "peertrain.monitor",
+        "prefix of the durable queues the monitor reads peers' events from (one per peer, <MONITOR_QUEUE>.peer.<name>)"
     )
     peer_threads: int = _opt(
         "PEER_THREADS", 1, "torch CPU threads per training; keep peers × threads ≤ cores (oversubscription costs 20×)"

@@ -328,10 +328,10 @@ def bursts(platform: Platform, n: int, repeats: int) -> None:
 
     print(f"\n== burst of {n:,} task-heartbeat events from another process (target: >= {TARGET_RATE:,.0f} stored/s)")
     best = 0.0
-    login = platform.register(BURST_PEER)["BROKER_URL"]
+    enrolment = platform.register(BURST_PEER)
     for i in range(repeats):
-        sent, done, lag, session = burst(n, platform.app.conf.event_exchange,
-                                         lambda t=deployed.stored + n: stored(t), login, burst_session(n))
+        sent, done, lag, session = burst(n, enrolment["EVENT_EXCHANGE"], lambda t=deployed.stored + n: stored(t),
+                                         enrolment["BROKER_URL"], burst_session(n))
         lost = n - Heartbeat.objects(session_id=ObjectId(session)).count()
         best = max(best, done)
         print(f"  run {i + 1}: sent {sent:6,.0f}/s   stored {done:6,.0f}/s (first send -> all {n:,} in MongoDB,"

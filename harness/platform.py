@@ -100,7 +100,8 @@ class Served:
         task replaced by `around(the real one)`: a peer that lies or lags in a way a bench chooses."""
         from tasks import peer as peer_app  # torch loads with the peer's task
 
-        app = peer_app.create_app(self.register(name)["BROKER_URL"], self.settings)
+        enrolment = self.register(name)
+        app = peer_app.create_app(enrolment["BROKER_URL"], self.settings, enrolment["EVENT_EXCHANGE"])
         task = app.tasks["peertrain.train"]
         task.run = around(task.run)
         self.platform.workers.start(app, protocol.task_queue(name), protocol.worker_name(name, "here"))

@@ -42,7 +42,7 @@ WORKER_BEAT_SECONDS = 2.0  # Celery's worker heartbeat frequency
 class Options:
     """How the simulated peers of a fleet behave and where they report."""
 
-    event_exchange: str
+    event_exchange: str  # the platform's: each peer publishes to its own (protocol.event_exchange)
     results_exchange: str
     epoch_seconds: float = 0.0  # simulated training time of one local epoch (heartbeats this far apart)
     transfers: int = 16  # grant transfers one process runs at once
@@ -115,7 +115,8 @@ class SimulatedPeer:
         self._clock += 1
         body = {"type": kind, "hostname": self.hostname, "timestamp": time.time(), "utcoffset": 0,
                 "pid": os.getpid(), "clock": self._clock, **fields}
-        await self.publish(body, self.options.event_exchange, kind.replace("-", "."))
+        await self.publish(body, protocol.event_exchange(self.options.event_exchange, self.name),
+                           kind.replace("-", "."))
 
     async def _on_task(self, message) -> None:
         received = time.time()

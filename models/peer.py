@@ -76,6 +76,11 @@ def unregister(name: str) -> Peer | None:
     return Peer.objects(name=name).modify(remove=True)
 
 
+def names() -> list[str]:
+    """Every registered peer's name."""
+    return list(Peer.objects.scalar("name"))
+
+
 def seen(name: str, hostname: str, at: datetime | None = None, online: bool = True) -> bool:
     """Record a sign of life of a registered peer (with `online`, an OFFLINE one becomes ONLINE: where nothing
     else can tell, as with `make run`'s in-process peers); False (nothing recorded) when it is not registered."""

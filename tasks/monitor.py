@@ -12,9 +12,11 @@ peers get `reconnect_grace` seconds more to reconnect too (Celery's workers back
 lost peer is reported to the coordinator (`peertrain.peer_lost`), and so are tasks still open past their
 deadline (`peertrain.deadline`); the session's strategy leaves their peers out while its quorum allows.
 
-Events are believed only as the gate (tasks/gate.py) allows: a worker event only from the peer it is
-about (the broker's verified `user_id`), a heartbeat only from the peer the coordinator gave that task,
-for its session, round and epochs. Everything else is dropped and counted (`Monitor.dropped`, logged).
+Each peer's events come through a queue of their own (`EventConsumer`), so one peer's flood waits in its
+own queue while everyone else's events are read. Events are believed only as the gate (tasks/gate.py)
+allows: a worker event only from the peer it is about (the broker's verified `user_id`), a heartbeat only
+from the peer the coordinator gave that task, for its session, round and epochs. Everything else is
+dropped and counted (`Monitor.dropped`, logged).
 
 Run it with `python -m tasks.monitor`.
 """
@@ -31,8 +33,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from celery.events.event import get_exchange
-from kombu import Queue, binding
+from kombu import Queue
 
 import models
 from models import assignment as assignments
@@ -47,7 +48,6 @@ from tasks.services import Clock
 
 log = logging.getLogger(__name__)
 
-ROUTING_KEYS = ("worker.#", "task.heartbeat")  # Celery routes an event by its type, '-' read as '.'
 PROGRESS_EVERY = 0.25  # seconds between writes of one session's peers' progress
 PROGRESS = ("round", *protocol.PROGRESS)
 ASSIGNMENT_SECONDS = 1.0  # how long a task's assignment, as read, answers for its heartbeats
@@ -90,7 +90,8 @@ class Monitor:
         # Monotonic time since which the monitor has been receiving events (None: not connected), and
         # the extra time peers get after that before their silence counts.
         self._receiving_since: float | None = None
-        self.behind = False  # set by whoever feeds it: events wait unread in its queue
+        # Set by whoever feeds it: whether peer `name`'s events wait unread in its queue.
+        self.behind: Callable[[str], bool] = lambda name: False
         self._grace = 0.0
         self._was_connected = False
         self._reported: set[str] = set()  # overdue tasks handed to the coordinator
@@ -246,18 +247,17 @@ class Monitor:
         self._receiving_since = None
 
     def judging(self) -> bool:
-        """True when silence is evidence: connected long enough for every live peer to have been heard, and not
-        behind (a backlog of unread events may hold the very events that would show a peer alive)."""
+        """True when silence is evidence: connected long enough for every live peer to have been heard."""
         since = self._receiving_since
-        return (since is not None and not self.behind
-                and self.clock.monotonic() - since >= self.peer_timeout.total_seconds() + self._grace)
+        return since is not None and self.clock.monotonic() - since >= self.peer_timeout.total_seconds() + self._grace
 
     def sweep(self) -> list[str]:
         """Report silent peers and tasks past their deadline; fail sessions past theirs. Returns lost peers."""
         now = self.clock.now()
         lost = []
         if self.judging():
-            lost = [p.name for p in peers.silent_since(now - self.peer_timeout)]
+            # Not a peer whose events wait unread (a backlog may hold the very events that show it alive).
+            lost = [p.name for p in peers.silent_since(now - self.peer_timeout) if not self.behind(p.name)]
             for name in lost:
                 self._lost(name, f"went offline (no heartbeat for {self.peer_timeout.total_seconds():g} s)")
         lost += self._look(now)
@@ -321,34 +321,32 @@ class Monitor:
 
 
 class EventConsumer:
-    """Feeds a Monitor from a durable queue bound to Celery's event exchange.
+    """Feeds a Monitor from the registered peers' queues of events (protocol.events_queue), one per peer.
 
-    The queue outlives the monitor, so events sent while it is down or restarting are applied when
-    it is back (capped in length and age so that an absent monitor cannot fill the broker).
-    Messages are acknowledged only once their heartbeats are written.
+    The queues outlive the monitor, so events sent while it is down or restarting are applied when it is
+    back (capped in length and age so that an absent monitor cannot fill the broker). The broker delivers
+    from each queue in turn, at most `prefetch` unacknowledged per queue, and a peer that sends beyond its
+    budget is not read until its budget has filled again: a flood waits in its own queue (losing its own
+    oldest events), costing the monitor nothing, while every other peer's events are read at once. A
+    peer registered later is read from within `sweep_every` s; a removed one's queue is deleted once it
+    is read no more. Messages are acknowledged only once their heartbeats are written.
     """
 
     def __init__(self, app: Celery, monitor: Monitor, queue: str, flush_every: float = 0.05,
-                 sweep_every: float = 1.0, max_length: int = 1_000_000, message_ttl: float = 86400,
-                 budget: Budget | None = None) -> None:
+                 sweep_every: float = 1.0, prefetch: int = 500, budget: Budget | None = None) -> None:
         self.app = app
         self.monitor = monitor
-        self.queue_name = queue
+        self.queue_name = queue  # the prefix of the peers' queues of events
         self.flush_every = flush_every
         self.sweep_every = sweep_every
-        self.max_length = max_length
-        self.message_ttl = message_ttl
+        self.prefetch = prefetch
         self.stopped = threading.Event()
         self.ready = threading.Event()
         self.budget = budget or Budget(rate=200.0, burst=2000.0)
 
-    def queue(self, connection) -> Queue:
-        exchange = get_exchange(connection, name=self.app.conf.event_exchange)
-        # Only the events the monitor reads: workers' and heartbeats. The other task events (sent,
-        # received, started, succeeded: four per task) would be most of its traffic with many peers.
-        return Queue(self.queue_name, durable=True, auto_delete=False, max_length=self.max_length,
-                     message_ttl=self.message_ttl,
-                     bindings=[binding(exchange, routing_key=key) for key in ROUTING_KEYS])
+    def queue(self, name: str) -> Queue:
+        """The queue of peer `name`'s events."""
+        return protocol.events_queue(self.app.conf.event_exchange, self.queue_name, name)
 
     def run(self) -> None:
         """Consume until `stop()`, reconnecting with a growing pause when the broker goes away."""
@@ -374,6 +372,10 @@ class EventConsumer:
         pending: list[Any] = []
         # Only AMQP acknowledges up to a delivery tag in one frame; virtual transports ack one by one.
         bulk_ack = connection.transport.driver_type == "amqp"
+        channel = connection.default_channel
+        reading: set[str] = set()
+        paused: dict[str, float] = {}  # peers over their budget -> when their queue is read again
+        pausing: set[str] = set()
 
         def on_message(message: Any) -> None:
             # The sender's budget first, from the message's verified user_id: a flood is dropped undecoded.
@@ -381,6 +383,8 @@ class EventConsumer:
             pending.append(message)
             if not self.budget.allow(sender):
                 self.monitor.over_budget(sender)
+                if (name := protocol.peer_of(sender)) in reading:
+                    pausing.add(name)  # not here: cancelling a consumer waits for the broker's answer
                 return
             try:
                 body = message.decode()
@@ -401,33 +405,71 @@ class EventConsumer:
                         message.ack()
                 pending.clear()
 
-        queue = self.queue(connection)
-        # A queue declared by an earlier monitor took every event ("#"): it no longer needs to.
-        bound = queue(connection.default_channel)
-        bound.declare()
-        bound.unbind_from(get_exchange(connection, name=self.app.conf.event_exchange), routing_key="#")
-        consumer = connection.Consumer(queues=[queue], on_message=on_message, accept=["json"],
-                                       no_ack=False, prefetch_count=5000)
+        def follow() -> None:
+            """Read the queues of the peers registered now, and those of peers removed no more."""
+            registered = set(peers.names())
+            for name in registered - reading:
+                consumer.add_queue(self.queue(name))
+            if registered - reading:
+                consumer.consume()
+            for name in reading - registered:
+                paused.pop(name, None)
+                queue = self.queue(name)(channel)
+                consumer.cancel_by_queue(queue.name)
+                queue.delete()
+                queue.exchange.delete()
+            reading.clear()
+            reading.update(registered)
+
+        def pause() -> None:
+            """Read no more of the peers over their budget until it has filled again."""
+            for name in pausing - paused.keys():
+                consumer.cancel_by_queue(self.queue(name).name)
+                paused[name] = time.monotonic() + self.budget.burst / self.budget.rate
+                log.warning("peer %s sent beyond its budget: its events are not read for %.0f s", name,
+                            self.budget.burst / self.budget.rate)
+            pausing.clear()
+
+        def resume(now: float) -> None:
+            due = [name for name, until in paused.items() if until <= now]
+            for name in due:
+                del paused[name]
+                consumer.add_queue(self.queue(name))
+            if due:
+                consumer.consume()
+
+        def behind(name: str) -> bool:
+            """Whether peer `name`'s events wait unread: the very ones that would show it alive may be among them."""
+            return name in reading and channel.queue_declare(self.queue(name).name, passive=True).message_count > 0
+
+        consumer = connection.Consumer(queues=[], on_message=on_message, accept=["json"], no_ack=False,
+                                       prefetch_count=self.prefetch)
         with consumer:
+            follow()
+            self.monitor.behind = behind
             self.monitor.receiving()
             self.ready.set()
             now = time.monotonic()
-            next_flush, next_sweep = now + self.flush_every, now
+            next_flush, next_sweep = now + self.flush_every, now + self.sweep_every
             while not self.stopped.is_set():
                 try:
                     connection.drain_events(timeout=min(self.flush_every, 0.25))
                 except TimeoutError:
                     pass
+                if pausing:
+                    pause()
                 now = time.monotonic()
                 if now >= next_flush or len(pending) >= self.monitor.batch_size:
                     settle()
                     next_flush = now + self.flush_every
                 if now >= next_sweep:
-                    # Silence is judged only from events read: not while a backlog waits in the queue.
-                    self.monitor.behind = bound.queue_declare(passive=True).message_count > self.monitor.batch_size
+                    settle()  # before a removed peer's queue (holding what is unacknowledged) goes
+                    follow()
+                    resume(now)
                     self.monitor.sweep()
                     next_sweep = now + self.sweep_every
             settle()
+        self.monitor.behind = lambda name: False
 
 
 def broker_view(settings: Settings) -> Callable[[], set[str]] | None:
@@ -463,7 +505,7 @@ def main() -> None:
     consumer = build(app, settings)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: consumer.stop())
-    log.info("monitor consuming events from %s", settings.monitor_queue)
+    log.info("monitor consuming peers' events from %s.*", settings.monitor_queue)
     consumer.run()
 
 

@@ -100,13 +100,16 @@ class RedeliveredAfterReconnect(logging.Filter):
 _REDELIVERED = RedeliveredAfterReconnect()
 
 
-def create_app(broker_url: str | None = None, settings: Settings | None = None) -> Celery:
-    """A peer's app; `broker_url` (default BROKER_URL) carries the peer's own credentials."""
+def create_app(broker_url: str | None = None, settings: Settings | None = None,
+               event_exchange: str | None = None) -> Celery:
+    """A peer's app; `broker_url` (default BROKER_URL) carries the peer's own credentials, `event_exchange`
+    (default EVENT_EXCHANGE) names the exchange its registration gave it for its events."""
     settings = settings or Settings.from_env()
     app = Celery("peertrain-peer", events=StampedEvents, backend=ResultReporter)
     app.conf.update(celeryconfig.peer(settings))
     logging.getLogger("celery.worker.request").addFilter(_REDELIVERED)
     app.conf.broker_url = broker_url or settings.broker_url
+    app.conf.event_exchange = event_exchange or settings.event_exchange
     name = protocol.peer_of(protocol.identity(app))
     if name is not None:
         # Its queue as the platform declared it (`-Q peer.<name>` picks it): consumed, never declared.

@@ -2,7 +2,7 @@
 
 A registered peer `alice` connects as broker user `peer.alice` and may touch only its own resources:
 it consumes `peer.alice` (its tasks) and `peer.alice.stop` (stop notices), and publishes to exactly two
-exchanges, the event exchange (heartbeats) and the results exchange (its tasks' outcomes), always with
+exchanges, its own event exchange (heartbeats) and the results exchange (its tasks' outcomes), always with
 the message property `user_id` set to its user, which RabbitMQ checks against the connection's login.
 So whoever reads those messages knows for certain which peer sent them. It declares nothing: every
 exchange, queue and binding it uses is declared by the platform (`declarations`), so no name a peer
@@ -31,7 +31,7 @@ from typing import Any
 from uuid import uuid4
 
 import marshmallow as ma
-from kombu import Connection, Exchange, Queue
+from kombu import Connection, Exchange, Queue, binding
 from marshmallow import EXCLUDE, fields, validate
 
 from trainer.limits import LimitError, check_hyperparameters
@@ -49,6 +49,13 @@ FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
 ROUTING_KEY = "result"
 HEARTBEAT = "task-heartbeat"  # the custom Celery event a training task sends after each epoch
 MAX_ROUND = 1_000_000  # a round, or an asynchronous session's task number
+# The events the monitor reads: workers' and heartbeats (Celery routes an event by its type, '-' read as '.').
+# The other task events (sent, received, started, succeeded: four per task) reach Flower only.
+EVENT_ROUTING_KEYS = ("worker.#", "task.heartbeat")
+# Most events one peer's queue of events holds unread (a flood past it drops that peer's oldest, no one
+# else's), and how long they wait for a monitor that is away.
+PEER_EVENT_BACKLOG = 2_000
+PEER_EVENT_TTL = 86400.0  # seconds
 
 # One epoch as the trainer reports it (trainer.loop.EpochMetrics), besides its `epoch` and `epochs`.
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "val_r2", "samples_per_sec", "seconds", "samples",
@@ -89,9 +96,25 @@ def stop_queue(name: str, declare: bool = False) -> Queue:
                  routing_key=queue_name, durable=True, message_ttl=STOP_NOTICE_TTL, no_declare=not declare)
 
 
-def declarations(name: str) -> list[Queue]:
+def event_exchange(events: str, name: str) -> str:
+    """The exchange peer `name` publishes its events to: its own (`events` is the platform's), so that the broker
+    keeps each peer's events apart from every other's."""
+    return f"{events}.{PEER_PREFIX}{check_name(name)}"
+
+
+def events_queue(events: str, monitor: str, name: str) -> Queue:
+    """The monitor's queue of peer `name`'s events, bound to the peer's own event exchange (`events` and `monitor`
+    are the platform's exchange and queue names). Bounded: a peer that floods fills only its own queue, and the
+    broker hands the monitor each peer's events in turn."""
+    exchange = Exchange(event_exchange(events, name), "topic", durable=True)
+    return Queue(f"{monitor}.{PEER_PREFIX}{name}", durable=True, max_length=PEER_EVENT_BACKLOG,
+                 message_ttl=PEER_EVENT_TTL,
+                 bindings=[binding(exchange, routing_key=key) for key in EVENT_ROUTING_KEYS])
+
+
+def declarations(name: str, events: str, monitor: str) -> list[Queue]:
     """What the platform declares for peer `name` (with the exchanges and bindings they need)."""
-    return [tasks_queue(name, declare=True), stop_queue(name, declare=True)]
+    return [tasks_queue(name, declare=True), stop_queue(name, declare=True), events_queue(events, monitor, name)]
 
 
 def broker_user(name: str) -> str:
@@ -136,9 +159,10 @@ def results_queue(name: str) -> Queue:
     return Queue(name, results_exchange(name), routing_key=ROUTING_KEY, durable=True)
 
 
-def permissions(name: str, event_exchange: str, results: str) -> dict[str, str]:
+def permissions(name: str, events: str, results: str) -> dict[str, str]:
     """RabbitMQ's configure/write/read patterns for peer `name`: consuming its own two queues, publishing to
-    the two exchanges it reports on, declaring nothing.
+    the two exchanges it reports on (its own event exchange, named after the platform's `events`, and
+    `results`), declaring nothing.
 
     Configure (declare, redeclare, delete) covers no name at all: whatever a peer could configure, it could
     also redeclare in a shape the platform does not expect, and every declaration of the platform's would
@@ -147,7 +171,7 @@ def permissions(name: str, event_exchange: str, results: str) -> dict[str, str]:
     own = rf"{re.escape(PEER_PREFIX)}{re.escape(check_name(name))}(\.stop)?"
     return {
         "configure": "^$",
-        "write": rf"^({re.escape(event_exchange)}|{re.escape(results)})$",
+        "write": rf"^({re.escape(event_exchange(events, name))}|{re.escape(results)})$",
         "read": rf"^{own}$",
     }
 

@@ -59,7 +59,7 @@ def peer_broker_url(settings: Settings, user: str, password: str) -> str:
 
 def declare(settings: Settings, names: list[str] = ()) -> None:
     """Declare what peers use but may not declare: the event exchange, the results exchange and queue, and
-    peers `names`' task and stop queues with their bindings to the platform's exchanges."""
+    peers `names`' task, stop and event queues with their bindings to the platform's exchanges."""
     app = create_app(settings)
     with app.connection_for_write() as connection:
         channel = connection.default_channel
@@ -78,7 +78,7 @@ def issue_login(name: str, settings: Settings) -> Enrolment:
             user, password, protocol.permissions(name, settings.event_exchange, settings.results_queue))
         broker_url = peer_broker_url(settings, user, password)
     declare(settings, [name])
-    environment = {"BROKER_URL": broker_url, "EVENT_EXCHANGE": settings.event_exchange,
+    environment = {"BROKER_URL": broker_url, "EVENT_EXCHANGE": protocol.event_exchange(settings.event_exchange, name),
                    "RESULTS_QUEUE": settings.results_queue, "TRAIN_TIME_LIMIT": str(settings.train_time_limit)}
     if settings.broker_ca_file:
         environment["BROKER_CA_FILE"] = settings.broker_ca_file

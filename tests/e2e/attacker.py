@@ -20,6 +20,7 @@ class Attacker:
         self.environment = environment
         self.url = environment["BROKER_URL"]
         self.user = Connection(self.url).userid
+        self.events = environment["EVENT_EXCHANGE"]  # its own event exchange, the only one it may publish events to
 
     def _connection(self) -> Connection:
         return Connection(self.url, transport_options={"confirm_publish": True}, connect_timeout=10)
@@ -79,3 +80,19 @@ class Attacker:
     def delete_exchange(self, name: str) -> None:
         with self._connection() as connection:
             connection.default_channel.exchange_delete(name)
+
+
+def flood_apart(environment: dict[str, str], exchange: str, seconds: float, **fields: Any) -> int:
+    """`Attacker.flood` from a process of its own, as from the attacker's own machine (a thread of the test's
+    process would take the platform's interpreter lock, which no real attacker shares); returns how many
+    it sent."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(_flood, (environment, exchange, seconds, fields))
+
+
+def _flood(environment: dict[str, str], exchange: str, seconds: float, fields: dict[str, Any]) -> int:
+    return Attacker(environment).flood(exchange, seconds, **fields)
+

@@ -177,7 +177,8 @@ def test_a_peer_killed_mid_task_is_left_out_and_its_share_of_the_budget_goes_to_
         lost = [t for t in tasks if t["status"] == "LOST"]
         assert [t["peer"] for t in lost] == [doomed] and "offline" in lost[0]["reason"]
         # The whole budget was trained all the same: its lost task was handed to a live peer.
-        assert sum(t["status"] == "FOLDED" for t in tasks) == 5 * num_peers
+        assert sum(t["status"] == "FOLDED" for t in tasks) == 5 * num_peers, [
+            (t["peer"], t["status"], t.get("reason")) for t in tasks]
         assert {t["status"] for t in tasks} == {"FOLDED", "LOST"}
         versions = user.get(f"/sessions/{session_id}/rounds").json()["items"]
         assert any(when(v["finished_at"]) > when(lost[0]["received_at"]) for v in versions), "it went on"

@@ -244,14 +244,14 @@ def test_silence_is_not_judged_while_the_monitor_cannot_hear(db):
 
 
 def test_silence_is_not_judged_while_events_wait_unread(db):
-    """A flood (or a burst) fills the monitor's queue: the events that show a peer alive may be in it."""
+    """A burst fills a peer's queue of events: the events that show it alive may be in it."""
     online("quiet", at=utcnow() - timedelta(seconds=30))
     make_session(["quiet"])
     lost: list = []
     monitor = judging_monitor(lost)
-    monitor.behind = True
+    monitor.behind = lambda name: name == "quiet"
     assert monitor.sweep() == [] and lost == []
-    monitor.behind = False
+    monitor.behind = lambda name: False
     assert monitor.sweep() == ["quiet"] and len(lost) == 1
 
 
@@ -298,7 +298,7 @@ def test_events_sent_while_the_monitor_is_down_are_applied_when_it_returns(db, s
     app = create_app(settings)
     queue = f"test-monitor-{uuid.uuid4().hex[:8]}"
     name = f"a{conftest.RUN_ID}"
-    login = registry.add(name, settings).environment["BROKER_URL"]  # a real broker user when there is one
+    enrolment = registry.add(name, settings).environment  # a real broker user when there is one
     conftest.PEER_USERS.append(protocol.broker_user(name))
     peers.seen(name, f"peer.{name}@h")
     session = make_session([name])
@@ -313,8 +313,8 @@ def test_events_sent_while_the_monitor_is_down_are_applied_when_it_returns(db, s
     consumer, thread = run_consumer()
     consumer.stop()
     thread.join(10)
-    # The monitor is down: these go to its durable queue, stamped with the peer's own login.
-    peer = peer_app.create_app(login, settings)
+    # The monitor is down: these go to its durable queue of the peer's events, stamped with the peer's own login.
+    peer = peer_app.create_app(enrolment["BROKER_URL"], settings, enrolment["EVENT_EXCHANGE"])
     with peer.events.default_dispatcher(hostname=f"peer.{name}@h") as dispatcher:
         for epoch in range(1, 4):
             event = heartbeat(session, name, epoch)
@@ -328,4 +328,58 @@ def test_events_sent_while_the_monitor_is_down_are_applied_when_it_returns(db, s
         consumer.stop()
         thread.join(10)
         with app.connection_for_write() as connection:
-            connection.default_channel.queue_delete(queue)
+            connection.default_channel.queue_delete(consumer.queue(name).name)
+
+
+def test_a_peer_past_its_budget_is_read_no_more_and_a_removed_peers_queue_goes(db, settings):
+    """Each peer's events wait in a queue of its own: one that sends past its budget is left unread there
+    while another's are read at once; and once a peer is removed, the monitor deletes its queue."""
+    from tasks import peer as peer_app
+    from tasks import registry
+    from tasks.celery import create_app
+    from tasks.gate import Budget
+    from tests import conftest
+
+    app = create_app(settings)
+    flooder, quiet = f"flood{conftest.RUN_ID}", f"quiet{conftest.RUN_ID}"
+    logins = {name: registry.add(name, settings).environment for name in (flooder, quiet)}
+    conftest.PEER_USERS.extend(f"peer.{name}" for name in logins)
+    consumer = EventConsumer(app, Monitor(peer_timeout=60), f"test-budget-{uuid.uuid4().hex[:8]}",
+                             flush_every=0.05, sweep_every=0.2, prefetch=10, budget=Budget(rate=0.1, burst=5))
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    assert consumer.ready.wait(10)
+
+    def send(name: str, count: int) -> None:
+        enrolment = logins[name]
+        peer = peer_app.create_app(enrolment["BROKER_URL"], settings, enrolment["EVENT_EXCHANGE"])
+        with peer.events.default_dispatcher(hostname=f"peer.{name}@h") as dispatcher:
+            for _ in range(count):
+                dispatcher.send("worker-heartbeat", freq=2.0)
+
+    def unread(name: str) -> int:
+        with app.connection_for_write() as connection:
+            return connection.default_channel.queue_declare(consumer.queue(name).name, passive=True).message_count
+
+    try:
+        send(flooder, 200)
+        wait_until(lambda: consumer.monitor.dropped["over budget"] > 0, 10, "the flood to pass its budget")
+        send(quiet, 1)
+        wait_until(lambda: Peer.objects.get(name=quiet).last_seen is not None, 10, "the quiet peer's event")
+        assert unread(quiet) == 0
+        assert unread(flooder) > 100  # left where it is, for 50 s: the budget refills at 0.1/s
+        assert consumer.monitor.dropped["over budget"] < 100
+        registry.remove(quiet, settings)
+
+        def gone() -> bool:
+            try:
+                unread(quiet)
+            except Exception:
+                return True
+            return False
+
+        wait_until(gone, 10, "the removed peer's queue to be deleted")
+    finally:
+        consumer.stop()
+        thread.join(10)
+        registry.remove(flooder, settings)

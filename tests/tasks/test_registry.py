@@ -48,7 +48,8 @@ def test_names_that_cannot_name_queues_and_logins_are_refused(db, capsys, name):
 
 def test_no_name_the_platform_declares_binds_or_publishes_to_is_one_a_peer_may_configure(settings):
     """Every exchange and queue of the platform's, as its own code names them, against what peer `alice`'s login
-    may do: configure none, write only the two exchanges it reports on, read only its own two queues."""
+    may do: configure none, write only the two exchanges it reports on (its own event exchange, not the
+    platform's), read only its own two queues."""
     import re
 
     from tasks import feed
@@ -56,13 +57,17 @@ def test_no_name_the_platform_declares_binds_or_publishes_to_is_one_a_peer_may_c
 
     app = create_app(settings)
     platforms = {settings.coordinator_queue: "", settings.monitor_queue: "", feed.exchange(app).name: "",
-                 protocol.TASKS_EXCHANGE: "", protocol.STOPS_EXCHANGE: "", settings.event_exchange: "w",
+                 protocol.TASKS_EXCHANGE: "", protocol.STOPS_EXCHANGE: "", settings.event_exchange: "",
                  settings.results_queue: "w", app.conf.task_default_exchange or "celery": "",
                  "celery.pidbox": "", "reply.celery.pidbox": "", "amq.default": ""}  # RabbitMQ checks "" so
     for peer in ("alice", "bob", "alicex"):
-        for queue in protocol.declarations(peer):
+        queues = protocol.declarations(peer, settings.event_exchange, settings.monitor_queue)
+        for queue in queues[:2]:
             platforms[queue.name] = "r" if peer == "alice" else ""
             platforms[queue.exchange.name] = ""
+        events = queues[2]  # the monitor's queue of its events: only its exchange is the peer's to publish to
+        platforms[events.name] = ""
+        platforms[protocol.event_exchange(settings.event_exchange, peer)] = "w" if peer == "alice" else ""
     rules = protocol.permissions("alice", settings.event_exchange, settings.results_queue)
     for resource, allowed in platforms.items():
         got = "".join(k[0] for k in ("configure", "write", "read") if re.search(rules[k], resource))
