@@ -41,7 +41,9 @@ RUN_ID = os.environ.setdefault("BENCH_RUN_ID", uuid.uuid4().hex[:8])
 for _key, _value in {"BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//", "RESULT_BACKEND": "redis://127.0.0.1:6379/14",
                      "COORDINATOR_QUEUE": f"bench-{RUN_ID}.coordinator", "MONITOR_QUEUE": f"bench-{RUN_ID}.monitor",
                      "RESULTS_QUEUE": f"bench-{RUN_ID}.results", "EVENT_EXCHANGE": f"bench-{RUN_ID}.celeryev",
-                     "PEER_THREADS": "1", "LOG_LEVEL": "WARNING"}.items():
+                     "PEER_THREADS": "1", "LOG_LEVEL": "WARNING",
+                     # The burst measures what the monitor can store, not a peer's budget (what is over it waits).
+                     "PEER_EVENT_RATE": "1000000"}.items():
     os.environ.setdefault(_key, _value)
 
 import numpy as np  # noqa: E402
