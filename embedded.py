@@ -8,8 +8,8 @@ processes that consume the real broker, as peers on other machines do: each is r
 broker login of its own (through RabbitMQ's management API) and given nothing else — its tasks
 carry grants to the objects they need, served by this API's `/objects/` route from local storage.
 
-Stopping (Ctrl-C, SIGTERM) is orderly: granian stops serving, the platform ends the sessions still
-running ("interrupted: make run was stopped"), its peers stop, its workers and the monitor close, and
+Stopping (Ctrl-C, SIGTERM) is orderly: the open event streams are told and closed while granian stops
+serving, the platform ends the sessions still running ("interrupted: make run was stopped"), its peers stop, its workers and the monitor close, and
 mongomock's data is written to DATA_DIR; the supervisor then stops the peer processes. The next
 `make run` reads DATA_DIR back: users, sessions, heartbeats and models are still there, and with the
 development token secret kept beside them, so are the tokens already handed out. No embedded store
@@ -24,6 +24,7 @@ supervises it and the peer processes.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import secrets
 import signal
@@ -179,6 +180,7 @@ def platform_app() -> Any:
     mongomock and memory:// need, and stops when granian stops serving (the ASGI lifespan)."""
     from webapp.asgi import serve
 
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a stop asked for while it starts (the app takes it over)
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     platform = Platform(settings)
@@ -284,6 +286,10 @@ def main() -> None:
 
     def interrupted(signum=None, frame=None) -> None:  # granian's own handler, told which signal came
         received.append(signum)
+        # Granian's worker would wait for every open connection, and an event stream never ends by itself:
+        # it closes its streams and stops the platform (keeping the data) on SIGUSR1 (webapp/asgi.py).
+        for worker in multiprocessing.active_children():
+            os.kill(worker.pid, signal.SIGUSR1)
         stop(signum, frame)
 
     server.signal_handler_interrupt = interrupted

@@ -13,7 +13,8 @@ from harness.waiting import wait_until
 
 
 def sse(chunks: Iterable[bytes | str]) -> Iterator[dict[str, Any]]:
-    """Server-Sent Events from a response's chunks, as {"id": int, "event": str, "data": object}; comments skipped."""
+    """Server-Sent Events from a response's chunks, as {"id": int | None, "event": str, "data": object}; comments
+    skipped."""
     buffer = ""
     for chunk in chunks:
         buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
@@ -25,7 +26,8 @@ def sse(chunks: Iterable[bytes | str]) -> Iterator[dict[str, Any]]:
                     name, _, value = line.partition(": ")
                     fields[name] = value
             if fields:
-                yield {"id": int(fields["id"]), "event": fields["event"], "data": json.loads(fields["data"])}
+                yield {"id": int(fields["id"]) if "id" in fields else None, "event": fields["event"],
+                       "data": json.loads(fields["data"])}
 
 
 class Api:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import re
+import signal
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,6 +24,7 @@ from bson import ObjectId
 from flask import Flask
 
 from webapp import stream
+from webapp.errors import payload
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -45,6 +48,7 @@ class Api:
         self.hub = stream.hub(flask_app.extensions)
         self.on_shutdown = on_shutdown
         self._fanouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> Fanout
+        self._stopping: asyncio.Future | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -62,15 +66,17 @@ class Api:
         await self.wsgi(scope, coroutine_receive, send)
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
-        """ASGI's start and stop: the server stops serving, then `on_shutdown` runs (in a thread)."""
+        """ASGI's start and stop: the server stops serving, then `stop()` runs (unless SIGUSR1 ran it first)."""
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                # A server waits for open connections before it stops: an event stream never ends by itself,
+                # so whoever stops this process sends SIGUSR1 first (embedded.py does on Ctrl-C).
+                asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.stop)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 try:
-                    if self.on_shutdown is not None:
-                        await asyncio.to_thread(self.on_shutdown)
+                    await self.stop()
                 except Exception as exc:
                     log.exception("shutting down failed")
                     await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
@@ -78,7 +84,23 @@ class Api:
                     await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    def stop(self) -> asyncio.Future:
+        """Close every open event stream (each told first that the server is stopping), then run `on_shutdown`
+        in a thread; once, however often it is called. On the event loop's thread."""
+        if self._stopping is None:
+            for fanout in self._fanouts.values():
+                fanout.stop()
+            self._stopping = asyncio.ensure_future(
+                asyncio.to_thread(self.on_shutdown) if self.on_shutdown is not None else asyncio.sleep(0))
+        return self._stopping
+
     async def events(self, scope: Scope, receive: Receive, send: Send, session_id: str) -> None:
+        if self._stopping is not None:
+            body = json.dumps(payload(503, "the server is stopping; reconnect in a moment")).encode()
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"), (b"retry-after", b"5")]})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
         allowed = await self._ask_flask({**scope, "method": "HEAD"})
         if allowed != 200:
             # Flask answers the GET itself: the same refusal, with its JSON body.
@@ -125,6 +147,8 @@ class Api:
         session = str(cursor.session_id)
         try:
             await fanout.join(session, arrived)
+            if self._stopping is not None:  # it stopped while this stream was being let in
+                arrived.put_nowait(stream.STOPPING)
             await _send_events(send, await asyncio.to_thread(cursor.start))
             while not cursor.ended:
                 try:
@@ -133,6 +157,10 @@ class Api:
                 except TimeoutError:
                     await send({"type": "http.response.body", "body": stream.KEEPALIVE.encode(), "more_body": True})
                     continue
+                if batch is stream.STOPPING:
+                    await send({"type": "http.response.body", "body": stream.STOPPING_FRAME.encode(),
+                                "more_body": True})
+                    return
                 taken, gap = cursor.take(batch) if batch is not stream.RESYNC else ([], True)
                 if gap:
                     taken += await asyncio.to_thread(cursor.catch_up)
@@ -170,6 +198,12 @@ class Fanout:
             deliver, subscribed = self.subscriptions.pop(session)
             # Still subscribing (the only client left at once): unsubscribe when that is done.
             subscribed.add_done_callback(lambda _: self.hub.unsubscribe(session, deliver))
+
+    def stop(self) -> None:
+        """Tell every stream of this loop that the server is stopping."""
+        for queues in self.queues.values():
+            for queue in queues:
+                queue.put_nowait(stream.STOPPING)
 
     def _fan(self, session: str, batch: Any) -> None:
         for queue in self.queues.get(session, ()):

@@ -68,6 +68,10 @@ def _finite(value: Any) -> Any:
 
 
 KEEPALIVE = ": keep-alive\n\n"
+# Delivered to every open stream when the server stops: it sends this last event (no id, so a client resumes
+# where it was) and closes the stream.
+STOPPING = object()
+STOPPING_FRAME = 'event: stopping\ndata: {"message":"the server is stopping; reconnect with Last-Event-ID"}\n\n'
 
 
 def parse_last_event_id(value: str | None) -> int:

@@ -61,6 +61,7 @@ def running_with(marker: str) -> list[int]:
 def test_make_run_stopped_mid_session_leaves_nothing_running_and_keeps_its_data(tmp_path, broker, record_property):
     import signal
     import subprocess
+    import threading
     import time
 
     import requests
@@ -102,14 +103,24 @@ def test_make_run_stopped_mid_session_leaves_nothing_running_and_keeps_its_data(
         session_id = user.start(ROOT / "samples" / "wine.csv", num_peers=2, hyperparameters=long).json()["session_id"]
         wait_until(lambda: len(user.heartbeats(session_id)) >= 4, 60, "both peers to be training")
         assert len(running_with(str(data))) >= (2 if broker == "memory" else 4)  # make, python, granian (+peers)
+        # A stream open on the session, as a dashboard tab or `curl -sN .../events` holds one.
+        seen: list[str] = []
+        following = threading.Thread(target=lambda: seen.extend(e["event"] for e in user.events(session_id)),
+                                     daemon=True)
+        following.start()
+        wait_until(lambda: "heartbeat" in seen, 30, "the stream to deliver")
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
         stopped = time.monotonic()
         status = process.wait(25)
+        record_property("seconds from Ctrl-C to make run's exit, a stream open", round(time.monotonic() - stopped, 2))
     wait_until(lambda: not running_with(str(data)), 20 - (time.monotonic() - stopped), "every process to be gone")
     assert status in (130, -signal.SIGINT, 0), status  # make passes on the interrupt
     output = (tmp_path / "first.log").read_text()
     assert "Traceback" not in output, output[-3000:]
+    assert "refused to gracefully stop" not in output, output[-3000:]
     assert "kept" in output
+    following.join(10)
+    assert seen[-1] == "stopping", seen[-5:]  # the stream was told, then closed by the server
 
     # Started again: the user, their token and the interrupted session are still there.
     with (tmp_path / "second.log").open("wb") as log:

@@ -201,6 +201,13 @@ def test_numbers_json_cannot_carry_are_sent_as_null(client, auth, started):
     assert beat["loss"] is None and beat["accuracy"] is None and beat["epoch"] == 1
 
 
+def get_scope(path: str, headers: dict) -> dict:
+    """A GET's ASGI scope, as granian builds it."""
+    return {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "root_path": "", "scheme": "http", "http_version": "1.1", "server": ("127.0.0.1", 80),
+            "client": ("127.0.0.1", 5000), "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+
+
 def asgi_get(api, path: str, headers: dict, disconnect: threading.Event | None = None) -> tuple[int, bytes]:
     """One GET through the ASGI app (as granian calls it), in an event loop of its own."""
     import asyncio
@@ -224,11 +231,7 @@ def asgi_get(api, path: str, headers: dict, disconnect: threading.Event | None =
             else:
                 body += message.get("body", b"")
 
-        scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
-                 "root_path": "", "scheme": "http", "http_version": "1.1", "server": ("127.0.0.1", 80),
-                 "client": ("127.0.0.1", 5000),
-                 "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
-        await api(scope, receive, send)
+        await api(get_scope(path, headers), receive, send)
         return status, body
 
     return asyncio.run(call())
@@ -266,3 +269,58 @@ def test_a_client_that_goes_away_leaves_no_subscription_behind(app, auth, starte
 
 def json_body(body: bytes) -> dict:
     return json.loads(body)
+
+
+def test_stopping_tells_every_open_stream_closes_it_and_refuses_new_ones(app, auth, started):
+    """A server waits for open connections before it stops: an open stream must end when it is told to stop."""
+    import asyncio
+
+    from webapp.asgi import Api
+
+    session_id, _ = started  # PENDING: the stream would stay open
+    stopped: list[int] = []
+    api = Api(app, on_shutdown=lambda: stopped.append(1))
+    path = f"/sessions/{session_id}/events"
+
+    async def both() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+        loop = asyncio.get_running_loop()
+        opened = loop.run_in_executor(None, asgi_get_here, api, path, auth, loop)
+        await asyncio.wait_for(_until(lambda: api.hub.open_streams() == 1), 10)
+        await asyncio.gather(api.stop(), api.stop())
+        first = await asyncio.wait_for(opened, 10)
+        return first, await loop.run_in_executor(None, asgi_get_here, api, path, auth, loop)
+
+    (status, body), (again, refusal) = asyncio.run(both())
+    events = list(sse([body]))
+    assert status == 200 and [e["event"] for e in events] == ["status", "stopping"]
+    assert events[-1]["id"] is None  # a client resumes from the log's last event, not from this one
+    assert stopped == [1]  # the platform stops once, however often it is asked
+    assert again == 503 and json_body(refusal)["code"] == 503
+
+
+async def _until(condition) -> None:
+    import asyncio
+
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
+def asgi_get_here(api, path: str, headers: dict, loop) -> tuple[int, bytes]:
+    """`asgi_get` on the running `loop` (from another thread): the loop `Api.stop` runs on."""
+    import asyncio
+
+    status, body = 0, b""
+
+    async def receive() -> dict:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        nonlocal status, body
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        else:
+            body += message.get("body", b"")
+
+    asyncio.run_coroutine_threadsafe(api(get_scope(path, headers), receive, send), loop).result(20)
+    return status, body

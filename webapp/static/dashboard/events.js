@@ -49,10 +49,12 @@ export class SseParser {
 }
 
 // Follow the stream until its `end` event (resolves with that event's data) or until `signal` aborts.
-// `onEvent(type, data, id)` gets every event; `onState("live" | "reconnecting" | "ended")` the connection's.
+// `onEvent(type, data, id)` gets every event; `onState("live" | "reconnecting" | "server-stopped" | "ended")` the
+// connection's ("server-stopped": the server said it was stopping, and the stream reconnects until it is back).
 export async function follow(path, { onEvent, onState = () => {}, signal }) {
   let lastId = null;
   let delay = 500;
+  let serverStopped = false;
   while (!signal.aborted) {
     let ended = null;
     try {
@@ -66,6 +68,7 @@ export async function follow(path, { onEvent, onState = () => {}, signal }) {
         if (response.status < 500) throw Object.assign(error, { fatal: true });
         throw error;
       }
+      serverStopped = false;
       onState("live");
       const parser = new SseParser((event) => {
         if (event.id !== null) lastId = event.id;
@@ -78,6 +81,7 @@ export async function follow(path, { onEvent, onState = () => {}, signal }) {
         delay = 500;
         onEvent(event.type, data, event.id);
         if (event.type === "end") ended = data;
+        if (event.type === "stopping") serverStopped = true;
       });
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       while (ended === null) {
@@ -94,7 +98,7 @@ export async function follow(path, { onEvent, onState = () => {}, signal }) {
       if (signal.aborted) return null;
       if (error.fatal) throw error;
     }
-    onState("reconnecting");
+    onState(serverStopped ? "server-stopped" : "reconnecting");
     await new Promise((resolve) => setTimeout(resolve, delay));
     delay = Math.min(delay * 2, MAX_DELAY_MS);
   }

@@ -155,7 +155,10 @@ class SessionPage {
   }
 
   setConnection(state) {
-    const text = { live: "● live", reconnecting: "reconnecting…", ended: "", stopped: "stream stopped" }[state];
+    const text = {
+      live: "● live", reconnecting: "reconnecting…", "server-stopped": "server stopped — reconnecting…", ended: "",
+      stopped: "stream stopped",
+    }[state];
     this.connection.textContent = text ?? state;
     this.connection.className = `connection ${state}`;
   }
