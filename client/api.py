@@ -84,9 +84,11 @@ class Api:
     def cancel(self, session_id: str) -> dict[str, Any]:
         return self._call("POST", f"/sessions/{session_id}/cancel")
 
-    def model(self, session_id: str, out: BinaryIO) -> int:
-        """Write the session's model to `out`; returns its size in bytes."""
-        with self.http.stream("GET", f"/sessions/{session_id}/model") as response:
+    def model(self, session_id: str, out: BinaryIO, round_: int | None = None) -> int:
+        """Write the session's model (or a federated session's global model after round `round_`) to `out`;
+        returns its size in bytes."""
+        params = {} if round_ is None else {"round": round_}
+        with self.http.stream("GET", f"/sessions/{session_id}/model", params=params) as response:
             if response.is_error:
                 response.read()
                 raise ApiError.from_response(response)

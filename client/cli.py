@@ -337,14 +337,16 @@ def cancel(state: State, session_id: str, as_json: bool) -> None:
 @click.argument("session_id", metavar="ID")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, path_type=Path), required=True,
               help="Where to write the model (a safetensors file).")
+@click.option("--round", "round_", type=click.IntRange(min=0),
+              help="A federated session's global model after this round (default: the final model).")
 @json_option
 @click.pass_obj
-def model(state: State, session_id: str, output: Path, as_json: bool) -> None:
-    """Download a finished session's model."""
+def model(state: State, session_id: str, output: Path, round_: int | None, as_json: bool) -> None:
+    """Download a session's model: the final one, or a federated session's after any round."""
     partial = output.with_name(output.name + ".part")
     try:
         with partial.open("wb") as out:
-            size = state.api().model(session_id, out)
+            size = state.api().model(session_id, out, round_)
         partial.replace(output)
     finally:
         partial.unlink(missing_ok=True)

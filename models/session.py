@@ -167,6 +167,7 @@ class Round(EmbeddedDocument):
     rejected = DictField()
     outliers = DictField()
     updates = ListField(DictField())  # asynchronous: {seq, peer, staleness, weight} of each update folded
+    model_url = StringField()  # its global model as a file a user downloads (GET /sessions/<id>/model?round=N)
     finished_at = DateTimeField(default=utcnow)
 
 

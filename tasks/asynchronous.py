@@ -306,11 +306,13 @@ class AsyncFederated(Federated):
                   for u, c in zip(used, contributions, strict=True)]
         now = self.clock.now()
         elapsed = (now - session.started_at).total_seconds() if session.started_at else None
+        metrics = {**metrics, "samples": sum(c.samples for c in contributions), "updates": len(used),
+                   "mean_staleness": sum(c.staleness for c in contributions) / len(contributions), "seconds": elapsed}
         round_doc = Round(round=version, peers=[u.peer for u in used], rejected=rejected,
-                          outliers=screened.outliers, updates=folded,
-                          metrics={**metrics, "samples": sum(c.samples for c in contributions), "updates": len(used),
-                                   "mean_staleness": sum(c.staleness for c in contributions) / len(contributions),
-                                   "seconds": elapsed}, finished_at=now)
+                          outliers=screened.outliers, updates=folded, metrics=metrics,
+                          model_url=self.keep_model(version, model, url,
+                                                    [*(r.metrics for r in session.rounds), metrics]),
+                          finished_at=now)
         if not sessions.record_fold(session.id, version, round_doc, url, self.history_after(screened)):
             return  # it ended meanwhile
         self.count_used([update.peer for update in used])

@@ -191,22 +191,32 @@ class Federated(Strategy):
             (url, json.dumps(config.to_dict(), sort_keys=True)),
             lambda: state_from_bytes(self.storage.get_bytes(url, max_state_bytes(config)), config))
 
+    def keep_model(self, number: int, model: SimpleDNN, weights_url: str, metrics: list[dict[str, Any]]) -> str:
+        """Store the global model of round (asynchronous: fold) `number` (its weights at `weights_url`), with the
+        `metrics` of every round up to it, as a file a user can download (`GET /sessions/<id>/model?round=N`)
+        whatever becomes of the session; its URL."""
+        session = self.session
+        checkpoint = Checkpoint(
+            config=self.config, features=list(session.features), target=session.target, classes=session.plan.classes,
+            normalization=Normalization.from_dict(session.plan.normalization),
+            metadata={"session": str(session.id), "mode": sessions.FEDERATED, "round": number,
+                      "rounds": metrics,
+                      "aggregation": self.settings.aggregation, "schedule": self.settings.schedule,
+                      "global_weights_url": weights_url},
+        )
+        return self.storage.put_bytes(f"{self.prefix}/rounds/{number}/model.safetensors",
+                                      checkpoint_bytes(model, checkpoint))
+
     def store_model(self, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-        """Store the last global model as the session's result and end it COMPLETED (`extra`: more results)."""
+        """End the session COMPLETED with its last round's global model as its result (`extra`: more results)."""
         session = self.session
         session.reload()
-        plan = session.plan
-        config = self.config
-        model = SimpleDNN(config)
-        model.load_state_dict(self.global_state(plan.global_url))
-        checkpoint = Checkpoint(
-            config=config, features=list(session.features), target=session.target, classes=plan.classes,
-            normalization=Normalization.from_dict(plan.normalization),
-            metadata={"session": str(session.id), "mode": sessions.FEDERATED,
-                      "rounds": [r.metrics for r in session.rounds], "aggregation": self.settings.aggregation,
-                      "global_weights_url": plan.global_url, "schedule": self.settings.schedule},
-        )
-        model_url = self.storage.put_bytes(f"{self.prefix}/model.safetensors", checkpoint_bytes(model, checkpoint))
+        last = session.rounds[-1]
+        model_url = last.model_url
+        if not model_url:  # a round recorded before each round kept its model
+            model = SimpleDNN(self.config)
+            model.load_state_dict(self.global_state(session.plan.global_url))
+            model_url = self.keep_model(last.round, model, session.plan.global_url, [r.metrics for r in session.rounds])
         sessions.record_runs(session.id, sessions.positions(session),
                              {run.name: {"status": sessions.COMPLETED} for run in session.peers
                               if run.status == sessions.RUNNING})
@@ -274,12 +284,13 @@ class SyncFederated(Federated, RoundStrategy):
                   else self.global_state(plan.global_url))
         model = SimpleDNN(config)
         model.load_state_dict(merged)
-        metrics = self.evaluate_held_out(model)
+        metrics = {**self.evaluate_held_out(model), "samples": sum(samples[n] for n in names)}
         global_url = self.storage.put_bytes(f"{self.prefix}/rounds/{round_}/global.safetensors",
                                             state_to_bytes(merged, {"round": round_}))
-        round_doc = Round(round=round_, metrics={**metrics, "samples": sum(samples[n] for n in names)}, peers=names,
-                          rejected=rejected,
+        round_doc = Round(round=round_, metrics=metrics, peers=names, rejected=rejected,
                           outliers={**outliers(merged, {n: screened.states[n] for n in names}), **screened.outliers},
+                          model_url=self.keep_model(round_, model, global_url,
+                                                    [*(r.metrics for r in session.rounds), metrics]),
                           finished_at=self.clock.now())
         if not sessions.record_round(session.id, round_doc, global_url, self.history_after(screened)):
             return  # it ended meanwhile, or another run of this round recorded it first

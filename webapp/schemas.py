@@ -439,6 +439,12 @@ class HeartbeatQuerySchema(StrictSchema):
     page_size = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
 
 
+class ModelQuerySchema(StrictSchema):
+    round = fields.Integer(validate=validate.Range(min=0), metadata={
+        "description": "a federated session's round (asynchronous: fold) whose global model to download; "
+                       "default: the final model, or the last round's if the session ended without one"})
+
+
 class HeartbeatSchema(ma.Schema):
     peer = fields.String()
     round = fields.Integer()

@@ -15,6 +15,7 @@ from webapp.extensions import Blueprint, dispatcher, storage
 from webapp.schemas import (
     HeartbeatPageSchema,
     HeartbeatQuerySchema,
+    ModelQuerySchema,
     RoundListSchema,
     SessionListSchema,
     SessionSchema,
@@ -193,17 +194,25 @@ class Updates(MethodView):
 @blp.route("/<objectid:session_id>/model")
 class Model(MethodView):
     @jwt_required()
+    @blp.arguments(ModelQuerySchema, location="query")
     @blp.response(200, description="the trained model, a safetensors file", content_type="application/octet-stream")
+    @blp.alt_response(404, description="the session has no such round")
     @blp.alt_response(409, description="the session has no model yet")
     @blp.doc(security=AUTH)
-    def get(self, session_id: str):
-        """Download the final model (federated: the global model; sweep: the best peer's)."""
+    def get(self, query: dict, session_id: str):
+        """Download the final model (federated: the global model; sweep: the best peer's), or with `round` a
+        federated session's global model after that round, whatever became of the session."""
         session = _owned(session_id)
-        if not session.model_url:
+        number = query.get("round")
+        if number is not None:
+            found = next((r for r in session.rounds if r.round == number), None)
+            if found is None:
+                abort(404, message=f"session {session_id} has no round {number} (it has {len(session.rounds)})")
+            url, name = found.model_url, f"peertrain-{session_id}-round-{number}.safetensors"
+        else:
+            kept = [r.model_url for r in session.rounds if r.model_url]
+            url, name = session.model_url or (kept[-1] if kept else None), f"peertrain-{session_id}.safetensors"
+        if not url:
             abort(409, message=f"session {session_id} has no model ({session.status})")
-        chunks = storage().iter_chunks(session.model_url)
-        return Response(
-            stream_with_context(chunks),
-            mimetype="application/octet-stream",
-            headers={"Content-Disposition": f'attachment; filename="peertrain-{session_id}.safetensors"'},
-        )
+        return Response(stream_with_context(storage().iter_chunks(url)), mimetype="application/octet-stream",
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})

@@ -18,6 +18,7 @@ from harness.datasets import blobs_csv
 from harness.simulated import Fleet, Options
 from harness.waiting import wait_until
 from models import Peer
+from models import peer as peers
 from settings import Settings
 from tests import conftest
 
@@ -30,10 +31,19 @@ def when(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+REGISTERED: set[str] = set()  # every simulated peer this module registered
+
+
 @contextmanager
 def simulated(platform, names: list[str], **options) -> Iterator[Fleet]:
     """Simulated peers `names`, registered and ONLINE; OFFLINE again afterwards (no later test claims them)."""
     settings = Settings.from_env()
+    # The real peers other tests left free are set aside (quarantined, as an operator would) while these
+    # sessions run: a real peer's trained update and the simulated peers' small steps point different ways,
+    # and screening would refuse whichever are fewer in a fold.
+    REGISTERED.update(names)
+    aside = [p.name for p in Peer.objects(status="ONLINE", name__nin=list(REGISTERED))]
+    Peer.objects(name__in=aside).update(set__status=peers.QUARANTINED)
     fleet = Fleet({name: platform.register(name)["BROKER_URL"] for name in names},
                   Options(settings.event_exchange, settings.results_queue, **options), processes=1)
     fleet.start()
@@ -45,10 +55,14 @@ def simulated(platform, names: list[str], **options) -> Iterator[Fleet]:
         fleet.stop()
         wait_until(lambda: Peer.objects(name__in=names, status__ne="OFFLINE").count() == 0, 60,
                    f"peers {names} OFFLINE")
+        for name in aside:
+            peers.restore(name)
+        wait_until(lambda: Peer.objects(name__in=aside, status="ONLINE").count() == len(aside), 30,
+                   f"peers {aside} back")
 
 
 def peers_to_ask(names: list[str]) -> int:
-    """`names` and the real peers other tests left free: the platform claims whichever it saw last."""
+    """`names` and any other simulated peer still free: the platform claims whichever it saw last."""
     return len(names) + Peer.objects(status="ONLINE", name__nin=names).count()
 
 

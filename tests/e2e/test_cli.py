@@ -102,6 +102,16 @@ def test_an_asynchronous_session_is_started_and_watched_to_the_end(platform, two
     versions = [line for line in text if line.startswith("version ")]
     assert len(versions) == 6 and versions[-1].startswith("version 6/6 global model"), versions
 
+    # Any version's global model downloads, as well as the final one; a version it does not have is refused.
+    session_id = json.loads(cli("sessions", "--json").stdout)["items"][0]["id"]
+    final, early = cli.home / "final.safetensors", cli.home / "early.safetensors"
+    assert cli("model", session_id, "-o", str(final)).returncode == 0
+    saved = json.loads(cli("model", session_id, "--round", "2", "-o", str(early), "--json").stdout)
+    assert saved["bytes"] == early.stat().st_size > 0 and early.read_bytes() != final.read_bytes()
+    missing = cli("model", session_id, "--round", "6", "-o", str(cli.home / "none.safetensors"))
+    assert missing.returncode == 1 and "no round 6" in missing.stderr, missing
+    assert not (cli.home / "none.safetensors").exists()
+
 
 def test_a_failed_session_exits_1(platform, two_peers, cli, unique):
     broken = unique("clibroken")

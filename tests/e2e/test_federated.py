@@ -86,6 +86,19 @@ def test_a_federated_session_trains_one_model_on_shards(platform, two_peers, dig
     assert predicted == [table.classes[i] for i in expected]
     assert np.mean([p == table.classes[t] for p, t in zip(predicted, table.y, strict=True)]) > 0.9
 
+    # Every round's global model can be downloaded; the final one is the last round's.
+    assert user.get(f"/sessions/{session_id}/model", round=ROUNDS - 1).content == download.content
+    first = user.get(f"/sessions/{session_id}/model", round=0)
+    assert first.status_code == 200 and "round-0" in first.headers["Content-Disposition"]
+    checkpoint = Predictor.load(io.BytesIO(first.content)).checkpoint
+    assert checkpoint.metadata["round"] == 0 and len(checkpoint.metadata["rounds"]) == 1
+    assert checkpoint.metadata["global_weights_url"].endswith(f"/sessions/{session_id}/rounds/0/global.safetensors")
+    assert first.content != download.content
+    missing = user.get(f"/sessions/{session_id}/model", round=ROUNDS)
+    assert missing.status_code == 404 and f"no round {ROUNDS}" in missing.json()["message"]
+    refused = user.get(f"/sessions/{session_id}/model", round=-1)
+    assert refused.status_code == 400 and "round" in refused.json()["errors"], refused.json()
+
 
 @pytest.mark.parametrize(("aggregation", "fault", "verdict"), [("fedavg", "nan", "rejected"),
                                                                ("median", "noise", "outliers")])
