@@ -107,6 +107,10 @@ class Settings:
         " (`python3 -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
     )
     jwt_expires_seconds: int = _opt("JWT_EXPIRES_SECONDS", 3600, "lifetime of an access token")
+    jwt_refresh_expires_seconds: int = _opt(
+        "JWT_REFRESH_EXPIRES_SECONDS", 30 * 86400,
+        "lifetime of a refresh token, which gets new access tokens (POST /auth/refresh) until the user signs in again"
+    )
     bcrypt_rounds: int = _opt("BCRYPT_ROUNDS", 12, "bcrypt cost factor for password hashes")
     password_hashing_slots: int = _opt(
         "PASSWORD_HASHING_SLOTS", 1, "bcrypt hashes one API process computes at once; a sign-in or sign-up finding"

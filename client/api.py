@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -45,13 +45,52 @@ class Event:
     data: dict[str, Any]
 
 
-class Api:
-    """One API server, as one user (when given a token)."""
+class Refreshing(httpx.Auth):
+    """A bearer token that renews itself: when the server refuses the access token, the refresh token gets a new
+    one (`POST /auth/refresh`, handed to `renewed`) and the request goes again, once. A session longer than an
+    access token's life is followed to its end."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, token: str, refresh: str, renewed: Callable[[dict[str, Any]], None]) -> None:
+        self.refresh_url = f"{url}/auth/refresh"
+        self.token, self.refresh, self.renewed = token, refresh, renewed
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self.token}"
+        response = yield request
+        if response.status_code != 401 or not self.refresh:
+            return
+        renewal = yield self.renewal()
+        if renewal.status_code == 200:  # otherwise its answer is the one to show: the sign-in expired
+            request.headers["Authorization"] = f"Bearer {self.take(renewal)}"
+            yield request
+
+    def renewal(self) -> httpx.Request:
+        return httpx.Request("POST", self.refresh_url, headers={"Authorization": f"Bearer {self.refresh}"})
+
+    def take(self, renewal: httpx.Response) -> str:
+        answer = json.loads(renewal.read())
+        self.token = answer["access_token"]
+        self.renewed(answer)
+        return self.token
+
+
+class Api:
+    """One API server, as one user (when given a token; with a refresh token too, one that renews itself)."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, refresh: str = "",
+                 renewed: Callable[[dict[str, Any]], None] = lambda answer: None) -> None:
         self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self.auth = Refreshing(self.url, token, refresh, renewed) if token else None
+        self.http = httpx.Client(base_url=self.url, auth=self.auth, timeout=timeout)
+
+    def renew(self) -> None:
+        """Get a new access token now (the one held is known to have expired); ApiError if the sign-in expired."""
+        assert self.auth is not None
+        renewal = self.http.send(self.auth.renewal(), auth=None)
+        if renewal.is_error:
+            renewal.read()
+            raise ApiError.from_response(renewal)
+        self.auth.take(renewal)
 
     def close(self) -> None:
         self.http.close()

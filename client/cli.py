@@ -45,14 +45,24 @@ class State:
         login = self.credentials.login(self.url)
         if login is None:
             raise click.UsageError(f"not signed in to {self.url}: run `peertrain login --email EMAIL` first")
-        if login.expired:
+        if login.signed_out:
             raise click.UsageError(f"the sign-in to {self.url} has expired: "
                                    f"run `peertrain login --email {login.email}`")
-        return Api(self.url, login.token)
+
+        def renewed(answer: dict) -> None:
+            login.renewed(answer)
+            self.credentials.save(self.url, login)
+
+        api = Api(self.url, login.token, refresh=login.refresh, renewed=renewed)
+        if login.expired:
+            api.renew()  # before a request that may carry a whole CSV
+        return api
 
     def sign_in(self, api: Api, email: str, password: str, as_json: bool) -> None:
         answer = api.signin(email, password)
-        login = Login(answer["access_token"], answer["username"], email, time.time() + answer["expires_in"])
+        now = time.time()
+        login = Login(answer["access_token"], answer["username"], email, now + answer["expires_in"],
+                      answer.get("refresh_token", ""), now + answer.get("refresh_expires_in", 0))
         self.credentials.save(self.url, login)
         if as_json:
             emit({"url": self.url, "username": login.username, "email": email, "expires_in": answer["expires_in"]})

@@ -26,10 +26,20 @@ class Login:
     username: str
     email: str
     expires_at: float
+    refresh: str = ""  # gets new access tokens until `refresh_expires_at` (none in files written before)
+    refresh_expires_at: float = 0.0
 
     @property
     def expired(self) -> bool:
         return time.time() >= self.expires_at
+
+    @property
+    def signed_out(self) -> bool:
+        """Neither token works any more: the user signs in again."""
+        return self.expired and time.time() >= self.refresh_expires_at
+
+    def renewed(self, answer: dict) -> None:
+        self.token, self.expires_at = answer["access_token"], time.time() + answer["expires_in"]
 
 
 class Credentials:

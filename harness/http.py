@@ -45,6 +45,7 @@ class Api:
         r = self.http.post(f"{self.base}/auth/signin", json={"email": email, "password": password})
         assert r.status_code == 200, r.text
         self.http.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
+        self.email, self.refresh_token = email, r.json()["refresh_token"]
         return self
 
     def get(self, path: str, **params: Any) -> requests.Response:

@@ -74,6 +74,7 @@ def _config(settings: Settings) -> dict[str, Any]:
         "GRANT_KEY": settings.grant_key,
         "JWT_SECRET_KEY": settings.jwt_secret_key,
         "JWT_ACCESS_TOKEN_EXPIRES": settings.jwt_expires_seconds,
+        "JWT_REFRESH_TOKEN_EXPIRES": settings.jwt_refresh_expires_seconds,
         "BCRYPT_ROUNDS": settings.bcrypt_rounds,
         "PASSWORD_HASHING_SLOTS": settings.password_hashing_slots,
         "AUTH_LIMIT_PER_ADDRESS": settings.auth_limit_per_address,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from bson import ObjectId
 from flask import current_app
 from flask.views import MethodView
-from flask_jwt_extended import create_access_token
+from flask_jwt_extended import create_access_token, create_refresh_token, current_user, jwt_required
 from flask_smorest import abort
 from flask_smorest.error_handler import ErrorSchema
 from mongoengine import NotUniqueError
@@ -80,11 +80,23 @@ class Signin(MethodView):
             abort(401, message="wrong email or password")
         if not passwords().check(data["password"], user.password_hash):
             abort(401, message="wrong email or password")
-        expires = current_app.config["JWT_ACCESS_TOKEN_EXPIRES"]
-        return {
-            "access_token": create_access_token(identity=user),
-            "token_type": "bearer",
-            "username": user.username,
-            "expires_in": int(expires.total_seconds()),
-        }
+        return {**_access(user), "refresh_token": create_refresh_token(identity=user),
+                "refresh_expires_in": int(current_app.config["JWT_REFRESH_TOKEN_EXPIRES"].total_seconds())}
+
+
+@blp.route("/refresh")
+class Refresh(MethodView):
+    @jwt_required(refresh=True)
+    @blp.response(200, TokenSchema)
+    @blp.alt_response(401, schema=ErrorSchema, description="no refresh token, or it expired: sign in again")
+    @blp.doc(security=[{"bearerAuth": []}])
+    def post(self):
+        """A new access token for the refresh token sign-in gave (sent as `Authorization: Bearer <refresh>`):
+        a session longer than an access token's life is followed to its end without signing in again."""
+        return _access(current_user)
+
+
+def _access(user: User) -> dict:
+    return {"access_token": create_access_token(identity=user), "token_type": "bearer", "username": user.username,
+            "expires_in": int(current_app.config["JWT_ACCESS_TOKEN_EXPIRES"].total_seconds())}
 

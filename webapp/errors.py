@@ -115,7 +115,10 @@ def _invalid_token(reason: str):
 
 @jwt.expired_token_loader
 def _expired_token(header: dict, data: dict):
-    return _unauthorized("the access token has expired; sign in again")
+    if data.get("type") == "refresh":
+        return _unauthorized("your sign-in expired; sign in again")
+    return _unauthorized("the access token has expired; get a new one with the refresh token "
+                         "(POST /auth/refresh), or sign in again")
 
 
 @jwt.revoked_token_loader

@@ -77,9 +77,9 @@ class Dispatcher:
 
 def init_app(app: Flask, celery: Any) -> flask_smorest.Api:
     """Attach every extension; returns the app's OpenAPI-documenting Api to register blueprints on."""
-    expires = app.config["JWT_ACCESS_TOKEN_EXPIRES"]
-    if isinstance(expires, int):
-        app.config["JWT_ACCESS_TOKEN_EXPIRES"] = timedelta(seconds=expires)
+    for key in ("JWT_ACCESS_TOKEN_EXPIRES", "JWT_REFRESH_TOKEN_EXPIRES"):
+        if isinstance(app.config.get(key), int):
+            app.config[key] = timedelta(seconds=app.config[key])
     jwt.init_app(app)
     app.url_map.converters["objectid"] = ObjectIdConverter
     api = flask_smorest.Api(app)

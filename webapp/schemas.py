@@ -78,7 +78,11 @@ class TokenSchema(ma.Schema):
     access_token = fields.String()
     token_type = fields.String(metadata={"example": "bearer"})
     username = fields.String()
-    expires_in = fields.Integer(metadata={"description": "seconds until the token expires"})
+    expires_in = fields.Integer(metadata={"description": "seconds until the access token expires"})
+    refresh_token = fields.String(metadata={
+        "description": "sign-in only: gets new access tokens from POST /auth/refresh until it expires"})
+    refresh_expires_in = fields.Integer(metadata={"description": "sign-in only: seconds until the refresh token "
+                                                                 "expires (then the user signs in again)"})
 
 
 # --- peers ------------------------------------------------------------------------------------

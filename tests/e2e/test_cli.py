@@ -154,3 +154,39 @@ def test_the_token_file_is_private_even_when_rewritten(cli, tmp_path: Path):
     assert cli("login", "--email", cli.email).returncode == 0
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_start_outlives_its_access_token_and_an_expired_sign_in_says_so(platform, two_peers, cli, tmp_path):
+    """A session longer than an access token's life: the refresh token renews it, and `start` exits on the
+    session's status, never the token's. Once the refresh token has expired too, the user is told to sign in."""
+    from datetime import timedelta
+
+    from flask_jwt_extended import create_access_token, create_refresh_token
+
+    from models import User
+
+    path = tmp_path / "peertrain" / "credentials.json"
+    saved = json.loads(path.read_text())
+    login = saved["logins"][platform.base_url]
+    assert login["refresh"] and login["refresh_expires_at"] > login["expires_at"]
+    user = User.objects.get(email=cli.email)
+    with platform.platform.api.app_context():
+        expired = create_access_token(identity=user, expires_delta=timedelta(seconds=-1))
+        refresh_expired = create_refresh_token(identity=user, expires_delta=timedelta(seconds=-1))
+    # A token the server refuses though the CLI believes it good: its first request (the CSV's upload) is
+    # refused, the token renewed, the upload sent again.
+    def keep(**fields) -> None:
+        path.write_text(json.dumps({**saved, "logins": {platform.base_url: {**login, **fields}}}))
+
+    keep(token=expired)
+    done = cli("start", str(WINE), "--peers", "2", "--epochs", "3")
+    assert done.returncode == 0 and done.stdout.splitlines()[-1].startswith("COMPLETED"), done
+    renewed = json.loads(path.read_text())["logins"][platform.base_url]
+    assert renewed["token"] not in (expired, login["token"]) and renewed["refresh"] == login["refresh"]
+    # One the CLI knows has expired is renewed before anything is sent.
+    keep(token=expired, expires_at=0)
+    assert cli("sessions").returncode == 0
+    # The refresh token refused too: the server's words, exit status 1.
+    keep(token=expired, refresh=refresh_expired)
+    refused = cli("sessions")
+    assert refused.returncode == 1 and "your sign-in expired; sign in again" in refused.stderr, refused

@@ -52,13 +52,15 @@ def browser() -> Iterator:
 class Visit:
     """A browser context on the platform that records what would make the page wrong for a user."""
 
-    def __init__(self, browser, base_url: str, viewport: dict, mobile: bool = False, token: str | None = None) -> None:
+    def __init__(self, browser, base_url: str, viewport: dict, mobile: bool = False, token: str | None = None,
+                 refresh: str | None = None) -> None:
         self.base = base_url
         self.context = browser.new_context(viewport=viewport, is_mobile=mobile, has_touch=mobile,
                                            accept_downloads=True)
         self.context.add_init_script(RECORD_POINTS)
         if token:  # signed in already, as after the sign-in form
-            saved = json.dumps({"token": token, "username": "ann", "expiresAt": 4102444800000})
+            saved = json.dumps({"token": token, "username": "ann", "expiresAt": 4102444800000, "refresh": refresh,
+                                "refreshExpiresAt": 4102444800000 if refresh else 0})
             self.context.add_init_script(f"localStorage.setItem('peertrain.auth', {json.dumps(saved)})")
         self.page = self.context.new_page()
         self.page.set_default_timeout(30_000)
@@ -256,6 +258,43 @@ def test_an_asynchronous_session_draws_the_global_model_version_by_version(platf
         assert "Result global model: val_accuracy" in visit.page.inner_text("#results")
         visit.shot("laptop-9-asynchronous")
         visit.check()
+    finally:
+        visit.close()
+
+
+def test_a_page_outlives_its_access_token_and_an_expired_sign_in_says_so(platform, browser):
+    """The access token expires while a page is open: the refresh token renews it unseen. Once the refresh token
+    has expired too, the page goes to the sign-in form, which says why."""
+    from datetime import timedelta
+
+    from flask_jwt_extended import create_access_token, create_refresh_token
+
+    from models import User
+
+    user = platform.user()
+    with platform.platform.api.app_context():
+        account = User.objects.get(email=user.email)
+        expired = create_access_token(identity=account, expires_delta=timedelta(seconds=-1))
+        refresh_expired = create_refresh_token(identity=account, expires_delta=timedelta(seconds=-1))
+    visit = Visit(browser, platform.base_url, LAPTOP, token=expired, refresh=user.refresh_token)
+    try:
+        visit.page.goto(f"{platform.base_url}/#/sessions")
+        visit.page.wait_for_function("(old) => JSON.parse(localStorage.getItem('peertrain.auth')).token !== old",
+                                     arg=expired)
+        visit.page.wait_for_selector("table#sessions", state="attached")
+        assert visit.page.url.endswith("#/sessions")
+        kept = json.loads(visit.page.evaluate("localStorage.getItem('peertrain.auth')"))
+        assert kept["token"] != expired and kept["refresh"] == user.refresh_token
+        visit.check("401")  # the browser's own note of the refused first request
+    finally:
+        visit.close()
+    visit = Visit(browser, platform.base_url, LAPTOP, token=expired, refresh=refresh_expired)
+    try:
+        visit.page.goto(f"{platform.base_url}/#/sessions")
+        visit.page.wait_for_selector("#signin .alert")
+        assert visit.page.inner_text("#signin .alert") == "your sign-in expired; sign in again"
+        assert visit.page.url.endswith("#/signin")
+        visit.shot("laptop-sign-in-expired")
     finally:
         visit.close()
 

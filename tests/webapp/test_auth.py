@@ -95,6 +95,29 @@ def test_expired_token_is_401(client, app, signup):
     assert "expired" in response.json["message"]
 
 
+def test_a_refresh_token_gets_new_access_tokens_until_it_expires(client, app, signup):
+    """A session outlives an access token: the refresh token sign-in gave gets new ones, and is good for nothing
+    else; once it expires too, the user is told to sign in again."""
+    from flask_jwt_extended import create_refresh_token
+
+    signup("ann", password="pw-123456")
+    answer = client.post("/auth/signin", json={"email": "ann@example.com", "password": "pw-123456"}).json
+    assert answer["refresh_expires_in"] == 30 * 86400
+    refresh = {"Authorization": f"Bearer {answer['refresh_token']}"}
+    renewed = client.post("/auth/refresh", headers=refresh)
+    assert renewed.status_code == 200 and renewed.json["username"] == "ann" and renewed.json["expires_in"] == 3600
+    assert "refresh_token" not in renewed.json
+    access = {"Authorization": f"Bearer {renewed.json['access_token']}"}
+    assert client.get("/sessions", headers=access).status_code == 200
+    # Each token for its own use: a refresh token reads nothing, an access token refreshes nothing.
+    assert client.get("/sessions", headers=refresh).status_code == 401
+    assert client.post("/auth/refresh", headers=access).status_code == 401
+    with app.app_context():
+        old = create_refresh_token(identity=User.objects.get(username="ann"), expires_delta=timedelta(seconds=-1))
+    expired = client.post("/auth/refresh", headers={"Authorization": f"Bearer {old}"})
+    assert expired.status_code == 401 and expired.json["message"] == "your sign-in expired; sign in again"
+
+
 def test_token_signed_with_another_secret_is_401(client, app, signup):
     import jwt as pyjwt
 

@@ -2,7 +2,7 @@
 // EventSource cannot send the Authorization header. After a dropped connection it reconnects with
 // Last-Event-ID, so the server replays exactly what was missed.
 
-import { auth, ApiError, signedOut } from "./api.js";
+import { auth, ApiError, renew, signedOut } from "./api.js";
 
 const MAX_DELAY_MS = 5000;
 
@@ -55,6 +55,7 @@ export async function follow(path, { onEvent, onState = () => {}, signal }) {
   let lastId = null;
   let delay = 500;
   let serverStopped = false;
+  let renewed = false; // once per refusal: a token renewed and refused again is a sign-in that expired
   while (!signal.aborted) {
     let ended = null;
     try {
@@ -64,11 +65,18 @@ export async function follow(path, { onEvent, onState = () => {}, signal }) {
       if (!response.ok) {
         const type = response.headers.get("Content-Type") || "";
         const error = new ApiError(response.status, type.includes("json") ? await response.json() : null);
-        if (response.status === 401) signedOut();
+        if (response.status === 401) {
+          if (!renewed && await renew()) {
+            renewed = true;
+            continue; // a new access token: the same request again, at once
+          }
+          signedOut("your sign-in expired; sign in again");
+        }
         if (response.status < 500) throw Object.assign(error, { fatal: true });
         throw error;
       }
       serverStopped = false;
+      renewed = false;
       onState("live");
       const parser = new SseParser((event) => {
         if (event.id !== null) lastId = event.id;

@@ -1,6 +1,6 @@
 // Sign in and sign up.
 
-import { auth, request } from "../api.js";
+import { auth, request, signinMessage } from "../api.js";
 import { alertBox, field, h } from "../dom.js";
 
 function afterSignIn() {
@@ -38,6 +38,7 @@ function submitting(form, action) {
 }
 
 export function signinView(root) {
+  const why = signinMessage();
   const form = submitting(h("form", { class: "stack", id: "signin" },
     field("Email", h("input", { name: "email", type: "email", autocomplete: "username", required: true })),
     field("Password", h("input", { name: "password", type: "password", autocomplete: "current-password",
@@ -45,6 +46,7 @@ export function signinView(root) {
     h("button", { type: "submit", class: "primary" }, "Sign in"),
   ), (data) => signIn(data.get("email"), data.get("password")));
   root.append(card("Sign in", form, ["No account yet? ", h("a", { href: "#/signup" }, "Sign up")]));
+  if (why) form.prepend(h("div", { class: "alert", role: "status" }, why));
   form.querySelector("input").focus();
 }
 
