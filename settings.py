@@ -13,6 +13,7 @@ import os
 import secrets
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 ROOT = Path(__file__).resolve().parent
 
@@ -215,6 +216,14 @@ class Settings:
     def embedded_broker(self) -> bool:
         """True when the broker lives inside this process, so every worker must too."""
         return self.broker_url.startswith("memory://")
+
+    @property
+    def broker_scope(self) -> str:
+        """What peers' broker logins carry of this deployment: its virtual host, unless it is the default one
+        (RabbitMQ's users are the node's, shared by all its virtual hosts; two deployments on one node must
+        not share a login name)."""
+        vhost = urlsplit(self.broker_url).path[1:]
+        return "" if self.embedded_broker or vhost in ("", "/") else unquote(vhost)
 
 
 def secret_problem(secret: str) -> str | None:

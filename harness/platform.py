@@ -77,7 +77,7 @@ class Served:
     def register(self, name: str) -> dict[str, str]:
         """Register peer `name` as an operator does; returns what its machine is given."""
         enrolment = registry.add(name, self.settings)
-        self.logins.append(protocol.broker_user(name))
+        self.logins.append(protocol.broker_user(name, self.settings.broker_scope))
         return enrolment.environment
 
     def start_peers(self, *names: str, app: str = "tasks.peer", timeout: float = 60, **env: str) -> list[str]:

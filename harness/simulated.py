@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from kombu import Connection
+
 from tasks import protocol
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ class SimulatedPeer:
 
     def __init__(self, name: str, broker_url: str, options: Options, pool: ThreadPoolExecutor) -> None:
         self.name, self.url, self.options, self.pool = name, broker_url, options, pool
-        self.user = protocol.broker_user(name)
+        self.user = Connection(broker_url).userid  # its login, as RabbitMQ checks every message's user_id
         self.hostname = protocol.worker_name(name, f"{socket.gethostname()}-sim")
         self.seen: list[Seen] = []
         self.failures: list[str] = []

@@ -117,9 +117,10 @@ def declarations(name: str, events: str, monitor: str) -> list[Queue]:
     return [tasks_queue(name, declare=True), stop_queue(name, declare=True), events_queue(events, monitor, name)]
 
 
-def broker_user(name: str) -> str:
-    """The broker user a peer logs in as."""
-    return f"{PEER_PREFIX}{check_name(name)}"
+def broker_user(name: str, scope: str = "") -> str:
+    """The broker user a peer logs in as: `peer.<name>`, with `@<scope>` for a deployment on a virtual host of its
+    own (Settings.broker_scope): RabbitMQ's users are the node's, and a login is good on one virtual host only."""
+    return f"{PEER_PREFIX}{check_name(name)}" + (f"@{scope}" if scope else "")
 
 
 def worker_name(name: str, host: str = "%h") -> str:
@@ -141,8 +142,9 @@ def _named(text: Any) -> str | None:
 
 
 def peer_of(user_id: str | None) -> str | None:
-    """The peer a verified broker user is; None for anyone else (the platform's own processes)."""
-    return _named(user_id)
+    """The peer a verified broker user is (`peer.<name>[@<scope>]`: only this deployment's logins reach its
+    virtual host); None for anyone else (the platform's own processes)."""
+    return _named(user_id.split("@", 1)[0]) if isinstance(user_id, str) else None
 
 
 def peer_of_worker(hostname: str | None) -> str | None:

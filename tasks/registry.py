@@ -70,7 +70,7 @@ def declare(settings: Settings, names: list[str] = ()) -> None:
 
 def issue_login(name: str, settings: Settings) -> Enrolment:
     """Create peer `name`'s broker login (replacing any earlier one) and say what its machine needs."""
-    user, password = protocol.broker_user(name), secrets.token_urlsafe(24)
+    user, password = protocol.broker_user(name, settings.broker_scope), secrets.token_urlsafe(24)
     if settings.embedded_broker:
         broker_url = f"memory://{user}@localhost/"  # in-process: the login names the peer, nothing checks it
     else:
@@ -105,7 +105,7 @@ def remove(name: str, settings: Settings) -> bool:
     """Revoke peer `name`: its login and connections go, and a session it was training fails; False if unknown."""
     before = peers.unregister(name)
     if not settings.embedded_broker:
-        BrokerAdmin.from_settings(settings).remove_user(protocol.broker_user(name))
+        BrokerAdmin.from_settings(settings).remove_user(protocol.broker_user(name, settings.broker_scope))
     app = create_app(settings)
     with app.connection_for_write() as connection:
         channel = connection.default_channel

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import pytest
 import requests
+from kombu import Connection
 
 from harness.processes import PeerProcess, peer_environment
 from harness.waiting import wait_until
@@ -97,15 +98,16 @@ def test_a_peer_cannot_publish_in_another_peers_name(platform, two_peers, attack
     """Attack: a peer stamps its messages with another peer's broker user (user_id) to pass for it, or
     publishes its events where another peer's (or the platform's own) go."""
     settings = Settings.from_env()
+    scope = settings.broker_scope
     with pytest.raises(REFUSED):
-        attacker.event(attacker.events, "worker-offline", user_id=f"peer.{two_peers[0]}",
+        attacker.event(attacker.events, "worker-offline", user_id=protocol.broker_user(two_peers[0], scope),
                        hostname=f"peer.{two_peers[0]}@host")
     for exchange in (protocol.event_exchange(settings.event_exchange, two_peers[0]), settings.event_exchange):
         with pytest.raises(REFUSED):
             attacker.event(exchange, "worker-heartbeat", hostname=f"peer.{two_peers[0]}@host")
     with pytest.raises(REFUSED):
         attacker.publish(settings.results_queue, "result", {"task_id": "x", "status": "SUCCESS"},
-                         user_id=f"peer.{two_peers[0]}")
+                         user_id=protocol.broker_user(two_peers[0], scope))
 
 
 def test_forged_events_do_not_fail_or_spoil_another_users_session(platform, two_peers, attacker, digits_csv):
@@ -254,7 +256,8 @@ def test_peers_hold_no_platform_credentials(platform, two_peers):
         environment = platform.environments[name]
         assert not any(key.startswith(("MONGODB_", "RESULT_", "STORAGE_", "S3_", "AWS_", "JWT_"))
                        for key in environment)
-        assert f"peer.{name}:" in environment["BROKER_URL"] and "guest" not in environment["BROKER_URL"]
+        login = Connection(environment["BROKER_URL"]).userid
+        assert login == protocol.broker_user(name, platform.settings.broker_scope) and login != "guest"
 
 
 # --- the second layer: liveness, names, floods, held-out rows, robust rounds, records, deadlines ----------

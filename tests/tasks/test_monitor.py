@@ -299,7 +299,7 @@ def test_events_sent_while_the_monitor_is_down_are_applied_when_it_returns(db, s
     queue = f"test-monitor-{uuid.uuid4().hex[:8]}"
     name = f"a{conftest.RUN_ID}"
     enrolment = registry.add(name, settings).environment  # a real broker user when there is one
-    conftest.PEER_USERS.append(protocol.broker_user(name))
+    conftest.PEER_USERS.append(protocol.broker_user(name, settings.broker_scope))
     peers.seen(name, f"peer.{name}@h")
     session = make_session([name])
 
@@ -335,7 +335,7 @@ def test_a_peer_past_its_budget_is_read_no_more_and_a_removed_peers_queue_goes(d
     """Each peer's events wait in a queue of its own: one that sends past its budget is left unread there
     while another's are read at once; and once a peer is removed, the monitor deletes its queue."""
     from tasks import peer as peer_app
-    from tasks import registry
+    from tasks import protocol, registry
     from tasks.celery import create_app
     from tasks.gate import Budget
     from tests import conftest
@@ -343,7 +343,7 @@ def test_a_peer_past_its_budget_is_read_no_more_and_a_removed_peers_queue_goes(d
     app = create_app(settings)
     flooder, quiet = f"flood{conftest.RUN_ID}", f"quiet{conftest.RUN_ID}"
     logins = {name: registry.add(name, settings).environment for name in (flooder, quiet)}
-    conftest.PEER_USERS.extend(f"peer.{name}" for name in logins)
+    conftest.PEER_USERS.extend(protocol.broker_user(name, settings.broker_scope) for name in logins)
     consumer = EventConsumer(app, Monitor(peer_timeout=60), f"test-budget-{uuid.uuid4().hex[:8]}",
                              flush_every=0.05, sweep_every=0.2, prefetch=10, budget=Budget(rate=0.1, burst=5))
     thread = threading.Thread(target=consumer.run, daemon=True)

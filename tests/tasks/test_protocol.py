@@ -88,6 +88,10 @@ def test_peer_names_come_from_worker_hostnames(hostname, name):
 
 def test_one_name_makes_a_peers_queue_worker_and_login():
     assert protocol.task_queue("a") == "peer.a" and protocol.broker_user("a") == "peer.a"
+    # A deployment on a virtual host of its own scopes its logins (a broker's users are shared by every vhost).
+    assert protocol.broker_user("a", "staging") == "peer.a@staging"
+    assert protocol.peer_of("peer.a@staging") == protocol.peer_of("peer.a") == "a"
+    assert protocol.peer_of("guest") is None and protocol.peer_of("peer.a.b@x") is None
     assert protocol.peer_of_worker(protocol.worker_name("a", "h")) == "a"
     assert f"-Q {protocol.task_queue('a')} -n {protocol.worker_name('a')}" in protocol.worker_command("a")
 
