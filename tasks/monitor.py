@@ -33,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 import models
 from models import assignment as assignments
@@ -370,8 +370,7 @@ class EventConsumer:
 
     def _consume(self, connection) -> None:
         pending: list[Any] = []
-        # Only AMQP acknowledges up to a delivery tag in one frame; virtual transports ack one by one.
-        bulk_ack = connection.transport.driver_type == "amqp"
+        amqp = connection.transport.driver_type == "amqp"
         channel = connection.default_channel
         reading: set[str] = set()
         paused: dict[str, float] = {}  # peers over their budget -> when their queue is read again
@@ -398,7 +397,7 @@ class EventConsumer:
         def settle() -> None:
             self.monitor.flush()
             if pending:
-                if bulk_ack:
+                if amqp:  # only AMQP acknowledges up to a delivery tag in one frame; virtual transports one by one
                     pending[-1].ack(multiple=True)
                 else:
                     for message in pending:
@@ -417,7 +416,8 @@ class EventConsumer:
                 queue = self.queue(name)(channel)
                 consumer.cancel_by_queue(queue.name)
                 queue.delete()
-                queue.exchange.delete()
+                if amqp:  # the in-memory broker's exchanges end with this process (and deleting one revives its queues)
+                    Exchange(protocol.event_exchange(self.app.conf.event_exchange, name))(channel).delete()
             reading.clear()
             reading.update(registered)
 

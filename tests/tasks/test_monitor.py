@@ -331,7 +331,7 @@ def test_events_sent_while_the_monitor_is_down_are_applied_when_it_returns(db, s
             connection.default_channel.queue_delete(consumer.queue(name).name)
 
 
-def test_a_peer_past_its_budget_is_read_no_more_and_a_removed_peers_queue_goes(db, settings):
+def test_a_peer_past_its_budget_is_read_no_more_and_a_removed_peers_queue_goes(db, settings, caplog):
     """Each peer's events wait in a queue of its own: one that sends past its budget is left unread there
     while another's are read at once; and once a peer is removed, the monitor deletes its queue."""
     from tasks import peer as peer_app
@@ -379,6 +379,12 @@ def test_a_peer_past_its_budget_is_read_no_more_and_a_removed_peers_queue_goes(d
             return False
 
         wait_until(gone, 10, "the removed peer's queue to be deleted")
+        with app.connection_for_write() as connection:
+            if connection.transport.driver_type == "amqp":
+                with pytest.raises(connection.channel_errors):  # its exchange is gone too
+                    connection.default_channel.exchange_declare(
+                        protocol.event_exchange(settings.event_exchange, quiet), "topic", passive=True)
+        assert "lost its connection" not in caplog.text  # the monitor read on through all this
     finally:
         consumer.stop()
         thread.join(10)
