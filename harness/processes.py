@@ -61,10 +61,10 @@ class PeerProcess:
 
 
 @contextmanager
-def make_target(target: str, env: dict[str, str], log: Path) -> Iterator[str]:
-    """`make <target>` serving the API on a free port (env's PORT is set here); yields its base URL once
-    /healthz answers 200, and stops the whole process group afterwards. Output goes to `log`."""
-    port = free_port()
+def make_target(target: str, env: dict[str, str], log: Path, port: int | None = None) -> Iterator[str]:
+    """`make <target>` serving the API on `port` (default: a free one; env's PORT is set here); yields its base
+    URL once /healthz answers 200, and stops the whole process group afterwards. Output goes to `log`."""
+    port = port or free_port()
     env = {"DATA_DIR": str(log.parent / f"make-{target}-data"), **env}  # never the checkout's own var/
     with log.open("wb") as out:
         process = subprocess.Popen(["make", target], cwd=ROOT, env={**env, "PORT": str(port)}, stdout=out,

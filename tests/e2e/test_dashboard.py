@@ -299,6 +299,44 @@ def test_a_page_outlives_its_access_token_and_an_expired_sign_in_says_so(platfor
         visit.close()
 
 
+def test_a_session_page_across_make_run_stopping_and_starting_again(browser, tmp_path):
+    """`make run` stops (SIGTERM, as Ctrl-C) while a session page follows a training session: the page says
+    the server stopped, and when `make run` is back on the same address it resumes, shows how the session
+    ended, and the user is still signed in."""
+    import os
+
+    from harness.http import Api
+    from harness.processes import free_port, make_target
+    from harness.waiting import wait_until
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("BROKER_URL", "RESULT_BACKEND", "MONGODB_URI", "STORAGE_URL", "S3_ENDPOINT_URL",
+                        "COORDINATOR_QUEUE", "MONITOR_QUEUE", "JWT_SECRET_KEY", "PEERTRAIN_ENV")}
+    env.update(STORAGE_URL=str(tmp_path / "storage"), LOCAL_PEERS="2", DATA_DIR=str(tmp_path / "data"))
+    port = free_port()
+    with make_target("run", env, tmp_path / "first.log", port=port) as base:
+        user = Api(base).sign_up_and_in("ann")
+        wait_until(lambda: user.get("/peers").json()["free"] == 2, 60, "the two local peers")
+        long = json.dumps({"learning_rate": 0.001, "epochs": 1000})
+        session_id = user.start(ROOT / "samples" / "wine.csv", num_peers=2, hyperparameters=long).json()["session_id"]
+        visit = Visit(browser, base, LAPTOP, token=user.http.headers["Authorization"].split()[1],
+                      refresh=user.refresh_token)
+        visit.page.goto(f"{base}/#/sessions/{session_id}")
+        visit.page.wait_for_selector("#connection.live")
+        wait_until(lambda: len(user.heartbeats(session_id)) >= 4, 60, "both peers to be training")
+    try:
+        visit.page.wait_for_selector("#connection.server-stopped")
+        assert visit.page.inner_text("#connection") == "server stopped — reconnecting…"
+        visit.shot("laptop-server-stopped")
+        with make_target("run", env, tmp_path / "second.log", port=port):
+            visit.page.wait_for_selector("#status[data-status=FAILED]")
+            assert "interrupted: make run was stopped" in visit.page.inner_text("main")
+            visit.page.wait_for_selector("#connection.ended", state="attached")
+            assert visit.page.url.endswith(f"#/sessions/{session_id}")  # still signed in
+    finally:
+        visit.close()
+
+
 def test_the_api_docs_render_offline(platform, browser):
     visit = Visit(browser, platform.base_url, LAPTOP)
     try:
