@@ -36,6 +36,23 @@ class Api:
     def __init__(self, base: str) -> None:
         self.base = base
         self.http = requests.Session()
+        self.refresh_token = ""
+        self.http.hooks["response"].append(self._renew)
+
+    def _renew(self, response: requests.Response, **kwargs: Any) -> requests.Response:
+        """An access token refused as expired is renewed with the refresh token and the request sent again, as
+        the CLI and the dashboard do: a bench or test may outlive an access token."""
+        if response.status_code != 401 or not self.refresh_token or "expired" not in response.text \
+                or response.request.url.endswith("/auth/refresh"):
+            return response
+        renewal = self.http.post(f"{self.base}/auth/refresh", timeout=30,
+                                 headers={"Authorization": f"Bearer {self.refresh_token}"})
+        if renewal.status_code != 200:
+            return response
+        self.http.headers["Authorization"] = f"Bearer {renewal.json()['access_token']}"
+        again = response.request.copy()
+        again.headers["Authorization"] = self.http.headers["Authorization"]
+        return self.http.send(again, **kwargs)
 
     def sign_up_and_in(self, username: str, password: str = "correct horse") -> Api:
         email = f"{username}@example.com"
