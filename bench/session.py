@@ -362,7 +362,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-seconds", type=float, default=10.0)
-    parser.add_argument("--burst", type=int, default=20_000)
+    # One peer's burst: its queue of events holds protocol.PEER_EVENT_BACKLOG unread, past that its oldest go.
+    parser.add_argument("--burst", type=int, default=protocol.PEER_EVENT_BACKLOG)
     parser.add_argument("--copies", type=int, default=5, help="how many times the digits rows are repeated")
     args = parser.parse_args()
     assert os.environ["BROKER_URL"].startswith("amqp://"), f"needs RabbitMQ, not {os.environ['BROKER_URL']}"
