@@ -208,8 +208,10 @@ def get_scope(path: str, headers: dict) -> dict:
             "client": ("127.0.0.1", 5000), "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
 
 
-def asgi_get(api, path: str, headers: dict, disconnect: threading.Event | None = None) -> tuple[int, bytes]:
-    """One GET through the ASGI app (as granian calls it), in an event loop of its own."""
+def asgi_get(api, path: str, headers: dict, disconnect: threading.Event | None = None,
+             loop=None) -> tuple[int, bytes]:
+    """One GET through the ASGI app (as granian calls it), in an event loop of its own, or on the running
+    `loop` when one is given (from another thread)."""
     import asyncio
 
     async def call() -> tuple[int, bytes]:
@@ -234,7 +236,9 @@ def asgi_get(api, path: str, headers: dict, disconnect: threading.Event | None =
         await api(get_scope(path, headers), receive, send)
         return status, body
 
-    return asyncio.run(call())
+    if loop is None:
+        return asyncio.run(call())
+    return asyncio.run_coroutine_threadsafe(call(), loop).result(20)
 
 
 def test_the_asgi_app_streams_as_a_coroutine_and_refuses_in_flasks_words(app, client, auth, signup, started):
@@ -284,11 +288,11 @@ def test_stopping_tells_every_open_stream_closes_it_and_refuses_new_ones(app, au
 
     async def both() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
         loop = asyncio.get_running_loop()
-        opened = loop.run_in_executor(None, asgi_get_here, api, path, auth, loop)
+        opened = loop.run_in_executor(None, lambda: asgi_get(api, path, auth, loop=loop))
         await asyncio.wait_for(_until(lambda: api.hub.open_streams() == 1), 10)
         await asyncio.gather(api.stop(), api.stop())
         first = await asyncio.wait_for(opened, 10)
-        return first, await loop.run_in_executor(None, asgi_get_here, api, path, auth, loop)
+        return first, await loop.run_in_executor(None, lambda: asgi_get(api, path, auth, loop=loop))
 
     (status, body), (again, refusal) = asyncio.run(both())
     events = list(sse([body]))
@@ -303,24 +307,3 @@ async def _until(condition) -> None:
 
     while not condition():
         await asyncio.sleep(0.01)
-
-
-def asgi_get_here(api, path: str, headers: dict, loop) -> tuple[int, bytes]:
-    """`asgi_get` on the running `loop` (from another thread): the loop `Api.stop` runs on."""
-    import asyncio
-
-    status, body = 0, b""
-
-    async def receive() -> dict:
-        await asyncio.sleep(3600)
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        nonlocal status, body
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        else:
-            body += message.get("body", b"")
-
-    asyncio.run_coroutine_threadsafe(api(get_scope(path, headers), receive, send), loop).result(20)
-    return status, body
