@@ -9,12 +9,12 @@ broker login of its own (through RabbitMQ's management API) and given nothing el
 carry grants to the objects they need, served by this API's `/objects/` route from local storage.
 
 Stopping (Ctrl-C, SIGTERM) is orderly: the open event streams are told and closed while granian stops
-serving, the platform ends the sessions still running ("interrupted: make run was stopped"), its peers stop, its workers and the monitor close, and
-mongomock's data is written to DATA_DIR; the supervisor then stops the peer processes. The next
-`make run` reads DATA_DIR back: users, sessions, heartbeats and models are still there, and with the
-development token secret kept beside them, so are the tokens already handed out. No embedded store
-that mongoengine can use passed our checks (docs/operations.md), so a crash or `kill -9` loses what
-was written since the last start.
+serving, the platform ends the sessions still running ("interrupted: make run was stopped"), its peers
+stop, its workers and the monitor close, and mongomock's data is written to DATA_DIR; the supervisor
+then stops the peer processes. The next `make run` reads DATA_DIR back: users, sessions, heartbeats and
+models are still there, and with the development token secret kept beside them, so are the tokens
+already handed out. No embedded store that mongoengine can use passed our checks (docs/operations.md),
+so a crash or `kill -9` loses what was written since the last start.
 
 The API is served by granian, as in production. Granian runs the app in a worker process of its own,
 so that process is the one everything above lives in (`platform_app`, its app factory); this one
@@ -135,8 +135,8 @@ class Platform:
         self.workers.start(self.celery, settings.coordinator_queue, f"{self.name}@{host}")
         for name in self.names if settings.embedded_broker else []:
             enrolment = registry.issue_login(name, settings).environment
-            self.workers.start(peer_app.create_app(enrolment["BROKER_URL"], settings, enrolment["EVENT_EXCHANGE"]),
-                               protocol.task_queue(name), protocol.worker_name(name, host))
+            app = peer_app.create_app(enrolment["BROKER_URL"], settings, enrolment["EVENT_EXCHANGE"])
+            self.workers.start(app, protocol.task_queue(name), protocol.worker_name(name, host))
         self.api = create_app(settings=settings, celery=self.celery)
         return self.api
 
