@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.model import SimpleDNN
+from trainer.resume import TrainingState
 from trainer.weights import check_state
 
 OPTIMIZERS = ("adam", "sgd")
@@ -99,6 +100,9 @@ class TrainResult:
     def final(self) -> EpochMetrics | None:
         """The last completed epoch, if any."""
         return self.history[-1] if self.history else None
+
+
+_METRIC_FIELDS = {f.name for f in fields(EpochMetrics)}
 
 
 def _plain(value: Any) -> Any:
@@ -222,8 +226,14 @@ def train(
     on_epoch_end: Callable[[EpochMetrics], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     initial_state: Mapping[str, torch.Tensor] | None = None,
+    resume: TrainingState | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[TrainingState], None] | None = None,
 ) -> TrainResult:
-    """Train `model` in place on arrays or tensors; the same inputs and settings give the same history."""
+    """Train `model` in place on arrays or tensors; the same inputs and settings give the same history.
+
+    `resume`: go on from a state `on_checkpoint` was given (after every `checkpoint_every` epochs but the
+    last), as if the training had never stopped."""
     device = resolve_device(config.device)
     threads = torch.get_num_threads()
     if config.num_threads is not None and config.num_threads != threads:
@@ -237,6 +247,8 @@ def train(
     try:
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(config.seed)
+            if resume is not None:
+                torch.set_rng_state(resume.rng)
             return _train(
                 model,
                 train_x,
@@ -248,6 +260,9 @@ def train(
                 on_epoch_end,
                 should_stop,
                 initial_state,
+                resume,
+                checkpoint_every if on_checkpoint is not None else 0,
+                on_checkpoint,
             )
     finally:
         if torch.get_num_threads() != threads:
@@ -265,10 +280,15 @@ def _train(
     on_epoch_end: Callable[[EpochMetrics], None] | None,
     should_stop: Callable[[], bool] | None,
     initial_state: Mapping[str, torch.Tensor] | None,
+    resume: TrainingState | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[TrainingState], None] | None = None,
 ) -> TrainResult:
     began = time.perf_counter()
     task = model.config.task
-    if initial_state is not None:
+    if resume is not None:
+        model.load_state_dict(check_state(resume.model, model.config))
+    elif initial_state is not None:
         model.load_state_dict(check_state(initial_state, model.config))
     model.to(device)
     x = _inputs(model, train_x, device, "the training data")  # [rows, in]
@@ -289,10 +309,29 @@ def _train(
     )
     sizes[-1] = rows - (len(sizes) - 1) * config.batch_size  # the last batch may be short
     history: list[EpochMetrics] = []
+    if resume is not None:
+        # The optimizer's settings are this task's own; only its running state comes from the file.
+        restored = optimizer.state_dict()
+        restored["state"] = {index: dict(entries) for index, entries in resume.optimizer.items()}
+        optimizer.load_state_dict(restored)
+        shuffler.set_state(resume.shuffler)
+        history = [EpochMetrics(**{k: v for k, v in h.items() if k in _METRIC_FIELDS}) for h in resume.history]
+
+    def caught(epoch: int) -> TrainingState:
+        return TrainingState(
+            epoch=epoch,
+            model={k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()},
+            optimizer={index: {name: torch.as_tensor(value).detach().to("cpu").clone() for name, value in entries.items()}
+                       for index, entries in optimizer.state_dict()["state"].items()},
+            shuffler=shuffler.get_state(),
+            rng=torch.get_rng_state(),
+            history=[m.to_dict() for m in history],
+        )
+
     stopped = False
     processed = 0
     model.train()
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(len(history) + 1, config.epochs + 1):
         start = time.perf_counter()
         order = torch.randperm(rows, generator=shuffler).to(device)  # [rows]
         losses: list[torch.Tensor] = []  # kept on the device: read once per epoch, not per batch
@@ -339,6 +378,8 @@ def _train(
         history.append(metrics)
         if on_epoch_end is not None:
             on_epoch_end(metrics)
+        if checkpoint_every and epoch % checkpoint_every == 0 and epoch < config.epochs and on_checkpoint is not None:
+            on_checkpoint(caught(epoch))
     seconds = time.perf_counter() - began
     return TrainResult(
         history=history,

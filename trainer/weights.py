@@ -41,6 +41,7 @@ __all__ = [
 METADATA_KEY = "peertrain"  # the safetensors metadata entry holding our JSON
 CHECKPOINT_FORMAT = "peertrain.checkpoint/1"
 STATE_FORMAT = "peertrain.state/1"
+TRAINING_FORMAT = "peertrain.training/1"  # a training caught between epochs (trainer/resume.py)
 _MAX_HEADER = 16 * 1024 * 1024  # a SimpleDNN's header is a few hundred bytes; refuse absurd ones
 
 State = Mapping[str, torch.Tensor]
@@ -175,7 +176,7 @@ def _unpack(data: bytes, kind: str | None = None) -> Any:
         found = document["format"]
     except (KeyError, TypeError, ValueError):
         raise WeightsError("not a peertrain weights file: it has no peertrain description") from None
-    if found not in (STATE_FORMAT, CHECKPOINT_FORMAT) or (kind is not None and found != kind):
+    if found not in (STATE_FORMAT, CHECKPOINT_FORMAT, TRAINING_FORMAT) or (kind is not None and found != kind):
         expected = "model checkpoint" if kind == CHECKPOINT_FORMAT else "weights file"
         raise WeightsError(f"not a peertrain {expected}: its format is {found!r}")
     return document.get("data")
