@@ -9,12 +9,13 @@ broker login of its own (through RabbitMQ's management API) and given nothing el
 carry grants to the objects they need, served by this API's `/objects/` route from local storage.
 
 Stopping (Ctrl-C, SIGTERM) is orderly: the open event streams are told and closed while granian stops
-serving, the platform ends the sessions still running ("interrupted: make run was stopped"), its peers
+serving, the platform ends the sessions still running as INTERRUPTED ("make run was stopped"), its peers
 stop, its workers and the monitor close, and mongomock's data is written to DATA_DIR; the supervisor
 then stops the peer processes. The next `make run` reads DATA_DIR back: users, sessions, heartbeats and
 models are still there, and with the development token secret kept beside them, so are the tokens
-already handed out. No embedded store that mongoengine can use passed our checks (docs/operations.md),
-so a crash or `kill -9` loses what was written since the last start.
+already handed out. While it runs, what changes is written to DATA_DIR every SNAPSHOT_SECONDS
+(models.db.Journal), so a crash or `kill -9` loses at most that much; the sessions it interrupted are
+INTERRUPTED at the next start, and resumed by themselves with RESUME=auto.
 
 The API is served by granian, as in production. Granian runs the app in a worker process of its own,
 so that process is the one everything above lives in (`platform_app`, its app factory); this one
@@ -80,7 +81,7 @@ Data is kept in {data} between runs. Stop with Ctrl-C.
 """
 
 
-INTERRUPTED = "interrupted: make run was stopped"
+STOPPED = "make run was stopped"
 
 
 class Platform:
@@ -105,6 +106,7 @@ class Platform:
         self.api = None  # the Flask app, once started
         self.monitor_thread: threading.Thread | None = None
         self.workers = None
+        self.journal: models.db.Journal | None = None
 
     @property
     def monitor(self) -> Any:
@@ -118,8 +120,12 @@ class Platform:
 
         settings = self.settings
         models.connect(settings.mongodb_uri)
-        if self.keep_data and settings.data_dir and models.db.is_mock() and Path(settings.data_dir).is_dir():
-            log.info("read %d documents kept in %s", models.db.load_snapshot(settings.data_dir), settings.data_dir)
+        if self.keep_data and settings.data_dir and models.db.is_mock():
+            if Path(settings.data_dir).is_dir():
+                log.info("read %d documents kept in %s", models.db.load_snapshot(settings.data_dir), settings.data_dir)
+            # Written as it changes, so that a hard kill loses at most SNAPSHOT_SECONDS of it.
+            self.journal = models.db.Journal(settings.data_dir, settings.snapshot_seconds)
+            self.journal.start()
         self.celery = coordinator.create_app(settings, self.storage, self.clock)
         reconcile(self.celery)
         for name in self.names:  # on a real broker their logins were issued by the supervising process (main)
@@ -138,15 +144,45 @@ class Platform:
             app = peer_app.create_app(enrolment["BROKER_URL"], settings, enrolment["EVENT_EXCHANGE"])
             self.workers.start(app, protocol.task_queue(name), protocol.worker_name(name, host))
         self.api = create_app(settings=settings, celery=self.celery)
+        if settings.resume == "auto":
+            threading.Thread(target=self.resume_interrupted, name="resume", daemon=True).start()
         return self.api
 
-    def stop(self, reason: str = INTERRUPTED) -> None:
+    def resume_interrupted(self, patience: float = 60.0) -> list[str]:
+        """RESUME=auto: resume every INTERRUPTED session once its peers are back (within `patience` s); the ids
+        of those resumed."""
+        from models import session as sessions
+        from webapp import launch
+
+        waiting = [s.id for s in sessions.TrainingSession.objects(status=sessions.INTERRUPTED).only("id")]
+        resumed, deadline = [], time.monotonic() + patience
+        while waiting and time.monotonic() < deadline:
+            for session_id in list(waiting):
+                session = sessions.load(session_id)
+                try:
+                    with self.api.app_context():
+                        launch.resume(session)
+                except launch.Unresumable as exc:
+                    if exc.status == 409 and exc.errors:  # its peers are not back yet
+                        continue
+                    log.warning("session %s cannot be resumed: %s", session_id, exc.message)
+                else:
+                    resumed.append(str(session_id))
+                waiting.remove(session_id)
+            if waiting:
+                time.sleep(1.0)
+        for session_id in waiting:
+            log.warning("session %s was not resumed: its peers did not come back within %g s (resume it with "
+                        "peertrain resume %s)", session_id, patience, session_id)
+        return resumed
+
+    def stop(self, reason: str = STOPPED) -> None:
         """End the running sessions (their peers stop), close the workers and the monitor, keep the data."""
         from models import session as sessions
         from tasks import lifecycle
 
         for session in sessions.TrainingSession.objects(status__in=sessions.ACTIVE).only("id"):
-            lifecycle.end(self.celery, session.id, sessions.FAILED, reason)
+            lifecycle.end(self.celery, session.id, sessions.INTERRUPTED, reason)
         if self.workers is not None:
             self.workers.stop(timeout=10)
         if self.consumer is not None:
@@ -159,6 +195,8 @@ class Platform:
             hub = self.api.extensions.get(stream.EXTENSION)
             if hub is not None:
                 hub.close()
+        if self.journal is not None:
+            self.journal.stop()
         if self.keep_data and self.settings.data_dir and models.db.is_mock():
             kept = models.db.save_snapshot(self.settings.data_dir)
             log.info("kept %d documents in %s for the next run", kept, self.settings.data_dir)
@@ -170,7 +208,7 @@ def reconcile(app: Any) -> None:
     from tasks import lifecycle
 
     for session in sessions.TrainingSession.objects(status__in=sessions.ACTIVE).only("id"):
-        lifecycle.end(app, session.id, sessions.FAILED, "interrupted by a restart")
+        lifecycle.end(app, session.id, sessions.INTERRUPTED, "the platform stopped while it ran (a crash or a hard kill)")
     # Every peer is OFFLINE until its worker is heard again.
     peers.Peer.objects.update(set__status=peers.OFFLINE, unset__session_id=True)
 
@@ -273,8 +311,8 @@ def main() -> None:
                              storage=settings.storage_url, sample=Path(ROOT, "samples", "wine.csv"),
                              data=settings.data_dir or "nowhere (DATA_DIR is empty)"), flush=True)
     if settings.data_dir and settings.mongodb_uri.startswith(models.db.MOCK_SCHEME):
-        log.info("the database is mongomock, in this process: it is written to %s when make run stops cleanly "
-                 "(Ctrl-C, SIGTERM), not as it goes", settings.data_dir)
+        log.info("the database is mongomock, in this process: what changes is written to %s every %g s, and all "
+                 "of it when make run stops", settings.data_dir, settings.snapshot_seconds)
     # One worker: mongomock and the in-memory broker live in one process. ASGI, so that open event streams
     # hold no thread and a sign-in's bcrypt hash holds one of the Flask app's threads, not the process
     # (webapp/asgi.py, bench/signin.py). Granian handles Ctrl-C and SIGTERM, then returns.

@@ -172,8 +172,19 @@ class Settings:
     )
     data_dir: str = _opt(
         "DATA_DIR", str(ROOT / "var" / "db"),
-        "where `make run` keeps its database between runs (mongomock's, written at a clean stop) and its "
+        "where `make run` keeps its database between runs (mongomock's, written as it changes) and its "
         "development token secret; empty: nothing kept",
+    )
+    snapshot_seconds: float = _opt(
+        "SNAPSHOT_SECONDS", 1.0, "`make run` with mongomock: how often what changed in the database is written to"
+        " DATA_DIR, so a hard kill loses at most this much (0: only at a clean stop)"
+    )
+    resume: str = _opt(
+        "RESUME", "off", "`auto`: `make run` resumes the sessions its last stop or crash interrupted when it starts"
+    )
+    checkpoint_epochs: int = _opt(
+        "CHECKPOINT_EPOCHS", 5, "sweep peers upload their training state every this many epochs, which a resumed"
+        " session goes on from (0: never; it restarts those peers from the first epoch)"
     )
     local_peers: int = _opt("LOCAL_PEERS", 3, "in-process peers started by `make run`")
     max_peers: int = _opt(

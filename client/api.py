@@ -123,6 +123,9 @@ class Api:
     def cancel(self, session_id: str) -> dict[str, Any]:
         return self._call("POST", f"/sessions/{session_id}/cancel")
 
+    def resume(self, session_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/sessions/{session_id}/resume")
+
     def model(self, session_id: str, out: BinaryIO, round_: int | None = None) -> int:
         """Write the session's model (or a federated session's global model after round `round_`) to `out`;
         returns its size in bytes."""

@@ -1,6 +1,6 @@
 """`peertrain`: sign in, start a session on a CSV and watch it train, read sessions and peers, get the model.
 
-Exit status: 0 done (a watched session COMPLETED), 1 the session FAILED or was CANCELLED, or the server
+Exit status: 0 done (a watched session COMPLETED), 1 the session FAILED, was CANCELLED or INTERRUPTED, or the server
 refused or could not be reached, 2 a usage error (bad options, not signed in).
 """
 
@@ -279,7 +279,7 @@ def watch_command(state: State, session_id: str, as_json: bool) -> None:
     """Follow a session to its end.
 
     A progress bar per peer on a terminal; otherwise a line (--json: an object) per event. Exit status 0
-    when the session COMPLETED, 1 when it FAILED or was CANCELLED.
+    when the session COMPLETED, 1 when it FAILED, was CANCELLED or INTERRUPTED.
     """
     _watch(state, state.api(), session_id, as_json)
 
@@ -290,6 +290,8 @@ def _watch(state: State, api: Api, session_id: str, as_json: bool) -> None:
     except KeyboardInterrupt:
         click.echo(f"\nstopped watching; the session goes on (peertrain watch {session_id})", err=True)
         status = None
+    if status == "INTERRUPTED":
+        click.echo(f"the platform stopped under it; go on with: peertrain resume {session_id}", err=True)
     ctx = click.get_current_context()
     ctx.exit(INTERRUPTED if status is None else 0 if status == COMPLETED else 1)
 
@@ -341,6 +343,25 @@ def cancel(state: State, session_id: str, as_json: bool) -> None:
     if as_json:
         return emit(answer)
     state.console.print(f"cancellation requested for session {session_id}")
+
+
+@main.command()
+@click.argument("session_id", metavar="ID")
+@click.option("--detach", is_flag=True, help="Return once it is resumed instead of following it to its end.")
+@json_option
+@click.pass_obj
+def resume(state: State, session_id: str, detach: bool, as_json: bool) -> None:
+    """Go on with a session the platform's stop or crash INTERRUPTED, on the peers it had.
+
+    Federated rounds already done are kept; sweep peers go on from their last checkpointed epoch. Then it is
+    followed as `watch` follows it (exit status 0 when it COMPLETED), unless --detach."""
+    api = state.api()
+    answer = api.resume(session_id)
+    if detach:
+        return emit(answer) if as_json else state.console.print(f"session {session_id} resumed")
+    if not as_json:
+        state.console.print(f"resumed session {session_id}")
+    _watch(state, api, session_id, as_json)
 
 
 @main.command()

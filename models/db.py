@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from urllib.parse import urlsplit
 
 import bson
 import mongoengine
+from pymongo.errors import BulkWriteError
 
 MOCK_SCHEME = "mongomock://"
 
@@ -49,7 +51,12 @@ class Locked:
             value = getattr(self._target, name)
         if isinstance(value, _mock_types()):
             return Locked(value, self._lock)
-        return self._call(value) if callable(value) and not isinstance(value, type) else value
+        if not callable(value) or isinstance(value, type):
+            return value
+        journal = _journal
+        if journal is not None and name in WRITES and isinstance(self._target, _mock_types()[2]):
+            return self._call(journal.noting(self._target.name, name, value))
+        return self._call(value)
 
     def __setattr__(self, name: str, value: Any) -> None:
         with self._lock:
@@ -140,6 +147,163 @@ def is_mock() -> bool:
     return isinstance(mongoengine.get_connection(), Locked)
 
 
+# The collection methods that change documents; each call is noted by the journal, if one is kept.
+WRITES = frozenset({"insert_one", "insert_many", "update_one", "update_many", "replace_one", "delete_one",
+                    "delete_many", "find_one_and_update", "find_one_and_replace", "find_one_and_delete", "bulk_write",
+                    "drop"})
+_journal: Journal | None = None
+
+
+class Journal:
+    """mongomock's durability for `make run`: what changed is written to a directory every `interval` seconds,
+    so a hard kill (or a power cut) loses at most that much.
+
+    A collection that only had documents inserted since the last write (heartbeats, event logs: most of
+    what grows) gets them appended to its file; one whose documents changed otherwise is written whole,
+    beside its file and renamed into place. Files are synced before they count. What a write finds is what
+    `load_snapshot` reads back, a torn append at a file's end included (it is dropped). Real MongoDB has a
+    journal of its own: this is never used with it.
+    """
+
+    def __init__(self, directory: str | os.PathLike, interval: float) -> None:
+        self.directory = Path(directory)
+        self.interval = interval
+        self.changed: set[str] = set()  # collections written whole at the next flush
+        self.inserted: dict[str, list[bytes]] = {}  # collection -> documents to append, encoded
+        self.flushes = 0
+        self.written_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def noting(self, collection: str, method: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        """`call` (a collection's write `method`, run under the client's lock), noted for the next flush."""
+        def noted(*args: Any, **kwargs: Any) -> Any:
+            if method == "insert_many":  # a generator is read once: by the insert, then by the journal
+                args = (list(args[0]), *args[1:]) if args else args
+                kwargs = {**kwargs, "documents": list(kwargs["documents"])} if "documents" in kwargs else kwargs
+            try:
+                result = call(*args, **kwargs)
+            except BulkWriteError as exc:
+                # Some went in (duplicates are the usual reason, and they are skipped): those are noted.
+                if method != "insert_many":
+                    self._rewrite(collection)
+                    raise
+                documents = args[0] if args else kwargs["documents"]
+                failed = {error.get("index") for error in exc.details.get("writeErrors", [])}
+                ordered = kwargs.get("ordered", args[1] if len(args) > 1 else True)
+                stop = min(failed) if ordered and failed else len(documents)
+                self._append(collection, [d for i, d in enumerate(documents[:stop]) if i not in failed])
+                raise
+            except Exception:
+                self._rewrite(collection)  # whatever failed part-way may have written some of it
+                raise
+            if method == "insert_one":
+                self._append(collection, [args[0] if args else kwargs["document"]])
+            elif method == "insert_many":
+                self._append(collection, args[0] if args else kwargs["documents"])
+            else:
+                self._rewrite(collection)
+            return result
+
+        return noted
+
+    def _append(self, collection: str, documents: list[Any]) -> None:
+        if collection not in self.changed:  # written whole anyway
+            self.inserted.setdefault(collection, []).extend(bson.encode(document) for document in documents)
+
+    def _rewrite(self, collection: str) -> None:
+        self.changed.add(collection)
+        self.inserted.pop(collection, None)
+
+    def start(self, every_collection: bool = True) -> None:
+        """Note every collection as changed (the first flush writes them all: the files then hold exactly what
+        the database does, whatever a torn append left), then flush every `interval` s in a thread."""
+        global _journal
+        if every_collection:
+            self.changed.update(mongoengine.get_db().list_collection_names())
+        _journal = self
+        if self.interval > 0:
+            self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.flush()
+            except Exception:  # the next flush writes it all again: nothing is forgotten by failing once
+                logging.getLogger(__name__).exception("writing the database to %s failed", self.directory)
+
+    def stop(self) -> None:
+        """Flush what is left and stop noting."""
+        global _journal
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        self.flush()
+        if _journal is self:
+            _journal = None
+
+    def flush(self) -> int:
+        """Write what changed since the last flush; returns bytes written."""
+        db = mongoengine.get_db()
+        lock = mongoengine.get_connection()._lock
+        with lock:  # one consistent cut: what changes from here on is the next flush's
+            changed, inserted = self.changed, self.inserted
+            self.changed, self.inserted = set(), {}
+            whole = {name: list(db[name].find()) for name in changed}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        written = 0
+        for name, documents in whole.items():
+            data = b"".join(bson.encode(document) for document in documents)
+            part = self.directory / f"{name}.bson.part"
+            with part.open("wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(part, self.directory / f"{name}.bson")
+            written += len(data)
+        for name, documents in inserted.items():
+            if name in whole:
+                continue
+            data = b"".join(documents)
+            with (self.directory / f"{name}.bson").open("ab") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            written += len(data)
+        if whole:
+            _sync_directory(self.directory)  # the renames themselves
+        self.flushes += 1
+        self.written_bytes += written
+        return written
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _documents(data: bytes, path: Path) -> list[dict[str, Any]]:
+    """The BSON documents of a file, up to a torn one at its end (a hard kill mid-append), which is dropped."""
+    documents, at = [], 0
+    while at + 4 <= len(data):
+        size = int.from_bytes(data[at:at + 4], "little", signed=True)
+        if size < 5 or at + size > len(data):
+            break
+        try:
+            documents.append(bson.decode(data[at:at + size]))
+        except bson.errors.InvalidBSON:
+            break
+        at += size
+    if at < len(data):
+        logging.getLogger(__name__).warning("%s: %d byte(s) at its end were cut off by a hard stop; dropped",
+                                            path, len(data) - at)
+    return documents
+
+
 def save_snapshot(directory: str | os.PathLike) -> int:
     """Write every collection of the connected database to `directory`, one BSON file each; returns documents.
 
@@ -162,7 +326,7 @@ def load_snapshot(directory: str | os.PathLike) -> int:
     """Insert what `save_snapshot` wrote into the (empty) connected database; returns documents."""
     db, loaded = mongoengine.get_db(), 0
     for path in sorted(Path(directory).glob("*.bson")):
-        documents = bson.decode_all(path.read_bytes())
+        documents = _documents(path.read_bytes(), path)
         if documents:
             db[path.name.removesuffix(".bson")].insert_many(documents)
             loaded += len(documents)

@@ -26,6 +26,7 @@ from typing import Any
 
 from bson import ObjectId
 from mongoengine import DateTimeField, DictField, Document, IntField, ObjectIdField, StringField
+from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError
 
 from models.db import utcnow
@@ -158,6 +159,26 @@ def keys(session_id: ObjectId, among: list[str] | None = None, upto: int | None 
     if among is not None:
         query["key"] = {"$in": among}
     return {doc["key"] for doc in _collection().find(query, {"key": 1, "_id": 0})}
+
+
+def begin_attempt(session_id: Any) -> int:
+    """A resumed session starts a new attempt: the facts its log holds so far are set apart (their keys get
+    `@<n>`), so the new attempt's status, peer and end events are shown again, and a stream that reads the
+    log from the start shows the earlier end as a step, not the end. Returns the events set apart."""
+    session_id = ObjectId(session_id)
+    found = list(_collection().find({"session_id": session_id}, {"key": 1}))
+    current = [doc for doc in found if "@" not in doc["key"]]
+    if not current:
+        return 0
+    attempt = 1 + max((int(doc["key"].rsplit("@", 1)[1]) for doc in found if "@" in doc["key"]), default=0)
+    _collection().bulk_write([UpdateOne({"_id": doc["_id"]}, {"$set": {"key": f"{doc['key']}@{attempt}"}})
+                              for doc in current], ordered=False)
+    return len(current)
+
+
+def superseded(event: dict[str, Any]) -> bool:
+    """An earlier attempt's end: the session was resumed after it."""
+    return event["kind"] == END and event["key"] != "end"
 
 
 def seq_of(session_id: ObjectId, key: str) -> int:

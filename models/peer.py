@@ -164,6 +164,22 @@ def claim(session_id: ObjectId, count: int, stale_after: timedelta | None = None
     return []
 
 
+def claim_named(session_id: ObjectId, names: list[str], stale_after: timedelta | None = None) -> list[str]:
+    """Move the peers `names` (ONLINE, and heard from within `stale_after`) to TRAINING for `session_id`, all of
+    them or none; returns those that could not be taken (none: all were)."""
+    taken: list[str] = []
+    for name in names:
+        query = Peer.objects(name=name, status=ONLINE)
+        if stale_after is not None:
+            query = query.filter(last_seen__gte=utcnow() - stale_after)
+        if query.update_one(set__status=TRAINING, set__session_id=session_id):
+            taken.append(name)
+    missing = [name for name in names if name not in taken]
+    if missing:
+        release(session_id, taken)
+    return missing
+
+
 def release_orphans(active: list[ObjectId]) -> int:
     """Give back peers TRAINING for a session that is not among `active` (it ended while no one could)."""
     return Peer.objects(status=TRAINING, session_id__nin=active).update(set__status=ONLINE, unset__session_id=True)

@@ -37,7 +37,9 @@ RUNNING = "RUNNING"
 COMPLETED = "COMPLETED"
 FAILED = "FAILED"
 CANCELLED = "CANCELLED"
-STATUSES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED)
+# The platform stopped or crashed under it: nobody's fault, and it can be resumed (`resume`).
+INTERRUPTED = "INTERRUPTED"
+STATUSES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, INTERRUPTED)
 ACTIVE = (PENDING, RUNNING)
 
 # The words a session is made of; which code runs for each is decided once (tasks/strategy.py).
@@ -198,6 +200,8 @@ class TrainingSession(Document):
     model_url = StringField()
     reason = StringField()
     created_at = DateTimeField(default=utcnow)
+    resumes = IntField(default=0)  # times it was resumed after an interruption
+    resumed_at = DateTimeField()
     started_at = DateTimeField()
     deadline = DateTimeField()
     finished_at = DateTimeField()
@@ -392,13 +396,39 @@ def fold_leased(session_id: ObjectId) -> bool:
 def overdue(now: datetime, pending_for: timedelta) -> list[TrainingSession]:
     """Running sessions past their deadline, and pending ones no coordinator picked up in time."""
     running = TrainingSession.objects(status=RUNNING, deadline__lt=now).only("id", "status")
-    pending = TrainingSession.objects(status=PENDING, created_at__lt=now - pending_for).only("id", "status")
-    return [*running, *pending]
+    waited = now - pending_for
+    pending = TrainingSession.objects(status=PENDING, created_at__lt=waited).only("id", "status", "resumed_at")
+    return [*running, *(s for s in pending if s.resumed_at is None or s.resumed_at < waited)]
+
+
+def resume(session_id: ObjectId, at: datetime) -> bool:
+    """INTERRUPTED → PENDING, once: its peers' runs not given up on wait again, the interrupted round's launch is
+    forgotten (the coordinator launches the first round not recorded), what was done is kept."""
+    doc = _collection().find_one({"_id": session_id, "status": INTERRUPTED},
+                                 {"peers.status": 1, "finished_at": 1, "async_state.stop_at": 1})
+    if doc is None:
+        return False
+    sets: dict[str, Any] = {"status": PENDING, "resumed_at": at, "deadline": None, "finished_at": None,
+                            "reason": None}
+    stop_at, stopped = (doc.get("async_state") or {}).get("stop_at"), doc.get("finished_at")
+    if stop_at is not None and stopped is not None:
+        sets["async_state.stop_at"] = at + max(stop_at - stopped, timedelta(0))  # the time budget it had left
+    for i, run in enumerate(doc.get("peers", [])):
+        if run.get("status") != FAILED:
+            sets[f"peers.{i}.status"] = PENDING
+    resumed = _collection().update_one({"_id": session_id, "status": INTERRUPTED},
+                                       {"$set": sets, "$unset": {"launch": ""}, "$inc": {"resumes": 1}})
+    if not resumed.modified_count:
+        return False
+    # The log goes on after the interruption's end: a stream reading it from the start passes that end by.
+    events.begin_attempt(session_id)
+    events.append(session_id, [events.status(PENDING, "resumed", at=at)])
+    return True
 
 
 def finish(session_id: ObjectId, status: str, reason: str | None = None, **fields: Any) -> bool:
     """Move an active session to a final status once; False if it had already ended."""
-    assert status in (COMPLETED, FAILED, CANCELLED)
+    assert status in (COMPLETED, FAILED, CANCELLED, INTERRUPTED)
     updates = {f"set__{name}": value for name, value in fields.items()}
     if reason is not None:
         updates["set__reason"] = reason

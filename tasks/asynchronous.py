@@ -76,6 +76,9 @@ class AsyncFederated(Federated):
     def start(self) -> None:
         """Split the data as a synchronous session does, then give every peer its first task."""
         session = self.session
+        if session.status == sessions.PENDING and session.asynchronous is not None:
+            self._resume()
+            return
         if session.status == sessions.PENDING:
             self.prepare()
             settings_ = self.settings
@@ -100,6 +103,19 @@ class AsyncFederated(Federated):
                                          "base_version": 0} for run in first], at=session.started_at)
         self.resend()
         sessions.launched(session.id, 0)
+
+    def _resume(self) -> None:
+        """Go on after an interruption from the global version it reached: the tasks it lost then were given
+        back to its budget, the updates it had buffered are folded as they would have been."""
+        session, now = self.session, self.clock.now()
+        launch = Launch(round=0, peers=[run.name for run in session.peers], started_at=now, sent=True)
+        if not sessions.start_running(session.id, {}, launch, self.deadline_seconds(), sessions.positions(session),
+                                      now):
+            return  # another run of this start came first
+        session.reload()
+        relay.declare(self.app, [run.name for run in session.in_play()])
+        self._dispatch_idle()
+        self.fold_while_due()
 
     # --- sending ---------------------------------------------------------------------------------------
 

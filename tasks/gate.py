@@ -242,3 +242,19 @@ class Gate:
             "initial_weights": self.storage.grant_read(initial_url, seconds, task=task_id) if initial_url else None,
             "weights": self.storage.grant_write(weights_key, seconds, max_state_bytes(config), task=task_id),
         }
+
+    def checkpoint_grants(self, task_id: str, key: str, config: Any, epochs: int, every: int,
+                          resume: bool) -> dict[str, Any]:
+        """Task `task_id`'s door to its own training state at `key`: write it every `every` epochs, and (`resume`)
+        read the one a task of its run wrote before, if storage holds one. The state is the peer's own work:
+        a bad one spoils only its own run, whose model the coordinator scores anyway."""
+        from trainer import resume as training_state
+
+        if not every:
+            return {}
+        seconds, url = self.grant_seconds, self.storage.url(key)
+        found = resume and self.storage.exists(url)
+        return {"checkpoint": self.storage.grant_write(key, seconds, training_state.max_bytes(config, epochs),
+                                                       task=task_id),
+                "checkpoint_every": every,
+                "resume_from": self.storage.grant_read(url, seconds, task=task_id) if found else None}

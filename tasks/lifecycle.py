@@ -55,15 +55,19 @@ def end(app: Celery, session_id: str | ObjectId, status: str, reason: str | None
         for run in session.peers:
             if run.status in sessions.ACTIVE:
                 # The culprit of a failure was recorded already; the others were stopped, not failed.
-                sessions.record_peer_result(session_id, run.name, sessions.CANCELLED)
-        # An asynchronous session's tasks still out will not be folded.
-        updates.give_up_all(session_id, why)
+                sessions.record_peer_result(session_id, run.name, sessions.INTERRUPTED
+                                            if status == sessions.INTERRUPTED else sessions.CANCELLED)
+        # An asynchronous session's tasks still out will not be folded (resumed, it sends them again).
+        lost = updates.give_up_all(session_id, why)
+        if status == sessions.INTERRUPTED:
+            sessions.give_back(session_id, lost)
     # Whatever is still out is decided: a late result or heartbeat of it counts for nothing.
     assignments.close(session_id, gate.closed(why), at)
     released = peers.release(session_id)
     if not sessions.finish(session_id, status, reason, **fields):
         return False
-    _strike(session.peers, at)
+    if status != sessions.INTERRUPTED:  # it goes on when resumed: its peers are judged when it ends
+        _strike(session.peers, at)
     log.info("session %s %s (%s); %d peer(s) released", session_id, status, reason or "-", released)
     return True
 

@@ -274,6 +274,10 @@ class TrainSpecSchema(_Message):
     data_id = fields.String(required=True, validate=validate.Length(min=1))  # names the object for its cache
     weights = fields.String(required=True, validate=validate.Length(min=1))  # write grant of its weights
     initial_weights = fields.String(load_default=None, allow_none=True)  # read grant of its starting weights
+    # Write grant of its training state, uploaded every `checkpoint_every` epochs; read grant of the one to resume.
+    checkpoint = fields.String(load_default=None, allow_none=True)
+    checkpoint_every = WholeNumber(load_default=0, validate=validate.Range(0, 10_000))
+    resume_from = fields.String(load_default=None, allow_none=True)
     # Given `normalization`, the rows are training rows scaled so; `holdout`: the share of them the peer keeps
     # aside for its own validation curve (the platform's held-out rows are never in a task).
     holdout = fields.Float(load_default=0.0, validate=validate.Range(0.0, 0.5))

@@ -44,6 +44,7 @@ class Storage(Protocol):
     def grant_read(self, url: str, seconds: int, task: str | None = None) -> str: ...
     def grant_write(self, key: str, seconds: int, max_bytes: int, task: str | None = None) -> str: ...
     def iter_chunks(self, url: str) -> Iterator[bytes]: ...
+    def exists(self, url: str) -> bool: ...
     def delete_prefix(self, key: str) -> None: ...
     def ping(self) -> None: ...
 
@@ -164,6 +165,9 @@ class LocalStorage:
         except FileNotFoundError:
             raise StorageError(f"no object at {url}") from None
 
+    def exists(self, url: str) -> bool:
+        return self._path_of(url).is_file()
+
     def iter_chunks(self, url: str) -> Iterator[bytes]:
         path = self._path_of(url)
         if not path.exists():
@@ -272,6 +276,20 @@ class S3Storage:
 
     def iter_chunks(self, url: str) -> Iterator[bytes]:
         return self._body(url).iter_chunks(CHUNK)
+
+    def exists(self, url: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = self._locate(url)
+        try:
+            self.client.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"could not look up {url}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"could not look up {url}: {exc}") from exc
+        return True
 
     def delete_prefix(self, key: str) -> None:
         paginator = self.client.get_paginator("list_objects_v2")

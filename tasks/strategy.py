@@ -277,9 +277,14 @@ class RoundStrategy(Strategy):
         return self.rounds * (self.services.settings.train_time_limit + 60)
 
     def start(self) -> None:
-        if self.session.status == sessions.PENDING or self._unsent(0):
+        # A resumed session goes on from the first round it has no record of: those done are kept.
+        first = len(self.session.rounds)
+        if self.session.status == sessions.PENDING or self._unsent(first):
             self.prepare()
-            self.launch_round(0)
+            if first >= self.rounds:
+                self.finish()  # interrupted between its last round and its end
+                return
+            self.launch_round(first)
 
     def _unsent(self, round_: int) -> bool:
         launch = self.session.launch
@@ -297,8 +302,10 @@ class RoundStrategy(Strategy):
             launch = Launch(round=round_, group=uuid(), body=str(body), peers=names, started_at=now, sent=False)
             ids = {name: str(protocol.TaskId.new(session.id, round_)) for name in names}
             position = sessions.positions(session)
-            recorded = (sessions.start_running(session.id, ids, launch, self.deadline_seconds(), position, now)
-                        if round_ == 0 else sessions.next_round(session.id, ids, launch, position))
+            if session.status == sessions.PENDING:  # its first round, or the first of a resumed session
+                recorded = sessions.start_running(session.id, ids, launch, self.deadline_seconds(), position, now)
+            else:
+                recorded = sessions.next_round(session.id, ids, launch, position)
             session.reload()
             if not recorded and not self._unsent(round_):
                 log.info("session %s: round %d was launched already, or the session ended", session.id, round_)
@@ -316,7 +323,7 @@ class RoundStrategy(Strategy):
               {"group": launch.group, "index": i, "size": size, "body": launch.body})
              for i, name in enumerate(launch.peers)], launch.started_at)
         specs = self.specs(round_, ids)
-        if round_ == 0:
+        if round_ == len(session.rounds) and (round_ == 0 or session.resumes):  # the first round of this run
             relay.declare(self.app, list(launch.peers))
         header = [relay.train(self.app, name, ids[name], specs[name], self.gate.grant_seconds,
                               f"session {session.id}, round {round_}, peer {name}") for name in launch.peers]

@@ -34,6 +34,11 @@ def weights_key(prefix: str, peer: str) -> str:
     return f"{prefix}/peers/{peer}/weights.safetensors"
 
 
+def training_key(prefix: str, peer: str) -> str:
+    """Where peer `peer` keeps its training state between epochs, for a resumed session to go on from."""
+    return f"{prefix}/peers/{peer}/training.safetensors"
+
+
 class Sweep(RoundStrategy):
     """One round; each peer's own settings on the whole dataset; the coordinator scores the models."""
 
@@ -86,6 +91,11 @@ class Sweep(RoundStrategy):
             "hyperparameters": dict(session.peer(name).hyperparameters),
             **self.gate.grants(task_id, plan.shards[name], weights_key(self.prefix, name),
                                self.model_config(session.peer(name).hyperparameters)),
+            # Its state every few epochs; resumed, it goes on from the last one it wrote.
+            **self.gate.checkpoint_grants(task_id, training_key(self.prefix, name),
+                                          self.model_config(session.peer(name).hyperparameters),
+                                          session.peer(name).hyperparameters["epochs"],
+                                          self.services.settings.checkpoint_epochs, resume=bool(session.resumes)),
         } for name, task_id in ids.items()}
 
     def _score(self, peer: str) -> tuple[SimpleDNN, dict[str, Any]] | str:

@@ -26,6 +26,7 @@ from celery.signals import worker_init
 
 from settings import Settings
 from tasks import protocol, transfer
+from trainer import resume
 from trainer.dataset import Dataset, prepare
 from trainer.limits import check_table_size
 from trainer.loop import EpochMetrics, TrainConfig
@@ -36,7 +37,7 @@ from trainer.normalization import Normalization
 from trainer.split import VALIDATION_FRACTION, split_indices
 from trainer.table import read_table
 from trainer.warmup import warm_up
-from trainer.weights import max_state_bytes, state_from_bytes, state_to_bytes
+from trainer.weights import WeightsError, max_state_bytes, state_from_bytes, state_to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,18 @@ def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, setting
     hp = spec["hyperparameters"]
     config = TrainConfig(batch_size=hp["batch_size"], epochs=hp["epochs"], learning_rate=hp["learning_rate"],
                          optimizer=hp["optimizer"], seed=spec["seed"], num_threads=settings.peer_threads)
+    caught = _caught(spec, model.config, config.epochs)
+
+    def checkpoint(state: resume.TrainingState) -> None:
+        try:
+            transfer.upload(spec["checkpoint"], resume.to_bytes(state))
+        except Exception as exc:  # a checkpoint saves time later; it must not fail the training now
+            log.warning("the checkpoint after epoch %d could not be uploaded: %s", state.epoch, exc)
+
     trained = fit(model, data.train_x, data.train_y, config, data.val_x, data.val_y,
-                  on_epoch_end=report, should_stop=should_stop, initial_state=initial)
+                  on_epoch_end=report, should_stop=should_stop, initial_state=initial, resume=caught,
+                  checkpoint_every=spec["checkpoint_every"] if spec.get("checkpoint") else 0,
+                  on_checkpoint=checkpoint)
     if not trained.stopped:  # a stopped training's weights are of no use to anyone
         # Only the weights: the coordinator knows the rest of the model (shape, features, scaling) itself.
         transfer.upload(spec["weights"], state_to_bytes(trained.model.state_dict(), {"round": round_}))
@@ -126,6 +137,18 @@ def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, setting
     if spec.get("last_round"):
         kept.drop(spec)
     return result
+
+
+def _caught(spec: dict[str, Any], config: ModelConfig, epochs: int) -> resume.TrainingState | None:
+    """The training state the task resumes from (its own last checkpoint, which the coordinator found in
+    storage), or None: without one, or with one that does not fit, it trains from the start."""
+    if not spec.get("resume_from"):
+        return None
+    try:
+        return resume.from_bytes(transfer.fetch(spec["resume_from"], resume.max_bytes(config, epochs)), config, epochs)
+    except (WeightsError, transfer.TransferError) as exc:
+        log.warning("its checkpoint cannot be used (%s); training from the start", exc)
+        return None
 
 
 def _warm_up(**_: Any) -> None:

@@ -321,7 +321,8 @@ def _train(
         return TrainingState(
             epoch=epoch,
             model={k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()},
-            optimizer={index: {name: torch.as_tensor(value).detach().to("cpu").clone() for name, value in entries.items()}
+            optimizer={index: {name: torch.as_tensor(value).detach().to("cpu").clone()
+                               for name, value in entries.items()}
                        for index, entries in optimizer.state_dict()["state"].items()},
             shuffler=shuffler.get_state(),
             rng=torch.get_rng_state(),

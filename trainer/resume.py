@@ -77,7 +77,8 @@ def from_bytes(data: bytes, config: ModelConfig, epochs: int) -> TrainingState:
             wanted = ()
         else:
             raise WeightsError(f"{key} is not optimizer state this trainer keeps")
-        if tuple(value.shape) != tuple(wanted) or not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+        finite = value.is_floating_point() and bool(torch.isfinite(value).all())
+        if tuple(value.shape) != tuple(wanted) or not finite:
             raise WeightsError(f"{key} must be finite floats of shape {list(wanted)}")
         optimizer.setdefault(int(index), {})[name] = value
     generators = {}

@@ -26,7 +26,8 @@ from models import Dataset, PeerRun, TrainingSession, User
 from models import event as events
 from models import peer as peers
 from models import session as sessions
-from models.session import FAILED, FEDERATED, PENDING, FederatedSettings
+from models.db import utcnow
+from models.session import FAILED, FEDERATED, INTERRUPTED, PENDING, FederatedSettings
 from tasks.storage import HashingReader
 from trainer.split import VALIDATION_FRACTION, shard
 from trainer.table import DatasetError, Table, read_table, split_indices
@@ -119,6 +120,45 @@ def _start(user: User, form: dict[str, Any], upload: Upload) -> TrainingSession:
         abort(503, message="the platform could not start the session (a service it needs did not answer); "
                            "no peer was kept, try again", headers={"Retry-After": "5"})
     return session
+
+
+class Unresumable(Exception):
+    """Why a session cannot be resumed now: the HTTP status, a message, and which fields are at fault."""
+
+    def __init__(self, status: int, message: str, errors: dict[str, list[str]] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.errors, self.headers = status, message, errors, headers
+
+
+def resume(session: TrainingSession) -> None:
+    """Resume an INTERRUPTED session on the peers it had (their shards and checkpoints are theirs); Unresumable
+    (409) when it was not interrupted or one of them is not online and free, (503) when the coordinator cannot
+    be reached. In an app context (its dispatcher sends the coordinator's task)."""
+    if session.status != INTERRUPTED:
+        raise Unresumable(409, f"only an INTERRUPTED session can be resumed; session {session.id} is {session.status}")
+    names = [run.name for run in session.in_play()]
+    stale_after = timedelta(seconds=current_app.config["PEER_TIMEOUT_SECONDS"])
+    missing = peers.claim_named(session.id, names, stale_after=stale_after)
+    if missing:
+        found = {p.name: p.status for p in peers.Peer.objects(name__in=missing).only("name", "status")}
+        busy = ", ".join(f"{name} is {found.get(name, 'not registered')}" for name in missing)
+        raise Unresumable(409, f"the session goes on with the peers it had, and they must be online and free: {busy};"
+                               " try again when they are", {"peers": [busy]})
+    if not sessions.resume(session.id, utcnow()):
+        peers.release(session.id)
+        raise Unresumable(409, f"session {session.id} is no longer INTERRUPTED (resumed by another request?)")
+    try:
+        dispatcher().run_session(str(session.id))
+    except Exception as exc:
+        peers.release(session.id)
+        sessions.finish(session.id, INTERRUPTED, "could not reach the coordinator to resume it; try again")
+        if not outages.transient(exc):
+            raise
+        log.warning("resuming session %s: a service did not answer", session.id, exc_info=True)
+        raise Unresumable(503, "the platform could not resume the session (a service it needs did not answer); "
+                               "it is still INTERRUPTED, try again", headers={"Retry-After": "5"}) from exc
+    log.info("session %s resumed on %s", session.id, ", ".join(names))
 
 
 def _document(session_id: ObjectId, user: User, form: dict[str, Any], table: Table, names: list[str],

@@ -409,7 +409,8 @@ class SessionSchema(ma.Schema):
     """A session as read from the database as a plain dict (see models.session.view)."""
 
     id = fields.Function(lambda s: str(s["_id"]))
-    status = fields.String(metadata={"enum": ["PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"]})
+    status = fields.String(metadata={"enum": ["PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED",
+                                              "INTERRUPTED"]})
     mode = fields.String()
     task = fields.String()
     target = fields.String()
@@ -428,6 +429,8 @@ class SessionSchema(ma.Schema):
     created_at = UTCDateTime()
     started_at = UTCDateTime(allow_none=True, dump_default=None)
     finished_at = UTCDateTime(allow_none=True, dump_default=None)
+    resumes = fields.Integer(dump_default=0, metadata={"description": "times it was resumed after an interruption"})
+    resumed_at = UTCDateTime(allow_none=True, dump_default=None)
 
 
 class TrainingStatusSchema(ma.Schema):

@@ -32,7 +32,8 @@ AUTH = [{"bearerAuth": []}]
 def _links(status: int, session_id: str) -> dict:
     """OpenAPI links from an answer naming a session (at runtime expression `session_id`) to its routes."""
     routes = {"session": ("", "get"), "heartbeats": ("/heartbeats", "get"), "rounds": ("/rounds", "get"),
-              "updates": ("/updates", "get"), "model": ("/model", "get"), "cancel": ("/cancel", "post")}
+              "updates": ("/updates", "get"), "model": ("/model", "get"), "cancel": ("/cancel", "post"),
+              "resume": ("/resume", "post")}
     links = {name: {"operationRef": f"#/paths/~1sessions~1{{session_id}}{suffix.replace('/', '~1')}/{method}",
                     "parameters": {"session_id": session_id}}
              for name, (suffix, method) in routes.items()}
@@ -112,6 +113,25 @@ class Cancel(MethodView):
             abort(409, message=f"the session has already ended ({session.status})")
         dispatcher().cancel_session(session_id)
         return {"session_id": session_id, "status": session.status, "reason": "cancellation requested"}
+
+
+@blp.route("/<objectid:session_id>/resume")
+class Resume(MethodView):
+    @jwt_required()
+    @blp.response(202, TrainingStatusSchema)
+    @blp.alt_response(409, description="the session was not interrupted, or its peers are not online and free")
+    @blp.alt_response(503, description="the coordinator could not be reached; the session is still INTERRUPTED")
+    @blp.doc(security=AUTH)
+    def post(self, session_id: str):
+        """Go on with an INTERRUPTED session (the platform stopped or crashed under it) on the peers it had:
+        federated rounds already done are kept, sweep peers go on from their last checkpointed epoch."""
+        session = _owned(session_id)
+        try:
+            launch.resume(session)
+        except launch.Unresumable as exc:
+            extra = {key: value for key, value in (("errors", exc.errors), ("headers", exc.headers)) if value}
+            abort(exc.status, message=exc.message, **extra)
+        return {"session_id": session_id, "status": sessions.PENDING, "reason": "resumed"}
 
 
 LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer", "minimum": 0},

@@ -136,8 +136,8 @@ class Cursor:
             if event["seq"] != self.last + 1 and not the_log:
                 return out, True
             self.last = event["seq"]
-            if event["key"] in self.seen:
-                continue  # a fact reported twice: the first report counts
+            if event["key"] in self.seen or events.superseded(event):
+                continue  # a fact reported twice (the first report counts), or an end the session went on from
             self.seen.add(event["key"])
             out.append(event)
             self.ended = event["kind"] == events.END

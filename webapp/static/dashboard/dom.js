@@ -63,7 +63,7 @@ export function ago(iso) {
   return when(iso);
 }
 
-export const FINISHED = new Set(["COMPLETED", "FAILED", "CANCELLED"]);
+export const FINISHED = new Set(["COMPLETED", "FAILED", "CANCELLED", "INTERRUPTED"]);
 
 export function repeat(seconds, task, signal) {
   // Refresh a view while it is shown; stops when the view is left.

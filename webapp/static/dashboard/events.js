@@ -51,8 +51,9 @@ export class SseParser {
 // Follow the stream until its `end` event (resolves with that event's data) or until `signal` aborts.
 // `onEvent(type, data, id)` gets every event; `onState("live" | "reconnecting" | "server-stopped" | "ended")` the
 // connection's ("server-stopped": the server said it was stopping, and the stream reconnects until it is back).
-export async function follow(path, { onEvent, onState = () => {}, signal }) {
-  let lastId = null;
+// `after`: the id of the last event already shown (a resumed session's stream goes on from there).
+export async function follow(path, { onEvent, onState = () => {}, signal, after = null }) {
+  let lastId = after;
   let delay = 500;
   let serverStopped = false;
   let renewed = false; // once per refusal: a token renewed and refused again is a sign-in that expired

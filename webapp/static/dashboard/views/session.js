@@ -99,7 +99,11 @@ class SessionPage {
   follow() {
     follow(`${this.path}/events`, {
       signal: this.signal,
-      onEvent: (type, data) => this.onEvent(type, data),
+      after: this.lastEventId ?? null,
+      onEvent: (type, data, id) => {
+        if (id !== null && id !== undefined) this.lastEventId = id;
+        this.onEvent(type, data);
+      },
       onState: (state) => this.setConnection(state),
     }).catch((error) => {
       this.setConnection("stopped");
@@ -188,7 +192,10 @@ class SessionPage {
       title: s.model_available ? "a safetensors file; python -m trainer.predict uses it" : "no model yet",
       onclick: () => download(`${this.path}/model`, `peertrain-${s.id}.safetensors`).catch((error) =>
         this.reason.replaceChildren(alertBox(error))) }, "Download model");
-    this.actions.replaceChildren(...(finished ? [] : [cancel]), model);
+    const resume = h("button", { type: "button", id: "resume", class: "primary",
+      title: "go on from the last round or checkpoint, on the peers it had", onclick: () => this.resume(resume) },
+    "Resume");
+    this.actions.replaceChildren(...(finished ? [] : [cancel]), ...(s.status === "INTERRUPTED" ? [resume] : []), model);
     this.renderResults();
   }
 
@@ -207,6 +214,19 @@ class SessionPage {
     button.disabled = true;
     try {
       await request(`${this.path}/cancel`, { method: "POST" });
+    } catch (error) {
+      this.reason.replaceChildren(alertBox(error));
+      button.disabled = false;
+    }
+  }
+
+  async resume(button) {
+    button.disabled = true;
+    try {
+      await request(`${this.path}/resume`, { method: "POST" });
+      Object.assign(this.session, { status: "PENDING", reason: null, finished_at: null });
+      this.renderHeader();
+      this.follow(); // from the last event shown: the interruption's end was not the end
     } catch (error) {
       this.reason.replaceChildren(alertBox(error));
       button.disabled = false;
