@@ -18,6 +18,7 @@ the broker, so every API process hears them); the log, not the announcement, is 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -26,10 +27,9 @@ from typing import Any
 
 from bson import ObjectId
 from mongoengine import DateTimeField, DictField, Document, IntField, ObjectIdField, StringField
-from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError
 
-from models.db import utcnow
+from models.db import is_mock, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -145,17 +145,26 @@ def append_new(session_id: Any, items: Iterable[Item]) -> list[dict[str, Any]]:
     return append(session_id, fresh)
 
 
-def keys(session_id: ObjectId, among: list[str] | None = None, upto: int | None = None) -> set[str]:
-    """The keys the session's log holds: of `among` only, or of the events up to seq `upto`."""
+def keys(session_id: ObjectId, among: list[str] | None = None, upto: int | None = None,
+         any_attempt: bool = False) -> set[str]:
+    """The keys the session's log holds: of `among` only, or of the events up to seq `upto`. `any_attempt`: a key
+    an earlier attempt of a resumed session logged (set apart as `key@n`) counts as held too."""
     query: dict[str, Any] = {"session_id": session_id}
     if upto is not None:
         query["seq"] = {"$lte": upto}
+
+    def held(key: str) -> str:
+        return key.split("@", 1)[0] if any_attempt else key
+
     if among is not None and len(among) > _FEW:
         # Many keys (a round's heartbeats, every peer's status): the session's keys of those kinds,
         # matched here, rather than a long $in list.
         query["kind"] = {"$in": sorted({key.split(":", 1)[0] for key in among})}
         wanted = set(among)
-        return {doc["key"] for doc in _collection().find(query, {"key": 1, "_id": 0}) if doc["key"] in wanted}
+        return {held(doc["key"]) for doc in _collection().find(query, {"key": 1, "_id": 0}) if held(doc["key"]) in wanted}
+    if among is not None and any_attempt:
+        query["key"] = {"$regex": "^(" + "|".join(re.escape(key) for key in among) + r")(@\d+)?$"}
+        return {held(doc["key"]) for doc in _collection().find(query, {"key": 1, "_id": 0})}
     if among is not None:
         query["key"] = {"$in": among}
     return {doc["key"] for doc in _collection().find(query, {"key": 1, "_id": 0})}
@@ -171,8 +180,12 @@ def begin_attempt(session_id: Any) -> int:
     if not current:
         return 0
     attempt = 1 + max((int(doc["key"].rsplit("@", 1)[1]) for doc in found if "@" in doc["key"]), default=0)
-    _collection().bulk_write([UpdateOne({"_id": doc["_id"]}, {"$set": {"key": f"{doc['key']}@{attempt}"}})
-                              for doc in current], ordered=False)
+    if is_mock():  # mongomock takes neither an update pipeline nor pymongo's current UpdateOne
+        for doc in current:
+            _collection().update_one({"_id": doc["_id"]}, {"$set": {"key": f"{doc['key']}@{attempt}"}})
+    else:
+        _collection().update_many({"session_id": session_id, "key": {"$not": {"$regex": "@"}}},
+                                  [{"$set": {"key": {"$concat": ["$key", f"@{attempt}"]}}}])
     return len(current)
 
 

@@ -123,7 +123,8 @@ def _log_events(docs: list[dict[str, Any]], repeated: set[int]) -> None:
 
 
 def _unlogged(session_id: ObjectId, new: list[events.Item], old: list[events.Item]) -> list[events.Item]:
-    logged = events.keys(session_id, [key for _, key, _ in old])
+    # A heartbeat an interrupted attempt logged is not logged again when the resumed one repeats it.
+    logged = events.keys(session_id, [key for _, key, _ in old], any_attempt=True)
     missing, seen = [], logged | {key for _, key, _ in new}
     for item in old:
         if item[1] not in seen:

@@ -111,10 +111,15 @@ def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, setting
     config = TrainConfig(batch_size=hp["batch_size"], epochs=hp["epochs"], learning_rate=hp["learning_rate"],
                          optimizer=hp["optimizer"], seed=spec["seed"], num_threads=settings.peer_threads)
     caught = _caught(spec, model.config, config.epochs)
+    if caught is not None:
+        log.info("session %s: peer %s goes on from epoch %d (its checkpoint)", session, name, caught.epoch + 1)
 
     def checkpoint(state: resume.TrainingState) -> None:
+        if should_stop():
+            return
         try:
-            transfer.upload(spec["checkpoint"], resume.to_bytes(state))
+            # Once: a missed checkpoint costs a resumed task a few epochs, a wait here costs every task.
+            transfer.upload(spec["checkpoint"], resume.to_bytes(state), retry=False)
         except Exception as exc:  # a checkpoint saves time later; it must not fail the training now
             log.warning("the checkpoint after epoch %d could not be uploaded: %s", state.epoch, exc)
 

@@ -51,8 +51,9 @@ def _open(request: str | urllib.request.Request):
     return urllib.request.urlopen(request, timeout=TIMEOUT, context=context)
 
 
-def _retrying(action: str, url: str, attempt: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:
-    for pause in (*RETRIES, None):
+def _retrying(action: str, url: str, attempt: Callable[[], T], sleep: Callable[[float], None] = time.sleep,
+              retries: tuple[float, ...] = RETRIES) -> T:
+    for pause in (*retries, None):
         try:
             return attempt()
         except urllib.error.HTTPError as exc:
@@ -101,8 +102,9 @@ def fetch(url: str, max_bytes: int) -> bytes:
     return _retrying("read", url, attempt)
 
 
-def upload(url: str, data: bytes) -> None:
-    """Write `data` as the object `url` grants (an HTTP PUT, as S3 presigned URLs and the API expect)."""
+def upload(url: str, data: bytes, retry: bool = True) -> None:
+    """Write `data` as the object `url` grants (an HTTP PUT, as S3 presigned URLs and the API expect); `retry`:
+    again after a pause when the server is away or fails (3 times, 3.5 s in all)."""
 
     def attempt() -> None:
         request = urllib.request.Request(url, data=data, method="PUT",
@@ -110,4 +112,4 @@ def upload(url: str, data: bytes) -> None:
         with _open(request) as response:
             response.read()
 
-    _retrying("write", url, attempt)
+    _retrying("write", url, attempt, retries=RETRIES if retry else ())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -72,7 +73,7 @@ def test_make_run_stopped_mid_session_leaves_nothing_running_and_keeps_its_data(
            if k not in ("BROKER_URL", "RESULT_BACKEND", "MONGODB_URI", "STORAGE_URL", "S3_ENDPOINT_URL",
                         "COORDINATOR_QUEUE", "MONITOR_QUEUE", "JWT_SECRET_KEY", "PEERTRAIN_ENV")}
     data = tmp_path / "kept"
-    env.update(STORAGE_URL=str(tmp_path / "storage"), LOCAL_PEERS="2", DATA_DIR=str(data))
+    env.update(STORAGE_URL=str(tmp_path / "storage"), LOCAL_PEERS="2", DATA_DIR=str(data), CHECKPOINT_EPOCHS="2")
     if broker == "rabbitmq":  # the peers as `celery worker` processes with logins of their own
         services.require(conftest.REAL_BROKER, "RabbitMQ (with its management plugin) and Redis")
         env.update(BROKER_URL=os.environ["BROKER_URL"], RESULT_BACKEND=os.environ["RESULT_BACKEND"],
@@ -101,7 +102,7 @@ def test_make_run_stopped_mid_session_leaves_nothing_running_and_keeps_its_data(
         wait_until(lambda: user.get("/peers").json()["free"] == 2, 60, "the two local peers")
         long = json.dumps({"learning_rate": 0.001, "epochs": 1000})
         session_id = user.start(ROOT / "samples" / "wine.csv", num_peers=2, hyperparameters=long).json()["session_id"]
-        wait_until(lambda: len(user.heartbeats(session_id)) >= 4, 60, "both peers to be training")
+        wait_until(lambda: len(user.heartbeats(session_id)) >= 12, 60, "both peers to be training")
         assert len(running_with(str(data))) >= (2 if broker == "memory" else 4)  # make, python, granian (+peers)
         # A stream open on the session, as a dashboard tab or `curl -sN .../events` holds one.
         seen: list[str] = []
@@ -122,19 +123,40 @@ def test_make_run_stopped_mid_session_leaves_nothing_running_and_keeps_its_data(
     following.join(10)
     assert seen[-1] == "stopping", seen[-5:]  # the stream was told, then closed by the server
 
-    # Started again: the user, their token and the interrupted session are still there.
+    # Started again: the user, their token and the interrupted session are still there, and it goes on.
     with (tmp_path / "second.log").open("wb") as log:
         process = make_run(log)
         try:
             session = user.session(session_id)
-            assert session["status"] == "FAILED" and session["reason"] == "interrupted: make run was stopped"
-            assert len(user.heartbeats(session_id)) >= 4
+            assert session["status"] == "INTERRUPTED" and session["reason"] == "make run was stopped", session
+            assert {p["status"] for p in session["peers"]} == {"INTERRUPTED"}  # nobody's fault
+            done = {p["name"]: max(b["epoch"] for b in user.heartbeats(session_id, peer=p["name"]))
+                    for p in session["peers"]}
+            assert min(done.values()) >= 6
             wait_until(lambda: user.get("/peers").json()["free"] == 2, 60, "the peers, free again")
-            quick = json.dumps({"learning_rate": 0.01, "epochs": 5})
+            last = list(user.events(session_id))[-1]["id"]  # the interruption's end
             began = time.monotonic()
-            again = user.start(ROOT / "samples" / "wine.csv", num_peers=2, hyperparameters=quick).json()["session_id"]
-            assert user.wait_finished(again, timeout=60)["status"] == "COMPLETED"
-            record_property("seconds for a session after the restart", round(time.monotonic() - began, 2))
+            answer = user.post(f"/sessions/{session_id}/resume")
+            assert answer.status_code == 202 and answer.json()["status"] == "PENDING", answer.text
+            assert user.post(f"/sessions/{session_id}/resume").status_code == 409  # once
+            resumed = user.wait_finished(session_id, timeout=180)
+            record_property("seconds for the resumed session to end", round(time.monotonic() - began, 2))
+            assert resumed["status"] == "COMPLETED" and resumed["resumes"] == 1, resumed
+            # Each peer went on from its last checkpoint (every 2 epochs), not from its first epoch.
+            output = (tmp_path / "second.log").read_text()
+            for name, reached in done.items():
+                went_on = re.search(rf"peer {name} goes on from epoch (\d+) \(its checkpoint\)", output)
+                assert went_on, output[-3000:]
+                first = int(went_on[1])
+                assert 1 < first <= reached + 1 and (first - 1) % 2 == 0, (name, first, reached)
+                epochs = [b["epoch"] for b in user.heartbeats(session_id, peer=name)]
+                assert sorted(epochs) == list(range(1, 1001)), name  # every epoch once
+            # The stream goes on after the interruption's end: the resumption, then each epoch once, to the end.
+            after = list(user.events(session_id, last_event_id=last))
+            assert any(e["event"] == "status" and e["data"]["reason"] == "resumed" for e in after)
+            beats = [(e["data"]["peer"], e["data"]["epoch"]) for e in after if e["event"] == "heartbeat"]
+            assert len(beats) == len(set(beats)) and after[-1]["data"]["status"] == "COMPLETED"
+            assert resumed["results"]["best_value"] > 0.5
         finally:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(25)
