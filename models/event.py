@@ -161,7 +161,8 @@ def keys(session_id: ObjectId, among: list[str] | None = None, upto: int | None 
         # matched here, rather than a long $in list.
         query["kind"] = {"$in": sorted({key.split(":", 1)[0] for key in among})}
         wanted = set(among)
-        return {held(doc["key"]) for doc in _collection().find(query, {"key": 1, "_id": 0}) if held(doc["key"]) in wanted}
+        found = (held(doc["key"]) for doc in _collection().find(query, {"key": 1, "_id": 0}))
+        return {key for key in found if key in wanted}
     if among is not None and any_attempt:
         query["key"] = {"$regex": "^(" + "|".join(re.escape(key) for key in among) + r")(@\d+)?$"}
         return {held(doc["key"]) for doc in _collection().find(query, {"key": 1, "_id": 0})}

@@ -142,6 +142,7 @@ class Federated(Strategy):
             "hyperparameters": {**session.peer(peer).hyperparameters, "epochs": self.settings.local_epochs},
             "keep_data": True,
             "last_round": last_round,
+            "attempt": session.resumes or 0,
             **self.gate.grants(task_id, plan.shards[peer], key, self.config, initial_url=initial_url),
         }
 

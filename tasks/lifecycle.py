@@ -23,13 +23,13 @@ from tasks import gate, protocol
 log = logging.getLogger(__name__)
 
 
-def request_stop(app: Celery, session_id: str, names: Iterable[str], reason: str) -> None:
+def request_stop(app: Celery, session_id: str, names: Iterable[str], reason: str, attempt: int = 0) -> None:
     """Tell each peer, on its own stop queue, that `session_id` is over: it stops between batches.
 
     A notice reaches a peer that is training for the session within a second, and a task of the
     session still queued behind it ends as soon as it starts.
     """
-    notice = protocol.stop_notice(session_id, reason)
+    notice = protocol.stop_notice(session_id, reason, attempt)
     with app.producer_or_acquire() as producer:
         for name in names:
             queue = protocol.stop_queue(name, declare=True)
@@ -45,13 +45,14 @@ def end(app: Celery, session_id: str | ObjectId, status: str, reason: str | None
     peers free. They are idempotent: when two enders race, both apply them and one status wins.
     """
     session_id = ObjectId(session_id)
-    session = TrainingSession.objects(id=session_id, status__in=sessions.ACTIVE).only("peers").first()
+    session = TrainingSession.objects(id=session_id, status__in=sessions.ACTIVE).only("peers", "resumes").first()
     if session is None:
         return False
     why = f"the session ended {status}" + (f": {reason}" if reason else "")
     at = at or utcnow()
     if status != sessions.COMPLETED:
-        request_stop(app, str(session_id), [run.name for run in session.peers], reason or status)
+        request_stop(app, str(session_id), [run.name for run in session.peers], reason or status,
+                     session.resumes or 0)
         for run in session.peers:
             if run.status in sessions.ACTIVE:
                 # The culprit of a failure was recorded already; the others were stopped, not failed.

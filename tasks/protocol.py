@@ -205,8 +205,9 @@ class TaskId:
         return f"{self.session}:{self.round}:{self.nonce}"
 
 
-def stop_notice(session_id: str, reason: str) -> dict[str, Any]:
-    return {"session": session_id, "reason": reason[:500]}
+def stop_notice(session_id: str, reason: str, attempt: int = 0) -> dict[str, Any]:
+    """Stop the tasks of attempt `attempt` (and earlier ones) of a session: a resumed session's are not."""
+    return {"session": session_id, "reason": reason[:500], "attempt": attempt}
 
 
 def identity(app: Any) -> str | None:
@@ -282,6 +283,7 @@ class TrainSpecSchema(_Message):
     # aside for its own validation curve (the platform's held-out rows are never in a task).
     holdout = fields.Float(load_default=0.0, validate=validate.Range(0.0, 0.5))
     keep_data = fields.Boolean(load_default=False)
+    attempt = WholeNumber(load_default=0, validate=validate.Range(0, 10_000))  # the session's resumptions so far
     last_round = fields.Boolean(load_default=False)
 
     @ma.post_load
@@ -440,18 +442,19 @@ class StopNotices:
                  clock=time.monotonic) -> None:
         self.app, self.queue = app, stop_queue(name)
         self.every, self.keep, self.clock = every, keep, clock
-        self.stopped: OrderedDict[str, str] = OrderedDict()
+        self.stopped: OrderedDict[str, tuple[int, str]] = OrderedDict()  # session -> (latest attempt, why)
         self._next = 0.0
         self._connection: Connection | None = None
         self._lock = threading.Lock()
 
-    def reason(self, session_id: str) -> str | None:
-        """Why `session_id` was stopped, or None while it goes on."""
+    def reason(self, session_id: str, attempt: int = 0) -> str | None:
+        """Why attempt `attempt` of `session_id` was stopped, or None while it goes on."""
         with self._lock:
             if self.clock() >= self._next:
                 self._next = self.clock() + self.every
                 self._drain()
-            return self.stopped.get(session_id)
+            stopped = self.stopped.get(session_id)
+            return stopped[1] if stopped is not None and stopped[0] >= attempt else None
 
     def _drain(self) -> None:
         try:
@@ -464,8 +467,11 @@ class StopNotices:
                     except notices.Empty:
                         return
                     body = message.payload if isinstance(message.payload, dict) else {}
-                    if isinstance(body.get("session"), str):
-                        self.stopped[body["session"]] = str(body.get("reason") or "stopped")[:500]
+                    attempt = body.get("attempt", 0)
+                    if isinstance(body.get("session"), str) and isinstance(attempt, int):
+                        before = self.stopped.get(body["session"], (-1, ""))[0]
+                        why = str(body.get("reason") or "stopped")[:500]
+                        self.stopped[body["session"]] = (max(before, attempt), why)
                         while len(self.stopped) > self.keep:
                             self.stopped.popitem(last=False)
                     message.ack()

@@ -198,7 +198,7 @@ class Strategy:
         """Leave `peer` out (FAILED with `reason`), or end the session if it cannot go on; True if it ended."""
         session = self.session
         sessions.record_peer_result(session.id, peer, sessions.FAILED, error=reason)
-        lifecycle.request_stop(self.app, str(session.id), [peer], reason)
+        lifecycle.request_stop(self.app, str(session.id), [peer], reason, session.resumes or 0)
         if session.can_lose(peer):
             log.warning("session %s goes on without peer %s: %s", session.id, peer, reason)
             session.peer(peer).status = sessions.FAILED

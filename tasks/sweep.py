@@ -88,6 +88,7 @@ class Sweep(RoundStrategy):
             # Its own curves' validation: a part of its training rows (the held-out ones are not its to see).
             "holdout": HOLDOUT,
             "seed": session.seed,
+            "attempt": session.resumes or 0,
             "hyperparameters": dict(session.peer(name).hyperparameters),
             **self.gate.grants(task_id, plan.shards[name], weights_key(self.prefix, name),
                                self.model_config(session.peer(name).hyperparameters)),

@@ -81,7 +81,7 @@ def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, setting
     session, round_ = spec["session"], spec["round"]
 
     def should_stop() -> bool:
-        return notices.reason(session) is not None
+        return notices.reason(session, spec["attempt"]) is not None
 
     result = {"round": round_, "final": {}, "history": [], "bytes_fetched": 0, "seconds": 0.0, "stopped": True}
     if should_stop():

@@ -169,3 +169,85 @@ def rabbit_free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_make_run_killed_mid_federated_session_loses_no_round_and_resumes_by_itself(tmp_path, record_property):
+    """kill -9 of the whole `make run` (as a power cut would): what was written a second before is all there after
+    the restart, and with RESUME=auto the session goes on from its last round to COMPLETED."""
+    import signal
+    import subprocess
+    import time
+
+    import requests
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("BROKER_URL", "RESULT_BACKEND", "MONGODB_URI", "STORAGE_URL", "S3_ENDPOINT_URL",
+                        "COORDINATOR_QUEUE", "MONITOR_QUEUE", "JWT_SECRET_KEY", "PEERTRAIN_ENV")}
+    data = tmp_path / "kept"
+    env.update(STORAGE_URL=str(tmp_path / "storage"), LOCAL_PEERS="2", DATA_DIR=str(data), SNAPSHOT_SECONDS="1")
+    port = rabbit_free_port()
+    base = f"http://127.0.0.1:{port}"
+
+    def make_run(log, **extra):
+        process = subprocess.Popen(["make", "run"], cwd=ROOT, env={**env, **extra, "PORT": str(port)}, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+
+        def healthy() -> bool:
+            assert process.poll() is None, log.name
+            try:
+                return requests.get(f"{base}/healthz", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(healthy, 60, "make run to serve")
+        return process
+
+    rounds = 30
+    with (tmp_path / "first.log").open("wb") as log:
+        process = make_run(log)
+        user = Api(base).sign_up_and_in("ann")
+        wait_until(lambda: user.get("/peers").json()["free"] == 2, 60, "the two local peers")
+        form = {"num_peers": 2, "mode": "federated", "rounds": rounds, "local_epochs": 25,
+                "hyperparameters": json.dumps({"learning_rate": 0.003, "batch_size": 16, "hidden": [64]})}
+        response = user.start(ROOT / "samples" / "wine.csv", **form)
+        assert response.status_code == 202, response.text
+        session_id = response.json()["session_id"]
+        wait_until(lambda: len(user.session(session_id)["rounds"]) >= 3, 120, "three rounds")
+        # What the API showed at least 1.5 s before the kill must survive it (SNAPSHOT_SECONDS=1).
+        seen, shown_at = user.session(session_id)["rounds"], time.monotonic()
+        wait_until(lambda: time.monotonic() - shown_at >= 1.5, 5, "a second and a half")
+        assert len(user.session(session_id)["rounds"]) < rounds, "the session ended before the kill"
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+    wait_until(lambda: not running_with(str(data)), 20, "every process to be gone")
+
+    with (tmp_path / "second.log").open("wb") as log:
+        process = make_run(log, RESUME="auto")
+        try:
+            again = user  # the same token: its secret was kept with the data
+            session = again.session(session_id)
+            kept = session["rounds"]
+            assert kept[:len(seen)] == seen, "rounds shown before the kill are gone or changed"
+            assert session["status"] in ("INTERRUPTED", "PENDING", "RUNNING"), session
+            began = time.monotonic()
+            done = again.wait_finished(session_id, timeout=300)
+            record_property("seconds for the resumed federated session to end", round(time.monotonic() - began, 2))
+            assert done["status"] == "COMPLETED" and done["resumes"] == 1, done
+            assert [r["round"] for r in done["rounds"]] == list(range(rounds))  # none lost, none run twice
+            assert done["rounds"][:len(kept)] == kept  # the earlier rounds intact
+            # The rounds after it trained for real (no peer stopped by the interruption's stop notices).
+            assert all(sorted(r["peers"]) == sorted(p["name"] for p in done["peers"]) and not r["rejected"]
+                       for r in done["rounds"]), [r["rejected"] for r in done["rounds"]]
+            assert done["rounds"][-1]["metrics"]["val_accuracy"] >= 0.85
+            # Any round's global model, from before the kill too.
+            first = again.get(f"/sessions/{session_id}/model", round=0)
+            assert first.status_code == 200 and first.content[:8]
+            account = {"email": "ann@example.com", "password": "correct horse"}
+            signed = requests.post(f"{base}/auth/signin", json=account)
+            assert signed.status_code == 200, signed.text  # the user too
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(25)
+    output = (tmp_path / "second.log").read_text()
+    assert "Traceback" not in output, output[-3000:]
+    assert f"session {session_id} resumed" in output
