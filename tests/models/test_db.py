@@ -130,3 +130,93 @@ def test_cursors_and_snapshots_work_through_the_lock(tmp_path):
     assert [p.name for p in Peer.objects.order_by("-name").skip(1).limit(1)] == ["p1"]
     assert Peer.objects.count() == 3 and models.db.is_mock()
     assert models.db.save_snapshot(tmp_path) == 3
+
+
+# A process writing as `make run`'s platform does, with the journal it keeps; it prints what it has written.
+WRITER = """
+import sys, time
+import models
+from models import db
+from models import heartbeat as heartbeats
+from models import peer as peers
+
+models.connect("mongomock://localhost/journal")
+journal = db.Journal(sys.argv[1], float(sys.argv[2]))
+journal.start()
+peers.register("p0")
+for i in range(1, 1_000_000):
+    heartbeats.insert_many([{"session_id": db.bson.ObjectId("0" * 24), "peer": "p0", "round": 0, "epoch": i,
+                             "loss": 0.5}])
+    peers.Peer.objects(name="p0").update_one(set__accepted=i)
+    print(i, flush=True)
+    time.sleep(0.002)
+"""
+
+
+def test_a_hard_kill_loses_at_most_the_last_interval(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from harness.waiting import wait_until
+    from models import Heartbeat
+    from settings import ROOT
+
+    interval = 0.5
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "kept"), str(interval)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    written: list[tuple[float, int]] = []  # (when it was printed, how many were written by then)
+
+    def read() -> bool:
+        written.append((time.monotonic(), int(writer.stdout.readline())))
+        return written[-1][0] - written[0][0] >= 3 * interval + 1  # several flushes in
+
+    try:
+        wait_until(read, 60, "the writer to write", interval=0)
+        killed = time.monotonic()
+        writer.send_signal(signal.SIGKILL)
+    finally:
+        writer.kill()
+        writer.wait(10)
+        writer.stdout.close()
+    # Everything written an interval (and a margin for the flush itself) before the kill is there.
+    safe = max(count for at, count in written if at <= killed - interval - 0.5)
+    with connected(None):
+        assert models.db.load_snapshot(tmp_path / "kept") > 0
+        epochs = sorted(Heartbeat.objects.scalar("epoch"))
+        assert epochs[:safe] == list(range(1, safe + 1)) and epochs == list(range(1, len(epochs) + 1))
+        assert Peer.objects.get(name="p0").accepted >= safe  # the changed documents too, not only the inserted
+
+
+def test_the_journal_appends_inserts_rewrites_changes_and_drops_a_torn_end(tmp_path):
+    from models import Heartbeat
+
+    with connected(None):
+        wrote(tmp_path)
+    with (tmp_path / "heartbeats.bson").open("ab") as out:
+        out.write(b"\x40\x00\x00\x00\x02torn")  # a hard kill in the middle of an append
+    with connected(None):
+        models.db.load_snapshot(tmp_path)
+        assert sorted(Heartbeat.objects.scalar("epoch")) == [1, 2, 3]  # the repeated epoch 2 once, the torn end gone
+        assert Peer.objects.get(name="p0").accepted == 1
+
+
+def wrote(directory) -> None:
+    from models import heartbeat as heartbeats
+
+    journal = models.db.Journal(directory, interval=0)  # flushed by hand
+    journal.start()
+    try:
+        peers.register("p0")
+        session = ObjectId()
+        heartbeats.insert_many([{"session_id": session, "peer": "p0", "round": 0, "epoch": e} for e in (1, 2)])
+        journal.flush()
+        before = {name: (directory / f"{name}.bson").stat().st_ino for name in ("heartbeats", "peers")}
+        heartbeats.insert_many([{"session_id": session, "peer": "p0", "round": 0, "epoch": e} for e in (2, 3)])
+        peers.count("p0", accepted=1)
+        journal.flush()
+        after = {name: (directory / f"{name}.bson").stat().st_ino for name in ("heartbeats", "peers")}
+        assert after["heartbeats"] == before["heartbeats"]  # only inserted: appended to its file
+        assert after["peers"] != before["peers"]  # changed: written whole, beside it, and renamed into place
+    finally:
+        journal.stop()
