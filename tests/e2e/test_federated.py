@@ -142,3 +142,31 @@ def test_a_federated_session_goes_on_without_a_failed_peer_when_min_peers_allows
         assert failed["status"] == "FAILED" and f"peer {broken} failed" in failed["reason"]
     finally:
         platform.stop_peer(broken)
+
+
+def test_an_interrupted_asynchronous_session_resumes_from_its_global_version(platform, two_peers, digits_csv):
+    from harness.waiting import wait_until
+    from models import session as sessions
+    from tasks import lifecycle
+
+    user = platform.user()
+    session_id = start_federated(user, digits_csv, 2, schedule="async", buffer_size=2, max_updates=24,
+                                 local_epochs=1)
+    wait_until(lambda: len(user.session(session_id)["rounds"]) >= 2, 120, "two folds")
+    # The platform stops under it (as make run's stop does): no peer is blamed, the tasks out are given back.
+    assert lifecycle.end(platform.celery, session_id, sessions.INTERRUPTED, "the platform was stopped")
+    interrupted = user.session(session_id)
+    assert interrupted["status"] == "INTERRUPTED" and {p["status"] for p in interrupted["peers"]} == {"INTERRUPTED"}
+    wait_until(lambda: user.get("/peers").json()["free"] >= 2, 60, "its peers, free again")
+
+    answer = user.post(f"/sessions/{session_id}/resume")
+    assert answer.status_code == 202, answer.text
+    done = user.wait_finished(session_id, timeout=240)
+    assert done["status"] == "COMPLETED" and done["resumes"] == 1, done
+    versions = [r["round"] for r in done["rounds"]]
+    assert done["rounds"][:len(interrupted["rounds"])] == interrupted["rounds"]  # kept, not redone
+    assert versions == list(range(len(versions))) and len(versions) > len(interrupted["rounds"])
+    updates = user.get(f"/sessions/{session_id}/updates").json()["items"]
+    folded = sum(len(r["updates"]) for r in done["rounds"])
+    assert folded <= 24 and sum(u["status"] == "FOLDED" for u in updates) == folded
+    assert done["rounds"][-1]["metrics"]["val_accuracy"] > interrupted["rounds"][-1]["metrics"]["val_accuracy"] - 0.02

@@ -482,3 +482,60 @@ def test_storage_not_answering_a_download_is_503(app, client, auth, online_peers
     assert response.status_code == 503
     assert response.json["message"] == "a service the API needs did not answer; try again shortly"
     assert int(response.headers["Retry-After"]) > 0
+
+
+def test_resume_goes_on_with_an_interrupted_session_on_its_own_peers(client, auth, online_peers, csv_path):
+    from models import event as events
+    from models import session as sessions
+    from webapp.stream import Cursor
+
+    online_peers(3)
+    started = start(client, auth, csv_path)
+    session_id = started.json["session_id"]
+    mine = started.json["assigned_peers"]
+    assert client.post(f"/sessions/{session_id}/resume", headers=auth).status_code == 409  # it is not interrupted
+
+    # The platform stops under it: its peers are released, its log ends.
+    events.append(session_id, [events.heartbeat({"peer": mine[0], "round": 0, "epoch": 1, "loss": 0.5})])
+    Peer.objects(session_id=ObjectId(session_id)).update(set__status=ONLINE, unset__session_id=True)
+    assert sessions.finish(ObjectId(session_id), sessions.INTERRUPTED, "make run was stopped")
+    interrupted_end = events.last_seq(ObjectId(session_id))
+
+    # One of its peers is busy elsewhere: refused, nothing taken.
+    Peer.objects(name=mine[1]).update_one(set__status=TRAINING, set__session_id=ObjectId())
+    refused = client.post(f"/sessions/{session_id}/resume", headers=auth)
+    assert refused.status_code == 409 and f"{mine[1]} is TRAINING" in refused.json["message"], refused.json
+    assert Peer.objects(name=mine[0]).first().status == ONLINE
+    assert client.get(f"/sessions/{session_id}", headers=auth).json["status"] == "INTERRUPTED"
+
+    Peer.objects(name=mine[1]).update_one(set__status=ONLINE, unset__session_id=True)
+    resumed = client.post(f"/sessions/{session_id}/resume", headers=auth)
+    assert resumed.status_code == 202 and resumed.json["status"] == "PENDING", resumed.json
+    detail = client.get(f"/sessions/{session_id}", headers=auth).json
+    assert detail["status"] == "PENDING" and detail["resumes"] == 1 and detail["reason"] is None
+    assert {p.name for p in Peer.objects(status=TRAINING, session_id=ObjectId(session_id))} == set(mine)
+    assert client.post(f"/sessions/{session_id}/resume", headers=auth).status_code == 409  # once
+    other = client.post(f"/sessions/{session_id}/resume", headers=auth_of(client, "bob"))
+    assert other.status_code == 404  # another user's session does not exist for them
+
+    # Its stream read from the start passes the interruption's end by and goes on to the real one.
+    events.append(session_id, [events.status("RUNNING"),
+                               events.heartbeat({"peer": mine[0], "round": 0, "epoch": 1, "loss": 0.5}),
+                               events.heartbeat({"peer": mine[0], "round": 0, "epoch": 2, "loss": 0.4})])
+    assert sessions.finish(ObjectId(session_id), sessions.COMPLETED)
+    replay = Cursor(ObjectId(session_id)).start()
+    kinds = [(e["kind"], e["data"].get("status") or e["data"].get("epoch")) for e in replay]
+    assert kinds.count(("end", "COMPLETED")) == 1 and kinds[-1] == ("end", "COMPLETED")
+    assert ("end", "INTERRUPTED") not in kinds and ("status", "INTERRUPTED") in kinds
+    assert kinds.count(("status", "PENDING")) == 2 and kinds.count(("status", "RUNNING")) == 1  # created, resumed
+    assert [k for k in kinds if k[0] == "heartbeat"] == [("heartbeat", 1), ("heartbeat", 1), ("heartbeat", 2)]
+    # A client that had the interruption's end goes on from there.
+    after = Cursor(ObjectId(session_id), interrupted_end).start()
+    assert after[0]["data"]["reason"] == "resumed" and after[-1]["data"]["status"] == "COMPLETED"
+
+
+def auth_of(client, username: str) -> dict[str, str]:
+    client.post("/auth/signup", json={"username": username, "email": f"{username}@example.com",
+                                      "password": "correct horse"})
+    token = client.post("/auth/signin", json={"email": f"{username}@example.com", "password": "correct horse"})
+    return {"Authorization": f"Bearer {token.json['access_token']}"}
