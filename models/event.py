@@ -164,8 +164,11 @@ def keys(session_id: ObjectId, among: list[str] | None = None, upto: int | None 
         found = (held(doc["key"]) for doc in _collection().find(query, {"key": 1, "_id": 0}))
         return {key for key in found if key in wanted}
     if among is not None and any_attempt:
-        query["key"] = {"$regex": "^(" + "|".join(re.escape(key) for key in among) + r")(@\d+)?$"}
-        return {held(doc["key"]) for doc in _collection().find(query, {"key": 1, "_id": 0})}
+        found = keys(session_id, among, upto)
+        if missing := [key for key in among if key not in found]:  # held by an earlier attempt, or truly missing
+            query["key"] = {"$regex": "^(" + "|".join(re.escape(key) for key in missing) + r")@\d+$"}
+            found |= {held(doc["key"]) for doc in _collection().find(query, {"key": 1, "_id": 0})}
+        return found
     if among is not None:
         query["key"] = {"$in": among}
     return {doc["key"] for doc in _collection().find(query, {"key": 1, "_id": 0})}
