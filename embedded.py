@@ -123,7 +123,8 @@ class Platform:
         if self.keep_data and settings.data_dir and models.db.is_mock():
             if Path(settings.data_dir).is_dir():
                 log.info("read %d documents kept in %s", models.db.load_snapshot(settings.data_dir), settings.data_dir)
-            # Written as it changes, so that a hard kill loses at most SNAPSHOT_SECONDS of it.
+            # Written as it changes, so that a hard kill loses at most SNAPSHOT_SECONDS of it (what was just
+            # read is what the files hold).
             self.journal = models.db.Journal(settings.data_dir, settings.snapshot_seconds)
             self.journal.start()
         self.celery = coordinator.create_app(settings, self.storage, self.clock)

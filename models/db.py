@@ -154,15 +154,26 @@ WRITES = frozenset({"insert_one", "insert_many", "update_one", "update_many", "r
 _journal: Journal | None = None
 
 
+# Updates whose filter names the documents (`{"_id": x}` or `{"_id": {"$in": [...]}}`): their new versions are
+# appended; any other write has its collection written whole.
+UPDATES = frozenset({"update_one", "update_many", "replace_one", "find_one_and_update", "find_one_and_replace"})
+# A collection's file is written whole again once the versions it holds that later ones replaced pass this
+# much over what it held whole.
+COMPACT_BYTES = 1 << 20
+
+
 class Journal:
     """mongomock's durability for `make run`: what changed is written to a directory every `interval` seconds,
     so a hard kill (or a power cut) loses at most that much.
 
-    A collection that only had documents inserted since the last write (heartbeats, event logs: most of
-    what grows) gets them appended to its file; one whose documents changed otherwise is written whole,
-    beside its file and renamed into place. Files are synced before they count. What a write finds is what
-    `load_snapshot` reads back, a torn append at a file's end included (it is dropped). Real MongoDB has a
-    journal of its own: this is never used with it.
+    Each collection's file is a log of BSON documents where a later one with the same `_id` replaces an
+    earlier one. Documents inserted since the last flush (heartbeats, event logs: most of what grows) are
+    appended as they were inserted; documents an update named by `_id` (a session's progress, a task's
+    outcome) are read again and appended as they are now; a collection changed any other way (an update by
+    other fields, a delete) is written whole, beside its file and renamed into place, as is one whose file
+    holds more than COMPACT_BYTES of replaced versions. Files are synced before they count; a torn append at
+    a file's end is cut off when `load_snapshot` reads it back. Real MongoDB has a journal of its own: this
+    is never used with it.
     """
 
     def __init__(self, directory: str | os.PathLike, interval: float) -> None:
@@ -170,6 +181,8 @@ class Journal:
         self.interval = interval
         self.changed: set[str] = set()  # collections written whole at the next flush
         self.inserted: dict[str, list[bytes]] = {}  # collection -> documents to append, encoded
+        self.updated: dict[str, set[Any]] = {}  # collection -> ids of documents to append as they are then
+        self.replaced: dict[str, int] = {}  # collection -> bytes of versions appended since it was written whole
         self.flushes = 0
         self.written_bytes = 0
         self._stop = threading.Event()
@@ -201,6 +214,9 @@ class Journal:
                 self._append(collection, [args[0] if args else kwargs["document"]])
             elif method == "insert_many":
                 self._append(collection, args[0] if args else kwargs["documents"])
+            elif method in UPDATES and (ids := _named(args[0] if args else kwargs.get("filter"))) is not None:
+                if collection not in self.changed:
+                    self.updated.setdefault(collection, set()).update(ids)
             else:
                 self._rewrite(collection)
             return result
@@ -214,10 +230,12 @@ class Journal:
     def _rewrite(self, collection: str) -> None:
         self.changed.add(collection)
         self.inserted.pop(collection, None)
+        self.updated.pop(collection, None)
 
-    def start(self, every_collection: bool = True) -> None:
-        """Note every collection as changed (the first flush writes them all: the files then hold exactly what
-        the database does, whatever a torn append left), then flush every `interval` s in a thread."""
+    def start(self, every_collection: bool = False) -> None:
+        """Flush every `interval` s in a thread. The files must hold what the database does (it was read from
+        them, `load_snapshot`, or both are empty); `every_collection`: note every collection as changed, so
+        that the first flush writes them all."""
         global _journal
         if every_collection:
             self.changed.update(mongoengine.get_db().list_collection_names())
@@ -248,9 +266,12 @@ class Journal:
         db = mongoengine.get_db()
         lock = mongoengine.get_connection()._lock
         with lock:  # one consistent cut: what changes from here on is the next flush's
-            changed, inserted = self.changed, self.inserted
-            self.changed, self.inserted = set(), {}
+            self.changed |= {name for name, size in self.replaced.items() if size > COMPACT_BYTES}
+            changed, inserted, updated = self.changed, self.inserted, self.updated
+            self.changed, self.inserted, self.updated = set(), {}, {}
             whole = {name: list(db[name].find()) for name in changed}
+            now = {name: list(db[name].find({"_id": {"$in": list(ids)}})) for name, ids in updated.items()
+                   if name not in whole}
         self.directory.mkdir(parents=True, exist_ok=True)
         written = 0
         for name, documents in whole.items():
@@ -261,21 +282,32 @@ class Journal:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(part, self.directory / f"{name}.bson")
+            self.replaced[name] = 0
             written += len(data)
-        for name, documents in inserted.items():
-            if name in whole:
-                continue
-            data = b"".join(documents)
+        for name in {*inserted, *now} - set(whole):
+            versions = b"".join(bson.encode(document) for document in now.get(name, []))
+            data = b"".join(inserted.get(name, [])) + versions  # the versions read now come last: they win
             with (self.directory / f"{name}.bson").open("ab") as out:
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
+            self.replaced[name] = self.replaced.get(name, 0) + len(versions)
             written += len(data)
         if whole:
             _sync_directory(self.directory)  # the renames themselves
         self.flushes += 1
         self.written_bytes += written
         return written
+
+
+def _named(query: Any) -> list[Any] | None:
+    """The ids a filter names, when it names them (`{"_id": x, ...}`, `{"_id": {"$in": [...]}, ...}`); else None."""
+    if not isinstance(query, dict) or "_id" not in query:
+        return None
+    value = query["_id"]
+    if isinstance(value, dict):
+        return list(value["$in"]) if set(value) == {"$in"} else None
+    return [value]
 
 
 def _sync_directory(directory: Path) -> None:
@@ -286,8 +318,13 @@ def _sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _key(value: Any) -> Any:
+    return bson.encode({"k": value}) if isinstance(value, dict | list) else value
+
+
 def _documents(data: bytes, path: Path) -> list[dict[str, Any]]:
-    """The BSON documents of a file, up to a torn one at its end (a hard kill mid-append), which is dropped."""
+    """The BSON documents of a file, up to a torn one at its end (a hard kill mid-append), which is cut off the
+    file (the next append starts where the last whole document ends)."""
     documents, at = [], 0
     while at + 4 <= len(data):
         size = int.from_bytes(data[at:at + 4], "little", signed=True)
@@ -301,6 +338,7 @@ def _documents(data: bytes, path: Path) -> list[dict[str, Any]]:
     if at < len(data):
         logging.getLogger(__name__).warning("%s: %d byte(s) at its end were cut off by a hard stop; dropped",
                                             path, len(data) - at)
+        os.truncate(path, at)
     return documents
 
 
@@ -326,7 +364,8 @@ def load_snapshot(directory: str | os.PathLike) -> int:
     """Insert what `save_snapshot` wrote into the (empty) connected database; returns documents."""
     db, loaded = mongoengine.get_db(), 0
     for path in sorted(Path(directory).glob("*.bson")):
-        documents = _documents(path.read_bytes(), path)
+        # A later version of a document replaces an earlier one (Journal); each keeps its first place.
+        documents = list({_key(d["_id"]): d for d in _documents(path.read_bytes(), path)}.values())
         if documents:
             db[path.name.removesuffix(".bson")].insert_many(documents)
             loaded += len(documents)

@@ -190,3 +190,37 @@ def test_start_outlives_its_access_token_and_an_expired_sign_in_says_so(platform
     keep(token=expired, refresh=refresh_expired)
     refused = cli("sessions")
     assert refused.returncode == 1 and "your sign-in expired; sign in again" in refused.stderr, refused
+
+
+def test_resume_goes_on_with_an_interrupted_sweep_from_its_checkpoints(platform, two_peers, cli):
+    from harness.waiting import wait_until
+    from models import Heartbeat, Peer
+    from models import session as sessions
+    from tasks import lifecycle
+
+    epochs = 300  # a checkpoint every CHECKPOINT_EPOCHS (5), through each peer's grant, to S3
+    started = cli("start", str(WINE), "--peers", "2", "--epochs", str(epochs), "--lr", "0.001", "--detach", "--json")
+    assert started.returncode == 0, started.stderr
+    session_id = json.loads(started.stdout)["session_id"]
+    wait_until(lambda: all(Heartbeat.objects(session_id=session_id, peer=p, epoch__gte=12).count() for p in two_peers),
+               60, "both peers past epoch 12")
+    # The platform stops under it (make run's stop does this).
+    assert lifecycle.end(platform.celery, session_id, sessions.INTERRUPTED, "the platform was stopped")
+    shown = cli("show", session_id)
+    assert "INTERRUPTED" in shown.stdout, shown.stdout
+    wait_until(lambda: Peer.objects(name__in=two_peers, status="ONLINE").count() == 2, 30, "its peers, free again")
+
+    done = cli("resume", session_id, "--json")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+    events = lines(done.stdout)
+    assert events[-1]["event"] == "end" and events[-1]["data"]["status"] == "COMPLETED"
+    for name in two_peers:
+        went_on = [line for line in platform.peers[name].log().splitlines() if f"session {session_id}: peer {name} "
+                   "goes on from epoch" in line]
+        assert went_on, platform.peers[name].log()[-2000:]
+        epoch = int(went_on[-1].split("goes on from epoch ")[1].split()[0])
+        assert epoch > 1 and (epoch - 1) % 5 == 0
+        assert sorted(Heartbeat.objects(session_id=session_id, peer=name).scalar("epoch")) == list(range(1, epochs + 1))
+    again = cli("resume", session_id)
+    assert again.returncode == 1 and "only an INTERRUPTED session can be resumed" in again.stderr
+

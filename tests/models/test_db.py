@@ -198,7 +198,7 @@ def test_the_journal_appends_inserts_rewrites_changes_and_drops_a_torn_end(tmp_p
     with connected(None):
         models.db.load_snapshot(tmp_path)
         assert sorted(Heartbeat.objects.scalar("epoch")) == [1, 2, 3]  # the repeated epoch 2 once, the torn end gone
-        assert Peer.objects.get(name="p0").accepted == 1
+        assert Peer.objects.get(name="p0").accepted == 3 and Peer.objects.get(name="p0").hostname == "after"
 
 
 def wrote(directory) -> None:
@@ -207,16 +207,22 @@ def wrote(directory) -> None:
     journal = models.db.Journal(directory, interval=0)  # flushed by hand
     journal.start()
     try:
-        peers.register("p0")
+        peer = peers.register("p0")
         session = ObjectId()
         heartbeats.insert_many([{"session_id": session, "peer": "p0", "round": 0, "epoch": e} for e in (1, 2)])
         journal.flush()
-        before = {name: (directory / f"{name}.bson").stat().st_ino for name in ("heartbeats", "peers")}
+
+        def inodes() -> dict[str, int]:
+            return {name: (directory / f"{name}.bson").stat().st_ino for name in ("heartbeats", "peers")}
+
+        before = inodes()
         heartbeats.insert_many([{"session_id": session, "peer": "p0", "round": 0, "epoch": e} for e in (2, 3)])
-        peers.count("p0", accepted=1)
+        Peer.objects(id=peer.id).update_one(inc__accepted=2)  # named by its id: its new version is appended
         journal.flush()
-        after = {name: (directory / f"{name}.bson").stat().st_ino for name in ("heartbeats", "peers")}
-        assert after["heartbeats"] == before["heartbeats"]  # only inserted: appended to its file
-        assert after["peers"] != before["peers"]  # changed: written whole, beside it, and renamed into place
+        assert inodes() == before  # appended to, not written again
+        peers.count("p0", accepted=1)  # by name: the collection is written whole, beside its file
+        journal.flush()
+        assert inodes()["peers"] != before["peers"] and inodes()["heartbeats"] == before["heartbeats"]
+        Peer.objects(id=peer.id).update_one(set__hostname="after")
     finally:
         journal.stop()
