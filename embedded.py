@@ -125,8 +125,9 @@ class Platform:
                 log.info("read %d documents kept in %s", models.db.load_snapshot(settings.data_dir), settings.data_dir)
             # Written as it changes, so that a hard kill loses at most SNAPSHOT_SECONDS of it (what was just
             # read is what the files hold).
-            self.journal = models.db.Journal(settings.data_dir, settings.snapshot_seconds)
-            self.journal.start()
+            if settings.snapshot_seconds > 0:
+                self.journal = models.db.Journal(settings.data_dir, settings.snapshot_seconds)
+                self.journal.start()
         self.celery = coordinator.create_app(settings, self.storage, self.clock)
         reconcile(self.celery)
         for name in self.names:  # on a real broker their logins were issued by the supervising process (main)
@@ -196,9 +197,11 @@ class Platform:
             hub = self.api.extensions.get(stream.EXTENSION)
             if hub is not None:
                 hub.close()
-        if self.journal is not None:
+        if self.journal is not None:  # the files hold all but its last changes: those are written now
             self.journal.stop()
-        if self.keep_data and self.settings.data_dir and models.db.is_mock():
+            log.info("kept the data in %s for the next run (%d writes, %.1f MB in all)", self.settings.data_dir,
+                     self.journal.flushes, self.journal.written_bytes / 1e6)
+        elif self.keep_data and self.settings.data_dir and models.db.is_mock():
             kept = models.db.save_snapshot(self.settings.data_dir)
             log.info("kept %d documents in %s for the next run", kept, self.settings.data_dir)
 
