@@ -304,8 +304,8 @@ def test_a_page_outlives_its_access_token_and_an_expired_sign_in_says_so(platfor
 
 def test_a_session_page_across_make_run_stopping_and_starting_again(browser, tmp_path):
     """`make run` stops (SIGTERM, as Ctrl-C) while a session page follows a training session: the page says
-    the server stopped, and when `make run` is back on the same address it resumes, shows how the session
-    ended, and the user is still signed in."""
+    the server stopped, and when `make run` is back on the same address it reconnects, shows the session
+    INTERRUPTED, the user still signed in; its Resume button takes it on to COMPLETED."""
     import os
 
     from harness.http import Api
@@ -332,10 +332,18 @@ def test_a_session_page_across_make_run_stopping_and_starting_again(browser, tmp
         assert visit.page.inner_text("#connection") == "server stopped — reconnecting…"
         visit.shot("laptop-server-stopped")
         with make_target("run", env, tmp_path / "second.log", port=port):
-            visit.page.wait_for_selector("#status[data-status=FAILED]")
-            assert "interrupted: make run was stopped" in visit.page.inner_text("main")
+            visit.page.wait_for_selector("#status[data-status=INTERRUPTED]")
+            assert "make run was stopped" in visit.page.inner_text("main")
             visit.page.wait_for_selector("#connection.ended", state="attached")
             assert visit.page.url.endswith(f"#/sessions/{session_id}")  # still signed in
+            visit.shot("laptop-session-interrupted")
+            # Resume: it goes on from its peers' checkpoints, and the page follows it to its end.
+            wait_until(lambda: user.get("/peers").json()["free"] == 2, 60, "the peers, back")
+            visit.page.click("#resume")
+            visit.page.wait_for_selector("#connection.live")
+            visit.page.wait_for_selector("#status[data-status=COMPLETED]", timeout=120_000)
+            assert visit.page.query_selector("#resume") is None
+            assert user.session(session_id)["resumes"] == 1
     finally:
         visit.close()
 
