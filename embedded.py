@@ -148,6 +148,13 @@ class Platform:
         self.api = create_app(settings=settings, celery=self.celery)
         if settings.resume == "auto":
             threading.Thread(target=self.resume_interrupted, name="resume", daemon=True).start()
+        else:
+            from models import session as sessions
+
+            waiting = [str(s.id) for s in sessions.TrainingSession.objects(status=sessions.INTERRUPTED).only("id")]
+            if waiting:
+                log.info("%d session(s) were interrupted (%s); resume them from the dashboard, with `peertrain "
+                         "resume ID`, or start with RESUME=auto", len(waiting), ", ".join(waiting[:5]))
         return self.api
 
     def resume_interrupted(self, patience: float = 60.0) -> list[str]:

@@ -129,6 +129,9 @@ def test_make_run_stopped_mid_session_leaves_nothing_running_and_keeps_its_data(
         try:
             session = user.session(session_id)
             assert session["status"] == "INTERRUPTED" and session["reason"] == "make run was stopped", session
+            account = {"email": "ann@example.com", "password": "correct horse"}
+            assert requests.post(f"{base}/auth/signin", json=account).status_code == 200  # and signs in again
+            assert f"1 session(s) were interrupted ({session_id})" in (tmp_path / "second.log").read_text()
             assert {p["status"] for p in session["peers"]} == {"INTERRUPTED"}  # nobody's fault
             done = {p["name"]: max(b["epoch"] for b in user.heartbeats(session_id, peer=p["name"]))
                     for p in session["peers"]}
