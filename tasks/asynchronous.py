@@ -76,7 +76,8 @@ class AsyncFederated(Federated):
     def start(self) -> None:
         """Split the data as a synchronous session does, then give every peer its first task."""
         session = self.session
-        if session.status == sessions.PENDING and session.asynchronous is not None:
+        resuming = session.status == sessions.PENDING and session.asynchronous is not None
+        if resuming or (session.resumes and session.status == sessions.RUNNING and not session.launch.sent):
             self._resume()
             return
         if session.status == sessions.PENDING:
@@ -108,13 +109,16 @@ class AsyncFederated(Federated):
         """Go on after an interruption from the global version it reached: the tasks it lost then were given
         back to its budget, the updates it had buffered are folded as they would have been."""
         session, now = self.session, self.clock.now()
-        launch = Launch(round=0, peers=[run.name for run in session.peers], started_at=now, sent=True)
-        if not sessions.start_running(session.id, {}, launch, self.deadline_seconds(), sessions.positions(session),
-                                      now):
-            return  # another run of this start came first
-        session.reload()
+        if session.status == sessions.PENDING:
+            launch = Launch(round=0, peers=[run.name for run in session.peers], started_at=now, sent=False)
+            sessions.start_running(session.id, {}, launch, self.deadline_seconds(), sessions.positions(session), now)
+            session.reload()
+        if session.status != sessions.RUNNING or session.launch.sent:
+            return  # another run of this start did it all
+        # Run again after dying half-way, it gives a task only to peers with none out.
         relay.declare(self.app, [run.name for run in session.in_play()])
         self._dispatch_idle()
+        sessions.launched(session.id, 0)
         self.fold_while_due()
 
     # --- sending ---------------------------------------------------------------------------------------

@@ -375,3 +375,67 @@ def test_ending_a_session_that_died_half_way_ends_it_once_on_redelivery(kit, mon
     assert done.status == (sessions.CANCELLED if task == "peertrain.cancel_session" else sessions.FAILED)
     assert [e["kind"] for e in sessions.events.after(session.id, 0)].count("end") == 1
     assert not sessions.TrainingSession.objects(id=session.id, peers__status=sessions.RUNNING).count()
+
+
+# --- resuming ------------------------------------------------------------------------------------------
+
+
+def interrupt_and_resume(kit, session) -> None:
+    """The platform stops under the session (make run's stop), then its owner resumes it (the API's part)."""
+    from bson import ObjectId
+
+    from models import peer as peers
+    from models.db import utcnow
+    from tasks import lifecycle
+
+    assert lifecycle.end(kit.app, session.id, sessions.INTERRUPTED, "the platform was stopped")
+    kit.trains(session)  # what was queued for it is gone with the stop (its peers would drop it)
+    assert peers.claim_named(ObjectId(session.id), [run.name for run in session.peers]) == []
+    assert sessions.resume(session.id, utcnow())
+
+
+def test_an_interrupted_federated_session_resumes_from_its_first_round_not_recorded(kit):
+    session = kit.session(**FEDERATED)
+    run_session(kit, session)
+    assert kit.answer_all(session) == 2
+    kit.coordinate()  # round 0 recorded, round 1 sent
+    before = kit.reload(session).rounds
+    interrupt_and_resume(kit, session)
+    run_session(kit, session)
+    run_session(kit, session)  # delivered twice: still one task per peer
+    messages = kit.trains(session)
+    assert {name: [m["args"][0]["round"] for m in found] for name, found in messages.items()} == {
+        run.name: [1] for run in session.peers}
+    assert all(m["args"][0]["attempt"] == 1 for found in messages.values() for m in found)
+    for name, found in messages.items():
+        for message in found:
+            kit.answer(message, name)
+    kit.coordinate()
+    assert kit.answer_all(session) == 2
+    kit.coordinate()
+    done = kit.reload(session)
+    assert done.status == sessions.COMPLETED and done.resumes == 1, done.reason
+    assert [r.round for r in done.rounds] == [0, 1, 2] and done.rounds[0].to_mongo() == before[0].to_mongo()
+
+
+@pytest.mark.parametrize("dies_in", [None, "dispatched"], ids=["whole", "died-half-way"])
+def test_an_interrupted_asynchronous_session_resumes_with_its_lost_tasks_given_back(kit, monkeypatch, dies_in):
+    session = kit.session(**ASYNC)
+    run_session(kit, session)
+    first = kit.trains(session)
+    for name, found in first.items():  # one peer answers, the other's task is out when it stops
+        if name == session.peers[0].name:
+            for message in found:
+                kit.answer(message, name)
+    kit.coordinate()
+    interrupted, out = kit.reload(session).asynchronous, updates.count(session.id, updates.TRAINING)
+    assert out == 2  # the unanswered first task, and the next one of the peer that answered
+    interrupt_and_resume(kit, session)
+    assert kit.reload(session).asynchronous.remaining == interrupted.remaining + out  # the lost tasks given back
+    if dies_in:
+        crash_once(monkeypatch, updates, dies_in)
+        with pytest.raises(Crash):
+            run_session(kit, session)
+    run_session(kit, session)
+    run_session(kit, session)
+    assert {name: len(found) for name, found in kit.trains(session).items()} == {run.name: 1 for run in session.peers}
