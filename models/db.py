@@ -157,8 +157,8 @@ _journal: Journal | None = None
 # Updates whose filter names the documents (`{"_id": x}` or `{"_id": {"$in": [...]}}`): their new versions are
 # appended; any other write has its collection written whole.
 UPDATES = frozenset({"update_one", "update_many", "replace_one", "find_one_and_update", "find_one_and_replace"})
-# A collection's file is written whole again once the versions it holds that later ones replaced pass this
-# much over what it held whole.
+# A collection's file is written whole again once the versions in it that later ones replaced pass both this
+# and what it held whole (so that writing it whole, which holds the lock while it is read, stays rare).
 COMPACT_BYTES = 1 << 20
 
 
@@ -171,9 +171,9 @@ class Journal:
     appended as they were inserted; documents an update named by `_id` (a session's progress, a task's
     outcome) are read again and appended as they are now; a collection changed any other way (an update by
     other fields, a delete) is written whole, beside its file and renamed into place, as is one whose file
-    holds more than COMPACT_BYTES of replaced versions. Files are synced before they count; a torn append at
-    a file's end is cut off when `load_snapshot` reads it back. Real MongoDB has a journal of its own: this
-    is never used with it.
+    holds more replaced versions than COMPACT_BYTES and than it held whole. Files are synced before they
+    count; a torn append at a file's end is cut off when `load_snapshot` reads it back. Real MongoDB has a
+    journal of its own: this is never used with it.
     """
 
     def __init__(self, directory: str | os.PathLike, interval: float) -> None:
@@ -183,6 +183,7 @@ class Journal:
         self.inserted: dict[str, list[bytes]] = {}  # collection -> documents to append, encoded
         self.updated: dict[str, set[Any]] = {}  # collection -> ids of documents to append as they are then
         self.replaced: dict[str, int] = {}  # collection -> bytes of versions appended since it was written whole
+        self.whole: dict[str, int] = {}  # collection -> bytes its file held when it was last written whole
         self.flushes = 0
         self.written_bytes = 0
         self._stop = threading.Event()
@@ -266,7 +267,8 @@ class Journal:
         db = mongoengine.get_db()
         lock = mongoengine.get_connection()._lock
         with lock:  # one consistent cut: what changes from here on is the next flush's
-            self.changed |= {name for name, size in self.replaced.items() if size > COMPACT_BYTES}
+            self.changed |= {name for name, size in self.replaced.items()
+                             if size > max(COMPACT_BYTES, self.whole.get(name, 0))}
             changed, inserted, updated = self.changed, self.inserted, self.updated
             self.changed, self.inserted, self.updated = set(), {}, {}
             whole = {name: list(db[name].find()) for name in changed}
@@ -282,12 +284,15 @@ class Journal:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(part, self.directory / f"{name}.bson")
-            self.replaced[name] = 0
+            self.replaced[name], self.whole[name] = 0, len(data)
             written += len(data)
         for name in {*inserted, *now} - set(whole):
             versions = b"".join(bson.encode(document) for document in now.get(name, []))
             data = b"".join(inserted.get(name, [])) + versions  # the versions read now come last: they win
-            with (self.directory / f"{name}.bson").open("ab") as out:
+            path = self.directory / f"{name}.bson"
+            if name not in self.whole:  # as it was read at the start
+                self.whole[name] = path.stat().st_size if path.exists() else 0
+            with path.open("ab") as out:
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
