@@ -55,7 +55,7 @@ class Locked:
             return value
         journal = _journal
         if journal is not None and name in WRITES and isinstance(self._target, _mock_types()[2]):
-            return self._call(journal.noting(self._target.name, name, value))
+            return self._call(journal.noting(self._target, name, value))
         return self._call(value)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -154,8 +154,8 @@ WRITES = frozenset({"insert_one", "insert_many", "update_one", "update_many", "r
 _journal: Journal | None = None
 
 
-# Updates whose filter names the documents (`{"_id": x}` or `{"_id": {"$in": [...]}}`): their new versions are
-# appended; any other write has its collection written whole.
+# Updates: the documents they name by `_id`, or that their filter matches before they run, are appended as
+# they are after; any other write (a delete, an upsert not by `_id`) has its collection written whole.
 UPDATES = frozenset({"update_one", "update_many", "replace_one", "find_one_and_update", "find_one_and_replace"})
 # A collection's file is written whole again once the versions in it that later ones replaced pass both this
 # and what it held whole (so that writing it whole, which holds the lock while it is read, stays rare).
@@ -168,12 +168,12 @@ class Journal:
 
     Each collection's file is a log of BSON documents where a later one with the same `_id` replaces an
     earlier one. Documents inserted since the last flush (heartbeats, event logs: most of what grows) are
-    appended as they were inserted; documents an update named by `_id` (a session's progress, a task's
-    outcome) are read again and appended as they are now; a collection changed any other way (an update by
-    other fields, a delete) is written whole, beside its file and renamed into place, as is one whose file
-    holds more replaced versions than COMPACT_BYTES and than it held whole. Files are synced before they
-    count; a torn append at a file's end is cut off when `load_snapshot` reads it back. Real MongoDB has a
-    journal of its own: this is never used with it.
+    appended as they were inserted; documents an update names by `_id` (a session's progress, a task's
+    outcome), or that its filter matches before it runs, are read again and appended as they are now; a
+    collection changed any other way (a delete, an upsert not by `_id`) is written whole, beside its file
+    and renamed into place, as is one whose file holds more replaced versions than COMPACT_BYTES and than
+    it held whole. Files are synced before they count; a torn append at a file's end is cut off when
+    `load_snapshot` reads it back. Real MongoDB has a journal of its own: this is never used with it.
     """
 
     def __init__(self, directory: str | os.PathLike, interval: float) -> None:
@@ -189,12 +189,23 @@ class Journal:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def noting(self, collection: str, method: str, call: Callable[..., Any]) -> Callable[..., Any]:
-        """`call` (a collection's write `method`, run under the client's lock), noted for the next flush."""
+    def noting(self, target: Any, method: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        """`call` (a write `method` of mongomock collection `target`, run under the client's lock), noted for the
+        next flush."""
+        collection = target.name
+
         def noted(*args: Any, **kwargs: Any) -> Any:
             if method == "insert_many":  # a generator is read once: by the insert, then by the journal
                 args = (list(args[0]), *args[1:]) if args else args
                 kwargs = {**kwargs, "documents": list(kwargs["documents"])} if "documents" in kwargs else kwargs
+            ids = None
+            if method in UPDATES:
+                query = args[0] if args else kwargs.get("filter")
+                ids = _named(query)
+                if ids is None and isinstance(query, dict) and not kwargs.get("upsert"):
+                    # The documents it may change, found before it changes the fields they were found by:
+                    # only those are appended, not the whole collection.
+                    ids = [document["_id"] for document in target.find(query, {"_id": 1})]
             try:
                 result = call(*args, **kwargs)
             except BulkWriteError as exc:
@@ -215,7 +226,7 @@ class Journal:
                 self._append(collection, [args[0] if args else kwargs["document"]])
             elif method == "insert_many":
                 self._append(collection, args[0] if args else kwargs["documents"])
-            elif method in UPDATES and (ids := _named(args[0] if args else kwargs.get("filter"))) is not None:
+            elif ids is not None:
                 if collection not in self.changed:
                     self.updated.setdefault(collection, set()).update(ids)
             else:

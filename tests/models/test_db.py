@@ -199,6 +199,7 @@ def test_the_journal_appends_inserts_rewrites_changes_and_drops_a_torn_end(tmp_p
         models.db.load_snapshot(tmp_path)
         assert sorted(Heartbeat.objects.scalar("epoch")) == [1, 2, 3]  # the repeated epoch 2 once, the torn end gone
         assert Peer.objects.get(name="p0").accepted == 3 and Peer.objects.get(name="p0").hostname == "after"
+        assert Peer.objects(name="gone").count() == 0
 
 
 def wrote(directory) -> None:
@@ -218,9 +219,11 @@ def wrote(directory) -> None:
         before = inodes()
         heartbeats.insert_many([{"session_id": session, "peer": "p0", "round": 0, "epoch": e} for e in (2, 3)])
         Peer.objects(id=peer.id).update_one(inc__accepted=2)  # named by its id: its new version is appended
+        peers.count("p0", accepted=1)  # by name: the document it matched is appended too
         journal.flush()
         assert inodes() == before  # appended to, not written again
-        peers.count("p0", accepted=1)  # by name: the collection is written whole, beside its file
+        peers.register("gone")
+        Peer.objects(name="gone").delete()  # a delete: the collection is written whole, beside its file
         journal.flush()
         assert inodes()["peers"] != before["peers"] and inodes()["heartbeats"] == before["heartbeats"]
         Peer.objects(id=peer.id).update_one(set__hostname="after")
