@@ -116,6 +116,7 @@ def main() -> None:
     rows: dict[str, list[tuple[float, list[float]]]] = {"no journal (baseline)": [], "journal": []}
     flushes: list[float] = []
     written: list[int] = []
+    holds: list[float] = []
     with tempfile.TemporaryDirectory(prefix="peertrain-journal-") as tmp:
         journal = models.db.Journal(Path(tmp), args.interval)
         first = time.perf_counter()
@@ -140,6 +141,7 @@ def main() -> None:
             journal.start()
             rows["journal"].append(run(args.seconds, running, owner, ids))
             journal.stop()
+            holds.append(journal.longest_hold)
     base_rate = statistics.median(rate for rate, _ in rows["no journal (baseline)"])
     base = [v for _, lat in rows["no journal (baseline)"] for v in lat]
     print(f"{'':<24} {'monitor batches/s':>18} {'ratio':>6} {'API p50 ms':>11} {'p99':>7} {'max':>7} {'p99 ratio':>9}")
@@ -151,6 +153,7 @@ def main() -> None:
               f"{quantile(latencies, 0.99) / quantile(base, 0.99):9.2f}")
     print(f"flushes: {len(flushes)}, median {statistics.median(flushes) * 1000:.0f} ms, "
           f"max {max(flushes) * 1000:.0f} ms, median {statistics.median(written) / 1e3:.0f} kB written; "
+          f"the lock held at most {max(holds) * 1000:.0f} ms; "
           f"a hard kill loses at most {args.interval:g} s + one flush ({(args.interval + max(flushes)):.2f} s here)")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import cache
@@ -186,6 +187,7 @@ class Journal:
         self.whole: dict[str, int] = {}  # collection -> bytes its file held when it was last written whole
         self.flushes = 0
         self.written_bytes = 0
+        self.longest_hold = 0.0  # seconds a flush held the database's lock, at most (everyone else waits)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -278,6 +280,7 @@ class Journal:
         db = mongoengine.get_db()
         lock = mongoengine.get_connection()._lock
         with lock:  # one consistent cut: what changes from here on is the next flush's
+            began = time.perf_counter()
             self.changed |= {name for name, size in self.replaced.items()
                              if size > max(COMPACT_BYTES, self.whole.get(name, 0))}
             changed, inserted, updated = self.changed, self.inserted, self.updated
@@ -285,6 +288,7 @@ class Journal:
             whole = {name: list(db[name].find()) for name in changed}
             now = {name: list(db[name].find({"_id": {"$in": list(ids)}})) for name, ids in updated.items()
                    if name not in whole}
+            self.longest_hold = max(self.longest_hold, time.perf_counter() - began)
         self.directory.mkdir(parents=True, exist_ok=True)
         written = 0
         for name, documents in whole.items():
