@@ -222,7 +222,8 @@ class Listener(threading.Thread):
                         pause = 0.5
                         while not self.stopped.is_set():
                             try:
-                                connection.drain_events(timeout=1)
+                                # Short, so that a stop (make run's, a test's) is not kept waiting.
+                                connection.drain_events(timeout=0.25)
                             except TimeoutError:
                                 pass
             except Exception:
