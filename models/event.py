@@ -18,7 +18,6 @@ the broker, so every API process hears them); the log, not the announcement, is 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -29,7 +28,7 @@ from bson import ObjectId
 from mongoengine import DateTimeField, DictField, Document, IntField, ObjectIdField, StringField
 from pymongo.errors import BulkWriteError
 
-from models.db import is_mock, utcnow
+from models.db import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +48,7 @@ class SessionEvent(Document):
     key = StringField(required=True)
     data = DictField()
     at = DateTimeField(default=utcnow)
+    attempt = IntField()  # set when the session is resumed: the attempt it belonged to (None: the current one)
 
     meta = {"collection": "session_events", "indexes": [("session_id", "seq"), ("session_id", "key")]}
 
@@ -147,67 +147,58 @@ def append_new(session_id: Any, items: Iterable[Item]) -> list[dict[str, Any]]:
 
 def keys(session_id: ObjectId, among: list[str] | None = None, upto: int | None = None,
          any_attempt: bool = False) -> set[str]:
-    """The keys the session's log holds: of `among` only, or of the events up to seq `upto`. `any_attempt`: a key
-    an earlier attempt of a resumed session logged (set apart as `key@n`) counts as held too."""
+    """The keys the session's log holds for its current attempt: of `among` only, or of the events up to seq
+    `upto`. `any_attempt`: those an earlier attempt of a resumed session logged count too."""
     query: dict[str, Any] = {"session_id": session_id}
     if upto is not None:
         query["seq"] = {"$lte": upto}
-
-    def held(key: str) -> str:
-        return key.split("@", 1)[0] if any_attempt else key
-
+    if not any_attempt:
+        query["attempt"] = None
     if among is not None and len(among) > _FEW:
         # Many keys (a round's heartbeats, every peer's status): the session's keys of those kinds,
         # matched here, rather than a long $in list.
         query["kind"] = {"$in": sorted({key.split(":", 1)[0] for key in among})}
         wanted = set(among)
-        found = (held(doc["key"]) for doc in _collection().find(query, {"key": 1, "_id": 0}))
-        return {key for key in found if key in wanted}
-    if among is not None and any_attempt:
-        found = keys(session_id, among, upto)
-        if missing := [key for key in among if key not in found]:  # held by an earlier attempt, or truly missing
-            query["key"] = {"$regex": "^(" + "|".join(re.escape(key) for key in missing) + r")@\d+$"}
-            found |= {held(doc["key"]) for doc in _collection().find(query, {"key": 1, "_id": 0})}
-        return found
+        return {doc["key"] for doc in _collection().find(query, {"key": 1, "_id": 0}) if doc["key"] in wanted}
     if among is not None:
         query["key"] = {"$in": among}
     return {doc["key"] for doc in _collection().find(query, {"key": 1, "_id": 0})}
 
 
 def begin_attempt(session_id: Any) -> int:
-    """A resumed session starts a new attempt: the facts its log holds so far are set apart (their keys get
-    `@<n>`), so the new attempt's status, peer and end events are shown again, and a stream that reads the
-    log from the start shows the earlier end as a step, not the end. Returns the events set apart."""
+    """A resumed session starts a new attempt: the events its log holds so far are marked with the attempt they
+    belong to (one update), so the new attempt's status, peer and end events are shown again, and a stream that
+    reads the log from the start shows the earlier end as a step, not the end. Returns the attempt ended."""
     session_id = ObjectId(session_id)
-    found = list(_collection().find({"session_id": session_id}, {"key": 1}))
-    current = [doc for doc in found if "@" not in doc["key"]]
-    if not current:
-        return 0
-    attempt = 1 + max((int(doc["key"].rsplit("@", 1)[1]) for doc in found if "@" in doc["key"]), default=0)
-    if is_mock():  # mongomock takes neither an update pipeline nor pymongo's current UpdateOne
-        for doc in current:
-            _collection().update_one({"_id": doc["_id"]}, {"$set": {"key": f"{doc['key']}@{attempt}"}})
-    else:
-        _collection().update_many({"session_id": session_id, "key": {"$not": {"$regex": "@"}}},
-                                  [{"$set": {"key": {"$concat": ["$key", f"@{attempt}"]}}}])
-    return len(current)
+    newest = _collection().find({"session_id": session_id, "attempt": {"$ne": None}}, {"attempt": 1}).sort(
+        "attempt", -1).limit(1)
+    attempt = 1 + next((doc["attempt"] for doc in newest), 0)
+    _collection().update_many({"session_id": session_id, "attempt": None}, {"$set": {"attempt": attempt}})
+    return attempt
 
 
 def superseded(event: dict[str, Any]) -> bool:
     """An earlier attempt's end: the session was resumed after it."""
-    return event["kind"] == END and event["key"] != "end"
+    return event["kind"] == END and event.get("attempt") is not None
+
+
+def seen_as(event: dict[str, Any]) -> tuple[int | None, str]:
+    """What makes two events one fact: their key, within one attempt."""
+    return event.get("attempt"), event["key"]
 
 
 def seq_of(session_id: ObjectId, key: str) -> int:
-    """The seq of the session's first event with `key` (0: none)."""
-    first = _collection().find({"session_id": session_id, "key": key}, {"seq": 1}).sort("seq", 1).limit(1)
+    """The seq of the first event with `key` of the session's current attempt (0: none)."""
+    first = _collection().find({"session_id": session_id, "key": key, "attempt": None}, {"seq": 1}).sort(
+        "seq", 1).limit(1)
     return next((doc["seq"] for doc in first), 0)
 
 
 def after(session_id: ObjectId, seq: int) -> list[dict[str, Any]]:
     """The session's events after `seq`, oldest first."""
     query = {"session_id": session_id, "seq": {"$gt": seq}}
-    return list(_collection().find(query, {"seq": 1, "kind": 1, "key": 1, "data": 1, "_id": 0}).sort("seq", 1))
+    return list(_collection().find(query, {"seq": 1, "kind": 1, "key": 1, "data": 1, "attempt": 1, "_id": 0})
+                .sort("seq", 1))
 
 
 # --- the events, as the stream shows them ----------------------------------------------------------

@@ -93,16 +93,17 @@ class Cursor:
     def __init__(self, session_id: ObjectId, last: int = 0) -> None:
         self.session_id = session_id
         self.last = last
-        self.seen: set[str] = set()
+        self.seen: set[tuple[int | None, str]] = set()  # events.seen_as of each event sent
         self.ended = False
 
     def start(self) -> list[dict[str, Any]]:
         """The events to send first: everything after `last` in the log."""
         if self.last:
-            self.seen = events.keys(self.session_id, upto=self.last)
-            if events.END in self.seen:
+            # (Only the current attempt's: what an interrupted one reported does not hide the resumed one's.)
+            self.seen = {(None, key) for key in events.keys(self.session_id, upto=self.last)}
+            if (None, events.END) in self.seen:
                 # The client had the end already: send it again (and close), it asks for nothing else.
-                self.seen.discard(events.END)
+                self.seen.discard((None, events.END))
                 self.last = min(self.last, events.seq_of(self.session_id, events.END) - 1)
         sent = self.catch_up()
         if not self.ended:
@@ -136,9 +137,9 @@ class Cursor:
             if event["seq"] != self.last + 1 and not the_log:
                 return out, True
             self.last = event["seq"]
-            if event["key"] in self.seen or events.superseded(event):
+            if events.seen_as(event) in self.seen or events.superseded(event):
                 continue  # a fact reported twice (the first report counts), or an end the session went on from
-            self.seen.add(event["key"])
+            self.seen.add(events.seen_as(event))
             out.append(event)
             self.ended = event["kind"] == events.END
         return out, False
