@@ -262,7 +262,7 @@ class Journal:
         while not self._stop.wait(self.interval):
             try:
                 self.flush()
-            except Exception:  # the next flush writes it all again: nothing is forgotten by failing once
+            except Exception:  # the next flush writes what this one could not: nothing is forgotten by failing once
                 logging.getLogger(__name__).exception("writing the database to %s failed", self.directory)
 
     def stop(self) -> None:
@@ -289,6 +289,19 @@ class Journal:
             now = {name: list(db[name].find({"_id": {"$in": list(ids)}})) for name, ids in updated.items()
                    if name not in whole}
             self.longest_hold = max(self.longest_hold, time.perf_counter() - began)
+        try:
+            written = self._write(whole, inserted, now)
+        except BaseException:
+            with lock:  # whatever this flush should have written is written whole by the next one
+                for name in {*whole, *inserted, *now}:
+                    self._rewrite(name)
+            raise
+        self.flushes += 1
+        self.written_bytes += written
+        return written
+
+    def _write(self, whole: dict[str, list[Any]], inserted: dict[str, list[bytes]],
+               now: dict[str, list[Any]]) -> int:
         self.directory.mkdir(parents=True, exist_ok=True)
         written = 0
         for name, documents in whole.items():
@@ -315,8 +328,6 @@ class Journal:
             written += len(data)
         if whole:
             _sync_directory(self.directory)  # the renames themselves
-        self.flushes += 1
-        self.written_bytes += written
         return written
 
 

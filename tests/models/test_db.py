@@ -229,3 +229,27 @@ def wrote(directory) -> None:
         Peer.objects(id=peer.id).update_one(set__hostname="after")
     finally:
         journal.stop()
+
+
+def test_a_write_that_fails_is_made_good_by_the_next(tmp_path, monkeypatch):
+    from models import Heartbeat
+    from models import heartbeat as heartbeats
+
+    with connected(None):
+        journal = models.db.Journal(tmp_path, interval=0)
+        journal.start()
+        try:
+            heartbeats.insert_many([{"session_id": ObjectId(), "peer": "p0", "round": 0, "epoch": 1}])
+            def full(*args, **kwargs):
+                raise OSError(28, "No space left on device")
+
+            monkeypatch.setattr(models.db.Path, "open", full)
+            with pytest.raises(OSError):
+                journal.flush()
+            monkeypatch.undo()
+            heartbeats.insert_many([{"session_id": ObjectId(), "peer": "p0", "round": 0, "epoch": 2}])
+        finally:
+            journal.stop()
+    with connected(None):
+        models.db.load_snapshot(tmp_path)
+        assert sorted(Heartbeat.objects.scalar("epoch")) == [1, 2]
