@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from typing import Any
 
 import pytest
 
@@ -61,7 +62,6 @@ def running_with(marker: str) -> list[int]:
 @pytest.mark.parametrize("broker", ["memory", "rabbitmq"])
 def test_make_run_stopped_mid_session_leaves_nothing_running_and_keeps_its_data(tmp_path, broker, record_property):
     import signal
-    import subprocess
     import threading
     import time
 
@@ -83,18 +83,7 @@ def test_make_run_stopped_mid_session_leaves_nothing_running_and_keeps_its_data(
     base = f"http://127.0.0.1:{port}"
 
     def make_run(log):
-        process = subprocess.Popen(["make", "run"], cwd=ROOT, env={**env, "PORT": str(port)}, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-
-        def healthy() -> bool:
-            assert process.poll() is None, (tmp_path / "first.log").read_text()
-            try:
-                return requests.get(f"{base}/healthz", timeout=2).status_code == 200
-            except requests.ConnectionError:
-                return False
-
-        wait_until(healthy, 60, "make run to serve")
-        return process
+        return started_make_run(env, port, log)
 
     with (tmp_path / "first.log").open("wb") as log:
         process = make_run(log)
@@ -178,7 +167,6 @@ def test_make_run_killed_mid_federated_session_loses_no_round_and_resumes_by_its
     """kill -9 of the whole `make run` (as a power cut would): what was written a second before is all there after
     the restart, and with RESUME=auto the session goes on from its last round to COMPLETED."""
     import signal
-    import subprocess
     import time
 
     import requests
@@ -192,18 +180,7 @@ def test_make_run_killed_mid_federated_session_loses_no_round_and_resumes_by_its
     base = f"http://127.0.0.1:{port}"
 
     def make_run(log, **extra):
-        process = subprocess.Popen(["make", "run"], cwd=ROOT, env={**env, **extra, "PORT": str(port)}, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-
-        def healthy() -> bool:
-            assert process.poll() is None, log.name
-            try:
-                return requests.get(f"{base}/healthz", timeout=2).status_code == 200
-            except requests.ConnectionError:
-                return False
-
-        wait_until(healthy, 60, "make run to serve")
-        return process
+        return started_make_run({**env, **extra}, port, log)
 
     rounds = 30
     with (tmp_path / "first.log").open("wb") as log:
@@ -254,3 +231,24 @@ def test_make_run_killed_mid_federated_session_loses_no_round_and_resumes_by_its
     output = (tmp_path / "second.log").read_text()
     assert "Traceback" not in output, output[-3000:]
     assert f"session {session_id} resumed" in output
+
+
+def started_make_run(env: dict[str, str], port: int, log) -> Any:
+    """`make run` on `port` with `env`, its output to the open file `log`, in a process group of its own (to
+    send it what a terminal would); returned once it serves."""
+    import subprocess
+
+    import requests
+
+    process = subprocess.Popen(["make", "run"], cwd=ROOT, env={**env, "PORT": str(port)}, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+
+    def healthy() -> bool:
+        assert process.poll() is None, f"make run exited ({process.returncode}): see {log.name}"
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    wait_until(healthy, 60, "make run to serve")
+    return process
