@@ -169,6 +169,8 @@ class Platform:
             for session_id in list(waiting):
                 session = sessions.load(session_id)
                 try:
+                    if session is None:
+                        raise launch.Unresumable(404, "it is gone")
                     with self.api.app_context():
                         launch.resume(session)
                 except launch.Unresumable as exc:
@@ -322,8 +324,8 @@ def main() -> None:
                              storage=settings.storage_url, sample=Path(ROOT, "samples", "wine.csv"),
                              data=settings.data_dir or "nowhere (DATA_DIR is empty)"), flush=True)
     if settings.data_dir and settings.mongodb_uri.startswith(models.db.MOCK_SCHEME):
-        log.info("the database is mongomock, in this process: what changes is written to %s every %g s, and all "
-                 "of it when make run stops", settings.data_dir, settings.snapshot_seconds)
+        log.info("the database is mongomock, in this process: what changes is written to %s every %g s, and the "
+                 "rest when make run stops", settings.data_dir, settings.snapshot_seconds)
     # One worker: mongomock and the in-memory broker live in one process. ASGI, so that open event streams
     # hold no thread and a sign-in's bcrypt hash holds one of the Flask app's threads, not the process
     # (webapp/asgi.py, bench/signin.py). Granian handles Ctrl-C and SIGTERM, then returns.
