@@ -70,14 +70,33 @@ class State:
             self.console.print(f"signed in to {self.url} as {login.username} (token kept in {self.credentials.path})")
 
 
+# Names people type from other tools (flwr ls, flwr log): the same commands.
+ALIASES = {"ls": "sessions", "list": "sessions", "log": "logs"}
+
+
 class Cli(click.Group):
-    """Reports the server's refusals and unreachable servers in one line, exit status 1."""
+    """Reports the server's refusals and unreachable servers in one line, exit status 1; knows ALIASES."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, ALIASES.get(cmd_name, cmd_name))
+
+    def resolve_command(self, ctx: click.Context,
+                        args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        _, command, rest = super().resolve_command(ctx, args)
+        return (command.name if command else None), command, rest  # an alias runs as the command it names
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_commands(ctx, formatter)
+        formatter.write_paragraph()
+        formatter.write_text("Also: " + ", ".join(f"{alias} = {name}" for alias, name in ALIASES.items()) + ".")
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ApiError as exc:
-            lines = [f"error: {exc.message}"] + [f"  {field}: {_text(msg)}" for field, msg in exc.errors.items()]
+            # A field's reason is often the message itself ("the dataset cannot be used: …"): said once.
+            lines = [f"error: {exc.message}"] + [f"  {field}: {_text(msg)}" for field, msg in exc.errors.items()
+                                                 if _text(msg) not in exc.message]
             if exc.status == 401 and ctx.invoked_subcommand not in ("login", "signup"):
                 lines.append("  sign in again: peertrain login --email EMAIL")
             click.echo("\n".join(lines), err=True)
@@ -113,12 +132,26 @@ password_option = click.option("--password", envvar="PEERTRAIN_PASSWORD", metava
                                help="Default: $PEERTRAIN_PASSWORD, else asked for on a terminal.")
 
 
+# The API's rules for a new password (webapp/schemas.py SignupSchema), checked before asking for it twice.
+PASSWORD_LENGTH = (8, 256)
+
+
 def _password(password: str | None, confirm: bool) -> str:
     if password:
         return password
     if not sys.stdin.isatty():
         raise click.UsageError("give --password or set PEERTRAIN_PASSWORD")
-    return click.prompt("Password", hide_input=True, confirmation_prompt=confirm)
+    if not confirm:
+        return click.prompt("Password", hide_input=True)
+    low, high = PASSWORD_LENGTH
+    while True:
+        password = click.prompt(f"Password ({low} to {high} characters)", hide_input=True)
+        if low <= len(password) <= high:
+            break
+        click.echo(f"a password needs {low} to {high} characters; this one has {len(password)}", err=True)
+    if click.prompt("Repeat it", hide_input=True) != password:
+        raise click.UsageError("the two passwords differ")
+    return password
 
 
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -214,13 +247,15 @@ def _hyperparameters(hp_json: str | None, num_peers: int, **overrides: Any) -> A
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--peers", "num_peers", type=click.IntRange(min=1), required=True, help="How many peers train.")
 @click.option("--mode", type=click.Choice(["sweep", "federated"]), default="sweep", show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), help="Sweep: epochs for every peer.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Sweep: epochs for every peer (1 to 1000; default 10).")
 @click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True),
-              help="Learning rate for every peer.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size for every peer.")
+              help="Learning rate for every peer (above 0, at most 10; default 0.001).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size for every peer (1 to 65536; default 64).")
 @click.option("--hp", "hp_json", metavar="JSON",
               help='Hyperparameters: one object for every peer, or a list with one per peer, e.g. '
-                   '\'[{"learning_rate": 0.01}, {"learning_rate": 0.001}]\'.')
+                   '\'[{"learning_rate": 0.01}, {"learning_rate": 0.001}]\'. Known: batch_size, epochs, '
+                   'learning_rate, hidden (up to 8 layers of 1 to 4096 units; default [128, 64]), optimizer '
+                   '(adam, sgd), dropout (0 to 0.9).')
 @click.option("--target", help="The target column (default: label).")
 @click.option("--features", metavar="A,B,...", help="Feature columns (default: all but the target).")
 @click.option("--task", type=click.Choice(["classification", "regression"]))
@@ -268,6 +303,7 @@ def start(state: State, file: Path, num_peers: int, mode: str, epochs: int | Non
         emit({"event": "started", "id": None, "data": started})
     else:
         state.console.print(f"started session {session_id} on {', '.join(started['assigned_peers'])}")
+        state.console.print(f"dashboard: {state.url}/#/sessions/{session_id}")
     _watch(state, api, session_id, as_json)
 
 
@@ -284,9 +320,22 @@ def watch_command(state: State, session_id: str, as_json: bool) -> None:
     _watch(state, state.api(), session_id, as_json)
 
 
-def _watch(state: State, api: Api, session_id: str, as_json: bool) -> None:
+@main.command()
+@click.argument("session_id", metavar="ID")
+@json_option
+@click.pass_obj
+def logs(state: State, session_id: str, as_json: bool) -> None:
+    """A session's events as lines, from its start, followed to its end.
+
+    One line per status change, epoch, round and peer's result (--json: an object per event), as `watch`
+    writes to a pipe; the same exit status as `watch`.
+    """
+    _watch(state, state.api(), session_id, as_json, lines=True)
+
+
+def _watch(state: State, api: Api, session_id: str, as_json: bool, lines: bool = False) -> None:
     try:
-        status = watch(api, session_id, display_for(state.console, as_json))
+        status = watch(api, session_id, display_for(state.console, as_json, lines=lines))
     except KeyboardInterrupt:
         click.echo(f"\nstopped watching; the session goes on (peertrain watch {session_id})", err=True)
         status = None
@@ -330,7 +379,7 @@ def show(state: State, session_id: str, as_json: bool) -> None:
     if result(s):
         out.print(result(s))
     if s.get("model_available"):
-        out.print(f"model: peertrain model {s['id']} -o model.safetensors")
+        out.print(f"model: peertrain model {s['id']}   (writes peertrain-{s['id']}.safetensors)")
 
 
 @main.command()
@@ -366,14 +415,17 @@ def resume(state: State, session_id: str, detach: bool, as_json: bool) -> None:
 
 @main.command()
 @click.argument("session_id", metavar="ID")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, path_type=Path), required=True,
-              help="Where to write the model (a safetensors file).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, path_type=Path),
+              help="Where to write the model (a safetensors file). Default: peertrain-ID.safetensors here "
+                   "(peertrain-ID-round-N.safetensors with --round).")
 @click.option("--round", "round_", type=click.IntRange(min=0),
               help="A federated session's global model after this round (default: the final model).")
 @json_option
 @click.pass_obj
-def model(state: State, session_id: str, output: Path, round_: int | None, as_json: bool) -> None:
+def model(state: State, session_id: str, output: Path | None, round_: int | None, as_json: bool) -> None:
     """Download a session's model: the final one, or a federated session's after any round."""
+    if output is None:
+        output = Path(f"peertrain-{session_id}" + (f"-round-{round_}" if round_ is not None else "") + ".safetensors")
     partial = output.with_name(output.name + ".part")
     try:
         with partial.open("wb") as out:

@@ -130,6 +130,15 @@ class Plan:
         names = ", ".join(p["name"] for p in s.get("peers", []))
         return f"session {s['id']}: {s['mode']} on {s['dataset']['filename']}, peers {names}"
 
+    def settings(self, peer: str) -> str:
+        """A peer's hyperparameters in a few words: `lr 0.01 · batch 64 · adam · hidden 128x64`."""
+        hp = next((p.get("hyperparameters") or {} for p in self.session.get("peers", []) if p["name"] == peer), {})
+        parts = [f"lr {hp['learning_rate']:g}" if "learning_rate" in hp else "",
+                 f"batch {hp['batch_size']}" if "batch_size" in hp else "", hp.get("optimizer", ""),
+                 "hidden " + "x".join(map(str, hp["hidden"])) if hp.get("hidden") else "",
+                 f"dropout {hp['dropout']:g}" if hp.get("dropout") else ""]
+        return " · ".join(part for part in parts if part)
+
 
 class JsonLines:
     """One JSON object per event on stdout, for scripts: {"event", "id", "data"}."""
@@ -162,6 +171,8 @@ class Lines:
     def begin(self, session: dict[str, Any]) -> None:
         self.plan = Plan(session)
         self.say(self.plan.describe())
+        for peer in self.plan.epochs:
+            self.say(f"  {peer}: {self.plan.settings(peer)}")
 
     def event(self, event: Event) -> None:
         d, plan = event.data, self.plan
@@ -191,6 +202,7 @@ class Bars(Lines):
         super().__init__(console)
         self.progress = Progress(
             TextColumn("[bold]{task.description:<12}"),
+            TextColumn("{task.fields[settings]}"),
             BarColumn(bar_width=24),
             TextColumn("{task.fields[step]:<22}"),
             TextColumn("{task.fields[metrics]}"),
@@ -203,13 +215,15 @@ class Bars(Lines):
         self.progress.console.print(text, markup=False, highlight=False)
 
     def begin(self, session: dict[str, Any]) -> None:
-        super().begin(session)
-        plan = self.plan
+        self.plan = plan = Plan(session)
+        self.say(plan.describe())  # each peer's settings are beside its bar
+        width = max((len(plan.settings(peer)) for peer in plan.epochs), default=0)
         for peer in plan.epochs:
-            self.tasks[peer] = self.progress.add_task(peer, total=plan.total(peer), step="waiting", metrics="")
+            self.tasks[peer] = self.progress.add_task(peer, total=plan.total(peer), step="waiting", metrics="",
+                                                      settings=plan.settings(peer).ljust(width))
         if plan.federated:
             self.tasks[""] = self.progress.add_task("global", total=plan.rounds, step=f"{plan.unit} 0/{plan.rounds}",
-                                                    metrics="")
+                                                    metrics="", settings=" " * width)
         self.progress.start()
 
     def event(self, event: Event) -> None:
@@ -235,8 +249,8 @@ class Bars(Lines):
         super().finish(end, session)
 
 
-def display_for(console: Console, as_json: bool) -> Display:
-    """JSON lines for scripts, bars on a terminal, plain lines otherwise."""
+def display_for(console: Console, as_json: bool, lines: bool = False) -> Display:
+    """JSON lines for scripts, bars on a terminal (unless `lines`), plain lines otherwise."""
     if as_json:
         return JsonLines()
-    return Bars(console) if console.is_terminal else Lines(console)
+    return Bars(console) if console.is_terminal and not lines else Lines(console)

@@ -19,8 +19,9 @@ def run(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
     assert PEERTRAIN.exists(), "the peertrain command is missing: run `make build`"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("PEERTRAIN_")}
     environment.update(XDG_CONFIG_HOME=str(home), HOME=str(home), **env)
+    # In `home`: what a command writes where it runs (a downloaded model) stays in the test's directory.
     return subprocess.run([str(PEERTRAIN), *args], capture_output=True, text=True, env=environment, timeout=60,
-                          stdin=subprocess.DEVNULL, check=False)
+                          stdin=subprocess.DEVNULL, check=False, cwd=home)
 
 
 @pytest.mark.parametrize(
@@ -37,7 +38,10 @@ def run(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
         (["start", str(WINE), "--peers", "2"], "not signed in to http://127.0.0.1:8000"),
         (["sessions"], "run `peertrain login --email EMAIL` first"),
         (["login", "--email", "ann@example.com"], "give --password or set PEERTRAIN_PASSWORD"),
-        (["model", "abc"], "Missing option '-o'"),
+        (["ls"], "run `peertrain login --email EMAIL` first"),  # = sessions
+        (["list"], "run `peertrain login --email EMAIL` first"),
+        (["log", "abc"], "run `peertrain login --email EMAIL` first"),  # = logs
+        (["logs"], "Missing argument 'ID'"),
         (["launch"], "No such command 'launch'"),
     ],
 )
@@ -73,3 +77,54 @@ def test_a_laptop_install_gets_the_versions_the_platform_is_tested_with():
     pinned = {line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()}
     for requirement in project["dependencies"]:
         assert requirement in pinned, f"{requirement} differs from requirements.txt"
+
+
+def test_help_says_the_platforms_limits_and_the_other_names(tmp_path):
+    from trainer.limits import MAX_BATCH_SIZE, MAX_DROPOUT, MAX_EPOCHS, MAX_HIDDEN_LAYERS, MAX_HIDDEN_UNITS
+
+    start = " ".join(run("start", "--help", home=tmp_path).stdout.split())  # as wrapped for 100 columns
+    for limit in (f"1 to {MAX_EPOCHS}", f"1 to {MAX_BATCH_SIZE}", f"up to {MAX_HIDDEN_LAYERS} layers of 1 to "
+                  f"{MAX_HIDDEN_UNITS} units", f"dropout (0 to {MAX_DROPOUT:g})"):
+        assert limit in start, limit
+    top = " ".join(run("--help", home=tmp_path).stdout.split())
+    assert "ls = sessions, list = sessions, log = logs" in top
+    assert "Usage: peertrain sessions" in run("ls", "--help", home=tmp_path).stdout
+
+
+
+def test_signup_checks_the_password_before_asking_for_it_again(tmp_path):
+    import pty
+    import select
+    import time
+
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PEERTRAIN_")}
+    environment.update(XDG_CONFIG_HOME=str(tmp_path), HOME=str(tmp_path))
+    terminal, its_end = pty.openpty()  # a terminal, so that it asks
+    process = subprocess.Popen([str(PEERTRAIN), "--url", "http://127.0.0.1:9", "signup", "--email", "ann@example.com"],
+                               stdin=its_end, stdout=its_end, stderr=its_end, env=environment, cwd=tmp_path)
+    os.close(its_end)
+    seen = b""
+
+    def until(text: str) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 20
+        while text.encode() not in seen:
+            assert time.monotonic() < deadline, seen.decode(errors="replace")
+            if select.select([terminal], [], [], 0.2)[0]:
+                seen += os.read(terminal, 4096)
+
+    try:
+        until("Password (8 to 256 characters): ")
+        os.write(terminal, b"short\n")
+        until("a password needs 8 to 256 characters; this one has 5")
+        seen = b""
+        until("Password (8 to 256 characters): ")  # asked again, not "repeat it"
+        os.write(terminal, b"correct horse\n")
+        until("Repeat it: ")
+        os.write(terminal, b"correct horse\n")
+        until("error: cannot reach http://127.0.0.1:9")  # only then does it call the server
+        assert process.wait(20) == 1
+    finally:
+        process.kill()
+        process.wait()
+        os.close(terminal)

@@ -78,10 +78,12 @@ def test_start_watches_a_sweep_to_the_end_and_exits_0(platform, two_peers, cli, 
         assert f"{peer} epoch {EPOCHS}/{EPOCHS} loss " in replay.stdout
     assert text[-1].startswith("COMPLETED (best peer ")
 
-    listed = json.loads(cli("sessions", "--json").stdout)
+    listed = json.loads(cli("ls", "--json").stdout)  # = sessions
     assert [s["id"] for s in listed["items"]] == [session_id]
-    model = cli.home / "model.safetensors"
-    saved = json.loads(cli("model", session_id, "-o", str(model), "--json").stdout)
+    logged = cli("logs", session_id)  # lines, whatever the output is
+    assert logged.returncode == 0 and logged.stdout == replay.stdout
+    model = cli.home / f"peertrain-{session_id}.safetensors"  # where `model` writes without -o
+    saved = json.loads(cli("model", session_id, "--json").stdout)
     assert saved["bytes"] == model.stat().st_size > 0
     token = login["logins"][platform.base_url]["token"]
     served = requests.get(f"{platform.base_url}/sessions/{session_id}/model",
