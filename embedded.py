@@ -44,6 +44,7 @@ import models
 from models import peer as peers
 from settings import ROOT, Settings
 from tasks import protocol, registry
+from tasks.celery import quiet_task_logs
 from tasks.storage import S3Storage, from_settings
 
 log = logging.getLogger("peertrain")
@@ -234,6 +235,7 @@ def platform_app() -> Any:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a stop asked for while it starts (the app takes it over)
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_task_logs(settings.log_level)
     platform = Platform(settings)
     return serve(platform.start(), on_shutdown=platform.stop)
 
@@ -311,6 +313,7 @@ def development_secret(settings: Settings) -> None:
 def main() -> None:
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_task_logs(settings.log_level)
     storage = from_settings(settings)  # checked here, so a wrong storage setting stops us before serving
     if isinstance(storage, S3Storage):
         storage.ensure_bucket()

@@ -191,7 +191,10 @@ class Settings:
         "MAX_PEERS_PER_SESSION", 64, "most peers one session may ask for (the API answers 422 beyond); raise it for"
         " large simulations (bench/scale.py runs 1,000)"
     )
-    log_level: str = _opt("LOG_LEVEL", "INFO", "logging level of every process")
+    log_level: str = _opt(
+        "LOG_LEVEL", "INFO", "logging level of every process; Celery's line per task (and its whole result) shows"
+        " only at DEBUG"
+    )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

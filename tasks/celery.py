@@ -9,10 +9,12 @@ For Celery's command line, `app` is made from the environment on first use (`cel
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
+from celery.signals import after_setup_logger
 
 import celeryconfig
 from settings import Settings
@@ -38,6 +40,24 @@ def command_line_app(factory: Callable[[Settings], Celery]) -> Callable[[str], A
         return made[0]
 
     return module_getattr
+
+
+# Celery logs each task received and each task's whole return value (a training's every epoch) at INFO: on a
+# console, that buries the platform's own line per session event. They show with LOG_LEVEL=DEBUG.
+CHATTY = ("celery.app.trace", "celery.worker.strategy")
+
+
+def quiet_task_logs(level: str | int) -> None:
+    """Celery's per-task lines at WARNING, unless `level` (a name or a number) is DEBUG."""
+    name = logging.getLevelName(level) if isinstance(level, int) else str(level).upper()
+    for logger in CHATTY:
+        logging.getLogger(logger).setLevel(logging.NOTSET if name == "DEBUG" else logging.WARNING)
+
+
+@after_setup_logger.connect(weak=False, dispatch_uid="peertrain.quiet_task_logs")
+def _quiet_workers(loglevel: Any = None, **_: Any) -> None:
+    # `celery worker` processes (peers, the coordinator) set their logging up themselves.
+    quiet_task_logs(loglevel if loglevel is not None else logging.INFO)
 
 
 __getattr__ = command_line_app(create_app)

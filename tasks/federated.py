@@ -299,6 +299,8 @@ class SyncFederated(Federated, RoundStrategy):
         for peer, why in rejected.items():
             self.count_refused(peer, peer, why, screened=peer in screened.rejected)
         events.record_round(session.id, round_doc)
+        log.info("session %s: round %d/%d, %s %.4f on the held-out rows, %d peer(s) used", session.id, round_ + 1,
+                 self.rounds, self.metric, metrics[self.metric], len(names))
         # What the update wrote, kept in step here rather than read again (a session document holds every peer).
         session.rounds.append(round_doc)
         plan.global_url = global_url

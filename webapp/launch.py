@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bson import ObjectId
-from flask import current_app
+from flask import current_app, has_request_context, request
 from flask_smorest import abort
 from werkzeug.datastructures import FileStorage
 
@@ -119,7 +119,15 @@ def _start(user: User, form: dict[str, Any], upload: Upload) -> TrainingSession:
         log.warning("starting session %s: a service did not answer", session_id, exc_info=True)
         abort(503, message="the platform could not start the session (a service it needs did not answer); "
                            "no peer was kept, try again", headers={"Retry-After": "5"})
+    log.info("session %s started by %s: %s on %s; follow it at %s", session_id, user.username, form["mode"],
+             ", ".join(names), dashboard_link(session_id))
     return session
+
+
+def dashboard_link(session_id: Any) -> str:
+    """The session's page on the dashboard, at the address the request came to (an app context's: none)."""
+    base = request.host_url if has_request_context() else current_app.config.get("PUBLIC_URL") or ""
+    return f"{base.rstrip('/')}/#/sessions/{session_id}"
 
 
 class Unresumable(Exception):
@@ -158,7 +166,7 @@ def resume(session: TrainingSession) -> None:
         log.warning("resuming session %s: a service did not answer", session.id, exc_info=True)
         raise Unresumable(503, "the platform could not resume the session (a service it needs did not answer); "
                                "it is still INTERRUPTED, try again", headers={"Retry-After": "5"}) from exc
-    log.info("session %s resumed on %s", session.id, ", ".join(names))
+    log.info("session %s resumed on %s; follow it at %s", session.id, ", ".join(names), dashboard_link(session.id))
 
 
 def _document(session_id: ObjectId, user: User, form: dict[str, Any], table: Table, names: list[str],

@@ -42,6 +42,13 @@ def test_make_run_serves_a_session_on_the_sample_csv(tmp_path):
         banner = log.read_text()
         assert f"{base}/docs" in banner and "curl" in banner
         assert f"{base}/ " in banner and "peertrain start" in banner
+        # A quiet console: a line per session event (its start with its dashboard link, its end), not Celery's
+        # line per task with its whole result.
+        session_id = session["id"]
+        assert f"session {session_id} started by ann: sweep on " in banner
+        assert f"follow it at {base}/#/sessions/{session_id}" in banner
+        assert f"session {session_id} COMPLETED" in banner
+        assert "celery.app.trace" not in banner and "succeeded in" not in banner
         assert "<title>peertrain</title>" in user.get("/").text  # the dashboard, served by granian too
 
 
