@@ -397,7 +397,12 @@ class SessionSummarySchema(ma.Schema):
     num_peers = fields.Function(lambda s: len(s.peers))
     reason = fields.String(allow_none=True)
     created_at = UTCDateTime()
+    started_at = UTCDateTime(allow_none=True)
     finished_at = UTCDateTime(allow_none=True)
+    metric = fields.Function(lambda s: (s.results or {}).get("metric"), allow_none=True,
+                             metadata={"description": "what its result is measured by (val_accuracy, val_r2)"})
+    best_value = fields.Function(lambda s: (s.results or {}).get("best_value"), allow_none=True,
+                                 metadata={"description": "its result on the held-out rows, once it has one"})
 
 
 class SessionListSchema(ma.Schema):

@@ -135,6 +135,9 @@ def test_a_user_signs_up_starts_a_session_watches_it_and_downloads_the_model(pla
         page.wait_for_selector("#status")
         session_id = page.url.rsplit("/", 1)[1]
         page.wait_for_selector(".chart:not([data-points='0'])")
+        # How long it has run, and about how long is left, from the epochs done in that time.
+        page.wait_for_selector("#timing:has-text('left')")
+        assert page.inner_text("#timing").startswith("running for ")
         visit.shot("laptop-3-session-running")
         page.wait_for_selector("#status[data-status=COMPLETED]", timeout=120_000)
         page.wait_for_selector(f".chart[data-points='{EPOCHS}']")
@@ -148,6 +151,9 @@ def test_a_user_signs_up_starts_a_session_watches_it_and_downloads_the_model(pla
             assert peer in table
         assert table.count("COMPLETED") == 2 and table.count(f"epoch {EPOCHS}/{EPOCHS}") == 2
         assert "Result best peer" in page.inner_text("#results")
+        assert page.inner_text("#timing").startswith("ran ")
+        page.check("input.log-scale")  # the loss on a log scale: drawn again, every point still there
+        page.wait_for_selector(f".chart[data-scale=log][data-points='{EPOCHS}']")
 
         with page.expect_download() as download:
             page.click("#download")
@@ -160,6 +166,8 @@ def test_a_user_signs_up_starts_a_session_watches_it_and_downloads_the_model(pla
         page.click("nav >> text=Sessions")
         page.wait_for_selector("#sessions tbody tr")
         assert "COMPLETED" in page.inner_text("#sessions")
+        result = page.inner_text("#sessions tbody tr td.outcome")
+        assert result.startswith("accuracy ") and result.endswith("%"), result
         visit.shot("laptop-5-sessions")
         page.click("nav >> text=Peers")
         page.wait_for_selector("#peers tbody tr td[data-reputation]")

@@ -10,12 +10,18 @@ const HEIGHT = 240;
 const WHOLE = [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000];
 
 export class LineChart {
-  constructor(container, { title, xLabel, yLabel, range = null, xRange = null, xValue = (v) => number(v) }) {
+  constructor(container, { title, xLabel, yLabel, range = null, xRange = null, xValue = (v) => number(v),
+    logToggle = false }) {
     this.options = { title, xLabel, yLabel, range, xRange, xValue };
+    this.log = false;
     this.series = new Map(); // key → {label, color, dash, width, points: Map(x → y)}
     this.el = h("div", { class: "chart", dataset: { points: "0" } });
     this.empty = h("p", { class: "chart-empty" }, `${title}: waiting for the first results…`);
-    container.append(h("figure", { class: "chart-box" }, this.empty, this.el));
+    // A loss falls by orders of magnitude: on a log scale its late epochs are not a flat line at the bottom.
+    const toggle = logToggle ? h("label", { class: "chart-toggle small" },
+      h("input", { type: "checkbox", class: "log-scale", onchange: (e) => this.setLog(e.target.checked) }),
+      " log scale") : null;
+    container.append(h("figure", { class: "chart-box" }, toggle, this.empty, this.el));
     this.plot = null;
     this.rebuild = true;
     this.frame = 0;
@@ -33,6 +39,13 @@ export class LineChart {
     if (y === null || y === undefined || !Number.isFinite(y)) return;
     this.series.get(key).points.set(x, y);
     if (!this.frame) this.frame = requestAnimationFrame(() => this.draw());
+  }
+
+  setLog(on) {
+    this.log = on;
+    this.el.dataset.scale = on ? "log" : "linear";
+    this.rebuild = true;
+    this.draw();
   }
 
   size() {
@@ -67,7 +80,8 @@ export class LineChart {
       ...this.size(),
       title,
       // A fixed x range (the whole session's epochs or rounds): the curves grow across it.
-      scales: { x: xRange ? { time: false, range: xRange } : { time: false }, y: range ? { range } : {} },
+      scales: { x: xRange ? { time: false, range: xRange } : { time: false },
+        y: this.log ? { distr: 3 } : range ? { range } : {} },
       axes: [{ ...axis, label: xLabel, incrs: WHOLE }, { ...axis, label: yLabel, size: 56 }],
       cursor: { drag: { x: false, y: false } },
       series: [

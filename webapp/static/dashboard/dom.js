@@ -52,7 +52,22 @@ export function percent(value) {
 export function when(iso) {
   if (!iso) return "–";
   const date = new Date(iso);
-  return date.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+  return date.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "medium" });
+}
+
+// A span of time as people say it: "42 s", "3 min 05 s", "1 h 02 min".
+export function span(seconds) {
+  if (seconds === null || seconds === undefined || !Number.isFinite(seconds)) return "–";
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${String(s % 60).padStart(2, "0")} s`;
+  return `${Math.floor(s / 3600)} h ${String(Math.floor((s % 3600) / 60)).padStart(2, "0")} min`;
+}
+
+// From `start` to `end` (ISO times; no end: now).
+export function duration(start, end) {
+  if (!start) return "–";
+  return span(((end ? new Date(end) : new Date()).getTime() - new Date(start).getTime()) / 1000);
 }
 
 export function ago(iso) {

@@ -1,12 +1,13 @@
 // The sessions list and the peers page: tables refreshed while they are shown.
 
 import { request } from "../api.js";
-import { FINISHED, ago, badge, h, repeat, when } from "../dom.js";
+import { FINISHED, ago, badge, duration, h, number, percent, repeat, when } from "../dom.js";
 
 export async function sessionsView(root, signal) {
   const body = h("tbody");
   const table = h("div", { class: "scroll" }, h("table", { class: "list", id: "sessions" },
-    h("thead", {}, h("tr", {}, ["Started", "Dataset", "Mode", "Peers", "Status", ""].map((t) => h("th", {}, t)))),
+    h("thead", {}, h("tr", {}, ["Started", "Dataset", "Mode", "Peers", "Status", "Result", "Took", ""].map((t) =>
+      h("th", {}, t)))),
     body));
   const empty = h("p", { class: "muted", hidden: true }, "No sessions yet. ", h("a", { href: "#/new" },
     "Start one"), " on the peers that are online.");
@@ -27,6 +28,11 @@ export async function sessionsView(root, signal) {
         h("td", {}, s.mode),
         h("td", { class: "num" }, s.num_peers),
         h("td", {}, badge(s.status), s.reason ? h("div", { class: "reason" }, s.reason) : null),
+        // The held-out measure the session is judged by (accuracy, or R² for regression).
+        h("td", { class: "num outcome" }, s.metric && s.best_value !== null && s.best_value !== undefined
+          ? `${s.metric.replace("val_", "")} ${s.metric.includes("accuracy") ? percent(s.best_value)
+            : number(s.best_value)}` : "–"),
+        h("td", { class: "num" }, s.started_at ? duration(s.started_at, s.finished_at) : "–"),
         h("td", {}, h("a", { href: link }, "Open")));
     }));
     return items.some((s) => !FINISHED.has(s.status));

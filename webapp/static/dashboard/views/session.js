@@ -2,7 +2,7 @@
 
 import { download, request } from "../api.js";
 import { LineChart, PALETTE } from "../charts.js";
-import { FINISHED, alertBox, badge, h, number, percent, when } from "../dom.js";
+import { FINISHED, alertBox, badge, duration, h, number, percent, repeat, span, when } from "../dom.js";
 import { follow } from "../events.js";
 
 const PROGRESS = ["epoch", "epochs", "round", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2",
@@ -29,6 +29,7 @@ class SessionPage {
 
     this.status = h("span");
     this.facts = h("p", { class: "facts" });
+    this.timing = h("p", { class: "facts", id: "timing" });
     this.reason = h("div");
     this.connection = h("span", { class: "connection", id: "connection" });
     this.actions = h("div", { class: "row" });
@@ -40,7 +41,7 @@ class SessionPage {
         h("div", { class: "row between" },
           h("h1", {}, `Session `, h("span", { class: "mono" }, session.id.slice(-8)), " ", this.status),
           this.connection),
-        this.facts, this.reason, this.actions, this.results),
+        this.facts, this.timing, this.reason, this.actions, this.results),
       h("section", { class: "card" }, h("h2", {}, this.apart ? "Global model, version by version"
         : this.federated ? "Global model, round by round" : "Curves"), charts),
       h("section", { class: "card" }, h("h2", {}, "Peers"),
@@ -55,13 +56,42 @@ class SessionPage {
     const xRange = this.apart ? [0, Math.ceil(fed.max_updates / fed.buffer_size)]
       : this.federated ? [0, fed.rounds] : [1, Math.max(2, ...session.peers.map((p) => p.epochs || 1))];
     const common = { xLabel: x, xValue, xRange };
-    this.loss = new LineChart(charts, { title: "Loss", yLabel: "loss", ...common });
+    this.loss = new LineChart(charts, { title: "Loss", yLabel: "loss", logToggle: true, ...common });
     this.metric = this.regression
       ? new LineChart(charts, { title: "Validation R²", yLabel: "R²", ...common })
       : new LineChart(charts, { title: "Accuracy", yLabel: "accuracy", range: [0, 1.02], ...common });
     this.defineSeries();
     this.renderHeader();
     this.renderRows();
+    repeat(1, () => this.renderTiming(), signal);
+  }
+
+  // How far the slowest peer is, 0–1 (null when it cannot be told: an asynchronous session runs to a budget).
+  progress() {
+    if (this.apart) return null;
+    const fed = this.session.federated || {};
+    const fractions = [...this.peers.values()].filter((p) => p.status !== "FAILED").map((p) => (this.federated
+      ? ((p.round || 0) * fed.local_epochs + (p.epoch || 0)) / (fed.rounds * fed.local_epochs)
+      : (p.epoch || 0) / (p.epochs || 1)));
+    return fractions.length ? Math.min(...fractions) : null;
+  }
+
+  // How long it has run, and (while it runs) about how long is left, from the epochs done in that time.
+  renderTiming() {
+    const s = this.session;
+    if (!s.started_at) {
+      this.timing.textContent = FINISHED.has(s.status) ? "" : "waiting for its peers to start";
+      return;
+    }
+    const took = duration(s.started_at, FINISHED.has(s.status) ? s.finished_at : null);
+    if (FINISHED.has(s.status)) {
+      this.timing.textContent = `ran ${took}`;
+      return;
+    }
+    const done = this.progress();
+    const elapsed = (Date.now() - new Date(s.started_at).getTime()) / 1000;
+    const left = done > 0 && done < 1 ? ` · about ${span(elapsed * (1 - done) / done)} left` : "";
+    this.timing.textContent = `running for ${took}${left}`;
   }
 
   // Sweep peers validate on held-out rows; federated peers only train on their shard (the global model is validated).
@@ -114,6 +144,8 @@ class SessionPage {
   onEvent(type, data) {
     if (type === "status") {
       Object.assign(this.session, { status: data.status, reason: data.reason });
+      if (data.status === "RUNNING" && data.at) this.session.started_at = data.at;
+      if (FINISHED.has(data.status) && data.at) this.session.finished_at = data.at;
       this.renderHeader();
     } else if (type === "heartbeat") {
       this.heartbeat(data);
