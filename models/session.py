@@ -255,6 +255,12 @@ def get_owned(session_id: str, owner_id: ObjectId) -> TrainingSession | None:
     return TrainingSession.objects(id=session_id, owner_id=owner_id).first()
 
 
+def starting_with(prefix: str, owner_id: ObjectId, limit: int = 2) -> list[ObjectId]:
+    """The ids of `owner_id`'s sessions whose hex begins with `prefix` (at most `limit` of them)."""
+    low, high = ObjectId(prefix.ljust(24, "0")), ObjectId(prefix.ljust(24, "f"))
+    return list(TrainingSession.objects(owner_id=owner_id, id__gte=low, id__lte=high).limit(limit).scalar("id"))
+
+
 def load(session_id: Any) -> TrainingSession | None:
     """A session by its id (None if there is none, or the id is not one)."""
     if not ObjectId.is_valid(str(session_id)):

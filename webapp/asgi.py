@@ -101,11 +101,12 @@ class Api:
                 (b"content-type", b"application/json"), (b"retry-after", b"5")]})
             await send({"type": "http.response.body", "body": body, "more_body": False})
             return
-        allowed = await self._ask_flask({**scope, "method": "HEAD"})
+        allowed, answer = await self._ask_flask({**scope, "method": "HEAD"})
         if allowed != 200:
             # Flask answers the GET itself: the same refusal, with its JSON body.
             await self.wsgi(scope, _no_body, send)
             return
+        session_id = answer.get(stream.SESSION_HEADER.lower(), session_id)  # the whole id, if a prefix named it
         headers = dict((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"])
         cursor = stream.Cursor(ObjectId(session_id), stream.parse_last_event_id(headers.get("last-event-id")))
         await send({"type": "http.response.start", "status": 200, "headers": [
@@ -127,16 +128,17 @@ class Api:
                 return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _ask_flask(self, scope: Scope) -> int:
-        status = 500
+    async def _ask_flask(self, scope: Scope) -> tuple[int, dict[str, str]]:
+        status, headers = 500, {}
 
         async def keep_status(message: dict[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers.update((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in message["headers"])
 
         await self.wsgi(scope, _no_body, keep_status)
-        return status
+        return status, headers
 
     async def _stream(self, cursor: stream.Cursor, send: Send) -> None:
         loop = asyncio.get_running_loop()

@@ -36,9 +36,13 @@ class Parser(FlaskParser):
 
 
 class ObjectIdConverter(BaseConverter):
-    """A path segment that can be a database id (24 hex digits), so `/sessions/start` is never one."""
+    """A path segment that can be a database id (24 hex digits) or its first 6 or more (what the dashboard and
+    the CLI show), so `/sessions/start` is never one."""
 
-    regex = "[0-9a-fA-F]{24}"
+    regex = "[0-9a-fA-F]{6,24}"
+
+    def to_python(self, value: str) -> str:
+        return value.lower()
 
 
 class Blueprint(flask_smorest.Blueprint):

@@ -42,10 +42,27 @@ def _links(status: int, session_id: str) -> dict:
 
 def _owned(session_id: str, load=sessions.get_owned) -> TrainingSession:
     """The caller's session (as `load` reads it), or 404: another user's session does not exist for them."""
-    session = load(session_id, current_user.id)
+    session = load(_resolved(session_id), current_user.id)
     if session is None:
         abort(404, message=f"no session {session_id}")
     return session
+
+
+def _resolved(session_id: str) -> str:
+    """The id of the caller's session that `session_id` is, or begins (the dashboard shows 8 characters): 404
+    when none of theirs does, 400 when more than one does."""
+    if len(session_id) == 24:
+        return session_id
+    found = sessions.starting_with(session_id, current_user.id)
+    if not found:
+        abort(404, message=f"no session {session_id}")
+    if len(found) > 1:
+        why = f"more than one of your sessions begins with {session_id}"
+        abort(400, message=f"{why}: give more of its id", errors={"session_id": [why]})
+    return str(found[0])
+
+
+SHORT = "`session_id` is shorter than an id and more than one of the caller's sessions begins with it"
 
 
 @blp.route("/start")
@@ -92,6 +109,7 @@ class TrainingStatus(MethodView):
 @blp.route("/<objectid:session_id>")
 class Session(MethodView):
     @jwt_required()
+    @blp.alt_response(400, description=SHORT)
     @blp.etag
     @blp.response(200, SessionSchema)
     @blp.doc(security=AUTH)
@@ -103,6 +121,7 @@ class Session(MethodView):
 @blp.route("/<objectid:session_id>/cancel")
 class Cancel(MethodView):
     @jwt_required()
+    @blp.alt_response(400, description=SHORT)
     @blp.response(202, TrainingStatusSchema)
     @blp.alt_response(409, description="the session has already ended")
     @blp.doc(security=AUTH)
@@ -111,13 +130,14 @@ class Cancel(MethodView):
         session = _owned(session_id)
         if session.finished:
             abort(409, message=f"the session has already ended ({session.status})")
-        dispatcher().cancel_session(session_id)
-        return {"session_id": session_id, "status": session.status, "reason": "cancellation requested"}
+        dispatcher().cancel_session(str(session.id))
+        return {"session_id": str(session.id), "status": session.status, "reason": "cancellation requested"}
 
 
 @blp.route("/<objectid:session_id>/resume")
 class Resume(MethodView):
     @jwt_required()
+    @blp.alt_response(400, description=SHORT)
     @blp.response(202, TrainingStatusSchema)
     @blp.alt_response(409, description="the session was not interrupted, or its peers are not online and free")
     @blp.alt_response(503, description="the coordinator could not be reached; the session is still INTERRUPTED")
@@ -131,7 +151,7 @@ class Resume(MethodView):
         except launch.Unresumable as exc:
             extra = {key: value for key, value in (("errors", exc.errors), ("headers", exc.headers)) if value}
             abort(exc.status, message=exc.message, **extra)
-        return {"session_id": session_id, "status": sessions.PENDING, "reason": "resumed"}
+        return {"session_id": str(session.id), "status": sessions.PENDING, "reason": "resumed"}
 
 
 LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer", "minimum": 0},
@@ -141,6 +161,7 @@ LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "schema": {"type": "in
 @blp.route("/<objectid:session_id>/events")
 class Events(MethodView):
     @jwt_required()
+    @blp.alt_response(400, description=SHORT)
     @blp.response(200, {"type": "object", "properties": {"id": {"type": "string"},
                                                          "event": {"type": "string",
                                                                    "enum": ["status", "heartbeat", "round", "peer",
@@ -158,8 +179,10 @@ class Events(MethodView):
             abort(400, message="Last-Event-ID must be an event id (a non-negative integer)",
                   errors={"Last-Event-ID": ["not a non-negative integer"]})
         if request.method == "HEAD":
-            # What webapp/asgi.py asks before it streams this request itself (no thread held while open).
-            return Response(status=200, mimetype=stream.MIMETYPE, headers=stream.HEADERS)
+            # What webapp/asgi.py asks before it streams this request itself (no thread held while open), and
+            # which session it is (the path may name it by the beginning of its id).
+            return Response(status=200, mimetype=stream.MIMETYPE,
+                            headers={**stream.HEADERS, stream.SESSION_HEADER: str(session.id)})
         frames = stream.frames(stream.hub(current_app.extensions), stream.Cursor(session.id, last))
         return Response(frames, mimetype=stream.MIMETYPE, headers=stream.HEADERS)
 
@@ -167,6 +190,7 @@ class Events(MethodView):
 @blp.route("/<objectid:session_id>/heartbeats")
 class Heartbeats(MethodView):
     @jwt_required()
+    @blp.alt_response(400, description=SHORT)
     @blp.etag
     @blp.arguments(HeartbeatQuerySchema, location="query")
     @blp.response(200, HeartbeatPageSchema)
@@ -191,6 +215,7 @@ class Heartbeats(MethodView):
 @blp.route("/<objectid:session_id>/rounds")
 class Rounds(MethodView):
     @jwt_required()
+    @blp.alt_response(400, description=SHORT)
     @blp.etag
     @blp.response(200, RoundListSchema)
     @blp.doc(security=AUTH)
@@ -202,6 +227,7 @@ class Rounds(MethodView):
 @blp.route("/<objectid:session_id>/updates")
 class Updates(MethodView):
     @jwt_required()
+    @blp.alt_response(400, description=SHORT)
     @blp.etag
     @blp.response(200, UpdateListSchema)
     @blp.doc(security=AUTH)
@@ -214,6 +240,7 @@ class Updates(MethodView):
 @blp.route("/<objectid:session_id>/model")
 class Model(MethodView):
     @jwt_required()
+    @blp.alt_response(400, description=SHORT)
     @blp.arguments(ModelQuerySchema, location="query")
     @blp.response(200, description="the trained model, a safetensors file", content_type="application/octet-stream")
     @blp.alt_response(404, description="the session has no such round")
@@ -228,10 +255,10 @@ class Model(MethodView):
             found = next((r for r in session.rounds if r.round == number), None)
             if found is None:
                 abort(404, message=f"session {session_id} has no round {number} (it has {len(session.rounds)})")
-            url, name = found.model_url, f"peertrain-{session_id}-round-{number}.safetensors"
+            url, name = found.model_url, f"peertrain-{session.id}-round-{number}.safetensors"
         else:
             kept = [r.model_url for r in session.rounds if r.model_url]
-            url, name = session.model_url or (kept[-1] if kept else None), f"peertrain-{session_id}.safetensors"
+            url, name = session.model_url or (kept[-1] if kept else None), f"peertrain-{session.id}.safetensors"
         if not url:
             abort(409, message=f"session {session_id} has no model ({session.status})")
         return Response(stream_with_context(storage().iter_chunks(url)), mimetype="application/octet-stream",

@@ -36,6 +36,7 @@ from tasks import feed
 log = logging.getLogger(__name__)
 
 EXTENSION = "peertrain.stream"
+SESSION_HEADER = "X-Session-Id"  # the HEAD answer's: the whole id of the session a stream's path names
 KEEPALIVE_SECONDS = 15.0
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # the latter: nginx passes events at once
 MIMETYPE = "text/event-stream"

@@ -65,7 +65,8 @@ def test_start_watches_a_sweep_to_the_end_and_exits_0(platform, two_peers, cli, 
     assert sorted((b["peer"], b["epoch"]) for b in beats) == sorted((p, e) for p in two_peers
                                                                     for e in range(1, EPOCHS + 1))
     # --epochs applied to both peers' settings, each kept its own learning rate.
-    shown = json.loads(cli("show", session_id, "--json").stdout)
+    shown = json.loads(cli("show", session_id[:12], "--json").stdout)  # the beginning of an id names it too
+    assert shown["id"] == session_id
     assert [p["hyperparameters"]["learning_rate"] for p in shown["peers"]] == [0.01, 0.001]
     assert {p["epochs"] for p in shown["peers"]} == {EPOCHS}
 

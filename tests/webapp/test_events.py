@@ -251,6 +251,8 @@ def test_the_asgi_app_streams_as_a_coroutine_and_refuses_in_flasks_words(app, cl
     assert status == 200 and list(sse([body])) == read(client, session_id, auth)
     status, body = asgi_get(api, f"/sessions/{session_id}/events", {**auth, "Last-Event-ID": "4"})
     assert [e["id"] for e in sse([body])][0] == 5
+    status, body = asgi_get(api, f"/sessions/{session_id[:12]}/events", auth)  # the beginning of its id
+    assert status == 200 and list(sse([body])) == read(client, session_id, auth)
     status, body = asgi_get(api, f"/sessions/{session_id}/events", signup("bob"))
     assert status == 404 and json_body(body)["code"] == 404
     status, body = asgi_get(api, f"/sessions/{session_id}/events", {**auth, "Last-Event-ID": "x"})

@@ -539,3 +539,25 @@ def auth_of(client, username: str) -> dict[str, str]:
                                       "password": "correct horse"})
     token = client.post("/auth/signin", json={"email": f"{username}@example.com", "password": "correct horse"})
     return {"Authorization": f"Bearer {token.json['access_token']}"}
+
+
+def test_a_session_is_named_by_the_beginning_of_its_id_when_only_it_begins_so(client, auth, online_peers, csv_path):
+    online_peers(4)
+    first = start(client, auth, csv_path).json["session_id"]
+    second = start(client, auth, csv_path).json["session_id"]
+    common = next(i for i, (a, b) in enumerate(zip(first, second, strict=True)) if a != b)
+    assert common >= 8  # started within a second by one process: ids share their time and process parts
+
+    for session_id in (first, second):
+        prefix = session_id[:common + 1]
+        shown = client.get(f"/sessions/{prefix}", headers=auth)
+        assert shown.status_code == 200 and shown.json["id"] == session_id, shown.json
+        assert client.get(f"/sessions/{prefix.upper()}/heartbeats", headers=auth).status_code == 200
+    both = client.get(f"/sessions/{first[:8]}", headers=auth)
+    assert both.status_code == 400, both.json
+    assert both.json["message"] == f"more than one of your sessions begins with {first[:8]}: give more of its id"
+    assert client.get(f"/sessions/{first[:5]}", headers=auth).status_code == 404  # under 6 characters: no route
+    bob = auth_of(client, "bob")
+    assert client.get(f"/sessions/{first[:common + 1]}", headers=bob).status_code == 404  # nobody else's
+    cancelled = client.post(f"/sessions/{first[:common + 1]}/cancel", headers=auth)
+    assert cancelled.status_code == 202 and cancelled.json["session_id"] == first

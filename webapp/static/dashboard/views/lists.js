@@ -62,7 +62,7 @@ export async function peersView(root, signal) {
       h("td", {}, badge(p.status)),
       h("td", { class: "wrap" }, p.hostname || "–"),
       h("td", {}, ago(p.last_seen)),
-      h("td", { class: "mono" }, p.session_id ? p.session_id.slice(-8) : "–"),
+      h("td", { class: "mono" }, p.session_id ? p.session_id.slice(0, 8) : "–"),
       h("td", { class: "num" }, String(p.accepted)),
       // Why its last update was refused, on hover: the coordinator's words, never the peer's.
       h("td", { class: "num", title: p.last_rejection || "" }, String(p.rejected)),

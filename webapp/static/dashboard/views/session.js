@@ -39,7 +39,7 @@ class SessionPage {
     root.append(
       h("section", { class: "card" },
         h("div", { class: "row between" },
-          h("h1", {}, `Session `, h("span", { class: "mono" }, session.id.slice(-8)), " ", this.status),
+          h("h1", {}, `Session `, h("span", { class: "mono", title: session.id }, session.id.slice(0, 8)), " ", this.status),
           this.connection),
         this.facts, this.timing, this.reason, this.actions, this.results),
       h("section", { class: "card" }, h("h2", {}, this.apart ? "Global model, version by version"
