@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 
 EXTENSION = "peertrain.stream"
 SESSION_HEADER = "X-Session-Id"  # the HEAD answer's: the whole id of the session a stream's path names
-KEEPALIVE_SECONDS = 15.0
+# A comment line on an idle stream this often: a client that hears nothing for two seconds knows the stream is
+# gone (a server that hangs, a link gone silent) and asks again; proxies never see it idle.
+KEEPALIVE_SECONDS = 1.0
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # the latter: nginx passes events at once
 MIMETYPE = "text/event-stream"
 RESYNC = None  # delivered instead of a batch: announcements may have been missed, read the log

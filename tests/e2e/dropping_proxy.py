@@ -20,6 +20,7 @@ class DroppingProxy:
         self.after = after
         self.linger = linger
         self.cuts = 0
+        self.cut_at: float | None = None  # time.monotonic() of the cut
         self.received = b""
         self.lock = threading.Lock()
         self.server = socket.create_server(("127.0.0.1", 0))
@@ -76,6 +77,7 @@ class DroppingProxy:
             if cut:
                 with self.lock:
                     self.cuts += 1
+                    self.cut_at = time.monotonic()
                 state["stream_from"] = None
                 time.sleep(self.linger)
             return not cut

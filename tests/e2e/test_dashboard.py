@@ -225,6 +225,37 @@ def test_a_session_page_resumes_its_stream_after_the_connection_drops(platform, 
         proxy.close()
 
 
+def test_a_session_page_says_disconnected_within_two_seconds_of_its_stream_going_silent(platform, two_peers,
+                                                                                        browser):
+    """The link goes silent (nothing more arrives, nothing is closed, as when a server hangs): the page says so
+    within two seconds, gives the stream up and asks again after the last event it had, long before the silent
+    connection would end by itself."""
+    import time
+
+    user = platform.user()
+    hp = json.dumps({"learning_rate": 0.01, "epochs": EPOCHS, "batch_size": 4, "hidden": [64]})
+    session_id = user.start(DIGITS, num_peers=2, hyperparameters=hp).json()["session_id"]
+    proxy = DroppingProxy(int(platform.base_url.rsplit(":", 1)[1]), after=2000, linger=30)
+    visit = Visit(browser, proxy.url, LAPTOP, token=user.http.headers["Authorization"].split()[1])
+    asked_after = []
+    visit.page.route("**/events", lambda route: (asked_after.append(route.request.all_headers().get("last-event-id")),
+                                                 route.continue_()))
+    try:
+        visit.page.goto(f"{proxy.url}/#/sessions/{session_id}")
+        visit.page.wait_for_selector("#connection.disconnected", timeout=30_000)
+        noticed = time.monotonic() - proxy.cut_at
+        assert noticed <= 2.5, f"it took {noticed:.2f} s to say the stream was gone"
+        assert visit.page.inner_text("#connection") == "disconnected — reconnecting…"
+        visit.shot("laptop-8-disconnected")
+        visit.page.wait_for_selector("#status[data-status=COMPLETED]", timeout=120_000)
+        visit.page.wait_for_selector(f".chart[data-points='{EPOCHS}']")
+        assert time.monotonic() - proxy.cut_at < 30  # not waiting for the silent connection to end
+        assert asked_after == [None, proxy.last_complete_event_id()]
+    finally:
+        visit.close()
+        proxy.close()
+
+
 def test_a_federated_session_draws_the_global_model_round_by_round(platform, two_peers, browser):
     user = platform.user()
     rounds, local = 3, 2

@@ -5,6 +5,7 @@
 import { auth, ApiError, renew, signedOut } from "./api.js";
 
 const MAX_DELAY_MS = 5000;
+const SILENCE_MS = 1800; // the server is heard at least every second (webapp/stream.py KEEPALIVE_SECONDS)
 
 // Parse SSE text as it arrives: call `dispatch({type, id, data})` for every complete event.
 export class SseParser {
@@ -52,6 +53,8 @@ export class SseParser {
 // `onEvent(type, data, id)` gets every event; `onState("live" | "reconnecting" | "server-stopped" | "ended")` the
 // connection's ("server-stopped": the server said it was stopping, and the stream reconnects until it is back).
 // `after`: the id of the last event already shown (a resumed session's stream goes on from there).
+// A stream that says nothing for SILENCE_MS (the server sends at least a keep-alive every second) is
+// "disconnected": a server that hangs or a link that went silent is let go and asked again.
 export async function follow(path, { onEvent, onState = () => {}, signal, after = null }) {
   let lastId = after;
   let delay = 500;
@@ -59,10 +62,22 @@ export async function follow(path, { onEvent, onState = () => {}, signal, after 
   let renewed = false; // once per refusal: a token renewed and refused again is a sign-in that expired
   while (!signal.aborted) {
     let ended = null;
+    let silent = false;
+    const attempt = new AbortController();
+    const leave = () => attempt.abort();
+    signal.addEventListener("abort", leave);
+    let heard = Date.now();
+    const watchdog = setInterval(() => {
+      if (Date.now() - heard > SILENCE_MS) {
+        silent = true;
+        attempt.abort();
+      }
+    }, 250);
     try {
       const headers = { Accept: "text/event-stream", ...auth.headers() };
       if (lastId !== null) headers["Last-Event-ID"] = lastId;
-      const response = await fetch(path, { headers, signal, cache: "no-store" });
+      const response = await fetch(path, { headers, signal: attempt.signal, cache: "no-store" });
+      heard = Date.now();
       if (!response.ok) {
         const type = response.headers.get("Content-Type") || "";
         const error = new ApiError(response.status, type.includes("json") ? await response.json() : null);
@@ -96,6 +111,7 @@ export async function follow(path, { onEvent, onState = () => {}, signal, after 
       while (ended === null) {
         const { value, done } = await reader.read();
         if (done) break;
+        heard = Date.now();
         parser.push(value);
       }
       if (ended !== null) {
@@ -106,8 +122,11 @@ export async function follow(path, { onEvent, onState = () => {}, signal, after 
     } catch (error) {
       if (signal.aborted) return null;
       if (error.fatal) throw error;
+    } finally {
+      clearInterval(watchdog);
+      signal.removeEventListener("abort", leave);
     }
-    onState(serverStopped ? "server-stopped" : "reconnecting");
+    onState(serverStopped ? "server-stopped" : silent ? "disconnected" : "reconnecting");
     await new Promise((resolve) => setTimeout(resolve, delay));
     delay = Math.min(delay * 2, MAX_DELAY_MS);
   }

@@ -193,6 +193,7 @@ class SessionPage {
   setConnection(state) {
     const text = {
       live: "● live", reconnecting: "reconnecting…", "server-stopped": "server stopped — reconnecting…", ended: "",
+      disconnected: "disconnected — reconnecting…",
       stopped: "stream stopped",
     }[state];
     this.connection.textContent = text ?? state;
