@@ -118,6 +118,11 @@ def test_a_user_signs_up_starts_a_session_watches_it_and_downloads_the_model(pla
         # The server's reading of the file: its rows, classes and first rows.
         page.wait_for_selector("#preview table")
         assert "1,797 rows" in page.inner_text("#preview") or "1797 rows" in page.inner_text("#preview")
+        # Its target, the last of 65 columns, is in sight: the rows are scrolled to it.
+        box = page.evaluate("""() => { const rows = document.querySelector('#preview .scroll');
+            const a = rows.getBoundingClientRect(), t = rows.querySelector('th.target').getBoundingClientRect();
+            return [a.left, a.right, t.left, t.right]; }""")
+        assert box[0] <= box[2] and box[3] <= box[1] + 1, box  # (within a pixel: borders round)
         assert "10 classes" in page.inner_text("#preview")
         assert page.input_value("select[name=target]") == "label"
         page.fill("input[name=num_peers]", "2")
@@ -152,6 +157,10 @@ def test_a_user_signs_up_starts_a_session_watches_it_and_downloads_the_model(pla
         assert table.count("COMPLETED") == 2 and table.count(f"epoch {EPOCHS}/{EPOCHS}") == 2
         assert "Result best peer" in page.inner_text("#results")
         assert page.inner_text("#timing").startswith("ran ")
+        # Validation drawn dashed, and so shown in the legend (hollow, dashed), training filled.
+        markers = [m.get_attribute("style") or "" for m in page.query_selector_all(".u-marker")]
+        assert sum("dashed" in m and "transparent" in m for m in markers) >= 4, markers  # 2 peers × 2 charts
+        assert sum("solid" in m and "transparent" not in m for m in markers) >= 4, markers
         page.check("input.log-scale")  # the loss on a log scale: drawn again, every point still there
         page.wait_for_selector(f".chart[data-scale=log][data-points='{EPOCHS}']")
 

@@ -8,6 +8,21 @@ export const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "
 const HEIGHT = 240;
 // Epochs and rounds are whole numbers: no tick at 1.25.
 const WHOLE = [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000];
+// Past this many points a series shows a marker on every few only (about MARKERS of them): one per epoch
+// would run together into a bar.
+const ALL_MARKERS = 100;
+const MARKERS = 50;
+
+// Which points of series `si` get a marker, as the chart is drawn (null: all).
+function thinned(u, si, show) {
+  if (!show) return null;
+  const count = u.data[0].length;
+  if (count <= ALL_MARKERS) return null;
+  const step = Math.ceil(count / MARKERS);
+  const keep = [];
+  for (let i = 0; i < count; i += step) if (u.data[si][i] !== null) keep.push(i);
+  return keep;
+}
 
 export class LineChart {
   constructor(container, { title, xLabel, yLabel, range = null, xRange = null, xValue = (v) => number(v),
@@ -66,14 +81,14 @@ export class LineChart {
     this.empty.hidden = data[0].length > 0;
     if (!this.plot || this.rebuild) {
       if (this.plot) this.plot.destroy();
-      this.plot = new window.uPlot(this.uplotOptions(data[0].length), data, this.el);
+      this.plot = new window.uPlot(this.uplotOptions(), data, this.el);
       this.rebuild = false;
     } else {
       this.plot.setData(data);
     }
   }
 
-  uplotOptions(count) {
+  uplotOptions() {
     const { title, xLabel, yLabel, range, xRange, xValue } = this.options;
     const axis = { stroke: "#4b5563", grid: { stroke: "#e5e7eb" }, ticks: { stroke: "#e5e7eb" } };
     return {
@@ -84,6 +99,9 @@ export class LineChart {
         y: this.log ? { distr: 3 } : range ? { range } : {} },
       axes: [{ ...axis, label: xLabel, incrs: WHOLE }, { ...axis, label: yLabel, size: 56 }],
       cursor: { drag: { x: false, y: false } },
+      // Validation series are dashed on the chart: a hollow, dashed square in the legend, training a filled one.
+      legend: { markers: { dash: (u, i) => (u.series[i].dash ? "dashed" : "solid"),
+        fill: (u, i) => (u.series[i].dash ? "transparent" : u.series[i].stroke(u, i)) } },
       series: [
         { label: xLabel, value: (u, v) => (v === null ? "–" : xValue(v)) },
         ...[...this.series.values()].map((s) => ({
@@ -92,7 +110,7 @@ export class LineChart {
           width: s.width,
           dash: s.dash || undefined,
           spanGaps: true,
-          points: { show: count <= 30 },
+          points: { show: true, filter: thinned },
           value: (u, v) => (v === null ? "–" : number(v)),
         })),
       ],

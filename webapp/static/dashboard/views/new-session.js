@@ -72,16 +72,22 @@ export async function newSessionView(root, signal) {
       ? h("p", {}, h("strong", {}, `${p.classes.length} classes: `),
         p.classes.map((c) => `${c} (${p.class_counts[c]})`).join(", "))
       : h("p", {}, h("strong", {}, "Regression"), ` on ${p.target}`);
-    previewBox.replaceChildren(
-      h("p", { class: "facts" }, h("strong", {}, p.filename), ` · ${p.rows.toLocaleString()} rows · `,
-        `${p.columns.length} columns · ${(p.bytes / 1024).toFixed(1)} KiB`),
-      classes,
-      h("div", { class: "scroll" }, h("table", { class: "list head" },
+    const rows = h("div", { class: "scroll" }, h("table", { class: "list head" },
         h("thead", {}, h("tr", {}, p.head.columns.map((c) => h("th", { class: c === p.target ? "target" : "" }, c)))),
         h("tbody", {}, p.head.rows.map((row) => h("tr", {}, row.map((v, i) =>
           h("td", { class: p.head.columns[i] === p.target ? "target" : "num" },
-            String(v)))))))),
+            String(v))))))));
+    previewBox.replaceChildren(
+      h("p", { class: "facts" }, h("strong", {}, p.filename), ` · ${p.rows.toLocaleString()} rows · `,
+        `${p.columns.length} columns · ${(p.bytes / 1024).toFixed(1)} KiB`),
+      classes, rows,
       h("p", { class: "muted small" }, `First ${p.head.rows.length} rows; the target column is highlighted.`));
+    // A wide file's target (often its last column) would be out of sight: the rows scroll to it.
+    const target = rows.querySelector("th.target");
+    if (target) {
+      const at = target.getBoundingClientRect().left - rows.getBoundingClientRect().left + rows.scrollLeft;
+      rows.scrollLeft = Math.max(0, at - (rows.clientWidth - target.offsetWidth) / 2);
+    }
   };
 
   const refresh = async () => {

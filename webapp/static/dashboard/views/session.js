@@ -230,6 +230,7 @@ class SessionPage {
     "Resume");
     this.actions.replaceChildren(...(finished ? [] : [cancel]), ...(s.status === "INTERRUPTED" ? [resume] : []), model);
     this.renderResults();
+    this.renderTiming();
   }
 
   renderResults() {
