@@ -297,6 +297,17 @@ class PeerProcesses:
                 process.wait(5)
 
 
+class Waking(threading.Event):
+    """An event whose endless wait wakes every 0.25 s (so the waiting thread runs pending signal handlers)."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is not None:
+            return super().wait(timeout)
+        while not super().wait(0.25):
+            pass
+        return True
+
+
 def development_secret(settings: Settings) -> None:
     """Keep the development token secret in DATA_DIR, so tokens outlive a restart as the data does."""
     if settings.jwt_secret_key or not settings.development or not settings.data_dir:
@@ -347,6 +358,11 @@ def main() -> None:
         stop(signum, frame)
 
     server.signal_handler_interrupt = interrupted
+    # Granian's main thread waits on this event with no timeout. The kernel may hand the terminal's SIGINT (or a
+    # SIGTERM) to another thread of this process, and Python runs the handler only once the main thread runs
+    # again: until then the worker stopped by the same signal looks to granian like a crash, and the handler
+    # above waited for it. Woken every 0.25 s, the main thread handles a signal at once whoever received it.
+    server.main_loop_interrupt = Waking()
     if processes is not None:
         processes.start()
     try:

@@ -127,7 +127,10 @@ def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, setting
                   on_epoch_end=report, should_stop=should_stop, initial_state=initial, resume=caught,
                   checkpoint_every=spec["checkpoint_every"] if spec.get("checkpoint") else 0,
                   on_checkpoint=checkpoint)
-    if not trained.stopped:  # a stopped training's weights are of no use to anyone
+    if trained.stopped:
+        log.info("session %s: peer %s stopped after epoch %d: %s", session, name, len(trained.history),
+                 notices.reason(session, spec["attempt"]))
+    else:  # a stopped training's weights are of no use to anyone
         # Only the weights: the coordinator knows the rest of the model (shape, features, scaling) itself.
         transfer.upload(spec["weights"], state_to_bytes(trained.model.state_dict(), {"round": round_}))
     result.update(

@@ -100,7 +100,8 @@ def test_cancelling_ends_every_task_without_an_exception(platform, two_peers, di
     assert user.wait_finished(session_id, timeout=10)["status"] == "CANCELLED"
 
     def stopped(name: str) -> bool:
-        return "succeeded" in platform.peers[name].log_path.read_bytes()[marks[name]:].decode(errors="replace")
+        said = platform.peers[name].log_path.read_bytes()[marks[name]:].decode(errors="replace")
+        return f"session {session_id}: peer {name} stopped after epoch " in said
 
     # A stop notice reaches a peer within a second (1,000 epochs would take minutes): 10 s is generous.
     wait_until(lambda: all(stopped(n) for n in two_peers), 10, "both tasks to end")
