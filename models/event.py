@@ -33,7 +33,7 @@ from models.db import utcnow
 log = logging.getLogger(__name__)
 
 DUPLICATE_KEY = 11000
-STATUS, HEARTBEAT, ROUND, PEER, END = "status", "heartbeat", "round", "peer", "end"
+STATUS, HEARTBEAT, ROUND, PEER, END, TRIAL = "status", "heartbeat", "round", "peer", "end", "trial"
 HEARTBEAT_FIELDS = ("peer", "round", "epoch", "epochs", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2",
                     "samples_per_sec", "sent_at")
 
@@ -44,7 +44,7 @@ class SessionEvent(Document):
     id = StringField(primary_key=True)  # "<session id>:<seq, 10 digits>": unique, so the log has no gaps
     session_id = ObjectIdField(required=True)
     seq = IntField(required=True, min_value=1)
-    kind = StringField(required=True, choices=(STATUS, HEARTBEAT, ROUND, PEER, END))
+    kind = StringField(required=True, choices=(STATUS, HEARTBEAT, ROUND, PEER, END, TRIAL))
     key = StringField(required=True)
     data = DictField()
     at = DateTimeField(default=utcnow)
@@ -236,6 +236,11 @@ def round_(number: int, metrics: dict[str, Any], peers: list[str], rejected: dic
            outliers: dict[str, Any]) -> Item:
     return ROUND, f"round:{number}", {"round": number, "metrics": metrics, "peers": list(peers),
                                       "rejected": dict(rejected), "outliers": dict(outliers)}
+
+
+def trial(view: dict[str, Any]) -> Item:
+    """A searching sweep's trial changed (begun, scored at a rung, ended): its view (models/trial.py)."""
+    return TRIAL, f"trial:{view['number']}:{view['status']}:{view['epochs_done']}", view
 
 
 def record_round(session_id: Any, round_doc: Any) -> None:

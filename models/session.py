@@ -152,6 +152,21 @@ class AsyncState(EmbeddedDocument):
     stop_at = DateTimeField()  # the time budget's end
 
 
+class SearchState(EmbeddedDocument):
+    """A sweep that searches: its space (trainer/search.py's normal form), budget and rules, and its counters."""
+
+    meta = {"strict": False}
+
+    space = DictField()
+    trials = IntField(min_value=1)  # configurations to try in all
+    sampler = StringField(default="tpe")
+    pruner = StringField(default="asha")
+    time_budget = IntField(min_value=1)  # seconds after which no trial is begun or continued
+    asked = IntField(default=0)  # trials begun
+    tasks = IntField(default=0)  # tasks sent (a task's number is its `round`)
+    stop_at = DateTimeField()
+
+
 class History(EmbeddedDocument):
     """What recently accepted updates measured (their change's size, their held-out loss change, relative):
     what a round or fold of a few updates is judged against (trainer/screening.py)."""
@@ -194,6 +209,7 @@ class TrainingSession(Document):
     plan = EmbeddedDocumentField(Plan)
     launch = EmbeddedDocumentField(Launch)
     asynchronous = EmbeddedDocumentField(AsyncState, db_field="async_state")
+    search = EmbeddedDocumentField(SearchState)
     history = EmbeddedDocumentField(History)
     rounds = EmbeddedDocumentListField(Round)
     results = DictField()
@@ -296,14 +312,14 @@ def view(session_id: str, owner_id: ObjectId) -> dict[str, Any] | None:
 
 def start_running(session_id: ObjectId, task_ids: dict[str, str], launch: Launch, deadline_seconds: float,
                   position: dict[str, int], at: datetime, state: AsyncState | None = None,
-                  rounds: dict[str, int] | None = None) -> bool:
+                  rounds: dict[str, int] | None = None, sets: dict[str, Any] | None = None) -> bool:
     """PENDING → RUNNING, recording each peer's task id (of round `rounds[peer]`, default the launch's) and the
     chord (and an asynchronous session's counters); False if the session is no longer pending."""
     rounds = rounds or dict.fromkeys(task_ids, launch.round)
     # Raw updates, built directly: mongoengine's keyword transform costs ~0.1 ms per path, and a
     # thousand-peer round sets thousands of paths.
     sets = {"status": RUNNING, "started_at": at, "deadline": at + timedelta(seconds=deadline_seconds),
-            "launch": launch.to_mongo().to_dict(), **_task_updates(task_ids, position, rounds)}
+            "launch": launch.to_mongo().to_dict(), **_task_updates(task_ids, position, rounds), **(sets or {})}
     if state is not None:
         sets["async_state"] = state.to_mongo().to_dict()
     started = _collection().update_one({"_id": session_id, "status": PENDING}, {"$set": sets}).modified_count
@@ -376,6 +392,22 @@ def take_task(session_id: ObjectId, peer: str, now: datetime, refusals: int) -> 
     return state["sent"] - 1, state["version"], taken["plan"]["global_url"]
 
 
+def take_trial(session_id: ObjectId, now: datetime) -> int | None:
+    """A searching sweep's next trial number, while its budget of trials and time lasts; None when spent."""
+    taken = _collection().find_one_and_update(
+        {"_id": session_id, "status": RUNNING, "$expr": {"$lt": ["$search.asked", "$search.trials"]},
+         "$or": [{"search.stop_at": None}, {"search.stop_at": {"$gt": now}}]},
+        {"$inc": {"search.asked": 1}}, projection={"search.asked": 1}, return_document=ReturnDocument.AFTER)
+    return None if taken is None else taken["search"]["asked"] - 1
+
+
+def take_task_number(session_id: ObjectId) -> int:
+    """A searching sweep's next task number."""
+    taken = _collection().find_one_and_update({"_id": session_id}, {"$inc": {"search.tasks": 1}},
+                                              projection={"search.tasks": 1}, return_document=ReturnDocument.AFTER)
+    return taken["search"]["tasks"] - 1
+
+
 def give_back(session_id: ObjectId, tasks: int) -> None:
     """Return unanswered tasks to an asynchronous session's budget."""
     if tasks:
@@ -411,14 +443,16 @@ def resume(session_id: ObjectId, at: datetime) -> bool:
     """INTERRUPTED → PENDING, once: its peers' runs not given up on wait again, the interrupted round's launch is
     forgotten (the coordinator launches the first round not recorded), what was done is kept."""
     doc = _collection().find_one({"_id": session_id, "status": INTERRUPTED},
-                                 {"peers.status": 1, "finished_at": 1, "async_state.stop_at": 1})
+                                 {"peers.status": 1, "finished_at": 1, "async_state.stop_at": 1, "search.stop_at": 1})
     if doc is None:
         return False
     sets: dict[str, Any] = {"status": PENDING, "resumed_at": at, "deadline": None, "finished_at": None,
                             "reason": None}
-    stop_at, stopped = (doc.get("async_state") or {}).get("stop_at"), doc.get("finished_at")
-    if stop_at is not None and stopped is not None:
-        sets["async_state.stop_at"] = at + max(stop_at - stopped, timedelta(0))  # the time budget it had left
+    stopped = doc.get("finished_at")
+    for state in ("async_state", "search"):
+        stop_at = (doc.get(state) or {}).get("stop_at")
+        if stop_at is not None and stopped is not None:
+            sets[f"{state}.stop_at"] = at + max(stop_at - stopped, timedelta(0))  # the time budget it had left
     for i, run in enumerate(doc.get("peers", [])):
         if run.get("status") != FAILED:
             sets[f"peers.{i}.status"] = PENDING

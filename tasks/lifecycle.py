@@ -17,6 +17,7 @@ from models import TrainingSession, utcnow
 from models import assignment as assignments
 from models import peer as peers
 from models import session as sessions
+from models import trial as trials
 from models import update as updates
 from tasks import gate, protocol
 
@@ -62,6 +63,8 @@ def end(app: Celery, session_id: str | ObjectId, status: str, reason: str | None
         lost = updates.give_up_all(session_id, why)
         if status == sessions.INTERRUPTED:
             sessions.give_back(session_id, lost)
+        else:  # a search's open trials end with it (interrupted, they go on when it is resumed)
+            trials.end_open(session_id, trials.PRUNED, at, why)
     # Whatever is still out is decided: a late result or heartbeat of it counts for nothing.
     assignments.close(session_id, gate.closed(why), at)
     released = peers.release(session_id)

@@ -34,7 +34,7 @@ import marshmallow as ma
 from kombu import Connection, Exchange, Queue, binding
 from marshmallow import EXCLUDE, fields, validate
 
-from trainer.limits import LimitError, check_hyperparameters
+from trainer.limits import MAX_EPOCHS, LimitError, check_hyperparameters
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +279,8 @@ class TrainSpecSchema(_Message):
     checkpoint = fields.String(load_default=None, allow_none=True)
     checkpoint_every = WholeNumber(load_default=0, validate=validate.Range(0, 10_000))
     resume_from = fields.String(load_default=None, allow_none=True)
+    # Pause after this epoch (a search's trial trains a stretch at a time); 0: train every epoch.
+    until = WholeNumber(load_default=0, validate=validate.Range(0, MAX_EPOCHS))
     # Given `normalization`, the rows are training rows scaled so; `holdout`: the share of them the peer keeps
     # aside for its own validation curve (the platform's held-out rows are never in a task).
     holdout = fields.Float(load_default=0.0, validate=validate.Range(0.0, 0.5))
@@ -289,6 +291,8 @@ class TrainSpecSchema(_Message):
     @ma.post_load
     def _limits(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         data["hyperparameters"] = check_hyperparameters(data["hyperparameters"])
+        if data["until"] > data["hyperparameters"]["epochs"]:
+            raise ma.ValidationError(f"past the task's {data['hyperparameters']['epochs']} epochs", "until")
         return data
 
 

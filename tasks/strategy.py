@@ -12,7 +12,8 @@ Each call is safe to make twice, and after a crash half-way (a coordinator task 
 after it ran, so it runs again when its worker died): every step is a conditional update.
 
 `RoundStrategy` writes the round loop once, a chord per round (sweeps: one round; synchronous federated
-sessions: R). The modes live in tasks/sweep.py (`Sweep`), tasks/federated.py (`SyncFederated`) and
+sessions: R). The modes live in tasks/sweep.py (`Sweep`), tasks/search.py (`Search`: a sweep that searches a
+space, trial by trial), tasks/federated.py (`SyncFederated`) and
 tasks/asynchronous.py (`AsyncFederated`).
 """
 
@@ -48,6 +49,10 @@ log = logging.getLogger(__name__)
 
 def strategy_for(session: TrainingSession, services: Services) -> Strategy:
     """The strategy of `session`'s mode: the one place that asks which mode a session is."""
+    if session.mode == sessions.SWEEP and session.search is not None:
+        from tasks.search import Search
+
+        return Search(session, services)
     if session.mode == sessions.SWEEP:
         from tasks.sweep import Sweep
 

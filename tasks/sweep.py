@@ -99,6 +99,19 @@ class Sweep(RoundStrategy):
                                           self.services.settings.checkpoint_epochs, resume=bool(session.resumes)),
         } for name, task_id in ids.items()}
 
+    def checkpoint_bytes(self, model: SimpleDNN, peer: str, hyperparameters: dict[str, Any],
+                         history: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> bytes:
+        """`model` as a file a user downloads, built from the coordinator's own records (shape, features,
+        classes, scaling), never from what the peer uploaded besides the weights."""
+        session = self.session
+        checkpoint = Checkpoint(
+            config=model.config, features=list(session.features), target=session.target,
+            classes=session.plan.classes, normalization=Normalization.from_dict(session.plan.normalization),
+            metadata={"session": str(session.id), "peer": peer, "hyperparameters": dict(hyperparameters),
+                      "history": list(history), **(extra or {})},
+        )
+        return checkpoint_bytes(model, checkpoint)
+
     def _score(self, peer: str) -> tuple[SimpleDNN, dict[str, Any]] | str:
         """The peer's uploaded model and the coordinator's own measure of it; or why it cannot be used."""
         config = self.model_config(dict(self.session.peer(peer).hyperparameters))
@@ -135,14 +148,8 @@ class Sweep(RoundStrategy):
         metric = self.metric
         best = max(scored, key=lambda name: (scored[name][1][metric], -scored[name][1]["val_loss"]))
         model, verified, outcome = scored[best]
-        checkpoint = Checkpoint(
-            config=model.config, features=list(session.features), target=session.target,
-            classes=session.plan.classes, normalization=Normalization.from_dict(session.plan.normalization),
-            metadata={"session": str(session.id), "peer": best,
-                      "hyperparameters": dict(session.peer(best).hyperparameters),
-                      "history": outcome.result["history"]},
-        )
-        model_url = self.storage.put_bytes(f"{self.prefix}/model.safetensors", checkpoint_bytes(model, checkpoint))
+        model_url = self.storage.put_bytes(f"{self.prefix}/model.safetensors", self.checkpoint_bytes(
+            model, best, session.peer(best).hyperparameters, outcome.result["history"]))
         summary = {
             "metric": metric,
             "best_peer": best,

@@ -109,7 +109,8 @@ def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, setting
 
     hp = spec["hyperparameters"]
     config = TrainConfig(batch_size=hp["batch_size"], epochs=hp["epochs"], learning_rate=hp["learning_rate"],
-                         optimizer=hp["optimizer"], seed=spec["seed"], num_threads=settings.peer_threads)
+                         optimizer=hp["optimizer"], weight_decay=hp["weight_decay"], seed=spec["seed"],
+                         num_threads=settings.peer_threads)
     caught = _caught(spec, model.config, config.epochs)
     if caught is not None:
         log.info("session %s: peer %s goes on from epoch %d (its checkpoint)", session, name, caught.epoch + 1)
@@ -118,15 +119,16 @@ def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, setting
         if should_stop():
             return
         try:
-            # Once: a missed checkpoint costs a resumed task a few epochs, a wait here costs every task.
-            transfer.upload(spec["checkpoint"], resume.to_bytes(state), retry=False)
+            # Once, mid-task: a missed checkpoint costs a resumed task a few epochs, a wait here costs every
+            # task. At a pause (`until`) the next stretch of the trial goes on from it: worth a retry.
+            transfer.upload(spec["checkpoint"], resume.to_bytes(state), retry=state.epoch == spec["until"])
         except Exception as exc:  # a checkpoint saves time later; it must not fail the training now
             log.warning("the checkpoint after epoch %d could not be uploaded: %s", state.epoch, exc)
 
     trained = fit(model, data.train_x, data.train_y, config, data.val_x, data.val_y,
                   on_epoch_end=report, should_stop=should_stop, initial_state=initial, resume=caught,
                   checkpoint_every=spec["checkpoint_every"] if spec.get("checkpoint") else 0,
-                  on_checkpoint=checkpoint)
+                  on_checkpoint=checkpoint, until=spec["until"] or None)
     if trained.stopped:
         log.info("session %s: peer %s stopped after epoch %d: %s", session, name, len(trained.history),
                  notices.reason(session, spec["attempt"]))

@@ -15,12 +15,13 @@ MAX_HIDDEN_LAYERS = 8
 MAX_HIDDEN_UNITS = 4096
 MAX_LEARNING_RATE = 10.0
 MAX_DROPOUT = 0.9
+MAX_WEIGHT_DECAY = 1.0
 MAX_ROWS = 10_000_000
 MAX_FEATURES = 100_000
 OPTIMIZERS = ("adam", "sgd")
 
 DEFAULTS: dict[str, Any] = {"batch_size": 64, "epochs": 10, "learning_rate": 0.001, "hidden": [128, 64],
-                            "optimizer": "adam", "dropout": 0.0}
+                            "optimizer": "adam", "dropout": 0.0, "weight_decay": 0.0}
 
 
 class LimitError(ValueError):
@@ -65,6 +66,7 @@ def check_hyperparameters(hp: Mapping[str, Any]) -> dict[str, Any]:
         "hidden": list(hidden),
         "optimizer": hp["optimizer"],
         "dropout": _float(hp, "dropout", 0.0, MAX_DROPOUT, low_inclusive=True),
+        "weight_decay": _float(hp, "weight_decay", 0.0, MAX_WEIGHT_DECAY, low_inclusive=True),
     }
 
 

@@ -229,11 +229,15 @@ def train(
     resume: TrainingState | None = None,
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[TrainingState], None] | None = None,
+    until: int | None = None,
 ) -> TrainResult:
     """Train `model` in place on arrays or tensors; the same inputs and settings give the same history.
 
     `resume`: go on from a state `on_checkpoint` was given (after every `checkpoint_every` epochs but the
-    last), as if the training had never stopped."""
+    last), as if the training had never stopped. `until`: pause after that epoch (of `config.epochs`), giving
+    `on_checkpoint` the state to go on from; a search trains a trial so, a stretch at a time."""
+    if until is not None and not 1 <= until <= config.epochs:
+        raise ValueError(f"until must be an epoch from 1 to {config.epochs}; got {until}")
     device = resolve_device(config.device)
     threads = torch.get_num_threads()
     if config.num_threads is not None and config.num_threads != threads:
@@ -263,6 +267,7 @@ def train(
                 resume,
                 checkpoint_every if on_checkpoint is not None else 0,
                 on_checkpoint,
+                until or config.epochs,
             )
     finally:
         if torch.get_num_threads() != threads:
@@ -283,8 +288,10 @@ def _train(
     resume: TrainingState | None = None,
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[TrainingState], None] | None = None,
+    until: int | None = None,
 ) -> TrainResult:
     began = time.perf_counter()
+    until = until or config.epochs
     task = model.config.task
     if resume is not None:
         model.load_state_dict(check_state(resume.model, model.config))
@@ -332,7 +339,7 @@ def _train(
     stopped = False
     processed = 0
     model.train()
-    for epoch in range(len(history) + 1, config.epochs + 1):
+    for epoch in range(len(history) + 1, until + 1):
         start = time.perf_counter()
         order = torch.randperm(rows, generator=shuffler).to(device)  # [rows]
         losses: list[torch.Tensor] = []  # kept on the device: read once per epoch, not per batch
@@ -379,7 +386,8 @@ def _train(
         history.append(metrics)
         if on_epoch_end is not None:
             on_epoch_end(metrics)
-        if checkpoint_every and epoch % checkpoint_every == 0 and epoch < config.epochs and on_checkpoint is not None:
+        due = (checkpoint_every and epoch % checkpoint_every == 0) or epoch == until
+        if due and epoch < config.epochs and on_checkpoint is not None:
             on_checkpoint(caught(epoch))
     seconds = time.perf_counter() - began
     return TrainResult(

@@ -27,7 +27,7 @@ from models import event as events
 from models import peer as peers
 from models import session as sessions
 from models.db import utcnow
-from models.session import FAILED, FEDERATED, INTERRUPTED, PENDING, FederatedSettings
+from models.session import FAILED, FEDERATED, INTERRUPTED, PENDING, FederatedSettings, SearchState
 from tasks.storage import HashingReader
 from trainer.split import VALIDATION_FRACTION, shard
 from trainer.table import DatasetError, Table, read_table, split_indices
@@ -202,4 +202,5 @@ def _document(session_id: ObjectId, user: User, form: dict[str, Any], table: Tab
         ),
         peers=runs,
         federated=federated,
+        search=SearchState(**form["search"]) if form.get("search") else None,
     )

@@ -15,6 +15,8 @@ from models.session import AGGREGATIONS, ASYNC, FEDERATED, MODES, PARTITIONS, SC
 from models.user import email_error
 from settings import Settings
 from tasks.protocol import task_queue
+from trainer import search as search_space
+from trainer.search import MAX_TRIALS, PRUNERS, SAMPLERS
 
 # Read once, when the schemas are built (a setting, so that a 1,000-peer simulation can ask for more).
 MAX_PEERS = Settings.from_env().max_peers
@@ -130,6 +132,8 @@ class HyperparametersSchema(StrictSchema):
     )
     optimizer = fields.String(load_default="adam", validate=validate.OneOf(["adam", "sgd"]))
     dropout = fields.Float(load_default=0.0, validate=validate.Range(min=0, max=0.9))
+    weight_decay = fields.Float(load_default=0.0, validate=validate.Range(min=0, max=1.0),
+                                metadata={"description": "L2 penalty the optimizer applies (0: none)"})
 
 
 def _decode_json(text: str, example: str) -> Any:
@@ -230,12 +234,26 @@ class StartSessionSchema(StrictSchema):
     max_updates = fields.Integer(validate=validate.Range(min=1, max=1_000_000), metadata={
         "description": "async: tasks handed out in all (default: rounds x num_peers, the same peer-epochs)"})
     time_budget = fields.Integer(validate=validate.Range(min=1, max=7 * 24 * 3600), metadata={
-        "description": "async: seconds after which no task is handed out (default: none)"})
+        "description": "async: seconds after which no task is handed out; a sweep that searches: no trial is "
+                       "begun or continued (default: none)"})
+    # Sweeps that search (trainer/search.py, tasks/search.py).
+    search = JSONString(
+        '{"learning_rate": {"low": 1e-4, "high": 1e-1, "log": true}, "batch_size": [32, 64, 128], "epochs": 30}',
+        metadata={"type": "object", "description": "sweep: the space to search, setting -> a list of values, a range "
+                  '{"low", "high", "log"}, or one value (default, without hyperparameters: a space of learning '
+                  "rate, batch size, layers, weight decay and dropout)"})
+    trials = fields.Integer(validate=validate.Range(min=1, max=MAX_TRIALS), metadata={
+        "description": "sweep that searches: configurations to try in all (default: 4 x num_peers)"})
+    sampler = fields.String(validate=validate.OneOf(SAMPLERS), metadata={
+        "description": "sweep that searches: `tpe` (default) or `random`"})
+    pruner = fields.String(validate=validate.OneOf(PRUNERS), metadata={
+        "description": "sweep that searches: `asha` (successive halving, default), `median` or `none`"})
 
     @ma.validates_schema
     def _peer_settings(self, data: dict[str, Any], **kwargs: Any) -> None:
         num_peers = data.get("num_peers")
         raw = data.get("hyperparameters")
+        data["hyperparameters_given"] = raw is not None
         if raw is None:
             raw = {}
         schema = HyperparametersSchema()
@@ -262,6 +280,7 @@ class StartSessionSchema(StrictSchema):
         else:
             raise ma.ValidationError("must be a JSON object or a list of objects", "hyperparameters")
         data["hyperparameters"] = per_peer
+        self._search(data, raw if isinstance(raw, dict) and data.get("hyperparameters_given") else None)
         if data.get("min_peers") is not None and num_peers is not None and data["min_peers"] > num_peers:
             raise ma.ValidationError("cannot exceed num_peers", "min_peers")
         if data.get("mode") == FEDERATED:
@@ -269,8 +288,44 @@ class StartSessionSchema(StrictSchema):
         self._schedule(data)
 
     @staticmethod
+    def _search(data: dict[str, Any], fixed: dict[str, Any] | None) -> None:
+        """A sweep searches when it is given a space, or no settings at all (the default space); what it searches
+        is stored with the session (`search`), its peers' settings are then each trial's."""
+        given = data.pop("hyperparameters_given")
+        rules = [key for key in ("trials", "sampler", "pruner") if key in data]
+        if data.get("mode") != SWEEP:
+            if "search" in data:
+                raise ma.ValidationError("a search is a sweep's: set mode=sweep", "search")
+            if rules:
+                raise ma.ValidationError("only for sweeps that search (mode=sweep)", rules[0])
+            return
+        if "search" not in data and given:
+            for key in (*rules, *(["time_budget"] if "time_budget" in data else [])):
+                raise ma.ValidationError("only for sweeps that search: give `search` (or leave hyperparameters "
+                                         "out to search the default space)", key)
+            return
+        if "search" in data and given and fixed is None:
+            raise ma.ValidationError("give a search space or one settings object per peer, not both", "search")
+        try:
+            if "search" in data:
+                space = search_space.parse(data["search"], fixed)
+            else:
+                space = search_space.default_space()
+        except search_space.SpaceError as exc:
+            raise ma.ValidationError(str(exc), "search") from None
+        num_peers = data.get("num_peers") or 1
+        trials = data.get("trials", 4 * num_peers)
+        if trials < num_peers:
+            raise ma.ValidationError(f"every peer gets a trial: at least num_peers ({num_peers})", "trials")
+        data["search"] = {"space": space, "trials": trials, "sampler": data.get("sampler", "tpe"),
+                          "pruner": data.get("pruner", "asha"), "time_budget": data.get("time_budget")}
+        # Until a peer's first trial begins, its run shows the settings every trial shares.
+        shared = {name: dimension["value"] for name, dimension in space.items() if "value" in dimension}
+        data["hyperparameters"] = [{**shared, "epochs": search_space.max_epochs(space)}] * num_peers
+
+    @staticmethod
     def _schedule(data: dict[str, Any]) -> None:
-        asynchronous = ("buffer_size", "max_updates", "time_budget")
+        asynchronous = ("buffer_size", "max_updates", *(() if data.get("search") else ("time_budget",)))
         if data.get("schedule") != ASYNC:
             for key in asynchronous:
                 if key in data:
@@ -434,8 +489,39 @@ class SessionSchema(ma.Schema):
     created_at = UTCDateTime()
     started_at = UTCDateTime(allow_none=True, dump_default=None)
     finished_at = UTCDateTime(allow_none=True, dump_default=None)
+    search = fields.Dict(allow_none=True, dump_default=None, metadata={
+        "description": "a sweep that searches: its space, trials, sampler, pruner, time_budget, and trials begun"})
     resumes = fields.Integer(dump_default=0, metadata={"description": "times it was resumed after an interruption"})
     resumed_at = UTCDateTime(allow_none=True, dump_default=None)
+
+
+class TrialSchema(ma.Schema):
+    number = fields.Integer()
+    peer = fields.String()
+    params = fields.Dict(metadata={"description": "the values the sampler chose (the space's fixed ones are not here)"})
+    hyperparameters = fields.Dict(metadata={"description": "every setting the trial trained with"})
+    status = fields.String(metadata={"description": "WAITING, RUNNING, COMPLETED, PRUNED or FAILED"})
+    value = fields.Float(allow_none=True, metadata={
+        "description": "its best score so far on the held-out rows (accuracy; regression: R²), by the platform"})
+    val_loss = fields.Float(allow_none=True, metadata={"description": "held-out loss at that score: the tie-breaker"})
+    best_epoch = fields.Integer(allow_none=True)
+    epochs_done = fields.Integer()
+    epochs = fields.Integer()
+    scores = fields.List(fields.Dict(), metadata={"description": "{epoch, value, val_loss} at each rung"})
+    curve = fields.List(fields.Dict(), metadata={
+        "description": "{epoch, loss, val_loss, metric} as its peer reported them (its own validation rows)"})
+    seconds = fields.Float(allow_none=True, metadata={"description": "its peer's training time"})
+    reason = fields.String(allow_none=True)
+    started_at = UTCDateTime(allow_none=True)
+    finished_at = UTCDateTime(allow_none=True)
+
+
+class TrialListSchema(ma.Schema):
+    items = fields.List(fields.Nested(TrialSchema))
+    best = fields.Nested(TrialSchema, allow_none=True, metadata={
+        "description": "the best trial: highest value, ties to the lower val_loss, then fewer epochs, then the first"})
+    metric = fields.String(metadata={"description": "what `value` measures (val_accuracy or val_r2)"})
+    tie_breaker = fields.String()
 
 
 class TrainingStatusSchema(ma.Schema):

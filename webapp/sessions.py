@@ -9,6 +9,7 @@ from flask_smorest import abort
 
 from models import Heartbeat, TrainingSession
 from models import session as sessions
+from models import trial as trials
 from models import update as updates
 from webapp import launch, stream
 from webapp.extensions import Blueprint, dispatcher, storage
@@ -22,6 +23,7 @@ from webapp.schemas import (
     StartedSchema,
     StartSessionSchema,
     TrainingStatusSchema,
+    TrialListSchema,
     UpdateListSchema,
 )
 
@@ -32,8 +34,8 @@ AUTH = [{"bearerAuth": []}]
 def _links(status: int, session_id: str) -> dict:
     """OpenAPI links from an answer naming a session (at runtime expression `session_id`) to its routes."""
     routes = {"session": ("", "get"), "heartbeats": ("/heartbeats", "get"), "rounds": ("/rounds", "get"),
-              "updates": ("/updates", "get"), "model": ("/model", "get"), "cancel": ("/cancel", "post"),
-              "resume": ("/resume", "post")}
+              "updates": ("/updates", "get"), "trials": ("/trials", "get"), "model": ("/model", "get"),
+              "cancel": ("/cancel", "post"), "resume": ("/resume", "post")}
     links = {name: {"operationRef": f"#/paths/~1sessions~1{{session_id}}{suffix.replace('/', '~1')}/{method}",
                     "parameters": {"session_id": session_id}}
              for name, (suffix, method) in routes.items()}
@@ -235,6 +237,23 @@ class Updates(MethodView):
         """An asynchronous session's updates, one per task handed out, in order: what each peer trained
         from, and whether (with which staleness and weight) it was folded into the global model."""
         return {"items": list(updates.for_session(_owned(session_id).id))}
+
+
+@blp.route("/<objectid:session_id>/trials")
+class Trials(MethodView):
+    @jwt_required()
+    @blp.alt_response(400, description=SHORT)
+    @blp.etag
+    @blp.response(200, TrialListSchema)
+    @blp.doc(security=AUTH)
+    def get(self, session_id: str):
+        """A searching sweep's trials, by number: the settings each tried, how it ended (COMPLETED, PRUNED,
+        FAILED; WAITING or RUNNING while it lasts), its scores on the held-out rows and its curve; and the best."""
+        session = _owned(session_id)
+        found = trials.of_session(session.id)
+        ranked = [t for t in found if t.get("value") is not None]
+        return {"items": found, "best": min(ranked, key=trials.rank) if ranked else None,
+                "metric": "val_accuracy" if session.task == "classification" else "val_r2", "tie_breaker": "val_loss"}
 
 
 @blp.route("/<objectid:session_id>/model")

@@ -57,7 +57,7 @@ class Kit:
         return f"p{i}{self.run}"
 
     def session(self, peers_: int = 2, mode: str = sessions.SWEEP, min_peers: int | None = None,
-                **federated: Any) -> TrainingSession:
+                search: dict[str, Any] | None = None, **federated: Any) -> TrainingSession:
         """A PENDING session on `peers_` claimed peers, its dataset in storage, as the API leaves it."""
         session_id = ObjectId()
         csv = blobs_csv(self.tmp / f"{session_id}.csv", rows=120, features=4, classes=2)
@@ -77,6 +77,7 @@ class Kit:
                             classes=["0", "1"]),
             peers=[PeerRun(name=name, hyperparameters=hp) for name in names], federated=settings_,
             min_peers=min_peers, round_timeout=60,
+            search=sessions.SearchState(**search) if search is not None else None,
         ).save()
 
     def reload(self, session: TrainingSession) -> TrainingSession:
@@ -143,7 +144,7 @@ class Kit:
         if spoil == "nan":
             state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
         self.storage.put_bytes(self._key(spec["weights"]), state_to_bytes(state))
-        epochs = hp["epochs"]
+        epochs = spec["until"] or hp["epochs"]  # a search's stretch pauses after `until`
         history = [{"epoch": e, "loss": 1.0 / e, "accuracy": 0.5, "val_loss": 0.7, "val_accuracy": 0.5,
                     "samples_per_sec": 1000.0, "seconds": 0.01, "finished_at": 1.7e9} for e in range(1, epochs + 1)]
         result = {"final": history[-1], "history": history, "bytes_fetched": 10, "seconds": 0.02, "stopped": False}

@@ -9,7 +9,8 @@ from trainer.limits import LimitError, check_hyperparameters, check_table_size
 
 def test_defaults_fill_in_what_is_not_given():
     assert check_hyperparameters({"epochs": 3}) == {"batch_size": 64, "epochs": 3, "learning_rate": 0.001,
-                                                    "hidden": [128, 64], "optimizer": "adam", "dropout": 0.0}
+                                                    "hidden": [128, 64], "optimizer": "adam", "dropout": 0.0,
+                                                    "weight_decay": 0.0}
 
 
 @pytest.mark.parametrize(("hp", "message"), [

@@ -59,6 +59,7 @@ def test_start_claims_peers_stores_the_csv_and_creates_a_pending_session(client,
     assert [p["name"] for p in detail["peers"]] == body["assigned_peers"]
     assert detail["peers"][1]["hyperparameters"] == {
         "batch_size": 64, "epochs": 3, "learning_rate": 0.1, "hidden": [128, 64], "optimizer": "adam", "dropout": 0.0,
+        "weight_decay": 0.0,
     }
 
 
