@@ -262,14 +262,15 @@ class Search(Sweep):
         """Score a trial's stretch, then prune it, end it or send its next stretch; its peer gets work."""
         session = self.session
         for outcome in outcomes:
-            trial = trials.of_task(session.id, round_)
-            if trial is None or trial["task_id"] != outcome.task or trial["peer"] != outcome.peer:
-                log.warning("session %s: no trial of task %s on peer %s; result dropped", session.id, outcome.task,
-                            outcome.peer)
-                continue
             if outcome.left_out or session.finished:
                 continue  # on_lost deals with it
-            if trial["status"] == trials.RUNNING and trial["epochs_done"] < trial["until"]:
+            # None once the trial moved on to its next task (this is a run again of a step that did that).
+            trial = trials.of_task(session.id, round_)
+            if trial is not None and (trial["task_id"] != outcome.task or trial["peer"] != outcome.peer):
+                log.warning("session %s: task %s is not peer %s's; result dropped", session.id, outcome.task,
+                            outcome.peer)
+                continue
+            if trial is not None and trial["status"] == trials.RUNNING and trial["epochs_done"] < trial["until"]:
                 trial = self._score(trial, outcome)
             if trial is not None and trial["status"] == trials.RUNNING and trial["seq"] == round_ \
                     and trial["epochs_done"] == trial["until"]:

@@ -14,6 +14,7 @@ and every trial of a session is scored at the same epochs (a median pruner compa
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -152,7 +153,7 @@ def max_epochs(space: Mapping[str, Mapping[str, Any]]) -> int:
 
 def min_resource(space: Mapping[str, Mapping[str, Any]]) -> int:
     """The first rung: so that the longest trial is scored at most `MAX_RUNGS` times."""
-    return max(1, round(max_epochs(space) / REDUCTION ** (MAX_RUNGS - 1)))
+    return max(1, math.ceil(max_epochs(space) / REDUCTION ** (MAX_RUNGS - 1)))
 
 
 def rungs(epochs: int, first: int, pruned: bool = True) -> list[int]:

@@ -562,3 +562,76 @@ def test_a_session_is_named_by_the_beginning_of_its_id_when_only_it_begins_so(cl
     assert client.get(f"/sessions/{first[:common + 1]}", headers=bob).status_code == 404  # nobody else's
     cancelled = client.post(f"/sessions/{first[:common + 1]}/cancel", headers=auth)
     assert cancelled.status_code == 202 and cancelled.json["session_id"] == first
+
+
+# --- sweeps that search -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("form", "field", "words"),
+    [
+        ({"search": {"learning_rate": {"low": 0.1, "high": 0.01}}}, "search", "must be below high"),
+        ({"search": {"momentum": [0.9, 0.99]}}, "search", "not a setting a search can vary"),
+        ({"search": {"epochs": 5}}, "search", "varies nothing"),
+        ({"search": "[1, 2]"}, "search", "JSON object"),
+        ({"search": {"batch_size": [16, 32]}, "trials": "1"}, "trials", "at least num_peers (2)"),
+        ({"search": {"batch_size": [16, 32]}, "hyperparameters": [{}, {}]}, "search", "not both"),
+        ({"search": {"batch_size": [16, 32]}, "mode": "federated"}, "search", "mode=sweep"),
+        ({"search": {"batch_size": [16, 32]}, "sampler": "grid"}, "sampler", "Must be one of"),
+        ({"search": {"batch_size": [16, 32]}, "pruner": "hyperband"}, "pruner", "Must be one of"),
+        ({"hyperparameters": {"epochs": 3}, "trials": "4"}, "trials", "only for sweeps that search"),
+        ({"hyperparameters": {"epochs": 3}, "time_budget": "60"}, "time_budget", "only for sweeps that search"),
+        ({"mode": "federated", "pruner": "asha"}, "pruner", "only for sweeps that search"),
+    ],
+)
+def test_bad_search_settings_are_400_and_claim_nothing(client, auth, online_peers, csv_path, form, field, words):
+    online_peers(2)
+    response = start(client, auth, csv_path, **form)
+    assert response.status_code == 400, response.json
+    assert field in response.json["errors"]
+    assert words in response.json["message"]
+    assert Peer.objects(status=TRAINING).count() == 0 and TrainingSession.objects.count() == 0
+
+
+def test_a_search_start_records_its_space_and_budget_with_an_object_of_settings_held_fixed(client, auth,
+                                                                                         online_peers, csv_path):
+    online_peers(2)
+    response = start(client, auth, csv_path, search={"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}},
+                     hyperparameters={"epochs": 4, "hidden": [32]}, pruner="median", time_budget="120")
+    assert response.status_code == 202, response.json
+    detail = client.get(f"/sessions/{response.json['session_id']}", headers=auth).json
+    search = detail["search"]
+    assert (search["trials"], search["sampler"], search["pruner"], search["time_budget"]) == (8, "tpe", "median", 120)
+    assert search["space"]["learning_rate"] == {"low": 1e-4, "high": 1e-2, "log": True, "int": False}
+    assert search["space"]["epochs"] == {"value": 4} and search["space"]["hidden"] == {"value": [32]}
+    assert [p["epochs"] for p in detail["peers"]] == [4, 4]
+
+
+def test_a_sweep_given_no_settings_searches_and_one_given_them_does_not(client, auth, online_peers, csv_path):
+    online_peers(4)
+    searching = start(client, auth, csv_path)
+    assert searching.status_code == 202, searching.json
+    detail = client.get(f"/sessions/{searching.json['session_id']}", headers=auth).json
+    assert detail["search"]["trials"] == 8
+    assert {"choices"} <= set(detail["search"]["space"]["batch_size"])
+    fixed = start(client, auth, csv_path, hyperparameters={"epochs": 3})
+    assert client.get(f"/sessions/{fixed.json['session_id']}", headers=auth).json["search"] is None
+
+
+def test_trials_are_listed_by_number_with_the_best_by_score_then_held_out_loss(client, auth, online_peers, csv_path):
+    from models import trial as trials
+
+    online_peers(2)
+    session_id = start(client, auth, csv_path, search={"batch_size": [16, 32]}).json["session_id"]
+    for number, value, loss in [(0, 0.9, 0.30), (1, 0.95, 0.40), (2, 0.95, 0.20), (3, None, None)]:
+        assert trials.create(ObjectId(session_id), number, "p", {"batch_size": 16}, {"batch_size": 16}, 10, 1,
+                             number, f"t{number}")
+        if value is not None:
+            trials.Trial.objects(session_id=session_id, number=number).update_one(
+                set__value=value, set__val_loss=loss, set__status=trials.COMPLETED, set__epochs_done=10)
+    listed = client.get(f"/sessions/{session_id[:8]}/trials", headers=auth).json
+    assert [t["number"] for t in listed["items"]] == [0, 1, 2, 3]
+    assert [t["status"] for t in listed["items"]] == ["COMPLETED"] * 3 + ["WAITING"]
+    assert listed["best"]["number"] == 2  # tied on accuracy: the lower held-out loss wins
+    assert (listed["metric"], listed["tie_breaker"]) == ("val_accuracy", "val_loss")
+    assert client.get(f"/sessions/{ObjectId()}/trials", headers=auth).status_code == 404
