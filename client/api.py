@@ -120,6 +120,9 @@ class Api:
     def session(self, session_id: str) -> dict[str, Any]:
         return self._call("GET", f"/sessions/{session_id}")
 
+    def trials(self, session_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/sessions/{session_id}/trials")
+
     def cancel(self, session_id: str) -> dict[str, Any]:
         return self._call("POST", f"/sessions/{session_id}/cancel")
 

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from client.api import Api, ApiError
 from client.credentials import Credentials, Login
-from client.watch import StreamLost, display_for, metrics, result, watch
+from client.watch import StreamLost, display_for, metrics, result, trials_table, watch
 
 COMPLETED = "COMPLETED"
 INTERRUPTED = 130
@@ -223,7 +223,26 @@ def peers(state: State, as_json: bool) -> None:
 
 
 FEDERATED_ONLY = ("rounds", "local_epochs", "partition", "alpha", "aggregation", "min_peers", "schedule",
-                  "buffer_size", "max_updates", "time_budget")
+                  "buffer_size", "max_updates")
+SEARCH_ONLY = ("trials", "sampler", "pruner")
+
+
+def _space(value: str) -> dict[str, Any]:
+    """A search space from a JSON file (or JSON text given inline)."""
+    text = value if value.lstrip().startswith("{") else None
+    if text is None:
+        try:
+            text = Path(value).read_text()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {value}: {exc.strerror}", param_hint="--search") from None
+    try:
+        space = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc})", param_hint="--search") from None
+    if not isinstance(space, dict):
+        raise click.BadParameter("a search space is a JSON object: setting -> list, range or value",
+                                 param_hint="--search")
+    return space
 
 
 def _hyperparameters(hp_json: str | None, num_peers: int, **overrides: Any) -> Any:
@@ -271,26 +290,49 @@ def _hyperparameters(hp_json: str | None, num_peers: int, **overrides: Any) -> A
 @click.option("--buffer-size", type=click.IntRange(min=1), help="Async: updates folded together.")
 @click.option("--max-updates", type=click.IntRange(min=1), help="Async: tasks handed out in all.")
 @click.option("--time-budget", type=click.IntRange(min=1), metavar="SECONDS",
-              help="Async: no task is handed out after this.")
+              help="Async: no task is handed out after this. Search: no trial is begun or continued after this.")
+@click.option("--search", "space", metavar="FILE",
+              help='Sweep: search this space (a JSON file, or JSON text): setting -> list of values, range '
+                   '{"low": …, "high": …, "log": true}, or one value, e.g. \'{"learning_rate": {"low": 1e-4, '
+                   '"high": 0.1, "log": true}, "batch_size": [32, 64, 128]}\'. Without --search and --hp a sweep '
+                   'searches a default space (learning rate, batch size, layers, weight decay, dropout).')
+@click.option("--trials", type=click.IntRange(min=1, max=1000),
+              help="Search: configurations to try in all (at least --peers, at most 1000; default 4 x --peers).")
+@click.option("--sampler", type=click.Choice(["tpe", "random"]), help="Search: how trials are chosen (default tpe).")
+@click.option("--pruner", type=click.Choice(["asha", "median", "none"]),
+              help="Search: how losing trials are stopped early (default asha: successive halving).")
 @click.option("--detach", is_flag=True, help="Print the session's id and return instead of watching it.")
 @json_option
 @click.pass_obj
 def start(state: State, file: Path, num_peers: int, mode: str, epochs: int | None, learning_rate: float | None,
           batch_size: int | None, hp_json: str | None, target: str | None, features: str | None, task: str | None,
-          detach: bool, as_json: bool, **federated: Any) -> None:
+          space: str | None, detach: bool, as_json: bool, **options: Any) -> None:
     """Start a session on a CSV and watch it.
 
-    FILE is a CSV with a header row. The command follows the session to its end (exit status 0 when it
-    COMPLETED, 1 otherwise) unless --detach is given.
+    FILE is a CSV with a header row. A sweep without --hp searches (--search, or a default space): trials
+    on the peers, the losing ones stopped early, a ranked table of them at the end. The command follows
+    the session to its end (exit status 0 when it COMPLETED, 1 otherwise) unless --detach is given.
     """
-    given = {k: v for k, v in federated.items() if v is not None}
-    if mode == "sweep" and given:
-        names = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise click.UsageError(f"{names}: only for --mode federated")
+    given = {k: v for k, v in options.items() if v is not None}
+    # Settings given with --hp (and no --search) are run as given; otherwise a sweep searches.
+    searching = mode == "sweep" and (space is not None or not hp_json)
+    wrong = [k for k in given if (mode == "sweep" and k in FEDERATED_ONLY) or (k in SEARCH_ONLY and not searching)
+             or (k == "time_budget" and not searching and options.get("schedule") != "async")]
+    if wrong:
+        names = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        raise click.UsageError(f"{names}: only for --mode federated" if wrong[0] in FEDERATED_ONLY
+                               else f"{names}: only for sweeps that search (--search, or no --hp)")
     if mode == "federated" and epochs is not None:
         raise click.UsageError("--epochs is for sweeps: a federated session trains --rounds × --local-epochs")
+    if space is not None and mode != "sweep":
+        raise click.UsageError("--search: a search is a sweep's (--mode sweep)")
     hp = _hyperparameters(hp_json, num_peers, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size)
-    form = {"num_peers": str(num_peers), "mode": mode, "hyperparameters": json.dumps(hp)}
+    form = {"num_peers": str(num_peers), "mode": mode}
+    if hp:
+        form["hyperparameters"] = json.dumps(hp)
+    if searching:
+        # --epochs, --lr, --batch-size are held fixed, and the rest of the default space is searched.
+        form["search"] = json.dumps(_space(space) if space is not None else {})
     for key, value in {"target": target, "features": features, "task": task, **given}.items():
         if value is not None:
             form[key] = str(value)
@@ -376,6 +418,8 @@ def show(state: State, session_id: str, as_json: bool) -> None:
         table.add_row(p["name"], p["status"], f"{p.get('epoch', 0)}/{p.get('epochs') or '?'}", metrics(p),
                       p.get("error") or "")
     out.print(table)
+    if s.get("search"):
+        out.print(trials_table(state.api().trials(s["id"])))
     if result(s):
         out.print(result(s))
     if s.get("model_available"):

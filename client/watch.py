@@ -10,8 +10,10 @@ from typing import Any, Protocol
 
 import httpx
 from httpx_sse import SSEError
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from client.api import Api, ApiError, Event
 
@@ -28,6 +30,7 @@ class Display(Protocol):
     def event(self, event: Event) -> None: ...
     def retry(self, problem: str, delay: float) -> None: ...
     def finish(self, end: dict[str, Any], session: dict[str, Any] | None) -> None: ...
+    def show(self, table: Table) -> None: ...
 
 
 def follow(api: Api, session_id: str, on_event: Callable[[Event], None],
@@ -62,12 +65,46 @@ def follow(api: Api, session_id: str, on_event: Callable[[Event], None],
 
 
 def watch(api: Api, session_id: str, display: Display) -> str:
-    """Show the session until it ends; returns its final status."""
+    """Show the session until it ends (a search: then its trials, ranked); returns its final status."""
     display.begin(api.session(session_id))
     end = follow(api, session_id, display.event, display.retry)
     session = None if isinstance(display, JsonLines) else api.session(session_id)
     display.finish(end, session)
+    if session is not None and session.get("search"):
+        display.show(trials_table(api.trials(session_id)))
     return end["status"]
+
+
+def _percent_or_number(metric: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 100:.1f}%" if "accuracy" in metric else f"{value:.4g}"
+
+
+def _setting(name: str, value: Any) -> str:
+    if name == "hidden":
+        return "hidden " + ("x".join(map(str, value)) or "none")
+    short = {"learning_rate": "lr", "batch_size": "batch", "weight_decay": "wd"}.get(name, name)
+    return f"{short} {value:.3g}" if isinstance(value, float) else f"{short} {value}"
+
+
+def trials_table(listed: dict[str, Any]) -> Table:
+    """A search's trials ranked as the platform ranks them: best held-out score, then lower held-out loss."""
+    metric = listed.get("metric") or "value"
+    best = (listed.get("best") or {}).get("number")
+    ranked = sorted(listed.get("items", []), key=lambda t: (t.get("value") is None, -(t.get("value") or 0),
+                                                             t.get("val_loss") or 0, t["number"]))
+    table = Table("#", "trial", "peer", "status", metric, "val_loss", "epochs", "settings", "seconds",
+                  box=box.SIMPLE, title=f"trials, ranked by {metric} on the held-out rows (ties: lower "
+                                        f"{listed.get('tie_breaker') or 'val_loss'})")
+    for place, t in enumerate(ranked, start=1):
+        table.add_row(str(place), f"{t['number']}{' ★' if t['number'] == best else ''}", t["peer"], t["status"],
+                      _percent_or_number(metric, t.get("value")),
+                      f"{t['val_loss']:.4g}" if t.get("val_loss") is not None else "-",
+                      f"{t.get('epochs_done', 0)}/{t['epochs']}",
+                      " · ".join(_setting(k, v) for k, v in sorted((t.get("params") or {}).items())),
+                      f"{t['seconds']:.1f}" if t.get("seconds") is not None else "-")
+    return table
 
 
 def metrics(data: dict[str, Any]) -> str:
@@ -86,6 +123,9 @@ def result(session: dict[str, Any] | None) -> str:
     r = (session or {}).get("results") or {}
     if not r.get("metric") or r.get("best_value") is None:
         return ""
+    if r.get("best_trial") is not None:
+        return (f"best trial {r['best_trial']} (peer {r['best_peer']}, epoch {r.get('best_epoch')}): {r['metric']} "
+                f"{_percent_or_number(r['metric'], r['best_value'])}")
     who = f"best peer {r['best_peer']}" if r.get("best_peer") else "global model"
     value = r["best_value"]
     return f"{who}: {r['metric']} " + (f"{value * 100:.1f}%" if "accuracy" in r["metric"] else f"{value:.4g}")
@@ -101,6 +141,8 @@ class Plan:
         self.rounds = fed.get("rounds", 1)
         self.local_epochs = fed.get("local_epochs", 1)
         self.epochs = {p["name"]: p.get("epochs") or 1 for p in session.get("peers", [])}
+        self.searching = bool(session.get("search"))
+        self.trial: dict[str, int] = {}  # a searching sweep's peer -> the trial it trains now
         # Asynchronous: a peer does as many tasks as it is fast enough for; the global model gets a version
         # every `buffer_size` updates (the last may fold fewer).
         self.apart = fed.get("schedule") == "async"
@@ -119,6 +161,8 @@ class Plan:
         return beat["round"] * self.local_epochs + beat["epoch"] if self.federated else beat["epoch"]
 
     def step(self, beat: dict[str, Any]) -> str:
+        if beat.get("peer") in self.trial:
+            return f"trial {self.trial[beat['peer']]} epoch {beat['epoch']}/{beat['epochs']}"
         if self.apart:
             return f"update {beat['round'] + 1} epoch {beat['epoch']}/{beat['epochs']}"
         if self.federated:
@@ -128,7 +172,20 @@ class Plan:
     def describe(self) -> str:
         s = self.session
         names = ", ".join(p["name"] for p in s.get("peers", []))
-        return f"session {s['id']}: {s['mode']} on {s['dataset']['filename']}, peers {names}"
+        what = f"search of {s['search']['trials']} trials" if self.searching else s["mode"]
+        return f"session {s['id']}: {what} on {s['dataset']['filename']}, peers {names}"
+
+    def trial_line(self, d: dict[str, Any]) -> str | None:
+        """A trial event worth a line: one that began or ended."""
+        metric = "val_accuracy" if self.session.get("task", "classification") == "classification" else "val_r2"
+        settings = " · ".join(_setting(k, v) for k, v in sorted((d.get("params") or {}).items()))
+        if d["status"] == "RUNNING" and d["epochs_done"] == 0:
+            return f"trial {d['number']} on {d['peer']}: {settings}"
+        if d["status"] in ("COMPLETED", "PRUNED", "FAILED"):
+            return (f"trial {d['number']} {d['status'].lower()} after {d['epochs_done']}/{d['epochs']} epochs: "
+                    f"{metric} {_percent_or_number(metric, d.get('value'))}"
+                    + (f" ({d['reason']})" if d.get("reason") and d["status"] != "COMPLETED" else ""))
+        return None
 
     def settings(self, peer: str) -> str:
         """A peer's hyperparameters in a few words: `lr 0.01 · batch 64 · adam · hidden 128x64`."""
@@ -155,6 +212,9 @@ class JsonLines:
         print(f"connection lost ({problem}); reconnecting in {delay:g} s", file=sys.stderr, flush=True)
 
     def finish(self, end: dict[str, Any], session: dict[str, Any] | None) -> None:
+        pass
+
+    def show(self, table: Table) -> None:
         pass
 
 
@@ -185,9 +245,17 @@ class Lines:
             self.say(f"status {d['status']}" + (f": {d['reason']}" if d.get("reason") else ""))
         elif event.type == "peer":
             self.say(f"{d['peer']} {d['status']}" + (f": {d['error']}" if d.get("error") else ""))
+        elif event.type == "trial":
+            if d["status"] == "RUNNING":
+                plan.trial[d["peer"]] = d["number"]
+            if (line := plan.trial_line(d)) is not None:
+                self.say(line)
 
     def retry(self, problem: str, delay: float) -> None:
         self.say(f"connection lost ({problem}); reconnecting in {delay:g} s")
+
+    def show(self, table: Table) -> None:
+        self.console.print(table)
 
     def finish(self, end: dict[str, Any], session: dict[str, Any] | None) -> None:
         summary = result(session)
@@ -241,6 +309,14 @@ class Bars(Lines):
                                  if d["status"] != "RUNNING" else d["peer"])
             if d.get("error"):
                 self.say(f"{d['peer']} {d['status']}: {d['error']}")
+        elif event.type == "trial" and d.get("peer") in self.tasks:
+            if d["status"] == "RUNNING":
+                plan.trial[d["peer"]] = d["number"]
+                settings = " · ".join(_setting(k, v) for k, v in sorted((d.get("params") or {}).items()))
+                self.progress.update(self.tasks[d["peer"]], total=d["epochs"], completed=d["epochs_done"],
+                                     settings=settings, step=f"trial {d['number']}")
+            if d["status"] != "RUNNING" and (line := plan.trial_line(d)) is not None:
+                self.say(line)
         elif event.type == "status":
             super().event(event)
 

@@ -240,8 +240,9 @@ class StartSessionSchema(StrictSchema):
     search = JSONString(
         '{"learning_rate": {"low": 1e-4, "high": 1e-1, "log": true}, "batch_size": [32, 64, 128], "epochs": 30}',
         metadata={"type": "object", "description": "sweep: the space to search, setting -> a list of values, a range "
-                  '{"low", "high", "log"}, or one value (default, without hyperparameters: a space of learning '
-                  "rate, batch size, layers, weight decay and dropout)"})
+                  '{"low", "high", "log"}, or one value; settings it leaves out are those of `hyperparameters` '
+                  "(one object). `{}`, or no settings at all: the default space (learning rate, batch size, layers, "
+                  "weight decay, dropout) with `hyperparameters`' settings held fixed"})
     trials = fields.Integer(validate=validate.Range(min=1, max=MAX_TRIALS), metadata={
         "description": "sweep that searches: configurations to try in all (default: 4 x num_peers)"})
     sampler = fields.String(validate=validate.OneOf(SAMPLERS), metadata={
@@ -307,10 +308,10 @@ class StartSessionSchema(StrictSchema):
         if "search" in data and given and fixed is None:
             raise ma.ValidationError("give a search space or one settings object per peer, not both", "search")
         try:
-            if "search" in data:
-                space = search_space.parse(data["search"], fixed)
+            if data.get("search", {}) == {}:  # none, or an empty one: the default space, holding `fixed` fixed
+                space = search_space.default_space(fixed)
             else:
-                space = search_space.default_space()
+                space = search_space.parse(data["search"], fixed)
         except search_space.SpaceError as exc:
             raise ma.ValidationError(str(exc), "search") from None
         num_peers = data.get("num_peers") or 1

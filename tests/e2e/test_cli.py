@@ -227,3 +227,38 @@ def test_resume_goes_on_with_an_interrupted_sweep_from_its_checkpoints(platform,
     again = cli("resume", session_id)
     assert again.returncode == 1 and "only an INTERRUPTED session can be resumed" in again.stderr
 
+
+
+def test_start_with_a_search_space_prints_each_trial_and_the_ranked_trials_at_the_end(platform, two_peers, cli,
+                                                                                      tmp_path):
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"learning_rate": {"low": 1e-3, "high": 3e-2, "log": True}, "batch_size": [16, 32],
+                                 "epochs": EPOCHS}))
+    done = cli("start", str(WINE), "--peers", "2", "--search", str(space), "--trials", "4", "--pruner", "median")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "search of 4 trials on wine.csv" in out
+    for number in range(4):
+        assert f"trial {number} on " in out
+        assert f"trial {number} completed after " in out or f"trial {number} pruned after " in out
+    # The ranked table: every trial, the winner starred, what ranks them said.
+    assert "trials, ranked by val_accuracy on the held-out rows (ties: lower val_loss)" in out
+    table = out[out.index("trials, ranked by"):]
+    assert table.count("★") == 1 and all(peer in table for peer in two_peers)
+    assert "COMPLETED (best trial " in out
+    session_id = json.loads(cli("ls", "--json").stdout)["items"][0]["id"]
+    best = json.loads(cli("show", session_id, "--json").stdout)["results"]["best_trial"]
+    assert f"{best} ★" in table
+    shown = cli("show", session_id[:8]).stdout
+    assert "trials, ranked by val_accuracy" in shown and f"{best} ★" in shown
+
+
+def test_a_sweep_without_settings_searches_with_the_ones_given_held_fixed(platform, two_peers, cli):
+    done = cli("start", str(WINE), "--peers", "2", "--epochs", "3", "--trials", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    ended = [e["data"] for e in lines(done.stdout) if e["event"] == "trial" and e["data"]["status"] in ("COMPLETED",
+                                                                                                       "PRUNED")]
+    trials = {t["number"]: t for t in ended}  # the last word on each
+    assert sorted(trials) == [0, 1] and trials[0]["params"] != trials[1]["params"]
+    trials = list(trials.values())
+    assert {t["hyperparameters"]["epochs"] for t in trials} == {3}
