@@ -208,7 +208,7 @@ class Gate:
         decided = assignment.get("reported_at")
         if assignment.get("outcome") and decided is not None and decided + HEARTBEAT_GRACE < self.clock.now():
             raise Dropped("stale heartbeat", f"task {beat['uuid']} of peer {name} was decided at {decided}")
-        beat["epochs"] = assignment["epochs"]
+        beat["epochs"] = assignment.get("of") or assignment["epochs"]  # a stretch of a trial: the trial's
         return assignment, beat
 
     # --- uploads -----------------------------------------------------------------------------------

@@ -195,7 +195,8 @@ class Search(Sweep):
     def _send(self, trial: dict[str, Any]) -> None:
         session = self.session
         now = self.clock.now()
-        self.record_assignments([(trial["task_id"], trial["peer"], trial["seq"], trial["until"], None)], now)
+        self.record_assignments([(trial["task_id"], trial["peer"], trial["seq"], trial["until"], None)], now,
+                                of=trial["epochs"])
         # Named on the peer's run before it is sent: heartbeats and results name the task it was given.
         sessions.record_runs(session.id, sessions.positions(session), {trial["peer"]: {
             "status": sessions.RUNNING, "task_id": trial["task_id"], "round": trial["seq"],

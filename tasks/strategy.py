@@ -225,13 +225,16 @@ class Strategy:
             relay.hand_on(self.app, self.services.queue, assignment, decided, self.clock.now(), report_lost=False)
         return decided
 
-    def record_assignments(self, tasks: list[tuple[str, str, int, int, dict[str, Any] | None]], at: Any) -> None:
-        """Record tasks about to be sent: (task id, peer, round, epochs, chord place) each."""
+    def record_assignments(self, tasks: list[tuple[str, str, int, int, dict[str, Any] | None]], at: Any,
+                           of: int | None = None) -> None:
+        """Record tasks about to be sent: (task id, peer, round, epochs, chord place) each (`of`: the epochs of
+        the whole training a task is a stretch of, which its heartbeats show)."""
         position = sessions.positions(self.session)
         deadline = self.task_deadline(at)
         assignments.record({"_id": task_id, "session_id": self.session.id, "peer": peer, "round": round_,
                             "epochs": epochs, "position": position[peer], "chord": chord, "sent_at": at,
-                            "deadline": deadline, "fixed": bool(self.session.round_timeout)}
+                            "deadline": deadline, "fixed": bool(self.session.round_timeout),
+                            **({"of": of} if of else {})}
                            for task_id, peer, round_, epochs, chord in tasks)
 
     def record_results(self, outcomes: list[Outcome], status: str, samples: dict[str, int]) -> None:

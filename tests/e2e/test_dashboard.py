@@ -23,6 +23,8 @@ pytestmark = pytest.mark.e2e
 SCREENSHOTS = ROOT / "var" / "screenshots"
 DIGITS = ROOT / "samples" / "digits.csv"
 EPOCHS = 10
+# Epochs of the session the first test watches grow: batches of 4 on digits, a few seconds on this machine.
+WATCHED = 40
 # As root, chromium needs --no-sandbox; the rest keep it from calling home.
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
@@ -126,12 +128,15 @@ def test_a_user_signs_up_starts_a_session_watches_it_and_downloads_the_model(pla
         assert "10 classes" in page.inner_text("#preview")
         assert page.input_value("select[name=target]") == "label"
         page.fill("input[name=num_peers]", "2")
+        assert page.is_visible("#search-settings")  # a sweep searches unless the user picks its settings
+        page.check("input[name=sweep_style][value=fixed]")
+        assert page.is_hidden("#search-settings")
         page.check("input[name=per_peer]")
         rows = page.locator("table.per-peer tbody tr")
         assert rows.count() == 2
         for row, lr in zip(range(2), ("0.01", "0.001"), strict=True):
             rows.nth(row).locator("input[name=learning_rate]").fill(lr)
-            rows.nth(row).locator("input[name=epochs]").fill(str(EPOCHS))
+            rows.nth(row).locator("input[name=epochs]").fill(str(WATCHED))
             rows.nth(row).locator("input[name=batch_size]").fill("4")  # slow enough to watch the curves grow
             rows.nth(row).locator("input[name=hidden]").fill("64")
         visit.shot("laptop-2-new-session")
@@ -145,16 +150,16 @@ def test_a_user_signs_up_starts_a_session_watches_it_and_downloads_the_model(pla
         assert page.inner_text("#timing").startswith("running for ")
         visit.shot("laptop-3-session-running")
         page.wait_for_selector("#status[data-status=COMPLETED]", timeout=120_000)
-        page.wait_for_selector(f".chart[data-points='{EPOCHS}']")
+        page.wait_for_selector(f".chart[data-points='{WATCHED}']")
         visit.shot("laptop-4-session-completed")
 
         # The curves grew as the stream delivered the epochs, not in one piece at the end.
         counts = page.evaluate("window.__points")
-        assert any(0 < count < EPOCHS for count in counts) and counts[-1] == EPOCHS, counts
+        assert any(0 < count < WATCHED for count in counts) and counts[-1] == WATCHED, counts
         table = page.inner_text("#peer-runs")
         for peer in two_peers:
             assert peer in table
-        assert table.count("COMPLETED") == 2 and table.count(f"epoch {EPOCHS}/{EPOCHS}") == 2
+        assert table.count("COMPLETED") == 2 and table.count(f"epoch {WATCHED}/{WATCHED}") == 2
         assert "Result best peer" in page.inner_text("#results")
         assert page.inner_text("#timing").startswith("ran ")
         # Validation drawn dashed, and so shown in the legend (hollow, dashed), training filled.
@@ -162,7 +167,7 @@ def test_a_user_signs_up_starts_a_session_watches_it_and_downloads_the_model(pla
         assert sum("dashed" in m and "transparent" in m for m in markers) >= 4, markers  # 2 peers × 2 charts
         assert sum("solid" in m and "transparent" not in m for m in markers) >= 4, markers
         page.check("input.log-scale")  # the loss on a log scale: drawn again, every point still there
-        page.wait_for_selector(f".chart[data-scale=log][data-points='{EPOCHS}']")
+        page.wait_for_selector(f".chart[data-scale=log][data-points='{WATCHED}']")
 
         with page.expect_download() as download:
             page.click("#download")
@@ -188,7 +193,7 @@ def test_a_user_signs_up_starts_a_session_watches_it_and_downloads_the_model(pla
         try:
             phone.page.goto(f"{platform.base_url}/#/sessions/{session_id}")
             phone.page.wait_for_selector("#status[data-status=COMPLETED]")
-            phone.page.wait_for_selector(f".chart[data-points='{EPOCHS}']")
+            phone.page.wait_for_selector(f".chart[data-points='{WATCHED}']")
             width = phone.page.evaluate("document.documentElement.scrollWidth")
             assert width <= PHONE["width"], f"the page is {width} px wide on a {PHONE['width']} px screen"
             phone.shot("phone-1-session")
@@ -200,6 +205,56 @@ def test_a_user_signs_up_starts_a_session_watches_it_and_downloads_the_model(pla
             phone.check()
         finally:
             phone.close()
+    finally:
+        visit.close()
+
+
+def test_a_search_started_from_the_form_shows_its_trials_ranked_curved_and_scattered(platform, two_peers, browser):
+    user = platform.user()
+    visit = Visit(browser, platform.base_url, LAPTOP, token=user.http.headers["Authorization"].split()[1])
+    page = visit.page
+    try:
+        page.goto(platform.base_url + "/#/new")
+        page.set_input_files("input[type=file]", str(DIGITS))
+        page.wait_for_selector("#preview table")
+        page.fill("input[name=num_peers]", "2")
+        space = {"learning_rate": {"low": 0.0003, "high": 0.03, "log": True}, "batch_size": [16, 64],
+                 "hidden": [[32], [64]], "epochs": 9}
+        page.fill("textarea[name=search]", json.dumps(space))
+        page.fill("input[name=trials]", "8")
+        visit.shot("laptop-7-new-search")
+        page.click("button:has-text('Start training')")
+        page.wait_for_selector("#status")
+        assert "search of 8 trials (TPE sampler, successive halving pruning)" in page.inner_text(".facts")
+        page.wait_for_selector("#trials tbody tr")
+        page.wait_for_selector("#status[data-status=COMPLETED]", timeout=180_000)
+        page.wait_for_selector("#trials tbody tr:nth-child(8)")
+        page.wait_for_selector("#winner:has-text('Best trial')")
+        visit.shot("laptop-8-search-completed")
+        session_id = page.url.rsplit("/", 1)[1]
+        listed = user.get(f"/sessions/{session_id}/trials").json()
+        best = listed["best"]
+        # Why the winner won: its score on the held-out rows, and against the next one or its tie.
+        winner = page.inner_text("#winner")
+        assert f"Best trial: trial {best['number']}" in winner and f"at epoch {best['best_epoch']}" in winner
+        assert "tie" in winner
+        # Ranked by score by default, the winner starred and first; a click sorts by another column.
+        rows = page.locator("#trials tbody tr")
+        assert rows.first.get_attribute("data-trial") == str(best["number"])
+        assert "★" in rows.first.inner_text() and rows.first.get_attribute("class") == "best"
+        statuses = {t["number"]: t["status"] for t in listed["items"]}
+        assert "PRUNED" in statuses.values()
+        page.click("#trials th button[data-key=number]")
+        assert [rows.nth(i).get_attribute("data-trial") for i in range(8)] == [str(n) for n in range(8)]
+        assert [rows.nth(i).get_attribute("data-status") for i in range(8)] == [statuses[n] for n in range(8)]
+        # Every trial's curve on one chart, as far as it trained; a point per scored trial on the scatter.
+        assert page.get_attribute("#trials-card .chart", "data-points") == "9"
+        assert page.locator("#scatter circle.point").count() == 8
+        assert page.locator("#scatter circle.pruned").count() == list(statuses.values()).count("PRUNED")
+        page.select_option("#scatter-param", "batch_size")
+        assert page.locator("#scatter circle.point").count() == 8
+        assert "best trial" in page.inner_text("#results")
+        visit.check()
     finally:
         visit.close()
 
@@ -227,7 +282,7 @@ def test_a_session_page_resumes_its_stream_after_the_connection_drops(platform, 
         # Reopened once, asking for what follows the last event it had whole; the server replays the rest.
         assert resumed_after == [None, proxy.last_complete_event_id()]
         assert visit.page.inner_text("#peer-runs").count(f"epoch {EPOCHS}/{EPOCHS}") == 2
-        visit.shot("laptop-7-session-resumed")
+        visit.shot("laptop-9-session-resumed")
         visit.check("net::ERR_INCOMPLETE_CHUNKED_ENCODING")  # the browser's own note of the cut
     finally:
         visit.close()

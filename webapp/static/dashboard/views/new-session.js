@@ -15,6 +15,15 @@ const HP_FIELDS = [
   ["dropout", "Dropout", { type: "number", min: "0", max: "0.9", step: "0.05" }],
 ];
 
+// What a search tries unless the user writes another space: the settings that matter most on tabular data.
+const SEARCH_DEFAULT = `{
+  "learning_rate": {"low": 0.0001, "high": 0.03, "log": true},
+  "batch_size": [32, 64, 128],
+  "hidden": [[64], [128, 64], [256, 128]],
+  "dropout": [0, 0.1, 0.3],
+  "epochs": 20
+}`;
+
 function select(name, options, value) {
   return h("select", { name }, options.map(([v, label]) => h("option", { value: v, selected: v === value }, label)));
 }
@@ -42,7 +51,7 @@ function parseHp(values, federated) {
 export async function newSessionView(root, signal) {
   const state = {
     file: null, preview: null, target: null, task: "classification", features: null, mode: "sweep",
-    peers: 2, perPeer: false, hpAll: { ...HP_DEFAULTS }, hpEach: [],
+    peers: 2, perPeer: false, hpAll: { ...HP_DEFAULTS }, hpEach: [], searching: true,
   };
   let previewing = null;
 
@@ -141,7 +150,7 @@ export async function newSessionView(root, signal) {
     value: String(state.peers), required: true });
   const peersHint = h("small", { class: "hint" });
   const modeControl = h("div", { class: "segmented", role: "radiogroup" },
-    [["sweep", "Sweep: every peer its own settings"], ["federated", "Federated: one model, data split"]].map(
+    [["sweep", "Sweep: the best settings, a model per trial"], ["federated", "Federated: one model, data split"]].map(
       ([value, label]) => h("label", {}, h("input", { type: "radio", name: "mode", value,
         checked: value === state.mode }), label)));
   const hpTable = h("div", { class: "hp" });
@@ -165,6 +174,31 @@ export async function newSessionView(root, signal) {
     field("Updates in all", h("input", { type: "number", name: "max_updates", min: "1",
       placeholder: "rounds × peers" }), "async: tasks handed out"),
   );
+  const sweepStyle = h("div", { class: "segmented", role: "radiogroup", id: "sweep-style" },
+    [["search", "Search: trials from a space, losers stopped early"], ["fixed", "Settings I choose"]].map(
+      ([value, label]) => h("label", {}, h("input", { type: "radio", name: "sweep_style", value,
+        checked: value === "search" }), label)));
+  const search = h("fieldset", { id: "search-settings" },
+    h("legend", {}, "Search"),
+    field("Space (JSON)", h("textarea", { name: "search", rows: "7", spellcheck: "false", class: "mono" },
+      SEARCH_DEFAULT), "each setting: a list of values, a range {\"low\", \"high\", \"log\"}, or one value",
+    "wide"),
+    h("div", { class: "grid" },
+      field("Trials", h("input", { type: "number", name: "trials", min: "1", max: "1000", placeholder: "4 × peers" }),
+        "configurations to try in all"),
+      field("Sampler", select("sampler", [["tpe", "TPE (model-based)"], ["random", "random"]], "tpe")),
+      field("Early stopping", select("pruner", [["asha", "successive halving"], ["median", "median"],
+        ["none", "none"]], "asha"), "stops trials that score low at a rung"),
+      field("Time budget (s)", h("input", { type: "number", name: "time_budget", min: "1", placeholder: "none" }),
+        "no trial begun or continued after")));
+  const hpFieldset = h("fieldset", {}, h("legend", {}, "Hyperparameters"),
+    h("label", { class: "check" }, perPeerToggle, "Set them per peer"), hpTable);
+  const renderStyle = () => {
+    const sweep = state.mode === "sweep";
+    sweepStyle.hidden = !sweep;
+    search.hidden = !(sweep && state.searching);
+    hpFieldset.hidden = sweep && state.searching;
+  };
   const problem = h("div", { id: "start-problem" });
   const startButton = h("button", { type: "submit", class: "primary", disabled: true }, "Start training");
 
@@ -197,9 +231,9 @@ export async function newSessionView(root, signal) {
       h("div", { class: "grid" }, h("label", { class: "field" }, h("span", { class: "label" }, "Peers"), peersInput,
         peersHint)),
       federated,
-      h("fieldset", {}, h("legend", {}, "Hyperparameters"),
-        h("label", { class: "check" }, perPeerToggle, "Set them per peer"),
-        hpTable),
+      sweepStyle,
+      search,
+      hpFieldset,
       problem,
       h("div", { class: "row" }, startButton)));
   root.append(form);
@@ -210,7 +244,11 @@ export async function newSessionView(root, signal) {
       state.mode = form.elements.mode.value;
       federated.hidden = state.mode !== "federated";
       renderHp();
+      renderStyle();
       refresh();
+    } else if (name === "sweep_style") {
+      state.searching = form.elements.sweep_style.value === "search";
+      renderStyle();
     } else if (name === "partition") {
       refresh();
     }
@@ -227,6 +265,7 @@ export async function newSessionView(root, signal) {
     renderHp();
   });
   renderHp();
+  renderStyle();
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -239,8 +278,16 @@ export async function newSessionView(root, signal) {
     data.append("task", state.task);
     data.append("target", state.target);
     if (state.features) data.append("features", JSON.stringify(state.features));
-    const hp = state.perPeer ? state.hpEach.map((v) => parseHp(v, isFederated)) : parseHp(state.hpAll, isFederated);
-    data.append("hyperparameters", JSON.stringify(hp));
+    if (!isFederated && state.searching) {
+      data.append("search", form.elements.search.value);
+      for (const name of ["trials", "sampler", "pruner", "time_budget"]) {
+        const value = form.elements[name].value;
+        if (value !== "") data.append(name, value);
+      }
+    } else {
+      const hp = state.perPeer ? state.hpEach.map((v) => parseHp(v, isFederated)) : parseHp(state.hpAll, isFederated);
+      data.append("hyperparameters", JSON.stringify(hp));
+    }
     if (isFederated) {
       const asynchronous = form.elements.schedule.value === "async";
       for (const name of ["rounds", "local_epochs", "partition", "aggregation", "min_peers", "schedule",

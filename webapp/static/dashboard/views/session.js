@@ -4,6 +4,7 @@ import { download, request } from "../api.js";
 import { LineChart, PALETTE } from "../charts.js";
 import { FINISHED, alertBox, badge, duration, h, number, percent, repeat, span, when } from "../dom.js";
 import { follow } from "../events.js";
+import { TrialsPanel, settingsText } from "./trials.js";
 
 const PROGRESS = ["epoch", "epochs", "round", "loss", "accuracy", "val_loss", "val_accuracy", "val_r2",
   "samples_per_sec"];
@@ -24,6 +25,8 @@ class SessionPage {
     // Asynchronous: no rounds; the global model gets a version every `buffer_size` updates.
     this.apart = this.federated && session.federated.schedule === "async";
     this.regression = session.task === "regression";
+    // A sweep that searches: its trials are the story (their curves, table and scatter), not each peer's runs.
+    this.searching = Boolean(session.search);
     this.peers = new Map(session.peers.map((p, i) => [p.name, { ...p, color: PALETTE[i % PALETTE.length] }]));
     this.rowsFrame = 0;
 
@@ -42,8 +45,8 @@ class SessionPage {
           h("h1", {}, `Session `, h("span", { class: "mono", title: session.id }, session.id.slice(0, 8)), " ", this.status),
           this.connection),
         this.facts, this.timing, this.reason, this.actions, this.results),
-      h("section", { class: "card" }, h("h2", {}, this.apart ? "Global model, version by version"
-        : this.federated ? "Global model, round by round" : "Curves"), charts),
+      h("section", { class: "card", hidden: this.searching }, h("h2", {}, this.apart
+        ? "Global model, version by version" : this.federated ? "Global model, round by round" : "Curves"), charts),
       h("section", { class: "card" }, h("h2", {}, "Peers"),
         h("div", { class: "scroll" }, h("table", { class: "list", id: "peer-runs" },
           h("thead", {}, h("tr", {}, ["Peer", "Status", "Progress", "Loss", this.metricName(), "Samples/s",
@@ -61,6 +64,11 @@ class SessionPage {
       ? new LineChart(charts, { title: "Validation R²", yLabel: "R²", ...common })
       : new LineChart(charts, { title: "Accuracy", yLabel: "accuracy", range: [0, 1.02], ...common });
     this.defineSeries();
+    if (this.searching) {
+      const trialsBox = h("div");
+      root.children[0].after(trialsBox);
+      this.trials = new TrialsPanel(trialsBox, session, path, signal);
+    }
     this.renderHeader();
     this.renderRows();
     repeat(1, () => this.renderTiming(), signal);
@@ -68,6 +76,7 @@ class SessionPage {
 
   // How far the slowest peer is, 0–1 (null when it cannot be told: an asynchronous session runs to a budget).
   progress() {
+    if (this.searching) return this.trials ? this.trials.fractionDone() : null;
     if (this.apart) return null;
     const fed = this.session.federated || {};
     const fractions = [...this.peers.values()].filter((p) => p.status !== "FAILED").map((p) => (this.federated
@@ -149,6 +158,15 @@ class SessionPage {
       this.renderHeader();
     } else if (type === "heartbeat") {
       this.heartbeat(data);
+      if (this.trials) this.trials.onHeartbeat(data);
+    } else if (type === "trial") {
+      this.trials?.onTrial(data);
+      const peer = this.peers.get(data.peer);
+      if (peer && data.status === "RUNNING") {
+        Object.assign(peer, { hyperparameters: data.hyperparameters, epochs: data.epochs, trial: data.number });
+        if (data.epochs_done === 0) Object.assign(peer, { epoch: 0, loss: null, val_loss: null, val_accuracy: null });
+        this.scheduleRows();
+      }
     } else if (type === "round") {
       const x = data.round + 1;
       this.loss.point("global", x, data.metrics.val_loss);
@@ -166,6 +184,7 @@ class SessionPage {
         for (const run of session.peers) Object.assign(this.peers.get(run.name) || {}, run);
         this.renderHeader();
         this.renderRows();
+        this.trials?.refresh();
       }).catch(() => {});
     }
   }
@@ -205,7 +224,12 @@ class SessionPage {
     this.status.replaceChildren(badge(s.status));
     this.status.id = "status";
     this.status.dataset.status = s.status;
-    const settings = this.apart
+    const search = s.search;
+    const settings = search
+      ? `search of ${search.trials} trials (${search.sampler === "tpe" ? "TPE" : "random"} sampler, ${
+        { asha: "successive halving", median: "median", none: "no" }[search.pruner]} pruning${
+        search.time_budget ? `, ${span(search.time_budget)} budget` : ""}) on ${s.peers.length} peers`
+      : this.apart
       ? `async: ${s.federated.max_updates} updates of ${s.federated.local_epochs} local epochs, folded `
         + `${s.federated.buffer_size} at a time, ${s.federated.partition}, ${s.federated.aggregation}`
       : this.federated
@@ -240,7 +264,8 @@ class SessionPage {
       return;
     }
     const value = r.metric.includes("accuracy") ? percent(r.best_value) : number(r.best_value);
-    const best = r.best_peer ? `best peer ${r.best_peer}: ` : "global model: ";
+    const best = r.best_trial !== undefined ? `best trial ${r.best_trial} (${settingsText(r.best_params)}, peer `
+      + `${r.best_peer}, epoch ${r.best_epoch}): ` : r.best_peer ? `best peer ${r.best_peer}: ` : "global model: ";
     this.results.replaceChildren(h("p", { class: "result" }, h("strong", {}, "Result "), `${best}${r.metric} ${value}`));
   }
 
@@ -290,11 +315,13 @@ class SessionPage {
         total = p.epochs;
         done = p.epoch || 0;
         if (p.epoch) label = `epoch ${p.epoch}/${p.epochs}`;
+        if (this.searching && p.trial !== undefined && p.status === "RUNNING") label = `trial ${p.trial} · ${label}`;
       }
       const hp = p.hyperparameters || {};
-      const settings = [`lr ${hp.learning_rate}`, this.federated ? null : `${hp.epochs} epochs`,
-        `batch ${hp.batch_size}`, `${hp.optimizer}`, `hidden [${(hp.hidden || []).join(", ")}]`]
-        .filter(Boolean).join(" · ");
+      const settings = [hp.learning_rate !== undefined && `lr ${number(hp.learning_rate, 3)}`,
+        !this.federated && hp.epochs && `${hp.epochs} epochs`, hp.batch_size && `batch ${hp.batch_size}`,
+        hp.optimizer, hp.hidden && `hidden [${hp.hidden.join(", ")}]`, hp.dropout && `dropout ${hp.dropout}`,
+        hp.weight_decay && `weight decay ${hp.weight_decay}`].filter(Boolean).join(" · ");
       return h("tr", { dataset: { peer: p.name } },
         h("td", {}, h("span", { class: "swatch", "aria-hidden": "true", dataset: { color: p.color } }),
           h("strong", {}, p.name)),
@@ -310,6 +337,7 @@ class SessionPage {
   }
 
   destroy() {
+    this.trials?.destroy();
     this.loss.destroy();
     this.metric.destroy();
     if (this.rowsFrame) cancelAnimationFrame(this.rowsFrame);
