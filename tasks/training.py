@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -255,7 +256,8 @@ class ShardCache:
             path.touch()
             return path, 0
         self.root.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.part")
+        # Its own partial file: peers of one machine (make run's share a process) may fetch one object at once.
+        partial = path.with_suffix(f".{os.getpid()}.{uuid.uuid4().hex[:12]}.part")
         fetched = transfer.download(grant, partial, MAX_DATA_BYTES)
         os.replace(partial, path)
         # Sessions that ended early leave shards behind: keep only the most recently used few, and
