@@ -55,6 +55,7 @@ peertrain is running.
   dashboard  {base}/   (sign up, upload a CSV, watch the curves)
   API        {base}
   API docs   {base}/docs   (OpenAPI: {base}/openapi.json)
+  Flower     {flower}   (the peers and their tasks, as Celery's monitoring UI shows them)
   peers      {peers}
   storage    {storage}
 
@@ -237,7 +238,23 @@ def platform_app() -> Any:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_task_logs(settings.log_level)
     platform = Platform(settings)
-    return serve(platform.start(), on_shutdown=platform.stop)
+    api = platform.start()
+    flower = None
+    if settings.flower_port:
+        from tasks.flower import EmbeddedFlower
+
+        # Flower beside the API, showing the peers (tasks/flower.py); the platform runs without it if it cannot.
+        try:
+            flower = EmbeddedFlower(platform.celery, settings, platform.names).start()
+        except RuntimeError as exc:
+            log.warning("%s; make run goes on without it (set FLOWER_PORT to a free port, or 0)", exc)
+
+    def stop() -> None:
+        if flower is not None:
+            flower.stop()
+        platform.stop()
+
+    return serve(api, on_shutdown=stop)
 
 
 def _peer_names(settings: Settings) -> list[str]:
@@ -334,7 +351,8 @@ def main() -> None:
     names = _peer_names(settings)
     processes = None if settings.embedded_broker else PeerProcesses(settings, names)
     base = f"http://{settings.host}:{settings.port}"
-    print(WALKTHROUGH.format(base=base, peers=", ".join(names) or "none (start some with `make peer NAME=...`)",
+    flower = f"http://{settings.host}:{settings.flower_port}/" if settings.flower_port else "off (FLOWER_PORT=0)"
+    print(WALKTHROUGH.format(base=base, flower=flower, peers=", ".join(names) or "none (start some with `make peer NAME=...`)",
                              storage=settings.storage_url, sample=Path(ROOT, "samples", "wine.csv"),
                              data=settings.data_dir or "nowhere (DATA_DIR is empty)"), flush=True)
     if settings.data_dir and settings.mongodb_uri.startswith(models.db.MOCK_SCHEME):

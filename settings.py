@@ -187,6 +187,14 @@ class Settings:
         " session goes on from (0: never; it restarts those peers from the first epoch)"
     )
     local_peers: int = _opt("LOCAL_PEERS", 3, "in-process peers started by `make run`")
+    flower_port: int = _opt(
+        "FLOWER_PORT", 5555, "`make run` serves Flower (the Celery monitoring UI) on HOST at this port, showing the"
+        " peers and their tasks (0: not at all); `make flower` also listens here"
+    )
+    flower_basic_auth: str = _opt(
+        "FLOWER_BASIC_AUTH", "", "user:password Flower asks for under `make run` (empty: none, as it listens on HOST,"
+        " 127.0.0.1 by default)"
+    )
     max_peers: int = _opt(
         "MAX_PEERS_PER_SESSION", 64, "most peers one session may ask for (the API answers 422 beyond); raise it for"
         " large simulations (bench/scale.py runs 1,000)"

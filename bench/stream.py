@@ -62,7 +62,8 @@ class Platform:
         self.storage = tempfile.TemporaryDirectory(prefix="peertrain-bench-")
         env = {k: v for k, v in os.environ.items()
                if k not in ("BROKER_URL", "RESULT_BACKEND", "MONGODB_URI", "STORAGE_URL", "S3_ENDPOINT_URL")}
-        env.update(PORT=str(self.port), LOCAL_PEERS=str(peers), STORAGE_URL=self.storage.name, LOG_LEVEL="WARNING")
+        env.update(PORT=str(self.port), LOCAL_PEERS=str(peers), STORAGE_URL=self.storage.name, LOG_LEVEL="WARNING",
+                   FLOWER_PORT="0")
         self.log = log.open("wb")
         self.process = subprocess.Popen([sys.executable, "-m", "embedded"], cwd=ROOT, env=env, stdout=self.log,
                                         stderr=subprocess.STDOUT, start_new_session=True)

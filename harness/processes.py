@@ -65,7 +65,8 @@ def make_target(target: str, env: dict[str, str], log: Path, port: int | None = 
     """`make <target>` serving the API on `port` (default: a free one; env's PORT is set here); yields its base
     URL once /healthz answers 200, and stops the whole process group afterwards. Output goes to `log`."""
     port = port or free_port()
-    env = {"DATA_DIR": str(log.parent / f"make-{target}-data"), **env}  # never the checkout's own var/
+    # Never the checkout's own var/, nor the Flower port of a make run the developer has open.
+    env = {"DATA_DIR": str(log.parent / f"make-{target}-data"), "FLOWER_PORT": str(free_port()), **env}
     with log.open("wb") as out:
         process = subprocess.Popen(["make", target], cwd=ROOT, env={**env, "PORT": str(port)}, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)

@@ -295,7 +295,9 @@ class Search(Sweep):
         model.load_state_dict(state)
         measured = self.evaluate_held_out(model)
         epoch = trial["until"]
-        score = {"epoch": epoch, "value": measured[self.metric], "val_loss": measured["val_loss"]}
+        # Which task it scores, and when: a search's progress against the peer-time it took (bench/search.py).
+        score = {"epoch": epoch, "value": measured[self.metric], "val_loss": measured["val_loss"], "seq": trial["seq"],
+                 "at": self.clock.now().isoformat()}
         best = None
         if trial.get("value") is None or score["value"] > trial["value"]:
             url = self.storage.put_bytes(trial_key(self.prefix, number, "model"), self.checkpoint_bytes(

@@ -65,3 +65,18 @@ def digits_csv(tmp_path_factory) -> Path:
 def unique() -> Callable[[str], str]:
     """Peer names unique to this run, so peers of other runs on the same broker never mix in."""
     return lambda name: f"{name}{conftest.RUN_ID}"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    """Debian's chromium, through Playwright (tests/e2e/browsing.py drives it)."""
+    from tests.e2e.browsing import ARGS, SCREENSHOTS
+
+    services.require(services.chromium_installed(), f"Debian's chromium at {services.CHROMIUM}")
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=services.CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()

@@ -250,8 +250,11 @@ def started_make_run(env: dict[str, str], port: int, log) -> Any:
 
     import requests
 
-    process = subprocess.Popen(["make", "run"], cwd=ROOT, env={**env, "PORT": str(port)}, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    from harness.processes import free_port
+
+    process = subprocess.Popen(["make", "run"], cwd=ROOT, env={"FLOWER_PORT": str(free_port()), **env,
+                                                               "PORT": str(port)},
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def healthy() -> bool:
         assert process.poll() is None, f"make run exited ({process.returncode}): see {log.name}"
