@@ -49,6 +49,7 @@ bench: build-dev
 	$(BIN)/python -m bench.scale --private-broker
 	$(BIN)/python -m bench.crowd
 	$(BIN)/python -m bench.journal
+	$(BIN)/python -m bench.search
 
 # The distributed processes, for when BROKER_URL, RESULT_BACKEND, MONGODB_URI and STORAGE_URL name real services.
 NAME ?= $(shell hostname)

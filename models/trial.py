@@ -135,7 +135,7 @@ def next_task(session_id: ObjectId, number: int, seq: int, next_seq: int, task_i
               system_attrs: dict[str, Any]) -> bool:
     """Move trial `number` from task `seq` to its next one (recorded, not yet sent); False if done already."""
     return bool(_collection().update_one(
-        {"session_id": session_id, "number": number, "seq": seq, "status": RUNNING},
+        {"session_id": session_id, "number": number, "seq": seq, "status": {"$in": list(OPEN)}},
         {"$set": {"seq": next_seq, "task_id": task_id, "until": until, "sent": False, "system_attrs": system_attrs},
          "$inc": {"tasks": 1}}).modified_count)
 

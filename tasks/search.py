@@ -163,13 +163,29 @@ class Search(Sweep):
         relay.declare(self.app, [run.name for run in session.in_play()])
         now = self.clock.now()
         for doc in trials.of_session(session.id):
-            if doc["status"] in trials.OPEN and session.peer(doc["peer"]).status == sessions.FAILED:
+            if doc["status"] not in trials.OPEN:
+                continue
+            if session.peer(doc["peer"]).status == sessions.FAILED:
                 trials.end(session.id, doc["number"], trials.FAILED, now, "its peer was given up on")
-        self.resend()
+            elif session.resumes:
+                self._again(doc)
+        if not session.resumes:
+            self.resend()  # what a start that died half-way recorded and did not send
         for run in session.in_play():
-            self.keep_busy(run.name, resumed=bool(session.resumes))
+            self.keep_busy(run.name)
         sessions.launched(session.id, 0)
         self.finish_if_done()
+
+    def _again(self, trial: dict[str, Any]) -> None:
+        """Resumed: trial `trial`'s task was lost with the interruption (its assignment closed then). Its stretch
+        again, from the state its peer left at its last rung; decided first if it was scored and not decided."""
+        if trial["status"] == trials.RUNNING and trial["epochs_done"] == trial["until"]:
+            self._decide(trial)
+            return
+        seq, task_id = self._task()
+        if trials.next_task(self.session.id, trial["number"], trial["seq"], seq, task_id,
+                            self._until(trial["epochs"], trial["epochs_done"]), trial.get("system_attrs") or {}):
+            self._send(trials.of_task(self.session.id, seq))
 
     # --- sending --------------------------------------------------------------------------------------
 
@@ -221,18 +237,10 @@ class Search(Sweep):
         """The epoch the next stretch of a trial of `epochs` epochs, `done` of them trained, pauses after."""
         return next(r for r in space_.rungs(epochs, self.first_rung, self.state.pruner != "none") if r > done)
 
-    def keep_busy(self, peer: str, resumed: bool = False) -> bool:
-        """Give `peer` work if it has none: its open trial's next stretch (after an interruption), or a new trial
-        while the budget lasts; True if it has work."""
+    def keep_busy(self, peer: str) -> bool:
+        """Give `peer` a new trial if it has none open, while the budget lasts; True if it has work."""
         session = self.session
-        found = trials.open_of(session.id, peer)
-        if found is not None:
-            if resumed and found["sent"]:
-                # Its task was lost with the interruption: the stretch again, from the trial's last rung.
-                seq, task_id = self._task()
-                if trials.next_task(session.id, found["number"], found["seq"], seq, task_id,
-                                    self._until(found["epochs"], found["epochs_done"]), found.get("system_attrs")):
-                    self._send(trials.of_task(session.id, seq))
+        if trials.open_of(session.id, peer) is not None:
             return True
         if session.peer(peer).status == sessions.FAILED:
             return False

@@ -198,3 +198,34 @@ def test_a_cancelled_search_ends_its_open_trials(kit):
     assert kit.reload(session).status == sessions.CANCELLED
     assert {t["status"] for t in trials.of_session(session.id)} == {trials.PRUNED}
     assert trials.count_open(session.id) == 0
+
+
+def test_a_search_interrupted_with_a_stretch_recorded_and_not_sent_sends_each_open_trial_once(kit, monkeypatch):
+    session = search(kit, peers_=1)
+    run_session(kit, session)
+    kit.answer(kit.trains(session)[kit.peer(0)][0], kit.peer(0))
+    update = kit.take(kit.settings.coordinator_queue)[0]
+    crash_once(monkeypatch, Search, "_send")
+    with pytest.raises(Crash):
+        kit.app.tasks["peertrain.update"](*update["args"])  # its next stretch recorded, never sent
+    assert trials.unsent(session.id)
+    interrupt_and_resume(kit, session)
+    run_session(kit, session)
+    specs = [m["args"][0] for m in kit.trains(session)[kit.peer(0)]]
+    assert [(s["attempt"], s["until"]) for s in specs] == [(1, 3)]
+    trial = trials.of_session(session.id)[0]
+    assert trial["seq"] == specs[0]["round"] and trial["sent"] and trial["tasks"] == 3
+
+
+def test_a_search_interrupted_after_scoring_a_stretch_decides_it_when_resumed(kit, monkeypatch):
+    session = search(kit, peers_=1)
+    run_session(kit, session)
+    kit.answer(kit.trains(session)[kit.peer(0)][0], kit.peer(0))
+    update = kit.take(kit.settings.coordinator_queue)[0]
+    crash_once(monkeypatch, Search, "_decide")
+    with pytest.raises(Crash):
+        kit.app.tasks["peertrain.update"](*update["args"])  # scored at epoch 1, not decided
+    interrupt_and_resume(kit, session)
+    run_session(kit, session)
+    # Decided now (the first trial always goes on), and its next stretch sent: 1 -> 3.
+    assert [(m["args"][0]["attempt"], m["args"][0]["until"]) for m in kit.trains(session)[kit.peer(0)]] == [(1, 3)]
