@@ -312,7 +312,7 @@ class Search(Sweep):
                 model, outcome.peer, trial["hyperparameters"], trial.get("curve", []),
                 extra={"trial": number, "epoch": epoch}))
             best = {"value": score["value"], "val_loss": score["val_loss"], "best_epoch": epoch, "model_url": url}
-        metric = self.peer_metric
+        metric = self.metric  # the peer's own curve names its validation measure as the coordinator does
         curve = [{"epoch": e["epoch"], "loss": e.get("loss"), "val_loss": e.get("val_loss"), "metric": e.get(metric)}
                  for e in result["history"] if e["epoch"] > trial["epochs_done"]]
         updated = trials.scored(session.id, number, trial["seq"], epoch, score, curve, result["seconds"], best)
@@ -346,10 +346,6 @@ class Search(Sweep):
         if trials.next_task(session.id, trial["number"], trial["seq"], seq, task_id,
                             self._until(trial["epochs"], epoch), notes):
             self._send(trials.of_task(session.id, seq))
-
-    @property
-    def peer_metric(self) -> str:
-        return self.metric  # the peer's own curve names its validation measure as the coordinator's does
 
     def _end(self, trial: dict[str, Any], status: str, reason: str | None,
              notes: dict[str, Any] | None = None) -> None:

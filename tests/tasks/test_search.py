@@ -100,8 +100,8 @@ def test_a_result_delivered_twice_is_scored_once_and_the_trial_goes_on_once(kit)
     assert stretches(kit, session) == {kit.peer(0): [(0, 3)]}
 
 
-@pytest.mark.parametrize("step", ["_decide", "_send"])
-def test_an_update_that_died_after_scoring_decides_and_sends_on_redelivery(kit, monkeypatch, step):
+def first_stretch_dying_in(kit, monkeypatch, step):
+    """A one-peer search whose first stretch came back and whose `update` died in `step`; (session, update)."""
     session = search(kit, peers_=1)
     run_session(kit, session)
     kit.answer(kit.trains(session)[kit.peer(0)][0], kit.peer(0))
@@ -109,6 +109,12 @@ def test_an_update_that_died_after_scoring_decides_and_sends_on_redelivery(kit, 
     crash_once(monkeypatch, Search, step)
     with pytest.raises(Crash):
         kit.app.tasks["peertrain.update"](*update["args"])
+    return session, update
+
+
+@pytest.mark.parametrize("step", ["_decide", "_send"])
+def test_an_update_that_died_after_scoring_decides_and_sends_on_redelivery(kit, monkeypatch, step):
+    session, update = first_stretch_dying_in(kit, monkeypatch, step)
     assert stretches(kit, session) == {kit.peer(0): []}
     kit.app.tasks["peertrain.update"](*update["args"])
     assert stretches(kit, session) == {kit.peer(0): [(0, 3)]}
@@ -201,13 +207,7 @@ def test_a_cancelled_search_ends_its_open_trials(kit):
 
 
 def test_a_search_interrupted_with_a_stretch_recorded_and_not_sent_sends_each_open_trial_once(kit, monkeypatch):
-    session = search(kit, peers_=1)
-    run_session(kit, session)
-    kit.answer(kit.trains(session)[kit.peer(0)][0], kit.peer(0))
-    update = kit.take(kit.settings.coordinator_queue)[0]
-    crash_once(monkeypatch, Search, "_send")
-    with pytest.raises(Crash):
-        kit.app.tasks["peertrain.update"](*update["args"])  # its next stretch recorded, never sent
+    session, _ = first_stretch_dying_in(kit, monkeypatch, "_send")  # its next stretch recorded, never sent
     assert trials.unsent(session.id)
     interrupt_and_resume(kit, session)
     run_session(kit, session)
@@ -218,13 +218,7 @@ def test_a_search_interrupted_with_a_stretch_recorded_and_not_sent_sends_each_op
 
 
 def test_a_search_interrupted_after_scoring_a_stretch_decides_it_when_resumed(kit, monkeypatch):
-    session = search(kit, peers_=1)
-    run_session(kit, session)
-    kit.answer(kit.trains(session)[kit.peer(0)][0], kit.peer(0))
-    update = kit.take(kit.settings.coordinator_queue)[0]
-    crash_once(monkeypatch, Search, "_decide")
-    with pytest.raises(Crash):
-        kit.app.tasks["peertrain.update"](*update["args"])  # scored at epoch 1, not decided
+    session, _ = first_stretch_dying_in(kit, monkeypatch, "_decide")  # scored at epoch 1, not decided
     interrupt_and_resume(kit, session)
     run_session(kit, session)
     # Decided now (the first trial always goes on), and its next stretch sent: 1 -> 3.
