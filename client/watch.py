@@ -29,8 +29,7 @@ class Display(Protocol):
     def begin(self, session: dict[str, Any]) -> None: ...
     def event(self, event: Event) -> None: ...
     def retry(self, problem: str, delay: float) -> None: ...
-    def finish(self, end: dict[str, Any], session: dict[str, Any] | None) -> None: ...
-    def show(self, table: Table) -> None: ...
+    def finish(self, end: dict[str, Any], session: dict[str, Any] | None, table: Table | None = None) -> None: ...
 
 
 def follow(api: Api, session_id: str, on_event: Callable[[Event], None],
@@ -69,9 +68,9 @@ def watch(api: Api, session_id: str, display: Display) -> str:
     display.begin(api.session(session_id))
     end = follow(api, session_id, display.event, display.retry)
     session = None if isinstance(display, JsonLines) else api.session(session_id)
-    display.finish(end, session)
-    if session is not None and session.get("search"):
-        display.show(trials_table(api.trials(session_id)))
+    # A search's trials, ranked, above the last line (the session's status, which scripts read).
+    ranked = trials_table(api.trials(session_id)) if session is not None and session.get("search") else None
+    display.finish(end, session, ranked)
     return end["status"]
 
 
@@ -211,10 +210,7 @@ class JsonLines:
     def retry(self, problem: str, delay: float) -> None:
         print(f"connection lost ({problem}); reconnecting in {delay:g} s", file=sys.stderr, flush=True)
 
-    def finish(self, end: dict[str, Any], session: dict[str, Any] | None) -> None:
-        pass
-
-    def show(self, table: Table) -> None:
+    def finish(self, end: dict[str, Any], session: dict[str, Any] | None, table: Table | None = None) -> None:
         pass
 
 
@@ -254,10 +250,9 @@ class Lines:
     def retry(self, problem: str, delay: float) -> None:
         self.say(f"connection lost ({problem}); reconnecting in {delay:g} s")
 
-    def show(self, table: Table) -> None:
-        self.console.print(table)
-
-    def finish(self, end: dict[str, Any], session: dict[str, Any] | None) -> None:
+    def finish(self, end: dict[str, Any], session: dict[str, Any] | None, table: Table | None = None) -> None:
+        if table is not None:
+            self.console.print(table)
         summary = result(session)
         self.say(f"{end['status']}" + (f": {end['reason']}" if end.get("reason") else "")
                  + (f" ({summary})" if summary else ""))
@@ -320,9 +315,9 @@ class Bars(Lines):
         elif event.type == "status":
             super().event(event)
 
-    def finish(self, end: dict[str, Any], session: dict[str, Any] | None) -> None:
+    def finish(self, end: dict[str, Any], session: dict[str, Any] | None, table: Table | None = None) -> None:
         self.progress.stop()
-        super().finish(end, session)
+        super().finish(end, session, table)
 
 
 def display_for(console: Console, as_json: bool, lines: bool = False) -> Display:

@@ -121,7 +121,7 @@ def test_a_failed_session_exits_1(platform, two_peers, cli, unique):
     # It cannot fetch the data: its requests go through a proxy that refuses them.
     platform.start_peers(broken, HTTP_PROXY="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
     try:
-        done = cli("start", str(WINE), "--peers", "3", "--epochs", "200")
+        done = cli("start", str(WINE), "--peers", "3", "--epochs", "200", "--hp", "{}")  # as given: no search
     finally:
         platform.stop_peer(broken)
     assert done.returncode == 1, done
@@ -131,7 +131,7 @@ def test_a_failed_session_exits_1(platform, two_peers, cli, unique):
 
 
 def test_watch_resumes_after_a_dropped_connection_losing_and_repeating_nothing(platform, two_peers, cli):
-    session_id = cli("start", str(WINE), "--peers", "2", "--epochs", "6", "--detach").stdout.strip()
+    session_id = cli("start", str(WINE), "--peers", "2", "--epochs", "6", "--hp", "{}", "--detach").stdout.strip()
     proxy = DroppingProxy(int(platform.base_url.rsplit(":", 1)[1]), after=1500)
     try:
         # The same login works through the proxy's address once signed in there.
@@ -202,7 +202,8 @@ def test_resume_goes_on_with_an_interrupted_sweep_from_its_checkpoints(platform,
     from tasks import lifecycle
 
     epochs = 300  # a checkpoint every CHECKPOINT_EPOCHS (5), through each peer's grant, to S3
-    started = cli("start", str(WINE), "--peers", "2", "--epochs", str(epochs), "--lr", "0.001", "--detach", "--json")
+    started = cli("start", str(WINE), "--peers", "2", "--epochs", str(epochs), "--lr", "0.001", "--hp", "{}",
+                  "--detach", "--json")
     assert started.returncode == 0, started.stderr
     session_id = json.loads(started.stdout)["session_id"]
     wait_until(lambda: all(Heartbeat.objects(session_id=session_id, peer=p, epoch__gte=12).count() for p in two_peers),
@@ -245,7 +246,7 @@ def test_start_with_a_search_space_prints_each_trial_and_the_ranked_trials_at_th
     assert "trials, ranked by val_accuracy on the held-out rows (ties: lower val_loss)" in out
     table = out[out.index("trials, ranked by"):]
     assert table.count("★") == 1 and all(peer in table for peer in two_peers)
-    assert "COMPLETED (best trial " in out
+    assert out.splitlines()[-1].startswith("COMPLETED (best trial ")  # the status last, below the table
     session_id = json.loads(cli("ls", "--json").stdout)["items"][0]["id"]
     best = json.loads(cli("show", session_id, "--json").stdout)["results"]["best_trial"]
     assert f"{best} ★" in table
