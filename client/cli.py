@@ -223,7 +223,7 @@ def peers(state: State, as_json: bool) -> None:
 
 
 FEDERATED_ONLY = ("rounds", "local_epochs", "partition", "alpha", "aggregation", "min_peers", "schedule",
-                  "buffer_size", "max_updates")
+                  "buffer_size", "max_updates", "algorithm", "mu", "server_lr")
 SEARCH_ONLY = ("trials", "sampler", "pruner")
 
 
@@ -284,6 +284,13 @@ def _hyperparameters(hp_json: str | None, num_peers: int, **overrides: Any) -> A
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True),
               help="Federated label skew: smaller is more skewed.")
 @click.option("--aggregation", type=click.Choice(["fedavg", "median", "trimmed_mean"]), help="Federated.")
+@click.option("--algorithm", type=click.Choice(["fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox"]),
+              help="Federated: how the peers' work becomes the global model (default fedavg; skewed data: see "
+                   "docs/operations.md).")
+@click.option("--mu", type=click.FloatRange(min=0, max=10, min_open=True),
+              help="Federated, fedprox: the proximal term's weight (above 0, at most 10; default 0.01).")
+@click.option("--server-lr", type=click.FloatRange(min=0, max=10, min_open=True),
+              help="Federated, fedavgm/fedadam/fedyogi: the server optimizer's step.")
 @click.option("--min-peers", type=click.IntRange(min=1), help="Federated: a round goes on with this many.")
 @click.option("--schedule", type=click.Choice(["sync", "async"]),
               help="Federated: rounds (sync), or each update folded in as it comes (async).")

@@ -50,6 +50,8 @@ SYNC = "sync"
 ASYNC = "async"
 SCHEDULES = (SYNC, ASYNC)
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
+# A federated session's algorithm (trainer/serveropt.py keeps the same list: models do not import the trainer).
+ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox")
 PARTITIONS = ("iid", "label_skew")
 
 
@@ -105,6 +107,9 @@ class FederatedSettings(EmbeddedDocument):
     buffer_size = IntField(min_value=1)  # asynchronous: updates folded at once
     max_updates = IntField(min_value=1)  # asynchronous: tasks handed out in all
     time_budget = IntField(min_value=1)  # asynchronous: seconds after which no task is handed out
+    algorithm = StringField(choices=ALGORITHMS, default="fedavg")  # how the peers' work becomes the global model
+    mu = FloatField()  # fedprox: the proximal term's weight
+    server_lr = FloatField()  # fedavgm, fedadam, fedyogi: the server optimizer's step (None: its default)
 
     def epochs_per_peer(self) -> int | None:
         """Epochs each peer trains in all; None when it depends on the peer's speed (asynchronous)."""
@@ -125,6 +130,7 @@ class Plan(EmbeddedDocument):
     model = DictField()  # trainer.model.ModelConfig.to_dict()
     initial_url = StringField()
     global_url = StringField()
+    server_url = StringField()  # the server optimizer's state after the last round or fold (FedOpt)
 
 
 class Launch(EmbeddedDocument):
@@ -346,22 +352,25 @@ def record_plan(session_id: ObjectId, plan: Plan) -> None:
     TrainingSession.objects(id=session_id).update_one(set__plan=plan)
 
 
-def record_round(session_id: ObjectId, round_doc: Round, global_url: str, history: History) -> bool:
-    """Add a synchronous round's result (and the screening history after it) once; False if it ended meanwhile
-    or the round is recorded already."""
+def record_round(session_id: ObjectId, round_doc: Round, global_url: str, history: History,
+                 server_url: str | None = None) -> bool:
+    """Add a synchronous round's result (and the screening history and server optimizer's state after it) once;
+    False if it ended meanwhile or the round is recorded already."""
     return bool(_collection().update_one(
         {"_id": session_id, "status": RUNNING, "rounds.round": {"$ne": round_doc.round}},
         {"$push": {"rounds": round_doc.to_mongo().to_dict()},
-         "$set": {"plan.global_url": global_url, "history": history.to_mongo().to_dict()}}).modified_count)
+         "$set": {"plan.global_url": global_url, "plan.server_url": server_url,
+                  "history": history.to_mongo().to_dict()}}).modified_count)
 
 
-def record_fold(session_id: ObjectId, version: int, round_doc: Round, global_url: str, history: History) -> bool:
-    """An asynchronous session's new global version (and the screening history after it), once: False if another
-    fold or the session's end came first."""
+def record_fold(session_id: ObjectId, version: int, round_doc: Round, global_url: str, history: History,
+                server_url: str | None = None) -> bool:
+    """An asynchronous session's new global version (and the screening history and server optimizer's state
+    after it), once: False if another fold or the session's end came first."""
     return bool(_collection().update_one(
         {"_id": session_id, "status": RUNNING, "async_state.version": version},
         {"$push": {"rounds": round_doc.to_mongo().to_dict()},
-         "$set": {"async_state.version": version + 1, "plan.global_url": global_url,
+         "$set": {"async_state.version": version + 1, "plan.global_url": global_url, "plan.server_url": server_url,
                   "history": history.to_mongo().to_dict()}}).modified_count)
 
 

@@ -316,7 +316,8 @@ class AsyncFederated(Federated):
         used = [by_name[name][0] for name in kept]
         contributions = [by_name[name][1] for name in kept]
         weights = [c.samples * screened.trust.get(name, 1.0) for name, c in zip(kept, contributions, strict=True)]
-        merged = combine(self.settings.aggregation, [screened.states[name] for name in kept], weights)
+        merged, server_url = self.server_step(version, current, combine(
+            self.settings.aggregation, [screened.states[name] for name in kept], weights))
         model = SimpleDNN(self.config)
         model.load_state_dict(merged)
         metrics = self.evaluate_held_out(model)
@@ -333,7 +334,7 @@ class AsyncFederated(Federated):
                           model_url=self.keep_model(version, model, url,
                                                     [*(r.metrics for r in session.rounds), metrics]),
                           finished_at=now)
-        if not sessions.record_fold(session.id, version, round_doc, url, self.history_after(screened)):
+        if not sessions.record_fold(session.id, version, round_doc, url, self.history_after(screened), server_url):
             return  # it ended meanwhile
         self.count_used([update.peer for update in used])
         for entry in folded:

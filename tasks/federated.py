@@ -28,7 +28,7 @@ from tasks import gate
 from tasks.gate import Outcome
 from tasks.storage import LocalStorage
 from tasks.strategy import RoundStrategy, Strategy, split_seed
-from trainer import screening
+from trainer import screening, serveropt
 from trainer.loop import evaluate
 from trainer.model import ModelConfig, SimpleDNN
 from trainer.normalization import Normalization, fit_normalization
@@ -54,6 +54,8 @@ OUTLIER_FACTOR = 10.0
 READERS = 8
 # Accepted updates whose size and effect the next rounds or folds are judged against.
 HISTORY = 32
+# The server optimizer's state: two moments per weight, far below this for any model the limits allow.
+SERVER_STATE_BYTES = 2 << 30
 
 
 def combine(method: str, states: list[dict[str, torch.Tensor]], samples: list[float]) -> dict[str, torch.Tensor]:
@@ -143,8 +145,27 @@ class Federated(Strategy):
             "keep_data": True,
             "last_round": last_round,
             "attempt": session.resumes or 0,
+            "proximal_mu": (self.settings.mu or 0.0) if self.settings.algorithm == "fedprox" else 0.0,
             **self.gate.grants(task_id, plan.shards[peer], key, self.config, initial_url=initial_url),
         }
+
+    def server_step(self, number: int, current: dict[str, torch.Tensor],
+                    merged: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str | None]:
+        """The global weights after round (asynchronous: fold) `number`, from its screened aggregate `merged`, and
+        where the server optimizer's state after it is kept: FedAvg and FedProx take the aggregate as it is;
+        FedAvgM, FedAdam and FedYogi step from `current` with its move as the pseudo-gradient (trainer/serveropt.py),
+        their state read from and written to storage, so a coordinator that restarts goes on with it."""
+        settings_, plan = self.settings, self.session.plan
+        if settings_.algorithm not in serveropt.SERVER:
+            return merged, None
+        optimizer = serveropt.ServerOptimizer(settings_.algorithm, lr=settings_.server_lr)
+        before = (serveropt.state_from_bytes(self.storage.get_bytes(plan.server_url, SERVER_STATE_BYTES), current)
+                  if plan.server_url else None)
+        stepped, after = optimizer.step(current, merged, before)
+        # One file per round: a redelivered round reads the same state and writes the same file.
+        url = self.storage.put_bytes(f"{self.prefix}/rounds/{number}/server.safetensors",
+                                     serveropt.state_to_bytes(after, optimizer))
+        return stepped, url
 
     def epochs(self, run: Any) -> int:
         return self.settings.local_epochs
@@ -203,6 +224,7 @@ class Federated(Strategy):
             metadata={"session": str(session.id), "mode": sessions.FEDERATED, "round": number,
                       "rounds": metrics,
                       "aggregation": self.settings.aggregation, "schedule": self.settings.schedule,
+                      "algorithm": self.settings.algorithm,
                       "global_weights_url": weights_url},
         )
         return self.storage.put_bytes(f"{self.prefix}/rounds/{number}/model.safetensors",
@@ -223,6 +245,7 @@ class Federated(Strategy):
                               if run.status == sessions.RUNNING})
         results = {"metric": self.metric, "best_value": metrics.get(self.metric), "final": metrics,
                    "rounds": len(session.rounds), "aggregation": self.settings.aggregation,
+                   "algorithm": self.settings.algorithm,
                    "bytes_fetched": sum(run.bytes_fetched or 0 for run in session.peers),
                    "rejected": {f"round {r.round}": r.rejected for r in session.rounds if r.rejected}, **(extra or {})}
         self.end(sessions.COMPLETED, results=results, model_url=model_url)
@@ -279,10 +302,14 @@ class SyncFederated(Federated, RoundStrategy):
         # does not count: a hostile peer cannot fail a session by sending garbage. With none usable, the
         # global weights stay as they were for the next round.
         names = sorted(screened.states)
-        # Each counts by its rows, and by how far it goes the others' way (random weights hardly count).
-        merged = (combine(self.settings.aggregation, [screened.states[n] for n in names],
-                          [samples[n] * screened.trust.get(n, 1.0) for n in names]) if names
-                  else self.global_state(plan.global_url))
+        # Each counts by its rows, and by how far it goes the others' way (random weights hardly count); then the
+        # session's algorithm takes the aggregate as it is, or as a server optimizer's pseudo-gradient.
+        current = self.global_state(plan.global_url)
+        merged, server_url = current, plan.server_url
+        if names:
+            merged, server_url = self.server_step(round_, current, combine(
+                self.settings.aggregation, [screened.states[n] for n in names],
+                [samples[n] * screened.trust.get(n, 1.0) for n in names]))
         model = SimpleDNN(config)
         model.load_state_dict(merged)
         metrics = {**self.evaluate_held_out(model), "samples": sum(samples[n] for n in names)}
@@ -293,7 +320,7 @@ class SyncFederated(Federated, RoundStrategy):
                           model_url=self.keep_model(round_, model, global_url,
                                                     [*(r.metrics for r in session.rounds), metrics]),
                           finished_at=self.clock.now())
-        if not sessions.record_round(session.id, round_doc, global_url, self.history_after(screened)):
+        if not sessions.record_round(session.id, round_doc, global_url, self.history_after(screened), server_url):
             return  # it ended meanwhile, or another run of this round recorded it first
         self.count_used(names)
         for peer, why in rejected.items():
@@ -303,7 +330,7 @@ class SyncFederated(Federated, RoundStrategy):
                  self.rounds, self.metric, metrics[self.metric], len(names))
         # What the update wrote, kept in step here rather than read again (a session document holds every peer).
         session.rounds.append(round_doc)
-        plan.global_url = global_url
+        plan.global_url, plan.server_url = global_url, server_url
         self.next_round(round_)
 
     def finish(self) -> None:

@@ -111,7 +111,7 @@ def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, setting
     hp = spec["hyperparameters"]
     config = TrainConfig(batch_size=hp["batch_size"], epochs=hp["epochs"], learning_rate=hp["learning_rate"],
                          optimizer=hp["optimizer"], weight_decay=hp["weight_decay"], seed=spec["seed"],
-                         num_threads=settings.peer_threads)
+                         num_threads=settings.peer_threads, proximal_mu=spec["proximal_mu"])
     caught = _caught(spec, model.config, config.epochs)
     if caught is not None:
         log.info("session %s: peer %s goes on from epoch %d (its checkpoint)", session, name, caught.epoch + 1)

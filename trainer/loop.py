@@ -37,6 +37,9 @@ class TrainConfig:
     num_threads: int | None = None  # torch CPU threads; give each of k trainings on one machine cores // k
     momentum: float = 0.0  # SGD only
     weight_decay: float = 0.0
+    # FedProx: (mu/2)·‖w − w_start‖² added to each batch's loss, w_start the weights training began from (a
+    # federated round's global weights), so that a peer's local steps stay near them on skewed data.
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.epochs < 1:
@@ -51,6 +54,8 @@ class TrainConfig:
             raise ValueError(f"num_threads must be at least 1; got {self.num_threads}")
         if not (0.0 <= self.momentum < 1.0) or not (self.weight_decay >= 0.0):
             raise ValueError("momentum must be in [0, 1) and weight decay at least 0")
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0.0):
+            raise ValueError(f"proximal_mu must be a number at least 0; got {self.proximal_mu}")
         resolve_device(self.device, check_available=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -216,6 +221,14 @@ def evaluate(model: SimpleDNN, x: Any, y: Any, task: str | None = None) -> dict[
     return _measure(model, inputs, _targets(model, y, inputs.shape[0], device, "the evaluation data"))
 
 
+def _started_from(model: SimpleDNN, initial_state: Mapping[str, torch.Tensor] | None) -> list[torch.Tensor]:
+    """The parameters a training began from: `initial_state`'s, else (none given) the model's own."""
+    if initial_state is None:
+        return [p.detach() for p in model.parameters()]
+    named = dict(model.named_parameters())
+    return [initial_state[name].detach().to(named[name].dtype) for name in named]
+
+
 def train(
     model: SimpleDNN,
     train_x: Any,
@@ -307,6 +320,8 @@ def _train(
     vx = _inputs(model, val_x, device, "the validation data") if has_val else None
     vy = _targets(model, val_y, vx.shape[0], device, "the validation data") if vx is not None else None
     optimizer = _optimizer(model, config)
+    # FedProx's anchor: the weights this training began from (resumed: its initial weights, not the state's).
+    anchor = [a.clone().to(device) for a in _started_from(model, initial_state)] if config.proximal_mu else None
     shuffler = torch.Generator().manual_seed(config.seed)  # CPU generator: same order on every device
     sizes = torch.full(
         ((rows + config.batch_size - 1) // config.batch_size,),
@@ -350,8 +365,10 @@ def _train(
                 break
             output = model(x.index_select(0, batch))  # [batch, out]
             loss = _loss(task, output, y.index_select(0, batch))
+            objective = loss if anchor is None else loss + config.proximal_mu / 2 * sum(
+                ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             optimizer.step()
             losses.append(loss.detach())
             if task == "classification":

@@ -174,7 +174,7 @@ def _document(session_id: ObjectId, user: User, form: dict[str, Any], table: Tab
     federated = None
     if form["mode"] == FEDERATED:
         chosen = ("rounds", "local_epochs", "partition", "alpha", "aggregation", "schedule", "buffer_size",
-                  "max_updates", "time_budget")
+                  "max_updates", "time_budget", "algorithm", "mu", "server_lr")
         federated = FederatedSettings(**{key: form[key] for key in chosen if form.get(key) is not None})
     runs = [
         PeerRun(name=name, hyperparameters=hp, epochs=federated.epochs_per_peer() if federated else hp["epochs"])

@@ -11,7 +11,7 @@ from flask_smorest.fields import Upload
 from marshmallow import fields, validate
 from werkzeug.datastructures import FileStorage
 
-from models.session import AGGREGATIONS, ASYNC, FEDERATED, MODES, PARTITIONS, SCHEDULES, SWEEP, SYNC
+from models.session import AGGREGATIONS, ALGORITHMS, ASYNC, FEDERATED, MODES, PARTITIONS, SCHEDULES, SWEEP, SYNC
 from models.user import email_error
 from settings import Settings
 from tasks.protocol import task_queue
@@ -221,6 +221,14 @@ class StartSessionSchema(StrictSchema):
     partition = fields.String(load_default="iid", validate=validate.OneOf(PARTITIONS))
     alpha = fields.Float(load_default=0.5, validate=validate.Range(min=0.01, max=1000))
     aggregation = fields.String(load_default="fedavg", validate=validate.OneOf(AGGREGATIONS))
+    algorithm = fields.String(validate=validate.OneOf(ALGORITHMS), metadata={
+        "description": "federated: how the peers' work becomes the global model — `fedavg` (default), `fedavgm` "
+                       "(server momentum), `fedadam`, `fedyogi` (server-side adaptive), `fedprox` (a proximal term "
+                       "on the peers, weight `mu`); after `aggregation` and screening"})
+    mu = fields.Float(validate=validate.Range(min=0, max=10, min_inclusive=False), metadata={
+        "description": "fedprox: the proximal term's weight (default 0.01)"})
+    server_lr = fields.Float(validate=validate.Range(min=0, max=10, min_inclusive=False), metadata={
+        "description": "fedavgm, fedadam, fedyogi: the server optimizer's step (default 1.0, 0.01, 0.01)"})
     # Either mode: how many peers must finish each round for the session to go on (default: all), and
     # how long a round may take before the peers still training are left out.
     min_peers = fields.Integer(validate=validate.Range(min=1, max=MAX_PEERS))
@@ -286,6 +294,7 @@ class StartSessionSchema(StrictSchema):
             raise ma.ValidationError("cannot exceed num_peers", "min_peers")
         if data.get("mode") == FEDERATED:
             self._federated(data)
+        self._algorithm(data)
         self._schedule(data)
 
     @staticmethod
@@ -346,6 +355,23 @@ class StartSessionSchema(StrictSchema):
         # one update at a time (FedAsync) swung the held-out accuracy by up to 6 points (bench/async_rounds.py).
         data.setdefault("buffer_size", (num_peers + 1) // 2)
         data.setdefault("max_updates", data["rounds"] * num_peers)
+
+    @staticmethod
+    def _algorithm(data: dict[str, Any]) -> None:
+        """`algorithm` and its settings: federated only, each setting only with the algorithm it belongs to."""
+        if data.get("mode") != FEDERATED:
+            for key in ("algorithm", "mu", "server_lr"):
+                if key in data:
+                    raise ma.ValidationError("only for federated sessions (mode=federated)", key)
+            return
+        algorithm = data.setdefault("algorithm", "fedavg")
+        if "mu" in data and algorithm != "fedprox":
+            raise ma.ValidationError("only with algorithm=fedprox", "mu")
+        if "server_lr" in data and algorithm not in ("fedavgm", "fedadam", "fedyogi"):
+            raise ma.ValidationError("only with a server optimizer: algorithm=fedavgm, fedadam or fedyogi",
+                                     "server_lr")
+        if algorithm == "fedprox":
+            data.setdefault("mu", 0.01)
 
     @staticmethod
     def _federated(data: dict[str, Any]) -> None:

@@ -54,9 +54,10 @@ def test_a_search_takes_trial_numbers_while_its_budget_of_trials_and_time_lasts(
 
     from models import Dataset, TrainingSession
 
-    session = TrainingSession(owner_id=ObjectId(), target="label", status=sessions.RUNNING,
-                              dataset=Dataset(filename="d.csv", url="u", bytes=1, sha256="0" * 64, rows=1, columns=2),
-                              search=sessions.SearchState(space={}, trials=2, stop_at=AT + timedelta(seconds=60))).save()
+    search = sessions.SearchState(space={}, trials=2, stop_at=AT + timedelta(seconds=60))
+    session = TrainingSession(owner_id=ObjectId(), target="label", status=sessions.RUNNING, search=search,
+                              dataset=Dataset(filename="d.csv", url="u", bytes=1, sha256="0" * 64, rows=1,
+                                              columns=2)).save()
     assert [sessions.take_trial(session.id, AT) for _ in range(3)] == [0, 1, None]
     assert [sessions.take_task_number(session.id) for _ in range(2)] == [0, 1]
     session.update(set__search__trials=5)

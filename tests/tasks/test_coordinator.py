@@ -17,7 +17,7 @@ import pytest
 from models import assignment as assignments
 from models import session as sessions
 from models import update as updates
-from tasks import relay
+from tasks import protocol, relay
 from tasks.asynchronous import AsyncFederated
 from tasks.collector import Collector
 from tests.tasks.conftest import Crash
@@ -439,3 +439,51 @@ def test_an_interrupted_asynchronous_session_resumes_with_its_lost_tasks_given_b
     run_session(kit, session)
     run_session(kit, session)
     assert {name: len(found) for name, found in kit.trains(session).items()} == {run.name: 1 for run in session.peers}
+
+
+# --- federated algorithms -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [{"rounds": 3}, {"schedule": "async", "max_updates": 6, "buffer_size": 2}],
+                         ids=["sync", "async"])
+def test_a_server_optimizer_steps_every_round_from_the_state_it_kept(kit, options):
+    import torch
+
+    from tasks.federated import Federated
+    from trainer import serveropt
+
+    session = kit.session(mode=sessions.FEDERATED, algorithm="fedadam", server_lr=0.05, **options)
+    run_session(kit, session)
+    for _ in range(10):
+        if not kit.answer_all(session):
+            break
+        kit.coordinate()
+    done = kit.reload(session)
+    assert done.status == sessions.COMPLETED, done.reason
+    last = len(done.rounds) - 1
+    assert done.plan.server_url.endswith(f"/rounds/{last}/server.safetensors")
+    strategy = Federated(done, kit.services)
+    state = serveropt.state_from_bytes(kit.storage.get_bytes(done.plan.server_url), strategy.global_state(
+        done.plan.global_url))
+    assert {k.split(".")[0] for k in state} == {"m", "v"} and all(torch.isfinite(v).all() for v in state.values())
+    assert done.results["algorithm"] == "fedadam"
+
+
+def test_a_round_of_a_server_optimizer_delivered_twice_steps_once(kit):
+    session = kit.session(mode=sessions.FEDERATED, algorithm="fedavgm", rounds=2)
+    run_session(kit, session)
+    kit.answer_all(session)
+    body = kit.take(kit.settings.coordinator_queue)
+    assert [m["task"] for m in body] == ["peertrain.aggregate"]
+    for _ in range(2):
+        kit.app.tasks["peertrain.aggregate"](*body[0]["args"])
+    first = kit.reload(session)
+    assert len(first.rounds) == 1 and first.plan.server_url.endswith("/rounds/0/server.safetensors")
+
+
+@pytest.mark.parametrize(("algorithm", "mu"), [("fedprox", 0.1), ("fedavg", None)])
+def test_fedprox_peers_are_told_the_proximal_terms_weight(kit, algorithm, mu):
+    session = kit.session(mode=sessions.FEDERATED, algorithm=algorithm, mu=mu, rounds=1)
+    run_session(kit, session)
+    specs = [protocol.train_spec(m["args"][0]) for found in kit.trains(session).values() for m in found]
+    assert len(specs) == 2 and {s["proximal_mu"] for s in specs} == {mu or 0.0}

@@ -323,7 +323,7 @@ def test_a_federated_start_records_its_settings(client, auth, online_peers, csv_
     detail = client.get(f"/sessions/{response.json['session_id']}", headers=auth).json
     assert detail["mode"] == "federated"
     assert detail["federated"] == {"rounds": 4, "local_epochs": 3, "partition": "label_skew", "alpha": 0.3,
-                                   "aggregation": "median", "schedule": "sync"}
+                                   "aggregation": "median", "schedule": "sync", "algorithm": "fedavg"}
     assert detail["min_peers"] is None  # every peer must finish each round
     assert [p["epochs"] for p in detail["peers"]] == [12, 12]
 
@@ -635,3 +635,33 @@ def test_trials_are_listed_by_number_with_the_best_by_score_then_held_out_loss(c
     assert listed["best"]["number"] == 2  # tied on accuracy: the lower held-out loss wins
     assert (listed["metric"], listed["tie_breaker"]) == ("val_accuracy", "val_loss")
     assert client.get(f"/sessions/{ObjectId()}/trials", headers=auth).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("form", "field", "words"),
+    [
+        ({"algorithm": "fedadam"}, "algorithm", "only for federated sessions"),
+        ({"mode": "federated", "algorithm": "scaffolding"}, "algorithm", "Must be one of"),
+        ({"mode": "federated", "mu": "0.1"}, "mu", "only with algorithm=fedprox"),
+        ({"mode": "federated", "algorithm": "fedprox", "server_lr": "0.1"}, "server_lr", "only with a server optimizer"),
+        ({"mode": "federated", "algorithm": "fedprox", "mu": "0"}, "mu", "greater than 0"),
+    ],
+)
+def test_bad_federated_algorithms_are_400(client, auth, online_peers, csv_path, form, field, words):
+    online_peers(2)
+    response = start(client, auth, csv_path, **form)
+    assert response.status_code == 400, response.json
+    assert field in response.json["errors"] and words in response.json["message"]
+    assert Peer.objects(status=TRAINING).count() == 0
+
+
+def test_a_federated_start_records_its_algorithm_with_its_defaults(client, auth, online_peers, csv_path):
+    online_peers(6)
+    prox = start(client, auth, csv_path, mode="federated", algorithm="fedprox")
+    adam = start(client, auth, csv_path, mode="federated", algorithm="fedadam", server_lr="0.05")
+    plain = start(client, auth, csv_path, mode="federated")
+    settings = [client.get(f"/sessions/{r.json['session_id']}", headers=auth).json["federated"]
+                for r in (prox, adam, plain)]
+    assert (settings[0]["algorithm"], settings[0]["mu"]) == ("fedprox", 0.01)
+    assert (settings[1]["algorithm"], settings[1]["server_lr"]) == ("fedadam", 0.05)
+    assert settings[2]["algorithm"] == "fedavg"

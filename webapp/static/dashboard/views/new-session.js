@@ -165,6 +165,12 @@ export async function newSessionView(root, signal) {
       "smaller: more skewed"),
     field("Aggregation", select("aggregation", [["fedavg", "FedAvg"], ["median", "median"],
       ["trimmed_mean", "trimmed mean"]], "fedavg")),
+    field("Algorithm", select("algorithm", [["fedavg", "FedAvg"], ["fedprox", "FedProx"], ["fedavgm", "FedAvgM"],
+      ["fedadam", "FedAdam"], ["fedyogi", "FedYogi"]], "fedavg"), "FedProx and the server optimizers help on skewed shards"),
+    field("FedProx μ", h("input", { type: "number", name: "mu", min: "0", max: "10", step: "any", placeholder: "0.01" }),
+      "FedProx: pull towards the global weights"),
+    field("Server step", h("input", { type: "number", name: "server_lr", min: "0", max: "10", step: "any",
+      placeholder: "default" }), "FedAvgM, FedAdam, FedYogi"),
     field("Minimum peers", h("input", { type: "number", name: "min_peers", min: "1", max: "64",
       placeholder: "all" }), "a round goes on with this many"),
     field("Schedule", select("schedule", [["sync", "rounds (sync)"], ["async", "asynchronous"]], "sync"),
@@ -290,8 +296,10 @@ export async function newSessionView(root, signal) {
     }
     if (isFederated) {
       const asynchronous = form.elements.schedule.value === "async";
-      for (const name of ["rounds", "local_epochs", "partition", "aggregation", "min_peers", "schedule",
-        ...(asynchronous ? ["buffer_size", "max_updates"] : [])]) {
+      const algorithm = form.elements.algorithm.value;
+      for (const name of ["rounds", "local_epochs", "partition", "aggregation", "algorithm", "min_peers", "schedule",
+        ...(asynchronous ? ["buffer_size", "max_updates"] : []), ...(algorithm === "fedprox" ? ["mu"] : []),
+        ...(["fedavgm", "fedadam", "fedyogi"].includes(algorithm) ? ["server_lr"] : [])]) {
         const value = form.elements[name].value;
         if (value !== "") data.append(name, value);
       }

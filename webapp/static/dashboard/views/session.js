@@ -234,7 +234,7 @@ class SessionPage {
         + `${s.federated.buffer_size} at a time, ${s.federated.partition}, ${s.federated.aggregation}`
       : this.federated
       ? `${s.federated.rounds} rounds × ${s.federated.local_epochs} local epochs, ${s.federated.partition}, `
-        + `${s.federated.aggregation}`
+        + `${s.federated.aggregation}, ${s.federated.algorithm || "fedavg"}`
       : `${s.peers.length} peers, each its own settings`;
     this.facts.replaceChildren(
       h("strong", {}, s.mode), ` · ${s.dataset.filename} (${s.dataset.rows.toLocaleString()} rows) · `,
