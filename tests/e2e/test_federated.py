@@ -170,3 +170,23 @@ def test_an_interrupted_asynchronous_session_resumes_from_its_global_version(pla
     folded = sum(len(r["updates"]) for r in done["rounds"])
     assert folded <= 24 and sum(u["status"] == "FOLDED" for u in updates) == folded
     assert done["rounds"][-1]["metrics"]["val_accuracy"] > interrupted["rounds"][-1]["metrics"]["val_accuracy"] - 0.02
+
+
+@pytest.mark.parametrize(("form", "kept"), [({"algorithm": "fedprox", "mu": 0.05}, False),
+                                            ({"algorithm": "fedavgm", "server_lr": 0.5}, True)],
+                         ids=["fedprox", "fedavgm"])
+def test_a_federated_algorithm_trains_on_real_peers_with_its_state_kept(platform, two_peers, digits_csv, form, kept):
+    from models import TrainingSession
+
+    user = platform.user()
+    session_id = start_federated(user, digits_csv, 2, partition="label_skew", alpha=0.5, **form)
+    session = user.wait_finished(session_id, timeout=180)
+    assert session["status"] == "COMPLETED", session
+    assert session["federated"]["algorithm"] == session["results"]["algorithm"] == form["algorithm"]
+    rounds = session["rounds"]
+    assert len(rounds) == ROUNDS and rounds[-1]["metrics"]["val_accuracy"] >= 0.85
+    assert all(r["rejected"] == {} for r in rounds)  # the peers' updates pass screening under either
+    plan = TrainingSession.objects.get(id=session_id).plan
+    # FedAvgM's momentum, kept round by round next to the global weights; FedProx keeps none.
+    assert (plan.server_url or "").endswith(f"/rounds/{ROUNDS - 1}/server.safetensors") if kept \
+        else plan.server_url is None
