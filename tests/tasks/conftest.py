@@ -151,6 +151,15 @@ class Kit:
         payload = protocol.result_message(message["id"], "SUCCESS", result)
         return (via or Collector(self.services)).collect(protocol.broker_user(peer), 1000, payload)
 
+    def run_to_end(self, session: TrainingSession, rounds: int = 80, **options: Any) -> TrainingSession:
+        """Answer every task and run the coordinator until nothing more is sent; the session as it ended."""
+        for _ in range(rounds):
+            self.coordinate()
+            if not self.answer_all(session, **options):
+                break
+        self.coordinate()
+        return self.reload(session)
+
     def answer_all(self, session: TrainingSession, **options: Any) -> int:
         """Every waiting `train` task of the session answered by its peer; returns how many."""
         count = 0

@@ -22,15 +22,6 @@ def search(kit, peers_=2, **options):
     return kit.session(peers_=peers_, search={"space": SPACE, "trials": 6, **options})
 
 
-def run_to_end(kit, session, rounds=80, **answer):
-    for _ in range(rounds):
-        kit.coordinate()
-        if not kit.answer_all(session, **answer):
-            break
-    kit.coordinate()
-    return kit.reload(session)
-
-
 def stretches(kit, session):
     """The `train` tasks waiting on each peer's queue: (trial seed, from epoch, until) each."""
     return {name: [(m["args"][0]["seed"], m["args"][0]["until"]) for m in found]
@@ -40,7 +31,7 @@ def stretches(kit, session):
 def test_a_search_runs_its_trials_on_free_peers_and_the_best_trial_is_the_sessions_result(kit):
     session = search(kit)
     run_session(kit, session)
-    done = run_to_end(kit, session)
+    done = kit.run_to_end(session)
     assert done.status == sessions.COMPLETED, done.reason
     found = trials.of_session(session.id)
     assert [t["number"] for t in found] == list(range(6))
@@ -71,7 +62,7 @@ def test_a_trial_that_scores_below_the_best_at_a_rung_is_pruned_and_its_peer_tak
 
     monkeypatch.setattr(Search, "evaluate_held_out", measured)
     run_session(kit, session)
-    done = run_to_end(kit, session)
+    done = kit.run_to_end(session)
     assert done.status == sessions.COMPLETED, done.reason
     found = trials.of_session(session.id)
     pruned = [t for t in found if t["status"] == trials.PRUNED]
@@ -136,7 +127,7 @@ def test_a_failed_trial_gives_its_peer_another_until_its_trials_keep_failing(kit
     assert kit.trains(session)[kit.peer(0)] == []
     # The other peer runs the rest of the search.
     kit.answer(first[kit.peer(1)][0], kit.peer(1))
-    done = run_to_end(kit, session)
+    done = kit.run_to_end(session)
     assert done.status == sessions.COMPLETED, done.reason
     found = trials.of_session(session.id)
     assert [t["status"] for t in found].count(trials.FAILED) == 2 and len(found) == 6
@@ -149,7 +140,7 @@ def test_a_peer_gone_offline_is_left_out_at_once_and_the_search_goes_on_without_
     peers.gone(kit.peer(1))
     kit.app.tasks["peertrain.peer_lost"](str(session.id), kit.peer(1), "went offline")
     assert kit.reload(session).peer(kit.peer(1)).status == sessions.FAILED
-    done = run_to_end(kit, session)
+    done = kit.run_to_end(session)
     assert done.status == sessions.COMPLETED, done.reason
     assert [t["status"] for t in trials.of_session(session.id)].count(trials.FAILED) == 1
 
@@ -191,7 +182,7 @@ def test_an_interrupted_search_goes_on_from_each_open_trials_last_rung(kit):
     for name, found in messages.items():
         for message in found:
             kit.answer(message, name)
-    done = run_to_end(kit, session)
+    done = kit.run_to_end(session)
     assert done.status == sessions.COMPLETED and done.resumes == 1, done.reason
     after = trials.of_session(session.id)
     assert len(after) == 6 and all(t["epochs_done"] >= before.get(t["number"], 0) for t in after)
