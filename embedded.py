@@ -24,6 +24,7 @@ supervises it and the peer processes.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import multiprocessing
 import os
@@ -234,6 +235,7 @@ def platform_app() -> Any:
     from webapp.asgi import serve
 
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a stop asked for while it starts (the app takes it over)
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # as the supervisor (main)
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_task_logs(settings.log_level)
@@ -339,6 +341,8 @@ def development_secret(settings: Settings) -> None:
 
 
 def main() -> None:
+    # `kill -USR2` prints every thread's stack to the console: what a make run that does not stop is waiting on.
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_task_logs(settings.log_level)

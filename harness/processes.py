@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -86,9 +87,14 @@ def make_target(target: str, env: dict[str, str], log: Path, port: int | None = 
             try:
                 process.wait(30)
             except subprocess.TimeoutExpired:
+                # Every thread's stack of each of its processes, into the log (embedded.py registers SIGUSR2).
+                os.killpg(process.pid, signal.SIGUSR2)
+                with contextlib.suppress(AssertionError):
+                    wait_until(lambda: "most recent call first" in log.read_text(), 3, "the stacks", interval=0.1)
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(10)
-                raise AssertionError(f"make {target} did not stop within 30 s of SIGTERM") from None
+                raise AssertionError(f"make {target} did not stop within 30 s of SIGTERM; the end of its log, "
+                                     f"stacks included:\n{log.read_text()[-6000:]}") from None
     # make takes the SIGTERM too, and may report the stopped command as failed (2); a crash shows as a traceback.
     output = log.read_text()
     assert process.returncode in (0, 2, -signal.SIGTERM) and "Traceback" not in output, output[-3000:]
