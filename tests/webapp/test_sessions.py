@@ -643,7 +643,8 @@ def test_trials_are_listed_by_number_with_the_best_by_score_then_held_out_loss(c
         ({"algorithm": "fedadam"}, "algorithm", "only for federated sessions"),
         ({"mode": "federated", "algorithm": "scaffolding"}, "algorithm", "Must be one of"),
         ({"mode": "federated", "mu": "0.1"}, "mu", "only with algorithm=fedprox"),
-        ({"mode": "federated", "algorithm": "fedprox", "server_lr": "0.1"}, "server_lr", "only with a server optimizer"),
+        ({"mode": "federated", "algorithm": "fedprox", "server_lr": "0.1"}, "server_lr",
+         "only with a server optimizer"),
         ({"mode": "federated", "algorithm": "fedprox", "mu": "0"}, "mu", "greater than 0"),
     ],
 )
