@@ -23,11 +23,11 @@ from mongoengine import (
     FloatField,
     IntField,
     ListField,
+    NotUniqueError,
     ObjectIdField,
     StringField,
 )
 from pymongo import ReturnDocument
-from pymongo.errors import DuplicateKeyError
 
 from models.db import utcnow
 
@@ -82,10 +82,8 @@ def create(session_id: ObjectId, number: int, peer: str, params: dict[str, Any],
     try:
         Trial(session_id=session_id, number=number, peer=peer, params=params, hyperparameters=hyperparameters,
               epochs=epochs, until=until, seq=seq, task_id=task_id).save(force_insert=True)
-    except Exception as exc:  # mongoengine wraps the duplicate key
-        if isinstance(exc, DuplicateKeyError) or "duplicate" in str(exc).lower():
-            return False
-        raise
+    except NotUniqueError:  # the (session, number) index: this number was taken
+        return False
     return True
 
 
