@@ -166,7 +166,7 @@ class AsyncFederated(Federated):
         # Named on the peer's run before it is sent: heartbeats and results name the task it was given.
         sessions.record_runs(session.id, sessions.positions(session),
                              {peer: {"task_id": task_id, "status": sessions.RUNNING, "round": seq}},
-                             before={peer: sessions.RUNNING})
+                             before={peer: sessions.RUNNING}, active_only=True)  # an end meanwhile stands
         self._send([updates.of_task(session.id, seq)], global_url)
         return True
 

@@ -217,7 +217,8 @@ class Search(Sweep):
         sessions.record_runs(session.id, sessions.positions(session), {trial["peer"]: {
             "status": sessions.RUNNING, "task_id": trial["task_id"], "round": trial["seq"],
             "hyperparameters": dict(trial["hyperparameters"]), "epochs": trial["epochs"],
-            "epoch": trial["epochs_done"]}}, before={trial["peer"]: session.peer(trial["peer"]).status})
+            "epoch": trial["epochs_done"]}}, before={trial["peer"]: session.peer(trial["peer"]).status},
+            active_only=True)  # a session that ended meanwhile keeps the statuses its end gave its peers
         relay.train(self.app, trial["peer"], trial["task_id"], self.spec(trial), self.gate.grant_seconds,
                     f"session {session.id}, trial {trial['number']} (epochs {trial['epochs_done'] + 1}-"
                     f"{trial['until']}), peer {trial['peer']}").apply_async()

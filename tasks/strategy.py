@@ -255,7 +255,8 @@ class Strategy:
         # A federated peer fetches its shard once and keeps it for later rounds: bytes add up.
         sessions.record_runs(session.id, sessions.positions(session), changes,
                              before={run.name: run.status for run in session.peers},
-                             added={o.peer: {"bytes_fetched": o.result["bytes_fetched"]} for o in outcomes})
+                             added={o.peer: {"bytes_fetched": o.result["bytes_fetched"]} for o in outcomes},
+                             active_only=True)  # a result in flight when the session ended changes nothing of it
 
 
 class RoundStrategy(Strategy):
