@@ -370,7 +370,14 @@ def main() -> None:
                      working_dir=Path(ROOT), workers_kill_timeout=15)  # a worker stuck on exit is killed
     stop = server.signal_handler_interrupt
 
+    stopping: list[int] = []
+
     def interrupted(signum=None, frame=None) -> None:  # granian's own handler, told which signal came
+        # Once: a second signal (make passes SIGTERM on too) runs this handler again inside the first one's
+        # Event.set, which holds the event's lock: setting it again there deadlocked the supervisor.
+        if stopping:
+            return
+        stopping.append(signum)
         # Granian's worker would wait for every open connection, and an event stream never ends by itself:
         # it closes its streams and stops the platform (keeping the data) on SIGUSR1 (webapp/asgi.py).
         for worker in multiprocessing.active_children():
