@@ -284,7 +284,7 @@ def _hyperparameters(hp_json: str | None, num_peers: int, **overrides: Any) -> A
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True),
               help="Federated label skew: smaller is more skewed.")
 @click.option("--aggregation", type=click.Choice(["fedavg", "median", "trimmed_mean"]), help="Federated.")
-@click.option("--algorithm", type=click.Choice(["fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox"]),
+@click.option("--algorithm", type=click.Choice(["fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox", "scaffold"]),
               help="Federated: how the peers' work becomes the global model (default fedavg; skewed data: see "
                    "docs/operations.md).")
 @click.option("--mu", type=click.FloatRange(min=0, max=10, min_open=True),

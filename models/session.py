@@ -51,7 +51,7 @@ ASYNC = "async"
 SCHEDULES = (SYNC, ASYNC)
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
 # A federated session's algorithm (trainer/serveropt.py keeps the same list: models do not import the trainer).
-ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox")
+ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox", "scaffold")
 PARTITIONS = ("iid", "label_skew")
 
 

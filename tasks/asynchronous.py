@@ -134,7 +134,7 @@ class AsyncFederated(Federated):
         with self.app.producer_or_acquire() as producer:
             for task in tasks:
                 spec = self.spec(task.peer, task.seq, task.task_id, global_url,
-                                 weights_key(self.prefix, task.seq, task.peer), False)
+                                 weights_key(self.prefix, task.seq, task.peer), False, version=task.base_version)
                 relay.train(self.app, task.peer, task.task_id, spec, self.gate.grant_seconds,
                             f"session {session.id}, update {task.seq}, peer {task.peer}").apply_async(
                     producer=producer)
@@ -318,6 +318,15 @@ class AsyncFederated(Federated):
         weights = [c.samples * screened.trust.get(name, 1.0) for name, c in zip(kept, contributions, strict=True)]
         merged, server_url = self.server_step(version, current, combine(
             self.settings.aggregation, [screened.states[name] for name in kept], weights))
+        if self.settings.algorithm == "scaffold":
+            # Each peer's weights as screening bounded them, undoing the staleness weight: what its task did.
+            server_url = self.scaffold_step(version, [
+                (u.peer, c.base, {key: c.base[key] + (screened.states[name][key] - current[key]) / c.weight
+                                  for key in current}, weights_key(self.prefix, u.seq, u.peer))
+                for name, u, c in zip(kept, used, contributions, strict=True)], [
+                (by_name[name][0].peer, by_name[name][1].base, by_name[name][1].state,
+                 weights_key(self.prefix, by_name[name][0].seq, by_name[name][0].peer))
+                for name in screened.rejected])
         model = SimpleDNN(self.config)
         model.load_state_dict(merged)
         metrics = self.evaluate_held_out(model)

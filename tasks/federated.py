@@ -28,7 +28,7 @@ from tasks import gate
 from tasks.gate import Outcome
 from tasks.storage import LocalStorage
 from tasks.strategy import RoundStrategy, Strategy, split_seed
-from trainer import screening, serveropt
+from trainer import scaffold, screening, serveropt
 from trainer.loop import evaluate
 from trainer.model import ModelConfig, SimpleDNN
 from trainer.normalization import Normalization, fit_normalization
@@ -56,6 +56,8 @@ READERS = 8
 HISTORY = 32
 # The server optimizer's state: two moments per weight, far below this for any model the limits allow.
 SERVER_STATE_BYTES = 2 << 30
+# A peer's update as SCAFFOLD reads it: the peer, the weights it was sent, its weights, the key they came to.
+Trained = tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor], str]
 
 
 def combine(method: str, states: list[dict[str, torch.Tensor]], samples: list[float]) -> dict[str, torch.Tensor]:
@@ -128,9 +130,10 @@ class Federated(Strategy):
         sessions.record_plan(session.id, session.plan)
 
     def spec(self, peer: str, round_: int, task_id: str, initial_url: str, key: str,
-             last_round: bool) -> dict[str, Any]:
+             last_round: bool, version: int | None = None) -> dict[str, Any]:
         """A peer's `train` argument for task `task_id`: `local_epochs` on its shard from the weights at
-        `initial_url`, its weights to `key` (the only object it may write, capped at the model's size)."""
+        `initial_url` (those after `version` rounds or folds; default `round_`), its weights to `key` (the only
+        object it may write, capped at the model's size)."""
         session, plan = self.session, self.session.plan
         return {
             "session": str(session.id),
@@ -147,7 +150,92 @@ class Federated(Strategy):
             "attempt": session.resumes or 0,
             "proximal_mu": (self.settings.mu or 0.0) if self.settings.algorithm == "fedprox" else 0.0,
             **self.gate.grants(task_id, plan.shards[peer], key, self.config, initial_url=initial_url),
+            **self.correction_grant(peer, round_ if version is None else version, task_id, key),
         }
+
+    # --- SCAFFOLD: the server's control variate c and each peer's c_i, kept in storage round by round -------
+
+    def _read(self, url: str) -> dict[str, torch.Tensor]:
+        """A model-shaped state the coordinator wrote (read each time: there is one per peer and round)."""
+        return state_from_bytes(self.storage.get_bytes(url, max_state_bytes(self.config)), self.config)
+
+    def _control_url(self, number: int, peer: str | None) -> str:
+        """Where c (`peer` None) or peer `peer`'s c_i after round (asynchronous: fold) `number` is kept."""
+        name = "server" if peer is None else f"controls/{peer}"
+        return self.storage.url(f"{self.prefix}/rounds/{number}/{name}.safetensors")
+
+    def controls(self, peer: str, version: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None,
+                                                         dict[str, torch.Tensor] | None]:
+        """c, `peer`'s counted c_i and its own c_i as they stood when `version` rounds (folds) were done, each read
+        from the last round before it that changed it, so the same task always gets the same. The counted one (None:
+        none yet) comes from its last used update and is what c is made of; its own comes from its last update
+        screening read, used or refused, and only shapes its own corrections (see `scaffold_step`)."""
+        server = counted = own = None
+        for done in reversed(self.session.rounds):
+            if done.round >= version:
+                continue
+            if server is None and done.peers:
+                server = self._read(self._control_url(done.round, None))
+            if peer in done.peers:
+                counted = self._read(self._control_url(done.round, peer))
+                own = counted if own is None else own
+                break
+            if own is None and any(name.split("#")[0] == peer for name in done.rejected or {}):
+                found = self.storage.url(f"{self.prefix}/rounds/{done.round}/own/{peer}.safetensors")
+                own = self._read(found) if self.storage.exists(found) else None
+        if server is None:
+            server = scaffold.zeros(self.global_state(self.session.plan.initial_url))
+        return server, counted, own
+
+    def correction_grant(self, peer: str, version: int, task_id: str, key: str) -> dict[str, Any]:
+        """SCAFFOLD: write the task's correction c − c_i beside the key its weights go to, and grant reading it."""
+        if self.settings.algorithm != "scaffold":
+            return {}
+        if version > len(self.session.rounds):  # rounds recorded since this session was loaded
+            self.session.reload()
+        server, _, own = self.controls(peer, version)
+        url = self.storage.put_bytes(correction_key(key), state_to_bytes(scaffold.correction(server, own),
+                                                                         {"task": task_id}))
+        return {"correction": self.storage.grant_read(url, self.gate.grant_seconds, task=task_id)}
+
+    def scaffold_step(self, number: int, used: list[Trained], refused: list[Trained]) -> str:
+        """After round (fold) `number`: each peer's c_i+ from the weights it was sent, its weights and the correction
+        its task applied, then c; where c is kept.
+
+        Only `used` updates (as screening bounded them) move c, so no peer moves it further than its update moved
+        the model. A `refused` one (screening read and refused it) sets its peer's own c_i only: on skewed shards an
+        honest peer whose data pulls away from the others' is refused, and its next correction, c − c_i, cancels its
+        own pull, so that its next update goes the federation's way and counts; what it alone sent shapes only its
+        own work."""
+        settings_, session, plan = self.settings, self.session, self.session.plan
+        server = self.controls("", number + 1)[0]
+
+        def control(peer: str, sent: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
+                    key: str) -> dict[str, torch.Tensor]:
+            hp = session.peer(peer).hyperparameters
+            steps = scaffold.local_steps(plan.shard_rows[peer], hp["batch_size"], settings_.local_epochs)
+            return scaffold.control_after(sent, weights, self._read(self.storage.url(correction_key(key))), steps,
+                                          hp["learning_rate"])
+
+        deltas, rows = [], []
+        for peer, sent, weights, key in used:
+            after = control(peer, sent, weights, key)
+            deltas.append(scaffold.delta(after, self.controls(peer, number + 1)[1]))
+            rows.append(gate.samples(plan, peer))
+            self.storage.put_bytes(f"{self.prefix}/rounds/{number}/controls/{peer}.safetensors",
+                                   state_to_bytes(after, {"round": number}))
+        for peer, sent, weights, key in refused:
+            after = control(peer, sent, weights, key)
+            if all(torch.isfinite(value).all() for value in after.values()):  # else it keeps the last one
+                self.storage.put_bytes(f"{self.prefix}/rounds/{number}/own/{peer}.safetensors",
+                                       state_to_bytes(after, {"round": number}))
+        # The peers' moves of c combined by the session's rule (each by its rows, as FedAvg counts the weights; the
+        # median and trimmed mean by none): no peer drags c further than its screened update moved the model.
+        if deltas:
+            total = sum(gate.samples(plan, run.name) for run in session.peers)
+            server = scaffold.server_after(server, combine(settings_.aggregation, deltas, rows), sum(rows) / total)
+        return self.storage.put_bytes(f"{self.prefix}/rounds/{number}/server.safetensors",
+                                      state_to_bytes(server, {"round": number}))
 
     def server_step(self, number: int, current: dict[str, torch.Tensor],
                     merged: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -251,6 +339,11 @@ class Federated(Strategy):
         self.end(sessions.COMPLETED, results=results, model_url=model_url)
 
 
+def correction_key(weights_key: str) -> str:
+    """Where a task's SCAFFOLD correction is written: beside the key its weights go to (which alone it may write)."""
+    return weights_key.removesuffix(".safetensors") + ".correction.safetensors"
+
+
 def weights_key(prefix: str, round_: int, peer: str) -> str:
     """Where peer `peer` uploads its weights of round `round_`."""
     return f"{prefix}/rounds/{round_}/peers/{peer}.safetensors"
@@ -310,6 +403,10 @@ class SyncFederated(Federated, RoundStrategy):
             merged, server_url = self.server_step(round_, current, combine(
                 self.settings.aggregation, [screened.states[n] for n in names],
                 [samples[n] * screened.trust.get(n, 1.0) for n in names]))
+        if self.settings.algorithm == "scaffold":
+            server_url = self.scaffold_step(
+                round_, [(n, current, screened.states[n], weights_key(self.prefix, round_, n)) for n in names],
+                [(n, current, states[n], weights_key(self.prefix, round_, n)) for n in screened.rejected])
         model = SimpleDNN(config)
         model.load_state_dict(merged)
         metrics = {**self.evaluate_held_out(model), "samples": sum(samples[n] for n in names)}

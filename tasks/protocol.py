@@ -283,6 +283,8 @@ class TrainSpecSchema(_Message):
     until = WholeNumber(load_default=0, validate=validate.Range(0, MAX_EPOCHS))
     # FedProx's μ: the pull of each local step towards the round's global weights (0: none).
     proximal_mu = fields.Float(load_default=0.0, validate=validate.Range(0.0, 10.0))
+    # SCAFFOLD: read grant of the drift correction c − c_i each local step applies (None: none).
+    correction = fields.String(load_default=None, allow_none=True)
     # Given `normalization`, the rows are training rows scaled so; `holdout`: the share of them the peer keeps
     # aside for its own validation curve (the platform's held-out rows are never in a task).
     holdout = fields.Float(load_default=0.0, validate=validate.Range(0.0, 0.5))

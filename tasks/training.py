@@ -95,6 +95,9 @@ def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, setting
     if spec.get("initial_weights"):
         initial = state_from_bytes(transfer.fetch(spec["initial_weights"], max_state_bytes(model.config)),
                                    model.config)
+    # SCAFFOLD's drift correction: model-shaped, written by the coordinator, checked as weights are.
+    correction = (state_from_bytes(transfer.fetch(spec["correction"], max_state_bytes(model.config)), model.config)
+                  if spec.get("correction") else None)
     name = protocol.peer_of(protocol.identity(task.app))
     unsent = 0
 
@@ -129,7 +132,7 @@ def run(task: Task, spec: dict[str, Any], notices: protocol.StopNotices, setting
     trained = fit(model, data.train_x, data.train_y, config, data.val_x, data.val_y,
                   on_epoch_end=report, should_stop=should_stop, initial_state=initial, resume=caught,
                   checkpoint_every=spec["checkpoint_every"] if spec.get("checkpoint") else 0,
-                  on_checkpoint=checkpoint, until=spec["until"] or None)
+                  on_checkpoint=checkpoint, until=spec["until"] or None, correction=correction)
     if trained.stopped:
         log.info("session %s: peer %s stopped after epoch %d: %s", session, name, len(trained.history),
                  notices.reason(session, spec["attempt"]))

@@ -229,6 +229,23 @@ def _started_from(model: SimpleDNN, initial_state: Mapping[str, torch.Tensor] | 
     return [initial_state[name].detach().to(named[name].dtype) for name in named]
 
 
+def _drift(model: SimpleDNN, correction: Mapping[str, torch.Tensor] | None,
+           device: torch.device) -> list[torch.Tensor] | None:
+    """SCAFFOLD's correction as one tensor per parameter, on the device (None: none, or all zeros)."""
+    if correction is None:
+        return None
+    named = dict(model.named_parameters())
+    if set(named) - set(correction):
+        raise ValueError(f"the correction does not fit the model: missing {sorted(set(named) - set(correction))}")
+    drift = []
+    for name, parameter in named.items():
+        tensor = correction[name]
+        if tensor.shape != parameter.shape or not torch.isfinite(tensor).all():
+            raise ValueError(f"the correction of {name} does not fit the model or is not finite")
+        drift.append(tensor.detach().to(device=device, dtype=parameter.dtype))
+    return drift if any(bool(t.any()) for t in drift) else None
+
+
 def train(
     model: SimpleDNN,
     train_x: Any,
@@ -243,12 +260,15 @@ def train(
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[TrainingState], None] | None = None,
     until: int | None = None,
+    correction: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train `model` in place on arrays or tensors; the same inputs and settings give the same history.
 
     `resume`: go on from a state `on_checkpoint` was given (after every `checkpoint_every` epochs but the
     last), as if the training had never stopped. `until`: pause after that epoch (of `config.epochs`), giving
-    `on_checkpoint` the state to go on from; a search trains a trial so, a stretch at a time."""
+    `on_checkpoint` the state to go on from; a search trains a trial so, a stretch at a time. `correction`:
+    SCAFFOLD's drift correction c − c_i (trainer/scaffold.py), per parameter: every step also moves each
+    parameter by −learning_rate·correction, towards where the other peers' data pulls."""
     if until is not None and not 1 <= until <= config.epochs:
         raise ValueError(f"until must be an epoch from 1 to {config.epochs}; got {until}")
     device = resolve_device(config.device)
@@ -281,6 +301,7 @@ def train(
                 checkpoint_every if on_checkpoint is not None else 0,
                 on_checkpoint,
                 until or config.epochs,
+                correction,
             )
     finally:
         if torch.get_num_threads() != threads:
@@ -302,6 +323,7 @@ def _train(
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[TrainingState], None] | None = None,
     until: int | None = None,
+    correction: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     began = time.perf_counter()
     until = until or config.epochs
@@ -322,6 +344,7 @@ def _train(
     optimizer = _optimizer(model, config)
     # FedProx's anchor: the weights this training began from (resumed: its initial weights, not the state's).
     anchor = [a.clone().to(device) for a in _started_from(model, initial_state)] if config.proximal_mu else None
+    drift = _drift(model, correction, device)
     shuffler = torch.Generator().manual_seed(config.seed)  # CPU generator: same order on every device
     sizes = torch.full(
         ((rows + config.batch_size - 1) // config.batch_size,),
@@ -370,6 +393,10 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
             optimizer.step()
+            if drift is not None:
+                with torch.no_grad():
+                    for parameter, step in zip(model.parameters(), drift, strict=True):
+                        parameter.add_(step, alpha=-config.learning_rate)
             losses.append(loss.detach())
             if task == "classification":
                 outputs.append(output.detach())  # [batch, classes], scored once the epoch ends

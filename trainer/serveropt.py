@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox")
+ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox", "scaffold")
 SERVER = ("fedavgm", "fedadam", "fedyogi")  # the ones with a server optimizer (and state)
 FORMAT = "peertrain.server-optimizer.v1"
 

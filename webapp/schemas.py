@@ -224,7 +224,8 @@ class StartSessionSchema(StrictSchema):
     algorithm = fields.String(validate=validate.OneOf(ALGORITHMS), metadata={
         "description": "federated: how the peers' work becomes the global model — `fedavg` (default), `fedavgm` "
                        "(server momentum), `fedadam`, `fedyogi` (server-side adaptive), `fedprox` (a proximal term "
-                       "on the peers, weight `mu`); after `aggregation` and screening"})
+                       "on the peers, weight `mu`), `scaffold` (control variates correcting each peer's drift); "
+                       "after `aggregation` and screening"})
     mu = fields.Float(validate=validate.Range(min=0, max=10, min_inclusive=False), metadata={
         "description": "fedprox: the proximal term's weight (default 0.01)"})
     server_lr = fields.Float(validate=validate.Range(min=0, max=10, min_inclusive=False), metadata={

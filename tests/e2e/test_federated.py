@@ -173,8 +173,9 @@ def test_an_interrupted_asynchronous_session_resumes_from_its_global_version(pla
 
 
 @pytest.mark.parametrize(("form", "kept"), [({"algorithm": "fedprox", "mu": 0.05}, False),
-                                            ({"algorithm": "fedavgm", "server_lr": 0.5}, True)],
-                         ids=["fedprox", "fedavgm"])
+                                            ({"algorithm": "fedavgm", "server_lr": 0.5}, True),
+                                            ({"algorithm": "scaffold"}, True)],
+                         ids=["fedprox", "fedavgm", "scaffold"])
 def test_a_federated_algorithm_trains_on_real_peers_with_its_state_kept(platform, two_peers, digits_csv, form, kept):
     from models import TrainingSession
 
@@ -187,6 +188,7 @@ def test_a_federated_algorithm_trains_on_real_peers_with_its_state_kept(platform
     assert len(rounds) == ROUNDS and rounds[-1]["metrics"]["val_accuracy"] >= 0.85
     assert all(r["rejected"] == {} for r in rounds)  # the peers' updates pass screening under either
     plan = TrainingSession.objects.get(id=session_id).plan
-    # FedAvgM's momentum, kept round by round next to the global weights; FedProx keeps none.
+    # FedAvgM's momentum or SCAFFOLD's control variate, kept round by round next to the global weights; FedProx
+    # keeps none.
     assert (plan.server_url or "").endswith(f"/rounds/{ROUNDS - 1}/server.safetensors") if kept \
         else plan.server_url is None

@@ -483,3 +483,95 @@ def test_fedprox_peers_are_told_the_proximal_terms_weight(kit, algorithm, mu):
     run_session(kit, session)
     specs = [protocol.train_spec(m["args"][0]) for found in kit.trains(session).values() for m in found]
     assert len(specs) == 2 and {s["proximal_mu"] for s in specs} == {mu or 0.0}
+
+
+def _state(kit, session, key_or_url):
+    from tasks.federated import Federated
+
+    strategy = Federated(kit.reload(session), kit.services)
+    url = key_or_url if "://" in key_or_url or key_or_url.startswith("/") else kit.storage.url(key_or_url)
+    return strategy._read(url)
+
+
+def test_scaffold_peers_are_sent_c_minus_their_own_control_which_the_coordinator_derives_from_their_weights(kit):
+    import torch
+
+    from trainer import scaffold
+
+    session = kit.session(mode=sessions.FEDERATED, algorithm="scaffold", rounds=2)
+    run_session(kit, session)
+    first = {name: found[0] for name, found in kit.trains(session).items()}
+    # Round 0: no control variate yet, a correction of zeros.
+    for name, message in first.items():
+        spec = protocol.train_spec(message["args"][0])
+        assert all(not v.any() for v in _state(kit, session, kit._key(spec["correction"])).values())
+        kit.answer(message, name)
+    kit.coordinate()
+    done = kit.reload(session)
+    assert len(done.rounds) == 1 and done.plan.server_url.endswith("/rounds/0/server.safetensors")
+    prefix = f"users/{done.owner_id}/sessions/{done.id}"
+    initial = _state(kit, session, done.plan.initial_url)
+    rows, controls = done.plan.shard_rows, {}
+    for name in first:
+        sent_back = _state(kit, session, f"{prefix}/rounds/0/peers/{name}.safetensors")
+        steps = scaffold.local_steps(rows[name], 16, 1)  # the kit's batch size, one local epoch
+        controls[name] = _state(kit, session, f"{prefix}/rounds/0/controls/{name}.safetensors")
+        for key, value in controls[name].items():
+            assert torch.allclose(value, (initial[key] - sent_back[key]) / (steps * 0.05), atol=1e-4)
+    # c is the rows-weighted mean of the controls (every peer used, from zeros).
+    server = _state(kit, session, done.plan.server_url)
+    total = sum(rows.values())
+    for key, value in server.items():
+        assert torch.allclose(value, sum(controls[n][key] * rows[n] / total for n in first), atol=1e-5)
+    # Round 1: each peer is sent c − c_i.
+    for name, found in kit.trains(session).items():
+        spec = protocol.train_spec(found[0]["args"][0])
+        correction = _state(kit, session, kit._key(spec["correction"]))
+        assert all(torch.allclose(correction[k], server[k] - controls[name][k], atol=1e-6) for k in server)
+
+
+def test_a_scaffold_round_delivered_twice_moves_c_once(kit):
+    session = kit.session(mode=sessions.FEDERATED, algorithm="scaffold", rounds=2)
+    run_session(kit, session)
+    kit.answer_all(session)
+    body = kit.take(kit.settings.coordinator_queue)
+    assert [m["task"] for m in body] == ["peertrain.aggregate"]
+    kit.app.tasks["peertrain.aggregate"](*body[0]["args"])
+    done = kit.reload(session)
+    once = _state(kit, session, done.plan.server_url)
+    kit.app.tasks["peertrain.aggregate"](*body[0]["args"])
+    again = kit.reload(session)
+    assert len(again.rounds) == 1 and again.plan.server_url == done.plan.server_url
+    assert all((once[k] == v).all() for k, v in _state(kit, session, again.plan.server_url).items())
+
+
+def test_a_scaffold_peer_whose_update_is_refused_moves_no_control_and_is_sent_c_as_its_correction(kit):
+    import torch
+
+    session = kit.session(peers_=3, mode=sessions.FEDERATED, algorithm="scaffold", rounds=2)
+    run_session(kit, session)
+    spoiled = kit.peer(0)
+    for name, found in kit.trains(session).items():
+        kit.answer(found[0], name, spoil="nan" if name == spoiled else None)
+    kit.coordinate()
+    done = kit.reload(session)
+    assert spoiled in done.rounds[0].rejected and spoiled not in done.rounds[0].peers
+    server = _state(kit, session, done.plan.server_url)
+    assert any(v.any() for v in server.values())
+    spec = protocol.train_spec(kit.trains(session)[spoiled][0]["args"][0])
+    correction = _state(kit, session, kit._key(spec["correction"]))
+    assert all(torch.equal(correction[k], server[k]) for k in server)  # c − 0: it has no control variate
+
+
+def test_an_asynchronous_scaffold_session_keeps_c_fold_by_fold(kit):
+    import torch
+
+    session = kit.session(mode=sessions.FEDERATED, algorithm="scaffold", schedule="async", max_updates=6,
+                          buffer_size=2, local_epochs=1)
+    run_session(kit, session)
+    done = kit.run_to_end(session)
+    assert done.status == sessions.COMPLETED, done.reason
+    assert done.plan.server_url.endswith(f"/rounds/{len(done.rounds) - 1}/server.safetensors")
+    server = _state(kit, session, done.plan.server_url)
+    assert all(torch.isfinite(v).all() for v in server.values()) and any(v.any() for v in server.values())
+    assert done.results["algorithm"] == "scaffold"
