@@ -285,8 +285,8 @@ def _hyperparameters(hp_json: str | None, num_peers: int, **overrides: Any) -> A
               help="Federated label skew: smaller is more skewed.")
 @click.option("--aggregation", type=click.Choice(["fedavg", "median", "trimmed_mean"]), help="Federated.")
 @click.option("--algorithm", type=click.Choice(["fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox", "scaffold"]),
-              help="Federated: how the peers' work becomes the global model (default fedavg; skewed data: see "
-                   "docs/operations.md).")
+              help="Federated: how the peers' work becomes the global model (default fedavg, scaffold with "
+                   "--partition label_skew; see docs/operations.md).")
 @click.option("--mu", type=click.FloatRange(min=0, max=10, min_open=True),
               help="Federated, fedprox: the proximal term's weight (above 0, at most 10; default 0.01).")
 @click.option("--server-lr", type=click.FloatRange(min=0, max=10, min_open=True),

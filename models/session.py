@@ -52,6 +52,9 @@ SCHEDULES = (SYNC, ASYNC)
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
 # A federated session's algorithm (trainer/serveropt.py keeps the same list: models do not import the trainer).
 ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox", "scaffold")
+# What a label-skewed session uses unless its user picks: the algorithm that met the targets on both skewed
+# datasets of bench/federated.py (docs/benchmarks.md "Federated algorithms on skewed shards").
+SKEWED_DEFAULT = "scaffold"
 PARTITIONS = ("iid", "label_skew")
 
 

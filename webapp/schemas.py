@@ -11,7 +11,18 @@ from flask_smorest.fields import Upload
 from marshmallow import fields, validate
 from werkzeug.datastructures import FileStorage
 
-from models.session import AGGREGATIONS, ALGORITHMS, ASYNC, FEDERATED, MODES, PARTITIONS, SCHEDULES, SWEEP, SYNC
+from models.session import (
+    AGGREGATIONS,
+    ALGORITHMS,
+    ASYNC,
+    FEDERATED,
+    MODES,
+    PARTITIONS,
+    SCHEDULES,
+    SKEWED_DEFAULT,
+    SWEEP,
+    SYNC,
+)
 from models.user import email_error
 from settings import Settings
 from tasks.protocol import task_queue
@@ -222,7 +233,8 @@ class StartSessionSchema(StrictSchema):
     alpha = fields.Float(load_default=0.5, validate=validate.Range(min=0.01, max=1000))
     aggregation = fields.String(load_default="fedavg", validate=validate.OneOf(AGGREGATIONS))
     algorithm = fields.String(validate=validate.OneOf(ALGORITHMS), metadata={
-        "description": "federated: how the peers' work becomes the global model — `fedavg` (default), `fedavgm` "
+        "description": "federated: how the peers' work becomes the global model — `fedavg` (default; `scaffold` "
+                       "with `partition=label_skew`), `fedavgm` "
                        "(server momentum), `fedadam`, `fedyogi` (server-side adaptive), `fedprox` (a proximal term "
                        "on the peers, weight `mu`), `scaffold` (control variates correcting each peer's drift); "
                        "after `aggregation` and screening"})
@@ -365,7 +377,8 @@ class StartSessionSchema(StrictSchema):
                 if key in data:
                     raise ma.ValidationError("only for federated sessions (mode=federated)", key)
             return
-        algorithm = data.setdefault("algorithm", "fedavg")
+        # Label-skewed shards drift apart under plain FedAvg: they get the algorithm measured best on them.
+        algorithm = data.setdefault("algorithm", SKEWED_DEFAULT if data.get("partition") == "label_skew" else "fedavg")
         if "mu" in data and algorithm != "fedprox":
             raise ma.ValidationError("only with algorithm=fedprox", "mu")
         if "server_lr" in data and algorithm not in ("fedavgm", "fedadam", "fedyogi"):

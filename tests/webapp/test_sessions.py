@@ -323,7 +323,7 @@ def test_a_federated_start_records_its_settings(client, auth, online_peers, csv_
     detail = client.get(f"/sessions/{response.json['session_id']}", headers=auth).json
     assert detail["mode"] == "federated"
     assert detail["federated"] == {"rounds": 4, "local_epochs": 3, "partition": "label_skew", "alpha": 0.3,
-                                   "aggregation": "median", "schedule": "sync", "algorithm": "fedavg"}
+                                   "aggregation": "median", "schedule": "sync", "algorithm": "scaffold"}
     assert detail["min_peers"] is None  # every peer must finish each round
     assert [p["epochs"] for p in detail["peers"]] == [12, 12]
 
@@ -666,3 +666,12 @@ def test_a_federated_start_records_its_algorithm_with_its_defaults(client, auth,
     assert (settings[0]["algorithm"], settings[0]["mu"]) == ("fedprox", 0.01)
     assert (settings[1]["algorithm"], settings[1]["server_lr"]) == ("fedadam", 0.05)
     assert settings[2]["algorithm"] == "fedavg"
+
+
+def test_label_skewed_shards_get_scaffold_unless_the_user_picks(client, auth, online_peers, csv_path):
+    online_peers(4)
+    skewed = start(client, auth, csv_path, mode="federated", partition="label_skew", alpha="0.1")
+    chosen = start(client, auth, csv_path, mode="federated", partition="label_skew", algorithm="fedavg")
+    settings = [client.get(f"/sessions/{r.json['session_id']}", headers=auth).json["federated"]
+                for r in (skewed, chosen)]
+    assert [s["algorithm"] for s in settings] == ["scaffold", "fedavg"]
