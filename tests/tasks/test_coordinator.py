@@ -563,11 +563,12 @@ def test_a_scaffold_peer_whose_update_is_refused_moves_no_control_and_is_sent_c_
     assert all(torch.equal(correction[k], server[k]) for k in server)  # c − 0: it has no control variate
 
 
-def test_an_asynchronous_scaffold_session_keeps_c_fold_by_fold(kit):
+@pytest.mark.parametrize("aggregation", ["fedavg", "median"])
+def test_an_asynchronous_scaffold_session_keeps_c_fold_by_fold(kit, aggregation):
     import torch
 
-    session = kit.session(mode=sessions.FEDERATED, algorithm="scaffold", schedule="async", max_updates=6,
-                          buffer_size=2, local_epochs=1)
+    session = kit.session(peers_=3, mode=sessions.FEDERATED, algorithm="scaffold", schedule="async", max_updates=9,
+                          buffer_size=2, local_epochs=1, aggregation=aggregation)
     run_session(kit, session)
     done = kit.run_to_end(session)
     assert done.status == sessions.COMPLETED, done.reason
