@@ -199,8 +199,8 @@ class Federated(Strategy):
         return {"correction": self.storage.grant_read(url, self.gate.grant_seconds, task=task_id)}
 
     def scaffold_step(self, number: int, used: list[Trained], refused: list[Trained]) -> str:
-        """After round (fold) `number`: each peer's c_i+ from the weights it was sent, its weights and the correction
-        its task applied, then c; where c is kept.
+        """After round (fold) `number`: each peer's c_i+ from the weights it was sent, its weights as screening bounded
+        them and the correction its task applied, then c; where c is kept.
 
         Only `used` updates (as screening bounded them) move c, so no peer moves it further than its update moved
         the model. A `refused` one (screening read and refused it) sets its peer's own c_i only: on skewed shards an
@@ -406,7 +406,7 @@ class SyncFederated(Federated, RoundStrategy):
         if self.settings.algorithm == "scaffold":
             server_url = self.scaffold_step(
                 round_, [(n, current, screened.states[n], weights_key(self.prefix, round_, n)) for n in names],
-                [(n, current, states[n], weights_key(self.prefix, round_, n)) for n in screened.rejected])
+                [(n, current, screened.refused[n], weights_key(self.prefix, round_, n)) for n in screened.refused])
         model = SimpleDNN(config)
         model.load_state_dict(merged)
         metrics = {**self.evaluate_held_out(model), "samples": sum(samples[n] for n in names)}
