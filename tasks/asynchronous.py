@@ -34,7 +34,7 @@ from models import session as sessions
 from models import update as updates
 from models.session import AsyncState, Launch
 from tasks import gate, protocol, relay
-from tasks.federated import Federated, Trained, combine
+from tasks.federated import Federated, combine
 from tasks.gate import Outcome
 from trainer import screening
 from trainer.model import SimpleDNN
@@ -319,7 +319,11 @@ class AsyncFederated(Federated):
         merged, server_url = self.server_step(version, current, combine(
             self.settings.aggregation, [screened.states[name] for name in kept], weights))
         if self.settings.algorithm == "scaffold":
-            server_url = self._scaffold_step(version, current, screened, by_name)
+            # Each peer's weights as screening bounded them, the staleness weight undone: what its task did.
+            server_url = self.scaffold_step(version, [
+                (u.peer, c.base, {key: c.base[key] + (screened.states[name][key] - current[key]) / c.weight
+                                  for key in current}, weights_key(self.prefix, u.seq, u.peer))
+                for name, u, c in zip(kept, used, contributions, strict=True)])
         model = SimpleDNN(self.config)
         model.load_state_dict(merged)
         metrics = self.evaluate_held_out(model)
@@ -344,19 +348,6 @@ class AsyncFederated(Federated):
         events.record_round(session.id, round_doc)
         log.info("session %s: version %d from %d update(s), staleness %s", session.id, version + 1, len(used),
                  [c.staleness for c in contributions])
-
-    def _scaffold_step(self, version: int, current: dict[str, torch.Tensor], screened: screening.Screened,
-                       by_name: dict[str, tuple[updates.Update, Contribution]]) -> str:
-        """SCAFFOLD's control variates after fold `version` (Federated.scaffold_step), from each update as screening
-        bounded it with its staleness weight undone: what its task did from the weights it was sent."""
-        def trained(name: str, state: dict[str, torch.Tensor]) -> Trained:
-            update, contribution = by_name[name]
-            return (update.peer, contribution.base,
-                    {key: contribution.base[key] + (state[key] - current[key]) / contribution.weight
-                     for key in current}, weights_key(self.prefix, update.seq, update.peer))
-
-        return self.scaffold_step(version, [trained(name, state) for name, state in screened.states.items()],
-                                  [trained(name, state) for name, state in screened.refused.items()])
 
     def _screened(self, current: dict[str, torch.Tensor], pending: list[updates.Update]) -> tuple[
             screening.Screened, dict[str, tuple[updates.Update, Contribution]], dict[str, str]]:

@@ -53,8 +53,6 @@ class Screened:
     trust: dict[str, float] = field(default_factory=dict)  # accepted -> 0..1: how far it goes the others' way
     rejected: dict[str, str] = field(default_factory=dict)  # name -> why
     scaled: dict[str, float] = field(default_factory=dict)  # name -> its change's size over the typical (> clip)
-    # Refused by the judging (not for being unreadable or not finite): the weights as bounded before it was judged.
-    refused: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     norms: dict[str, float] = field(default_factory=dict)  # name -> its change's size, before bounding
     gains: dict[str, float] = field(default_factory=dict)  # name -> held-out loss change, relative to the loss
     base_loss: float = math.nan
@@ -132,8 +130,6 @@ def screen(base: State, states: Mapping[str, State], loss: Callable[[State], flo
         else:
             result.states[name] = moved[name]
             result.trust[name] = min(1.0, cosines[name] / typical_cosine) if typical_cosine > 0 else 1.0
-            continue
-        result.refused[name] = moved[name]
     return result
 
 
