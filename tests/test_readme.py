@@ -36,4 +36,8 @@ def test_every_make_target_the_readme_names_exists():
 
 def test_every_document_the_readme_links_exists():
     for link in re.findall(r"\]\((docs/[^)]+)\)", README):
-        assert (ROOT / link).is_file(), link
+        path, _, anchor = link.partition("#")
+        assert (ROOT / path).is_file(), link
+        if anchor:  # a heading of that document, as GitHub names its anchors
+            headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), re.M)
+            assert anchor in {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}, link
