@@ -66,6 +66,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--learning-rate", type=float, default=0.003)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="the peers' (and centralized)")
     parser.add_argument("--hidden", default="128,64", help="hidden layer sizes, comma-separated")
     parser.add_argument("--alpha", default="0.5", help="Dirichlet alpha(s) of the label-skewed shards, comma-separated")
     parser.add_argument("--aggregation", default="fedavg", choices=["fedavg", "median", "trimmed_mean"])
@@ -106,7 +107,7 @@ def target(label: str) -> float | None:
 
 def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
     """What every peer, and the centralized run, trains with (the API's hyperparameters object)."""
-    return {"learning_rate": args.learning_rate, "batch_size": args.batch_size, "optimizer": "adam",
+    return {"learning_rate": args.learning_rate, "batch_size": args.batch_size, "optimizer": args.optimizer,
             "hidden": [int(h) for h in args.hidden.split(",") if h]}
 
 
@@ -260,7 +261,7 @@ def main() -> None:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per grant request would clutter
     hp = hyperparameters(args)
     print(f"federated benchmark: {PEERS} peers, local epochs E={args.local_epochs}, centralized epochs = rounds x E;"
-          f" adam lr={hp['learning_rate']}, batch {hp['batch_size']}, hidden {hp['hidden']}; aggregation "
+          f" {hp['optimizer']} lr={hp['learning_rate']}, batch {hp['batch_size']}, hidden {hp['hidden']}; aggregation "
           f"{args.aggregation}; algorithms {', '.join(args.algorithms)}"
           + (f" (mu {args.mu})" if args.mu is not None else "")
           + (f" (server lr {args.server_lr})" if args.server_lr is not None else "")
