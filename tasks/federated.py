@@ -171,8 +171,8 @@ class Federated(Strategy):
         for done in reversed(self.session.rounds):
             if done.round >= version or not done.peers:
                 continue  # after it, or a round no update was used in: nothing changed then
-            if server is None:
-                server = self._read(self._control_url(done.round, None))
+            if server is None:  # the same for every peer of a round: read once per process, as global weights are
+                server = self.global_state(self._control_url(done.round, None))
             if peer in done.peers:
                 control = self._read(self._control_url(done.round, peer))
                 break
