@@ -181,7 +181,7 @@ class Federated(Strategy):
         return server, control
 
     def correction_grant(self, peer: str, version: int, task_id: str, key: str) -> dict[str, Any]:
-        """SCAFFOLD: write the task's correction c − c_i beside the key its weights go to, and grant reading it."""
+        """SCAFFOLD: write the task's correction c − c_i (`correction_key`), and grant reading it."""
         if self.settings.algorithm != "scaffold":
             return {}
         if version > len(self.session.rounds):  # rounds recorded since this session was loaded
@@ -321,8 +321,10 @@ class Federated(Strategy):
 
 
 def correction_key(weights_key: str) -> str:
-    """Where a task's SCAFFOLD correction is written: beside the key its weights go to (which alone it may write)."""
-    return weights_key.removesuffix(".safetensors") + ".correction.safetensors"
+    """Where the coordinator writes the SCAFFOLD correction of the task whose weights go to `weights_key`: beside
+    the peers' uploads, not among them (no peer's name or key can reach the coordinator's objects)."""
+    folder, _, name = weights_key.rpartition("/peers/")
+    return f"{folder}/corrections/{name}"
 
 
 def weights_key(prefix: str, round_: int, peer: str) -> str:
