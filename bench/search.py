@@ -33,7 +33,7 @@ from typing import Any
 
 from bson import ObjectId
 
-from bench.federated import SCRATCH, Platform, mean_sd
+from bench.federated import SCRATCH, Platform, forget, mean_sd
 from harness.datasets import sklearn_csv
 from models import assignment as assignments
 from models import trial as trials
@@ -99,20 +99,6 @@ def trajectory(session_id: str) -> list[tuple[float, float]]:
             best = max(best, score_of[task["round"]])
         points.append((spent, best))
     return points
-
-
-def forget(*session_ids: str) -> None:
-    """Remove finished sessions and all they wrote: every seed starts on an empty database, as mongomock's queries
-    slow down as it fills (scans, not indexes: a cost of the test double that MongoDB does not have), which
-    would bill later sessions' tasks for it."""
-    from models.event import SessionEvent
-    from models.heartbeat import Heartbeat
-
-    ids = [ObjectId(s) for s in session_ids]
-    for document in (Heartbeat, SessionEvent, trials.Trial):
-        document.objects(session_id__in=ids).delete()
-    assignments.Assignment.objects(session_id__in=ids).delete()
-    TrainingSession.objects(id__in=ids).delete()
 
 
 def at_budget(points: list[tuple[float, float]], budget: float) -> float:
