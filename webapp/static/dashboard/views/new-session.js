@@ -167,7 +167,7 @@ export async function newSessionView(root, signal) {
       ["trimmed_mean", "trimmed mean"]], "fedavg")),
     field("Algorithm", select("algorithm", [["", "default (SCAFFOLD on label skew, else FedAvg)"], ["fedavg", "FedAvg"],
       ["fedprox", "FedProx"], ["fedavgm", "FedAvgM"], ["fedadam", "FedAdam"], ["fedyogi", "FedYogi"],
-      ["scaffold", "SCAFFOLD"]], ""), "how the peers' work is combined (docs/operations.md)"),
+      ["scaffold", "SCAFFOLD"]], ""), "SCAFFOLD corrects drift best with the SGD optimizer"),
     field("FedProx μ", h("input", { type: "number", name: "mu", min: "0", max: "10", step: "any", placeholder: "0.01" }),
       "FedProx: pull towards the global weights"),
     field("Server step", h("input", { type: "number", name: "server_lr", min: "0", max: "10", step: "any",
