@@ -35,6 +35,7 @@ from bson import ObjectId
 
 from harness.datasets import sklearn_csv, tabular_csv
 from harness.platform import Served
+from models.peer import Peer
 from models.session import ALGORITHMS, TrainingSession
 from settings import Settings
 from trainer.dataset import Dataset
@@ -176,6 +177,10 @@ class Platform:
             if session["status"] not in ("PENDING", "RUNNING"):
                 if session["status"] != "COMPLETED":
                     raise RuntimeError(f"session {session_id} {session['status']}: {session.get('reason')}")
+                # Each session starts from a clean record: the bench compares algorithms, not reputations (on
+                # α = 0.1 shards a peer holding a class alone has most of its updates refused, and three such
+                # sessions running quarantine it, as they would anyone's).
+                Peer.objects(name__in=self.peers).update(set__strikes=0)
                 return session
             time.sleep(0.05)
         raise RuntimeError(f"session {session_id} did not finish within {SESSION_TIMEOUT:g} s")
