@@ -465,14 +465,20 @@ def test_a_server_optimizer_steps_every_round_from_the_state_it_kept(kit, option
     assert done.results["algorithm"] == "fedadam"
 
 
-def test_a_round_of_a_server_optimizer_delivered_twice_steps_once(kit):
-    session = kit.session(mode=sessions.FEDERATED, algorithm="fedavgm", rounds=2)
+def first_aggregate(kit, algorithm):
+    """A 2-round session of `algorithm` whose first round every peer answered; its `aggregate` task's arguments."""
+    session = kit.session(mode=sessions.FEDERATED, algorithm=algorithm, rounds=2)
     run_session(kit, session)
     kit.answer_all(session)
     body = kit.take(kit.settings.coordinator_queue)
     assert [m["task"] for m in body] == ["peertrain.aggregate"]
+    return session, body[0]["args"]
+
+
+def test_a_round_of_a_server_optimizer_delivered_twice_steps_once(kit):
+    session, args = first_aggregate(kit, "fedavgm")
     for _ in range(2):
-        kit.app.tasks["peertrain.aggregate"](*body[0]["args"])
+        kit.app.tasks["peertrain.aggregate"](*args)
     first = kit.reload(session)
     assert len(first.rounds) == 1 and first.plan.server_url.endswith("/rounds/0/server.safetensors")
 
@@ -531,15 +537,11 @@ def test_scaffold_peers_are_sent_c_minus_their_own_control_which_the_coordinator
 
 
 def test_a_scaffold_round_delivered_twice_moves_c_once(kit):
-    session = kit.session(mode=sessions.FEDERATED, algorithm="scaffold", rounds=2)
-    run_session(kit, session)
-    kit.answer_all(session)
-    body = kit.take(kit.settings.coordinator_queue)
-    assert [m["task"] for m in body] == ["peertrain.aggregate"]
-    kit.app.tasks["peertrain.aggregate"](*body[0]["args"])
+    session, args = first_aggregate(kit, "scaffold")
+    kit.app.tasks["peertrain.aggregate"](*args)
     done = kit.reload(session)
     once = _state(kit, session, done.plan.server_url)
-    kit.app.tasks["peertrain.aggregate"](*body[0]["args"])
+    kit.app.tasks["peertrain.aggregate"](*args)
     again = kit.reload(session)
     assert len(again.rounds) == 1 and again.plan.server_url == done.plan.server_url
     assert all((once[k] == v).all() for k, v in _state(kit, session, again.plan.server_url).items())
