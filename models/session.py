@@ -478,18 +478,42 @@ def resume(session_id: ObjectId, at: datetime) -> bool:
     return True
 
 
-def finish(session_id: ObjectId, status: str, reason: str | None = None, **fields: Any) -> bool:
-    """Move an active session to a final status once; False if it had already ended."""
+def finish(session_id: ObjectId, status: str, reason: str | None = None, runs_to: str | None = None,
+           **fields: Any) -> bool:
+    """Move an active session to a final status once; False if it had already ended.
+
+    `runs_to`: the status its runs still active take, in the same update. Writers of an active session's runs
+    (a round's results, an asynchronous dispatch) write only while it is active, so none can set a run
+    RUNNING again once it is stopped, and whoever sees the session ended sees its runs ended.
+    """
     assert status in (COMPLETED, FAILED, CANCELLED, INTERRUPTED)
     updates = {f"set__{name}": value for name, value in fields.items()}
     if reason is not None:
         updates["set__reason"] = reason
     now = utcnow()
-    ended = TrainingSession.objects(id=session_id, status__in=ACTIVE).update_one(
-        set__status=status, set__finished_at=now, **updates
-    )
+    while True:
+        condition: dict[str, Any] = {}
+        runs: dict[str, str] = {}
+        stopped: list[str] = []
+        if runs_to is not None:
+            session = TrainingSession.objects(id=session_id, status__in=ACTIVE).only("peers.name",
+                                                                                     "peers.status").first()
+            if session is None:
+                return False
+            for i, run in enumerate(session.peers):
+                if run.status in ACTIVE:
+                    # Still active when written: a run that ended meanwhile fails the update, which is made again.
+                    condition[f"peers__{i}__status__in"] = ACTIVE
+                    runs[f"set__peers__{i}__status"] = runs_to
+                    stopped.append(run.name)
+        ended = TrainingSession.objects(id=session_id, status__in=ACTIVE, **condition).update_one(
+            set__status=status, set__finished_at=now, **updates, **runs
+        )
+        if ended or runs_to is None:
+            break
     if ended:
         # Only the one ending wins the update above, so a session's log ends once.
+        events.append_new(session_id, [events.peer(name, runs_to) for name in stopped])
         events.append(session_id, [events.status(status, reason, at=now), events.end(status, reason)])
     return bool(ended)
 

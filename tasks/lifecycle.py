@@ -43,7 +43,8 @@ def end(app: Celery, session_id: str | ObjectId, status: str, reason: str | None
     """Finish an active session with `status`, stop its peers' work and release them; False if it had ended.
 
     The side effects come before the status changes, so whoever sees the session ended also sees its
-    peers free. They are idempotent: when two enders race, both apply them and one status wins.
+    peers free; its runs still active end in the same update as the session. The side effects are idempotent:
+    when two enders race, both apply them and one status wins.
     """
     session_id = ObjectId(session_id)
     session = TrainingSession.objects(id=session_id, status__in=sessions.ACTIVE).only("peers", "resumes").first()
@@ -54,11 +55,6 @@ def end(app: Celery, session_id: str | ObjectId, status: str, reason: str | None
     if status != sessions.COMPLETED:
         request_stop(app, str(session_id), [run.name for run in session.peers], reason or status,
                      session.resumes or 0)
-        for run in session.peers:
-            if run.status in sessions.ACTIVE:
-                # The culprit of a failure was recorded already; the others were stopped, not failed.
-                sessions.record_peer_result(session_id, run.name, sessions.INTERRUPTED
-                                            if status == sessions.INTERRUPTED else sessions.CANCELLED)
         # An asynchronous session's tasks still out will not be folded (resumed, it sends them again).
         lost = updates.give_up_all(session_id, why)
         if status == sessions.INTERRUPTED:
@@ -68,7 +64,10 @@ def end(app: Celery, session_id: str | ObjectId, status: str, reason: str | None
     # Whatever is still out is decided: a late result or heartbeat of it counts for nothing.
     assignments.close(session_id, gate.closed(why), at)
     released = peers.release(session_id)
-    if not sessions.finish(session_id, status, reason, **fields):
+    # The culprit of a failure was recorded already; the runs still active were stopped, not failed.
+    runs_to = None if status == sessions.COMPLETED else (
+        sessions.INTERRUPTED if status == sessions.INTERRUPTED else sessions.CANCELLED)
+    if not sessions.finish(session_id, status, reason, runs_to=runs_to, **fields):
         return False
     if status != sessions.INTERRUPTED:  # it goes on when resumed: its peers are judged when it ends
         _strike(session.peers, at)

@@ -38,6 +38,28 @@ def test_a_session_runs_then_ends_once(db):
     assert session.status == "FAILED" and session.reason == "peer b failed" and session.finished_at
 
 
+def test_ending_a_session_ends_its_active_runs_with_it_and_spares_one_that_ended_meanwhile(db, monkeypatch):
+    session = make_session(peers=("a", "b", "c"))
+    position = sessions.positions(session)
+    sessions.record_runs(session.id, position, {"a": {"status": "RUNNING"}, "c": {"status": "FAILED"}})
+    from mongoengine.queryset import QuerySet
+
+    update_one, interleaved = QuerySet.update_one, []
+
+    def b_completes_first(queryset, *args, **kwargs):  # b's result lands between finish's read and its update
+        if not interleaved:
+            interleaved.append(True)
+            sessions.record_peer_result(session.id, "b", "COMPLETED")
+        return update_one(queryset, *args, **kwargs)
+
+    monkeypatch.setattr(QuerySet, "update_one", b_completes_first)
+    assert sessions.finish(session.id, "INTERRUPTED", "stopped", runs_to="INTERRUPTED")
+    session.reload()
+    assert session.status == "INTERRUPTED"
+    assert {run.name: run.status for run in session.peers} == {"a": "INTERRUPTED", "b": "COMPLETED", "c": "FAILED"}
+    assert not sessions.finish(session.id, "CANCELLED", runs_to="CANCELLED")
+
+
 def test_a_round_is_launched_once_and_recorded_once(db):
     session = make_session()
     position = sessions.positions(session)

@@ -441,6 +441,29 @@ def test_an_interrupted_asynchronous_session_resumes_with_its_lost_tasks_given_b
     assert {name: len(found) for name, found in kit.trains(session).items()} == {run.name: 1 for run in session.peers}
 
 
+def test_a_run_dispatched_while_its_session_is_being_interrupted_ends_interrupted(kit, monkeypatch):
+    """An asynchronous dispatch (or a result) writes a run RUNNING while `end` is stopping the session: once
+    `end` returns, every run has ended with it, and a writer coming later changes nothing."""
+    from tasks import lifecycle
+
+    session = kit.session(**ASYNC)
+    run_session(kit, session)
+    position = {run.name: i for i, run in enumerate(kit.reload(session).peers)}
+    running = {name: {"status": sessions.RUNNING} for name in position}
+    give_up_all = updates.give_up_all
+
+    def dispatched_meanwhile(*args, **kwargs):  # a writer of an active session's runs, between end's steps
+        sessions.record_runs(session.id, position, running, active_only=True)
+        return give_up_all(*args, **kwargs)
+
+    monkeypatch.setattr(updates, "give_up_all", dispatched_meanwhile)
+    assert lifecycle.end(kit.app, session.id, sessions.INTERRUPTED, "the platform was stopped")
+    sessions.record_runs(session.id, position, running, active_only=True)
+    ended = kit.reload(session)
+    assert ended.status == sessions.INTERRUPTED
+    assert {run.status for run in ended.peers} == {sessions.INTERRUPTED}
+
+
 # --- federated algorithms -------------------------------------------------------------------------------------
 
 
