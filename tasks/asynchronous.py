@@ -37,7 +37,6 @@ from tasks import gate, protocol, relay
 from tasks.federated import Federated, combine
 from tasks.gate import Outcome
 from trainer import screening
-from trainer.model import SimpleDNN
 from trainer.staleness import Contribution, applied
 from trainer.weights import state_to_bytes
 
@@ -324,8 +323,7 @@ class AsyncFederated(Federated):
                 (u.peer, c.base, {key: c.base[key] + (screened.states[name][key] - current[key]) / c.weight
                                   for key in current}, weights_key(self.prefix, u.seq, u.peer))
                 for name, u, c in zip(kept, used, contributions, strict=True)])
-        model = SimpleDNN(self.config)
-        model.load_state_dict(merged)
+        model = self.loaded(merged)
         metrics = self.evaluate_held_out(model)
         url = self.storage.put_bytes(f"{self.prefix}/versions/{version + 1}.safetensors",
                                      state_to_bytes(merged, {"version": version + 1}))

@@ -11,6 +11,7 @@ round or finishes the session with the global model as its result.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -239,23 +240,29 @@ class Federated(Strategy):
     def epochs(self, run: Any) -> int:
         return self.settings.local_epochs
 
+    @functools.cached_property
+    def model(self) -> SimpleDNN:
+        """The one model this strategy loads weights into to evaluate them (built, and initialised, once)."""
+        return SimpleDNN(self.config)
+
+    def loaded(self, state: dict[str, torch.Tensor]) -> SimpleDNN:
+        self.model.load_state_dict(state)
+        return self.model
+
     def held_out_loss(self) -> Any:
-        """A function: weights -> their loss on the held-out rows (one model, loaded for each)."""
-        model, (x, y) = SimpleDNN(self.config), self.held_out_arrays()
-
-        def loss(state: dict[str, torch.Tensor]) -> float:
-            model.load_state_dict(state)
-            return evaluate(model, x, y)["loss"]
-
-        return loss
+        """A function: weights -> their loss on the held-out rows."""
+        x, y = self.held_out_arrays()
+        return lambda state: evaluate(self.loaded(state), x, y)["loss"]
 
     def screen(self, base: dict[str, torch.Tensor], states: dict[str, dict[str, torch.Tensor]],
                senders: dict[str, str] | None = None) -> screening.Screened:
-        """Bound and judge updates before they count (trainer/screening.py), on the held-out rows, against what
-        the session's recently accepted updates did."""
-        past = self.session.history or History()
+        """Bound and judge updates of the current global weights `base` before they count (trainer/screening.py),
+        on the held-out rows, against what the session's recently accepted updates did."""
+        past, done = self.session.history or History(), self.session.rounds
+        # `base` is the last round's (fold's) result, whose held-out loss that round measured.
+        known = done[-1].metrics.get("val_loss") if done else None
         return screening.screen(base, states, self.held_out_loss(), recent_norms=past.norms, recent_gains=past.gains,
-                                senders=senders)
+                                senders=senders, base_loss=known)
 
     def history_after(self, found: screening.Screened) -> History:
         """The screening history with `found`'s accepted updates added (the most recent HISTORY kept)."""
@@ -306,8 +313,7 @@ class Federated(Strategy):
         last = session.rounds[-1]
         model_url = last.model_url
         if not model_url:  # a round recorded before each round kept its model
-            model = SimpleDNN(self.config)
-            model.load_state_dict(self.global_state(session.plan.global_url))
+            model = self.loaded(self.global_state(session.plan.global_url))
             model_url = self.keep_model(last.round, model, session.plan.global_url, [r.metrics for r in session.rounds])
         sessions.record_runs(session.id, sessions.positions(session),
                              {run.name: {"status": sessions.COMPLETED} for run in session.peers
@@ -389,8 +395,7 @@ class SyncFederated(Federated, RoundStrategy):
         if names and self.settings.algorithm == "scaffold":
             server_url = self.scaffold_step(
                 round_, [(n, current, screened.states[n], weights_key(self.prefix, round_, n)) for n in names])
-        model = SimpleDNN(config)
-        model.load_state_dict(merged)
+        model = self.loaded(merged)
         metrics = {**self.evaluate_held_out(model), "samples": sum(samples[n] for n in names)}
         global_url = self.storage.put_bytes(f"{self.prefix}/rounds/{round_}/global.safetensors",
                                             state_to_bytes(merged, {"round": round_}))

@@ -90,10 +90,11 @@ def _per_sender(values: Mapping[str, float], senders: Mapping[str, str]) -> list
 
 def screen(base: State, states: Mapping[str, State], loss: Callable[[State], float], *, clip: float = CLIP,
            spread: float = SPREAD, tolerance: float = TOLERANCE, recent_norms: Sequence[float] = (),
-           recent_gains: Sequence[float] = (), senders: Mapping[str, str] | None = None) -> Screened:
+           recent_gains: Sequence[float] = (), senders: Mapping[str, str] | None = None,
+           base_loss: float | None = None) -> Screened:
     """Bound and judge `states` (name -> weights) as updates of `base`; `recent_*`: what recently accepted
     updates measured (their norms, what their presence cost the others), to judge a few against; `senders`:
-    who sent each (default: each its own)."""
+    who sent each (default: each its own); `base_loss`: `loss(base)` when the caller measured it already."""
     senders = senders or {}
     result = Screened()
     changes = _measured(base, states, result)
@@ -102,7 +103,7 @@ def screen(base: State, states: Mapping[str, State], loss: Callable[[State], flo
     result._typical = (_median(pool) if len(pool) >= FEW else max(pool, default=0.0)) or 1e-12
     bounded = _bounded(changes, clip, result)
     voices = len({senders.get(name, name) for name in bounded})
-    _costs(base, bounded, loss, result, senders)
+    _costs(base, bounded, loss, result, senders, base_loss)
     costs = [*recent_gains, *_per_sender(result.gains, senders)]
     if voices == 1:
         # No others to compare with: without a history, only plain harm is refused; with one (a fold left to a
@@ -171,12 +172,12 @@ def _alone(state: State, loss: Callable[[State], float], result: Screened) -> fl
 
 
 def _costs(base: State, bounded: Mapping[str, Mapping[str, torch.Tensor]], loss: Callable[[State], float],
-           result: Screened, senders: Mapping[str, str]) -> None:
+           result: Screened, senders: Mapping[str, str], base_loss: float | None = None) -> None:
     """What each sender's presence costs the combined update (the mean over senders of each one's mean
     bounded change) on the held-out loss, as a share of `base`'s loss, in `result.gains` for each of its
     updates (a lone sender: what each of its changes does to `base`); an update whose presence makes the loss infinite
     is rejected. By sender, so that a peer with two updates in a fold cannot hide one behind the other."""
-    result.base_loss = base_loss = loss(base)
+    result.base_loss = base_loss = loss(base) if base_loss is None else base_loss
     scale = max(abs(base_loss), 1e-12)
     means = _by_sender(bounded, senders)
     count = len(means)

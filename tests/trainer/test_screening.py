@@ -144,3 +144,18 @@ def test_a_peer_alone_in_a_fold_is_judged_update_by_update():
     together = screen(BASE, {"h": honest(BASE, 1), "h#2": honest(BASE, 2)}, loss, senders={"h#2": "h"},
                       recent_norms=list(good.norms.values()), recent_gains=list(good.gains.values()))
     assert set(together.states) == {"h", "h#2"}
+
+
+def test_a_base_loss_the_caller_measured_is_not_measured_again_and_judges_the_same():
+    states = {f"h{i}": honest(BASE, i) for i in range(4)} | {"bad": attack(BASE, "flip")}
+    calls = []
+
+    def counted(state) -> float:
+        calls.append(state)
+        return loss(state)
+
+    measured = screen(BASE, states, counted)
+    before = len(calls)
+    given = screen(BASE, states, counted, base_loss=loss(BASE))
+    assert len(calls) - before == before - 1 and not any(state is BASE for state in calls[before:])
+    assert (given.rejected, given.trust, given.gains) == (measured.rejected, measured.trust, measured.gains)
