@@ -366,6 +366,14 @@ def record_round(session_id: ObjectId, round_doc: Round, global_url: str, histor
                   "history": history.to_mongo().to_dict()}}).modified_count)
 
 
+def measured_round(session_id: ObjectId, round_: int, metrics: dict[str, Any], model_url: str) -> bool:
+    """A recorded round's held-out measures and kept model, once (False: measured already, or the session ended).
+    A round is recorded first and measured once the next round's tasks are out."""
+    return bool(_collection().update_one(
+        {"_id": session_id, "status": RUNNING, "rounds": {"$elemMatch": {"round": round_, "model_url": None}}},
+        {"$set": {"rounds.$.metrics": metrics, "rounds.$.model_url": model_url}}).modified_count)
+
+
 def record_fold(session_id: ObjectId, version: int, round_doc: Round, global_url: str, history: History,
                 server_url: str | None = None) -> bool:
     """An asynchronous session's new global version (and the screening history and server optimizer's state

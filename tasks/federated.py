@@ -351,10 +351,11 @@ class SyncFederated(Federated, RoundStrategy):
                                 weights_key(self.prefix, round_, name), last) for name, task_id in ids.items()}
 
     def aggregate(self, round_: int, kept: list[Outcome]) -> None:
-        """Check and combine the peers' weights, evaluate the global model, then go on or finish.
+        """Check and combine the peers' weights, record the round, send the next one, then evaluate the round's
+        global model on the held-out rows while the peers train (or finish).
 
-        Run again for a round recorded already (a redelivered `aggregate`), it only launches the next
-        round if that is still to do."""
+        Run again for a round recorded already (a redelivered `aggregate`), it only does what is still to do:
+        send the next round, measure this one, finish."""
         session, plan = self.session, self.session.plan
         if any(r.round == round_ for r in session.rounds):
             self.next_round(round_)
@@ -395,29 +396,56 @@ class SyncFederated(Federated, RoundStrategy):
         if names and self.settings.algorithm == "scaffold":
             server_url = self.scaffold_step(
                 round_, [(n, current, screened.states[n], weights_key(self.prefix, round_, n)) for n in names])
-        model = self.loaded(merged)
-        metrics = {**self.evaluate_held_out(model), "samples": sum(samples[n] for n in names)}
-        global_url = self.storage.put_bytes(f"{self.prefix}/rounds/{round_}/global.safetensors",
-                                            state_to_bytes(merged, {"round": round_}))
-        round_doc = Round(round=round_, metrics=metrics, peers=names, rejected=rejected,
+        global_url = self.storage.put_bytes(self._global_key(round_), state_to_bytes(merged, {"round": round_}))
+        # Its held-out measures come once the next round is out (`measure`); the rows it used, now.
+        round_doc = Round(round=round_, metrics={"samples": sum(samples[n] for n in names)}, peers=names,
+                          rejected=rejected,
                           outliers={**outliers(merged, {n: screened.states[n] for n in names}), **screened.outliers},
-                          model_url=self.keep_model(round_, model, global_url,
-                                                    [*(r.metrics for r in session.rounds), metrics]),
                           finished_at=self.clock.now())
         if not sessions.record_round(session.id, round_doc, global_url, self.history_after(screened), server_url):
             return  # it ended meanwhile, or another run of this round recorded it first
         self.count_used(names)
         for peer, why in rejected.items():
             self.count_refused(peer, peer, why, screened=peer in screened.rejected)
-        events.record_round(session.id, round_doc)
-        log.info("session %s: round %d/%d, %s %.4f on the held-out rows, %d peer(s) used", session.id, round_ + 1,
-                 self.rounds, self.metric, metrics[self.metric], len(names))
         # What the update wrote, kept in step here rather than read again (a session document holds every peer).
         session.rounds.append(round_doc)
         plan.global_url, plan.server_url = global_url, server_url
-        self.next_round(round_)
+        self.next_round(round_, merged)
+
+    def _global_key(self, round_: int) -> str:
+        return f"{self.prefix}/rounds/{round_}/global.safetensors"
+
+    def next_round(self, round_: int, merged: dict[str, torch.Tensor] | None = None) -> None:
+        """After `round_` is recorded: send the next round (once), then measure this one; or measure and finish."""
+        if round_ + 1 < self.rounds:
+            self.launch_round(round_ + 1)
+            self.measure(round_, merged)
+        else:
+            self.finish()
+
+    def measure(self, round_: int, merged: dict[str, torch.Tensor] | None = None) -> None:
+        """Evaluate recorded round `round_`'s global model (`merged`, or as stored) on the held-out rows, keep it as
+        a file, and record and announce both, once. Off the rounds' critical path: the next round's tasks are out
+        by then, and nothing they need waits on it."""
+        session = self.session
+        done = next((r for r in session.rounds if r.round == round_), None)
+        if done is None or done.model_url:
+            return
+        global_url = self.storage.url(self._global_key(round_))
+        model = self.loaded(merged if merged is not None else self.global_state(global_url))
+        metrics = {**self.evaluate_held_out(model), **done.metrics}
+        model_url = self.keep_model(round_, model, global_url,
+                                    [*(r.metrics for r in session.rounds if r.round < round_), metrics])
+        if not sessions.measured_round(session.id, round_, metrics, model_url):
+            return  # another run of this round measured it, or the session ended
+        done.metrics, done.model_url = metrics, model_url
+        events.record_round(session.id, done)
+        log.info("session %s: round %d/%d, %s %.4f on the held-out rows, %d peer(s) used", session.id, round_ + 1,
+                 self.rounds, self.metric, metrics[self.metric], len(done.peers))
 
     def finish(self) -> None:
+        if self.session.rounds:
+            self.measure(self.session.rounds[-1].round)
         self.store_model(self.session.rounds[-1].metrics)
 
 

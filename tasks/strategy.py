@@ -346,7 +346,7 @@ class RoundStrategy(Strategy):
         if session.finished or session.launch is None:
             return
         if session.launch.round == round_ + 1:
-            self.launch_round(round_ + 1)  # a redelivery: the next round was recorded, and may not have been sent
+            self.next_round(round_)  # a redelivery: the next round was recorded, and may not have been sent
             return
         if session.launch.round != round_:
             return

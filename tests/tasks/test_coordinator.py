@@ -109,9 +109,11 @@ def test_aggregate_delivered_twice_records_its_round_once_and_launches_the_next_
     assert sent_per_peer(kit, session) == {run.name: 1 for run in session.peers}
 
 
-@pytest.mark.parametrize(("target", "name"), [(sessions, "next_round"), (relay, "send")],
-                         ids=["before-the-next-round-is-recorded", "before-it-is-sent"])
+@pytest.mark.parametrize(("target", "name"), [(sessions, "next_round"), (relay, "send"), (sessions, "measured_round")],
+                         ids=["before-the-next-round-is-recorded", "before-it-is-sent", "before-it-is-measured"])
 def test_aggregate_that_died_half_way_is_completed_by_its_redelivery(kit, monkeypatch, target, name):
+    from models import event as events
+
     session = kit.session(**FEDERATED)
     run_session(kit, session)
     kit.answer_all(session)
@@ -120,9 +122,25 @@ def test_aggregate_that_died_half_way_is_completed_by_its_redelivery(kit, monkey
     with pytest.raises(Crash):
         kit.app.tasks["peertrain.aggregate"](*body["args"])
     kit.app.tasks["peertrain.aggregate"](*body["args"])
-    assert [r.round for r in kit.reload(session).rounds] == [0]
+    done = kit.reload(session)
+    assert [r.round for r in done.rounds] == [0]
     assert sent_per_peer(kit, session) == {run.name: 1 for run in session.peers}
-    assert kit.reload(session).launch.round == 1 and kit.reload(session).launch.sent
+    assert done.launch.round == 1 and done.launch.sent
+    # Measured once the next round was out, and announced once, whichever run did it.
+    assert "val_accuracy" in done.rounds[0].metrics and done.rounds[0].model_url
+    assert [e["data"]["metrics"] for e in events.after(done.id, 0) if e["kind"] == "round"] == [done.rounds[0].metrics]
+
+
+def test_a_round_is_measured_after_the_next_rounds_tasks_are_out(kit, monkeypatch):
+    session = kit.session(**FEDERATED)
+    run_session(kit, session)
+    kit.answer_all(session)
+    order = []
+    send, measured = relay.send, sessions.measured_round
+    monkeypatch.setattr(relay, "send", lambda *a, **k: (order.append("sent"), send(*a, **k))[1])
+    monkeypatch.setattr(sessions, "measured_round", lambda *a, **k: (order.append("measured"), measured(*a, **k))[1])
+    kit.coordinate()
+    assert order == ["sent", "measured"]
 
 
 # --- results in: the collector ------------------------------------------------------------------------
