@@ -132,8 +132,12 @@ def silent_since(cutoff: datetime) -> list[Peer]:
     return list(Peer.objects(status__in=[ONLINE, TRAINING], last_seen__lt=cutoff))
 
 
-def online_count() -> int:
-    return Peer.objects(status=ONLINE).count()
+def online_count(stale_after: timedelta | None = None) -> int:
+    """Peers a claim could take: ONLINE (free), and heard from within `stale_after` if given."""
+    query = Peer.objects(status=ONLINE)
+    if stale_after is not None:
+        query = query.filter(last_seen__gte=utcnow() - stale_after)
+    return query.count()
 
 
 def claim(session_id: ObjectId, count: int, stale_after: timedelta | None = None,

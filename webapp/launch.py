@@ -90,7 +90,8 @@ def _start(user: User, form: dict[str, Any], upload: Upload) -> TrainingSession:
     stale_after = timedelta(seconds=current_app.config["PEER_TIMEOUT_SECONDS"])
     names = peers.claim(session_id, wanted, stale_after=stale_after)
     if not names:
-        online = peers.online_count()
+        # The peers the claim could take: one not heard from within the silence limit may be gone.
+        online = peers.online_count(stale_after)
         abort(
             400,
             message=f"not enough peers: {wanted} requested, {online} online and free",

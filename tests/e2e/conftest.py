@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -49,9 +50,23 @@ def platform(tmp_path_factory, s3_endpoint) -> Iterator[Served]:
 
 
 @pytest.fixture(scope="package")
-def two_peers(platform) -> list[str]:
+def shared_peers(platform) -> list[str]:
     """Two healthy peers, shared by the end-to-end tests (each test leaves them ONLINE)."""
     return platform.start_peers(f"a{conftest.RUN_ID}", f"b{conftest.RUN_ID}")
+
+
+@pytest.fixture
+def two_peers(shared_peers) -> list[str]:
+    """The shared peers, once a session could claim both (ONLINE and heard from within the silence limit): the
+    monitor may still be reading the backlog a test of hundreds of peers left."""
+    from harness.waiting import wait_until
+    from models import Peer
+    from models.db import utcnow
+
+    wait_until(lambda: Peer.objects(name__in=shared_peers, status="ONLINE",
+                                    last_seen__gte=utcnow() - timedelta(seconds=PEER_TIMEOUT)).count() == 2,
+               60, f"peers {shared_peers} to be claimable")
+    return shared_peers
 
 
 @pytest.fixture(scope="package")
