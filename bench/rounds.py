@@ -31,7 +31,7 @@ from harness.datasets import tabular_csv
 from models import Heartbeat, TrainingSession
 
 PEERS = 3
-TARGET_OVERHEAD, TARGET_FIRST = 0.050, 1.10
+TARGET_OVERHEAD, TARGET_FIRST = 0.025, 1.10  # issue 22: median, rounds after the first
 
 
 def federated(platform: base.Platform, csv: Path, rounds: int, local_epochs: int) -> dict:
@@ -119,9 +119,11 @@ def main() -> None:
             print(f"  {statistics.median(p[key] for p in points) * 1000:7.0f}  {what}")
     mean = statistics.mean(overheads) if overheads else float("nan")
     ratio = runs[0]["wall"] / runs[1]["wall"] if len(runs) > 1 else float("nan")
+    later = [r["wall"] - r["train"] for run in runs[1:] for r in run["rounds"][1:]]
+    median = statistics.median(later) if later else float("nan")
     print(f"\noverhead per round, sessions 2..: mean {mean * 1000:.0f} ms, median "
-          f"{statistics.median(overheads) * 1000:.0f} ms (target <= {TARGET_OVERHEAD * 1000:.0f} ms):"
-          f" {'MET' if mean <= TARGET_OVERHEAD else 'NOT MET'}")
+          f"{statistics.median(overheads) * 1000:.0f} ms; rounds after the first: median {median * 1000:.0f} ms"
+          f" (target <= {TARGET_OVERHEAD * 1000:.0f} ms): {'MET' if median <= TARGET_OVERHEAD else 'NOT MET'}")
     print(f"first session / second: {runs[0]['wall']:.2f} s / {runs[1]['wall']:.2f} s = {ratio:.2f}x"
           f" (target <= {TARGET_FIRST}): {'MET' if ratio <= TARGET_FIRST else 'NOT MET'}")
     print(f"total {time.perf_counter() - began:.0f} s")
