@@ -1,7 +1,9 @@
 """Benchmark the coordinator and the monitor with up to 1,000 simulated peers on the real broker.
 
 The platform as bench/session.py assembles it (API, coordinator and monitor in this process on mongomock,
-real RabbitMQ and Redis, storage a scratch directory reached through the API's grants), and simulated
+real RabbitMQ and Redis, storage a scratch directory reached through the API's grants: the API in this process
+serves the peers' transfers too, since a grant opens nothing once its task is decided and only this process
+holds the database that says so), and simulated
 peers (bench/simulated.py) in a few other processes: each registered with a broker login of its own as
 an operator registers a peer, a real consumer of its own queue, sending real worker and heartbeat
 events and real (tiny) weight updates through its grants. Nothing in the platform knows they are
@@ -25,25 +27,15 @@ import argparse
 import json
 import logging
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
-import requests
-
 os.environ.setdefault("MAX_PEERS_PER_SESSION", "1000")
-with socket.socket() as _s:  # peers' transfers go to an API process of their own (see `objects_api`)
-    _s.bind(("127.0.0.1", 0))
-    OBJECTS_PORT = _s.getsockname()[1]
-os.environ.setdefault("PUBLIC_URL", f"http://127.0.0.1:{OBJECTS_PORT}")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -79,31 +71,6 @@ from settings import Settings  # noqa: E402
 
 TARGET_DISPATCH, TARGET_JOIN, TARGET_RATE, TARGET_PER_PEER = 2.0, 2.0, 2000.0, 0.005
 HP = {"learning_rate": 0.01, "batch_size": 32, "hidden": [8]}
-
-
-@contextmanager
-def objects_api(log: Path):
-    """A second API process, served as `make api` serves it, that answers the peers' grants (GET and PUT of
-    `/objects/`): in a deployment API workers do this, never the coordinator's process, and here a
-    thousand peers' transfers each round would otherwise share the coordinator's interpreter lock."""
-    command = [sys.executable, "-m", "granian", "--interface", "asgi", "--factory", "--host", "127.0.0.1",
-               "--port", str(OBJECTS_PORT), "--workers", "1", "--no-ws", "webapp.asgi:create_app"]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ),
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        def healthy() -> bool:
-            assert process.poll() is None, log.read_text()[-2000:]
-            try:
-                return requests.get(f"http://127.0.0.1:{OBJECTS_PORT}/healthz", timeout=2).status_code == 200
-            except requests.ConnectionError:
-                return False
-
-        wait_until(healthy, 60, "the objects API to answer", interval=0.25)
-        yield
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(30)
 
 
 def thread_cpu(thread) -> float:
@@ -216,7 +183,6 @@ def main() -> None:
         fleet = None
         try:
             platform.start(Path(scratch), peers=0)
-            platform.stack.enter_context(objects_api(Path(scratch) / "objects-api.log"))
             platform.events.stop()  # the bench's own event receiver would compete with the monitor
             names = [f"sim{base.RUN_ID}{i:04d}" for i in range(args.peers)]
             t0 = time.perf_counter()

@@ -11,6 +11,7 @@ in three sessions running is QUARANTINED, never claimed, until an operator resto
 from __future__ import annotations
 
 import random
+from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -78,7 +79,8 @@ def unregister(name: str) -> Peer | None:
 
 def names() -> list[str]:
     """Every registered peer's name."""
-    return list(Peer.objects.scalar("name"))
+    # Raw documents: mongoengine's scalar() builds a Document per peer first (the monitor asks every second).
+    return [doc["name"] for doc in Peer.objects.only("name").as_pymongo()]
 
 
 def seen(name: str, hostname: str, at: datetime | None = None, online: bool = True) -> bool:
@@ -100,7 +102,7 @@ def still_seen(names: list[str], at: datetime | None = None, online: bool = True
     if not names:
         return set()
     at = at or utcnow()
-    known = set(Peer.objects(name__in=names).scalar("name"))
+    known = {doc["name"] for doc in Peer.objects(name__in=names).only("name").as_pymongo()}
     if known:
         Peer.objects(name__in=list(known)).update(set__last_seen=at)
         if online:
@@ -127,9 +129,10 @@ def gone(name: str, idle_only: bool = False) -> Peer | None:
     return query.modify(set__status=OFFLINE, new=False)
 
 
-def silent_since(cutoff: datetime) -> list[Peer]:
-    """Peers ONLINE or TRAINING whose last sign of life is older than `cutoff`."""
-    return list(Peer.objects(status__in=[ONLINE, TRAINING], last_seen__lt=cutoff))
+def silent_since(cutoff: datetime) -> list[str]:
+    """Peers ONLINE or TRAINING whose last sign of life is older than `cutoff`, the longest silent first."""
+    query = Peer.objects(status__in=[ONLINE, TRAINING], last_seen__lt=cutoff).order_by("last_seen")
+    return [doc["name"] for doc in query.only("name").as_pymongo()]
 
 
 def online_count(stale_after: timedelta | None = None) -> int:
@@ -208,6 +211,16 @@ def count(name: str, why: str | None = None, **counters: int) -> None:
         incs["set__last_rejection"] = why[:300]
     if incs:
         Peer.objects(name=name).update_one(**incs)
+
+
+def count_accepted(names: list[str]) -> None:
+    """Each of `names` (a name once per update) had an update used: one update per distinct count, not per peer
+    (a round at a thousand peers)."""
+    by_count: dict[int, list[str]] = {}
+    for name, times in Counter(names).items():
+        by_count.setdefault(times, []).append(name)
+    for times, group in by_count.items():
+        Peer.objects(name__in=group).update(inc__accepted=times)
 
 
 def strike(names: list[str], spared: list[str], at: datetime) -> list[str]:

@@ -273,8 +273,7 @@ class Federated(Strategy):
     def count_used(self, used: list[str]) -> None:
         """Peers `used` (one name per update) had an update used: their records and runs say so."""
         sessions.count_updates(self.session.id, sessions.positions(self.session), used, [])
-        for name in used:
-            peers.count(name, accepted=1)
+        peers.count_accepted(used)
 
     def count_refused(self, peer: str, update: str, why: str, screened: bool) -> None:
         """An update of `peer` was refused (`screened`: by the screening, not because it could not be read)."""

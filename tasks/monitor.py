@@ -55,6 +55,7 @@ ASSIGNMENT_SECONDS = 1.0  # how long a task's assignment, as read, answers for i
 # the slowest of its fellows that finished (models.assignment.tighten), looked at every TIGHTEN_EVERY s.
 DEADLINE_FACTOR = 3.0
 TIGHTEN_EVERY = 5.0
+BEHIND_CHECKS = 50  # silent peers whose queue of events a sweep looks into (a broker round trip each)
 
 
 class Monitor:
@@ -256,8 +257,11 @@ class Monitor:
         now = self.clock.now()
         lost = []
         if self.judging():
-            # Not a peer whose events wait unread (a backlog may hold the very events that show it alive).
-            lost = [p.name for p in peers.silent_since(now - self.peer_timeout) if not self.behind(p.name)]
+            # Not a peer whose events wait unread (a backlog may hold the very events that show it alive). Asking
+            # costs a broker round trip per peer: at most BEHIND_CHECKS a sweep, the rest judged at the next ones,
+            # so that a monitor that fell behind (and sees many peers silent) is not held up further by asking.
+            silent = peers.silent_since(now - self.peer_timeout)
+            lost = [name for name in silent[:BEHIND_CHECKS] if not self.behind(name)]
             for name in lost:
                 self._lost(name, f"went offline (no heartbeat for {self.peer_timeout.total_seconds():g} s)")
         lost += self._look(now)

@@ -64,7 +64,7 @@ def test_gone_then_seen_comes_back_online(db):
 def test_silent_peers_are_found_by_their_last_beat(db):
     online("fresh")
     online("old", at=utcnow() - timedelta(minutes=1))
-    assert [p.name for p in peers.silent_since(utcnow() - timedelta(seconds=10))] == ["old"]
+    assert peers.silent_since(utcnow() - timedelta(seconds=10)) == ["old"]
 
 
 def test_claim_is_all_or_nothing(db):
@@ -116,3 +116,10 @@ def test_peers_held_for_sessions_that_ended_are_given_back(db):
     assert peers.release_orphans([running]) == 1
     assert Peer.objects(status=TRAINING).get().session_id == running
     assert Peer.objects(status=ONLINE).count() == 2
+
+
+def test_updates_used_are_counted_on_each_peer_as_often_as_it_had_one(db):
+    online("a", "b", "c")
+    peers.count_accepted(["a", "b", "a", "c", "a"])
+    peers.count_accepted(["b"])
+    assert {p.name: p.accepted for p in Peer.objects(name__in=["a", "b", "c"])} == {"a": 3, "b": 2, "c": 1}

@@ -255,6 +255,23 @@ def test_silence_is_not_judged_while_events_wait_unread(db):
     assert monitor.sweep() == ["quiet"] and len(lost) == 1
 
 
+def test_a_sweep_asks_about_a_bounded_number_of_silent_peers_the_longest_silent_first(db):
+    """A monitor that fell behind sees many peers silent at once: asking the broker about each would hold it up
+    further, so a sweep asks about a few, and the next sweeps about the rest."""
+    from tasks.monitor import BEHIND_CHECKS
+
+    names = [f"p{i:03d}" for i in range(BEHIND_CHECKS + 20)]
+    for i, name in enumerate(names):
+        online(name, at=utcnow() - timedelta(seconds=200 - i))
+    asked: list[str] = []
+    monitor = judging_monitor([])
+    monitor.behind = lambda name: asked.append(name) or False
+    first = monitor.sweep()
+    assert asked == names[:BEHIND_CHECKS] and first == names[:BEHIND_CHECKS]
+    assert monitor.sweep() == names[BEHIND_CHECKS:]  # the first sweep's are OFFLINE now: the rest's turn
+    assert Peer.objects(name__in=names, status="OFFLINE").count() == len(names)
+
+
 def test_tasks_past_their_deadline_are_reported_once(db):
     online("slow", "quick")
     clock = FrozenClock()
