@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 os.environ.setdefault("MAX_PEERS_PER_SESSION", "1000")
@@ -66,10 +67,10 @@ from bench import session as base  # noqa: E402  (the environment and the platfo
 from harness.datasets import blobs_csv  # noqa: E402
 from harness.simulated import Fleet, Options  # noqa: E402
 from harness.waiting import wait_until  # noqa: E402
-from models import Heartbeat, Peer, TrainingSession  # noqa: E402
+from models import Heartbeat, Peer, TrainingSession, utcnow  # noqa: E402
 from settings import Settings  # noqa: E402
 
-TARGET_DISPATCH, TARGET_JOIN, TARGET_RATE, TARGET_PER_PEER = 2.0, 2.0, 2000.0, 0.005
+TARGET_DISPATCH, TARGET_JOIN, TARGET_RATE, TARGET_PER_PEER, TARGET_ONLINE = 2.0, 2.0, 2000.0, 0.003, 60.0
 HP = {"learning_rate": 0.01, "batch_size": 32, "hidden": [8]}
 
 
@@ -123,6 +124,7 @@ def rounds(platform: base.Platform, fleet: Fleet, csv: Path, peers: int, count: 
         if r:
             out["dispatch"].append(max(t.received for t in got) - recorded[r - 1])
         out["join"].append(recorded[r] - max(t.reported for t in got))
+    print(f"  session of {peers} peers: {out['wall']:.1f} s", flush=True)
     return out
 
 
@@ -170,10 +172,17 @@ def main() -> None:
     parser.add_argument("--private-broker", action="store_true",
                         help="run on a RabbitMQ node of this run's own, with room for a connection per peer"
                              " (needed past ~800 peers on a default node; needs root)")
+    parser.add_argument("--verbose", action="store_true", help="log the monitor's and the coordinator's judgements")
     args = parser.parse_args()
     assert os.environ["BROKER_URL"].startswith("amqp://"), f"needs RabbitMQ, not {os.environ['BROKER_URL']}"
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     logging.getLogger("tasks.collector").setLevel(logging.ERROR)
+    if args.verbose:  # what the monitor judged of the peers, and when
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        for name in ("tasks.monitor", "tasks.strategy", "tasks.federated"):
+            logging.getLogger(name).setLevel(logging.INFO)
+            logging.getLogger(name).addHandler(handler)
     began = time.perf_counter()
     sizes = sorted({n for n in (*(int(v) for v in args.sizes.split(",")), args.peers) if n <= args.peers})
     with tempfile.TemporaryDirectory(prefix="peertrain-bench-scale-") as scratch:
@@ -197,8 +206,15 @@ def main() -> None:
             fleet.start()
             wait_until(lambda: Peer.objects(name__in=names, status="ONLINE").count() == args.peers, 300,
                        "every simulated peer ONLINE", interval=0.5)
-            print(f"{args.peers} simulated peers in {args.processes} processes connected and ONLINE in"
-                  f" {time.perf_counter() - t0:.1f} s")
+            online = time.perf_counter() - t0
+            # A claim takes only peers heard from within the silence limit: the monitor must have read their
+            # worker events by then, not only the broker have seen them consume.
+            fresh = timedelta(seconds=Settings.from_env().peer_timeout_seconds)
+            wait_until(lambda: Peer.objects(name__in=names, status="ONLINE", last_seen__gte=utcnow() - fresh).count()
+                       == args.peers, 300, "every simulated peer claimable", interval=0.5)
+            print(f"{args.peers} simulated peers in {args.processes} processes connected and ONLINE in {online:.1f} s,"
+                  f" all claimable (heard from within {fresh.total_seconds():g} s) in {time.perf_counter() - t0:.1f} s"
+                  f" (target: ONLINE within {TARGET_ONLINE:g} s)")
             cpu0 = {t.name: thread_cpu(t) for t in threading.enumerate()}
             results = [rounds(platform, fleet, csv, n, args.rounds) for n in sizes]
             report(results, args)

@@ -252,11 +252,13 @@ class Monitor:
         since = self._receiving_since
         return since is not None and self.clock.monotonic() - since >= self.peer_timeout.total_seconds() + self._grace
 
-    def sweep(self) -> list[str]:
-        """Report silent peers and tasks past their deadline; fail sessions past theirs. Returns lost peers."""
+    def sweep(self, caught_up: bool = True) -> list[str]:
+        """Report silent peers and tasks past their deadline; fail sessions past theirs. Returns lost peers.
+        `caught_up`: whether the feeder has read every event the broker sent it (if not, a peer's latest signs of
+        life may be among those unread: silence is not judged)."""
         now = self.clock.now()
         lost = []
-        if self.judging():
+        if caught_up and self.judging():
             # Not a peer whose events wait unread (a backlog may hold the very events that show it alive). Asking
             # costs a broker round trip per peer: at most BEHIND_CHECKS a sweep, the rest judged at the next ones,
             # so that a monitor that fell behind (and sees many peers silent) is not held up further by asking.
@@ -333,11 +335,14 @@ class EventConsumer:
     budget is not read until its budget has filled again: a flood waits in its own queue (losing its own
     oldest events), costing the monitor nothing, while every other peer's events are read at once. A
     peer registered later is read from within `sweep_every` s; a removed one's queue is deleted once it
-    is read no more. Messages are acknowledged only once their heartbeats are written.
+    is read no more. Messages are acknowledged only once their heartbeats are written. Before each sweep it
+    reads what the broker has sent already (for at most `catch_up` s): silence is judged only when none is
+    left unread.
     """
 
     def __init__(self, app: Celery, monitor: Monitor, queue: str, flush_every: float = 0.05,
-                 sweep_every: float = 1.0, prefetch: int = 500, budget: Budget | None = None) -> None:
+                 sweep_every: float = 1.0, prefetch: int = 500, budget: Budget | None = None,
+                 catch_up: float = 2.0) -> None:
         self.app = app
         self.monitor = monitor
         self.queue_name = queue  # the prefix of the peers' queues of events
@@ -347,6 +352,7 @@ class EventConsumer:
         self.stopped = threading.Event()
         self.ready = threading.Event()
         self.budget = budget or Budget(rate=200.0, burst=2000.0)
+        self.catch_up = catch_up
 
     def queue(self, name: str) -> Queue:
         """The queue of peer `name`'s events."""
@@ -442,6 +448,20 @@ class EventConsumer:
             if due:
                 consumer.consume()
 
+        def read_what_came(limit: float) -> bool:
+            """Apply the events already sent (for at most `limit` s); True once none is left to read."""
+            until = time.monotonic() + limit
+            while time.monotonic() < until:
+                try:
+                    connection.drain_events(timeout=0.001)
+                except TimeoutError:
+                    return True
+                if pausing:  # a flood is not read on while the rest is caught up with
+                    pause()
+                if len(pending) >= self.monitor.batch_size:
+                    settle()
+            return False
+
         def behind(name: str) -> bool:
             """Whether peer `name`'s events wait unread: the very ones that would show it alive may be among them."""
             return name in reading and channel.queue_declare(self.queue(name).name, passive=True).message_count > 0
@@ -467,11 +487,14 @@ class EventConsumer:
                     settle()
                     next_flush = now + self.flush_every
                 if now >= next_sweep:
+                    # What the broker has sent already is read first: a monitor that fell behind (a busy process)
+                    # holds peers' latest signs of life unread, and would judge them silent.
+                    caught_up = read_what_came(self.catch_up)
                     settle()  # before a removed peer's queue (holding what is unacknowledged) goes
                     follow()
                     resume(now)
-                    self.monitor.sweep()
-                    next_sweep = now + self.sweep_every
+                    self.monitor.sweep(caught_up)
+                    next_sweep = time.monotonic() + self.sweep_every
             settle()
         self.monitor.behind = lambda name: False
 

@@ -255,6 +255,16 @@ def test_silence_is_not_judged_while_events_wait_unread(db):
     assert monitor.sweep() == ["quiet"] and len(lost) == 1
 
 
+def test_silence_is_not_judged_while_the_monitor_has_events_it_has_not_read(db):
+    """A busy monitor (its process starved it) holds unread what the broker sent it: the newest signs of life."""
+    online("quiet", at=utcnow() - timedelta(seconds=30))
+    make_session(["quiet"])
+    lost: list = []
+    monitor = judging_monitor(lost)
+    assert monitor.sweep(caught_up=False) == [] and lost == []
+    assert monitor.sweep(caught_up=True) == ["quiet"] and len(lost) == 1
+
+
 def test_a_sweep_asks_about_a_bounded_number_of_silent_peers_the_longest_silent_first(db):
     """A monitor that fell behind sees many peers silent at once: asking the broker about each would hold it up
     further, so a sweep asks about a few, and the next sweeps about the rest."""
