@@ -116,18 +116,19 @@ def test_signup_checks_the_password_before_asking_for_it_again(tmp_path):
     seen = b""
 
     def until(text: str) -> None:
+        """Wait for `text`, then forget what came up to it (what came after, in the same read, is kept)."""
         nonlocal seen
         deadline = time.monotonic() + 20
         while text.encode() not in seen:
             assert time.monotonic() < deadline, seen.decode(errors="replace")
             if select.select([terminal], [], [], 0.2)[0]:
                 seen += os.read(terminal, 4096)
+        seen = seen.split(text.encode(), 1)[1]
 
     try:
         until("Password (8 to 256 characters): ")
         os.write(terminal, b"short\n")
         until("a password needs 8 to 256 characters; this one has 5")
-        seen = b""
         until("Password (8 to 256 characters): ")  # asked again, not "repeat it"
         os.write(terminal, b"correct horse\n")
         until("Repeat it: ")
