@@ -443,9 +443,9 @@ class SyncFederated(Federated, RoundStrategy):
                  self.rounds, self.metric, metrics[self.metric], len(done.peers))
 
     def finish(self) -> None:
-        if self.session.rounds:
-            self.measure(self.session.rounds[-1].round)
-        self.store_model(self.session.rounds[-1].metrics)
+        last = self.session.rounds[-1]
+        self.measure(last.round)
+        self.store_model(last.metrics)
 
 
 def _listing(rejected: dict[str, str]) -> str:
