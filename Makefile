@@ -29,9 +29,10 @@ run: build
 test: build-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The unit lane: no service, no process of the platform's; what needs one is skipped (tests/services.py).
+# The unit lane: no service, no process of the platform's; what needs one is skipped (tests/services.py), and the
+# few long checks marked `slow` (the API's fuzzing) wait for `make test`.
 test-fast: build-dev
-	TEST_SERVICES=off $(BIN)/python -m pytest --ignore=tests/e2e $(PYTEST_ARGS)
+	TEST_SERVICES=off $(BIN)/python -m pytest --ignore=tests/e2e -m "not slow" $(PYTEST_ARGS)
 
 lint: build-dev
 	$(BIN)/ruff check .

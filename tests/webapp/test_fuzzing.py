@@ -72,6 +72,7 @@ def served(db, storage_dir, online_peers, tmp_path) -> Iterator[tuple[str, dict[
         thread.join(10)
 
 
+@pytest.mark.slow  # ~25 s: `make test` runs it, the unit lane does not
 def test_generated_requests_get_no_5xx_and_documented_answers(served, tmp_path):
     base, headers, counted = served
     report = tmp_path / "report.json"
