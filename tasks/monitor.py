@@ -450,16 +450,20 @@ class EventConsumer:
 
         def read_what_came(limit: float) -> bool:
             """Apply the events already sent (for at most `limit` s); True once none is left to read."""
-            until = time.monotonic() + limit
-            while time.monotonic() < until:
+            now = time.monotonic()
+            until, flush_at = now + limit, now + self.flush_every
+            while now < until:
                 try:
                     connection.drain_events(timeout=0.001)
                 except TimeoutError:
                     return True
                 if pausing:  # a flood is not read on while the rest is caught up with
                     pause()
-                if len(pending) >= self.monitor.batch_size:
+                now = time.monotonic()
+                # Written as often as in the main loop: catching up must not hold heartbeats back from streams.
+                if now >= flush_at or len(pending) >= self.monitor.batch_size:
                     settle()
+                    flush_at = now + self.flush_every
             return False
 
         def behind(name: str) -> bool:
