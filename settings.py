@@ -112,6 +112,9 @@ class Settings:
         "JWT_REFRESH_EXPIRES_SECONDS", 30 * 86400,
         "lifetime of a refresh token, which gets new access tokens (POST /auth/refresh) until the user signs in again"
     )
+    join_token_seconds: int = _opt(
+        "JOIN_TOKEN_SECONDS", 3600, "how long a machine's join token (POST /peers) may be used, once"
+    )
     bcrypt_rounds: int = _opt("BCRYPT_ROUNDS", 12, "bcrypt cost factor for password hashes")
     password_hashing_slots: int = _opt(
         "PASSWORD_HASHING_SLOTS", 1, "bcrypt hashes one API process computes at once; a sign-in or sign-up finding"

@@ -4,6 +4,7 @@ from models.assignment import Assignment
 from models.db import connect, disconnect, ensure_connected, ping, utcnow
 from models.heartbeat import Heartbeat
 from models.peer import Peer
+from models.pool import Pool
 from models.session import Dataset, PeerRun, Round, TrainingSession
 from models.user import User
 
@@ -13,6 +14,7 @@ __all__ = [
     "Heartbeat",
     "Peer",
     "PeerRun",
+    "Pool",
     "Round",
     "TrainingSession",
     "User",

@@ -1,7 +1,10 @@
 """Peers: the registered worker machines that train, their record, and the atomic claim that hands them to a session.
 
-A peer exists here only once it is registered (`python -m tasks.registry add NAME`, which also issues
-its broker login). Whether it is there is the broker's say where the broker can say it: a peer is ONLINE
+A peer exists here only once it is registered: by an operator (`python -m tasks.registry add NAME`, which
+also issues its broker login; such a peer is the platform's), or by a signed-in user (`POST /peers`, which
+gives a one-time join token the user's machine exchanges for its login; such a peer is that user's, serves
+only its owner until it is shared publicly or through a pool, and can be paused: never claimed, still
+connected). Whether it is there is the broker's say where the broker can say it: a peer is ONLINE
 while its own login consumes its own queue (the monitor asks RabbitMQ, `consuming`); its events only
 say how fresh it is and how its training goes. Its record (tasks accepted, rejected, outliers, timed out,
 failed) follows it across sessions: claims prefer reputable peers, and one whose updates were rejected
@@ -10,13 +13,14 @@ in three sessions running is QUARANTINED, never claimed, until an operator resto
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
-from mongoengine import DateTimeField, Document, IntField, ObjectIdField, StringField
+from mongoengine import BooleanField, DateTimeField, Document, IntField, ObjectIdField, Q, StringField
 
 from models.db import utcnow
 
@@ -49,8 +53,16 @@ class Peer(Document):
     strikes = IntField(default=0)  # sessions running in which some update of its was rejected
     last_rejection = StringField()
     quarantined_at = DateTimeField()
+    owner_id = ObjectIdField()  # the user who enrolled it; None: the platform's (registered by an operator)
+    public = BooleanField(default=False)  # an owned peer serves everyone's sessions (the platform's always do)
+    paused = BooleanField(default=False)  # its owner keeps it out of claims; it stays connected
+    # Enrolment: the SHA-256 of its one-time join token (kept after use, to say "used" rather than "unknown").
+    join_token_hash = StringField()
+    join_expires_at = DateTimeField()
+    joined_at = DateTimeField()
 
-    meta = {"collection": "peers", "indexes": ["status", "session_id"], "strict": False}
+    meta = {"collection": "peers", "strict": False,
+            "indexes": ["status", "session_id", "owner_id", {"fields": ["join_token_hash"], "sparse": True}]}
 
     @property
     def reputation(self) -> float:
@@ -135,17 +147,33 @@ def silent_since(cutoff: datetime) -> list[str]:
     return [doc["name"] for doc in query.only("name").as_pymongo()]
 
 
-def online_count(stale_after: timedelta | None = None) -> int:
-    """Peers a claim could take: ONLINE (free), and heard from within `stale_after` if given."""
-    query = Peer.objects(status=ONLINE)
+def public() -> Q:
+    """Peers anyone's session may claim: the platform's and those their owners shared publicly."""
+    return Q(owner_id=None) | Q(public=True)
+
+
+def owned_by(user_id: ObjectId) -> Q:
+    return Q(owner_id=user_id)
+
+
+def claimable(among: Q | None = None) -> Q:
+    """ONLINE, not paused, and within `among` (a pool; default: the public peers)."""
+    return Q(status=ONLINE) & Q(paused__ne=True) & (public() if among is None else among)
+
+
+def online_count(stale_after: timedelta | None = None, among: Q | None = None) -> int:
+    """Peers a claim could take: ONLINE (free), not paused, within `among` (default: public), and heard from
+    within `stale_after` if given."""
+    query = Peer.objects(claimable(among))
     if stale_after is not None:
         query = query.filter(last_seen__gte=utcnow() - stale_after)
     return query.count()
 
 
 def claim(session_id: ObjectId, count: int, stale_after: timedelta | None = None,
-          rng: random.Random | None = None) -> list[str]:
-    """Atomically move `count` ONLINE peers to TRAINING for `session_id`; all of them or none.
+          rng: random.Random | None = None, among: Q | None = None) -> list[str]:
+    """Atomically move `count` ONLINE peers within `among` (a pool: `public()` by default, `owned_by(user)`, or
+    a named pool's peers) to TRAINING for `session_id`; all of them or none. Paused peers are never taken.
 
     The most reputable first, equals in a random order (never by how fresh their events are: any peer can
     make its own look fresh). Each peer is taken with a conditional update (ONLINE → TRAINING), so two
@@ -154,7 +182,7 @@ def claim(session_id: ObjectId, count: int, stale_after: timedelta | None = None
     """
     if count < 1:
         return []
-    query = Peer.objects(status=ONLINE)
+    query = Peer.objects(claimable(among))
     if stale_after is not None:
         query = query.filter(last_seen__gte=utcnow() - stale_after)
     rng = rng or random.Random()
@@ -162,7 +190,9 @@ def claim(session_id: ObjectId, count: int, stale_after: timedelta | None = None
                   for record in query.only("name", *COUNTERS).as_pymongo()]
     claimed: list[str] = []
     for _, _, name in sorted(candidates):
-        taken = Peer.objects(name=name, status=ONLINE).update_one(set__status=TRAINING, set__session_id=session_id)
+        # Conditioned again on not being paused: its owner may pause it between the read and this update.
+        taken = Peer.objects(name=name, status=ONLINE, paused__ne=True).update_one(
+            set__status=TRAINING, set__session_id=session_id)
         if taken:
             claimed.append(name)
             if len(claimed) == count:
@@ -176,7 +206,7 @@ def claim_named(session_id: ObjectId, names: list[str], stale_after: timedelta |
     them or none; returns those that could not be taken (none: all were)."""
     taken: list[str] = []
     for name in names:
-        query = Peer.objects(name=name, status=ONLINE)
+        query = Peer.objects(name=name, status=ONLINE, paused__ne=True)
         if stale_after is not None:
             query = query.filter(last_seen__gte=utcnow() - stale_after)
         if query.update_one(set__status=TRAINING, set__session_id=session_id):
@@ -241,3 +271,55 @@ def restore(name: str) -> bool:
     """An operator lets a quarantined peer work again (OFFLINE until it is seen, its strikes forgotten)."""
     return bool(Peer.objects(name=name, status=QUARANTINED).update_one(
         set__status=OFFLINE, set__strikes=0, unset__quarantined_at=True))
+
+
+# --- owners and enrolment ---------------------------------------------------------------------------------
+
+def token_hash(token: str) -> str:
+    """How a join token is stored: its SHA-256 (the token is 256 random bits, so no salt or stretching is needed)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def enrol(name: str, owner_id: ObjectId, token: str, expires_at: datetime) -> Peer:
+    """Register peer `name` for `owner_id` with a join token (OFFLINE until its machine joins and runs), or give
+    the owner's existing peer `name` a new token (an earlier unused one stops working). NotUniqueError when
+    the name belongs to another owner or to the platform."""
+    fields = {"set__join_token_hash": token_hash(token), "set__join_expires_at": expires_at,
+              "unset__joined_at": True}
+    if Peer.objects(name=name, owner_id=owner_id).update_one(**fields):
+        return Peer.objects.get(name=name)
+    peer = Peer(name=name, status=OFFLINE, owner_id=owner_id, join_token_hash=token_hash(token),
+                join_expires_at=expires_at)
+    peer.save(force_insert=True)
+    return peer
+
+
+def redeem(token: str, at: datetime) -> tuple[Peer | None, str | None]:
+    """Use a join token once: (the peer it enrols, None), or (None, why not: "unknown", "used", "expired").
+
+    One conditional update takes it, so two machines presenting the same token never both get a login."""
+    digest = token_hash(token)
+    peer = Peer.objects(join_token_hash=digest, joined_at=None, join_expires_at__gt=at).modify(
+        set__joined_at=at, new=True)
+    if peer is not None:
+        return peer, None
+    known = Peer.objects(join_token_hash=digest).only("joined_at").first()
+    if known is None:
+        return None, "unknown"
+    return None, "used" if known.joined_at is not None else "expired"
+
+
+def unredeem(name: str, at: datetime) -> None:
+    """Give a token back after its login could not be issued (the broker did not answer): it may be tried again."""
+    Peer.objects(name=name, joined_at=at).update_one(unset__joined_at=True)
+
+
+def set_sharing(name: str, owner_id: ObjectId, public: bool | None = None, paused: bool | None = None) -> Peer | None:
+    """The owner shares (or stops sharing) a peer publicly, pauses or resumes it; None if not its owner's."""
+    fields = {}
+    if public is not None:
+        fields["set__public"] = public
+    if paused is not None:
+        fields["set__paused"] = paused
+    query = Peer.objects(name=name, owner_id=owner_id)
+    return query.modify(new=True, **fields) if fields else query.first()

@@ -203,6 +203,7 @@ class TrainingSession(Document):
     owner_id = ObjectIdField(required=True)
     status = StringField(required=True, choices=STATUSES, default=PENDING)
     mode = StringField(required=True, choices=MODES, default=SWEEP)
+    pool = StringField(default="public")  # whose peers it claims: public, mine, or a pool's name
     task = StringField(required=True, choices=("classification", "regression"), default="classification")
     target = StringField(required=True)
     features = ListField(StringField())

@@ -33,7 +33,7 @@ from models import peer as peers
 from models import session as sessions
 from models import update as updates
 from models.session import AsyncState, Launch
-from tasks import gate, protocol, relay
+from tasks import enrolment, gate, protocol, relay
 from tasks.federated import Federated, combine
 from tasks.gate import Outcome
 from trainer import screening
@@ -96,7 +96,7 @@ class AsyncFederated(Federated):
             session.reload()
         if session.status != sessions.RUNNING or session.launch.sent:
             return
-        relay.declare(self.app, [run.name for run in session.peers])
+        enrolment.declare_queues(self.app, [run.name for run in session.peers])
         # The first tasks, as the start recorded them on the runs (this run's, or one that died before sending).
         first = [run for run in session.peers if run.task_id and run.round == protocol.TaskId.parse(run.task_id).round]
         updates.dispatched(session.id, [{"seq": run.round, "peer": run.name, "task_id": run.task_id,
@@ -115,7 +115,7 @@ class AsyncFederated(Federated):
         if session.status != sessions.RUNNING or session.launch.sent:
             return  # another run of this start did it all
         # Run again after dying half-way, it gives a task only to peers with none out.
-        relay.declare(self.app, [run.name for run in session.in_play()])
+        enrolment.declare_queues(self.app, [run.name for run in session.in_play()])
         self._dispatch_idle()
         sessions.launched(session.id, 0)
         self.fold_while_due()

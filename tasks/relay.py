@@ -22,7 +22,6 @@ from typing import Any
 from celery import Celery, chord
 from celery.app.task import Context
 from celery.canvas import Signature
-from celery.events.event import get_exchange
 
 from models import assignment as assignments
 from tasks import protocol
@@ -48,24 +47,6 @@ def train(app: Celery, peer: str, task_id: str, spec: dict[str, Any], seconds: i
                          routing_key=protocol.task_queue(peer), task_id=task_id, argsrepr=f"({describe})",
                          kwargsrepr="{}", expires=seconds)
 
-
-def declare(app: Celery, peers: list[str]) -> None:
-    """Declare the peers' task, stop and event queues and their bindings (done at registration; again when a
-    session starts, for peers registered before the platform's exchanges existed)."""
-    events, monitor = app.conf.event_exchange, app.conf.peertrain_monitor
-    with app.connection_for_write() as connection:
-        channel = connection.default_channel
-        # Each peer's events also reach the platform's event exchange, where Flower reads them (the in-memory
-        # broker binds no exchange to another).
-        forward = connection.transport.driver_type == "amqp"
-        platform_events = get_exchange(connection, name=events)(channel)
-        if forward:
-            platform_events.declare()
-        for name in peers:
-            for queue in protocol.declarations(name, events, monitor):
-                queue(channel).declare()
-            if forward:
-                platform_events.bind_to(protocol.event_exchange(events, name), routing_key="#")
 
 
 def send(app: Celery, header: list[Signature], group: str, body_: Signature) -> None:

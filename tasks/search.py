@@ -31,7 +31,7 @@ from models import peer as peers
 from models import session as sessions
 from models import trial as trials
 from models.session import Launch
-from tasks import gate, lifecycle, protocol, relay
+from tasks import enrolment, gate, lifecycle, protocol, relay
 from tasks.gate import Outcome
 from tasks.sweep import HOLDOUT, Sweep
 from trainer import search as space_
@@ -160,7 +160,7 @@ class Search(Sweep):
             session.reload()
         if session.status != sessions.RUNNING or session.launch.sent:
             return
-        relay.declare(self.app, [run.name for run in session.in_play()])
+        enrolment.declare_queues(self.app, [run.name for run in session.in_play()])
         now = self.clock.now()
         for doc in trials.of_session(session.id):
             if doc["status"] not in trials.OPEN:

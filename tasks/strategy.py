@@ -35,7 +35,7 @@ from models import heartbeat as heartbeats
 from models import peer as peers
 from models import session as sessions
 from models.session import Launch
-from tasks import gate, lifecycle, protocol, relay
+from tasks import enrolment, gate, lifecycle, protocol, relay
 from tasks.gate import Outcome
 from tasks.services import Services
 from trainer.csvfile import CsvFile
@@ -333,7 +333,7 @@ class RoundStrategy(Strategy):
              for i, name in enumerate(launch.peers)], launch.started_at)
         specs = self.specs(round_, ids)
         if round_ == len(session.rounds) and (round_ == 0 or session.resumes):  # the first round of this run
-            relay.declare(self.app, list(launch.peers))
+            enrolment.declare_queues(self.app, list(launch.peers))
         header = [relay.train(self.app, name, ids[name], specs[name], self.gate.grant_seconds,
                               f"session {session.id}, round {round_}, peer {name}") for name in launch.peers]
         relay.send(self.app, header, launch.group,

@@ -46,13 +46,16 @@ def create_app(test_config: dict[str, Any] | None = None, settings: Settings | N
     from webapp.auth import blp as auth
     from webapp.datasets import blp as datasets
     from webapp.health import blp as health
+    from webapp.peers import SETTINGS
     from webapp.peers import blp as peers
+    from webapp.peers import pools_blp as pools
     from webapp.schemas import HyperparametersSchema
     from webapp.sessions import blp as sessions
 
     throttling.init_app(app, auth)
     api.spec.components.schema("Hyperparameters", schema=HyperparametersSchema)  # see schemas.HYPERPARAMETERS_REF
-    for blueprint in (auth, peers, sessions, datasets, health):
+    app.extensions[SETTINGS] = settings  # enrolment issues broker logins as `tasks.registry` does
+    for blueprint in (auth, peers, pools, sessions, datasets, health):
         api.register_blueprint(blueprint)
     from webapp import objects
 
@@ -86,6 +89,7 @@ def _config(settings: Settings) -> dict[str, Any]:
         "MAX_FORM_MEMORY_SIZE": 1024 * 1024,
         "COORDINATOR_QUEUE": settings.coordinator_queue,
         "PEER_TIMEOUT_SECONDS": settings.peer_timeout_seconds,
+        "JOIN_TOKEN_SECONDS": settings.join_token_seconds,
         "TRAIN_TIME_LIMIT": settings.train_time_limit,
         "API_TITLE": "peertrain",
         "API_VERSION": "1.0",

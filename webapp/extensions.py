@@ -74,6 +74,10 @@ class Dispatcher:
     def cancel_session(self, session_id: str) -> None:
         self.celery.send_task("peertrain.cancel_session", args=[session_id], queue=self.queue)
 
+    def peer_lost(self, session_id: str, peer: str, reason: str) -> None:
+        """The session goes on without `peer` as when it goes offline (its strategy decides: or it fails)."""
+        self.celery.send_task("peertrain.peer_lost", args=[session_id, peer, reason], queue=self.queue)
+
     def ping(self) -> None:
         with self.celery.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)

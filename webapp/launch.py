@@ -20,11 +20,13 @@ from typing import Any
 from bson import ObjectId
 from flask import current_app, has_request_context, request
 from flask_smorest import abort
+from mongoengine import Q
 from werkzeug.datastructures import FileStorage
 
 from models import Dataset, PeerRun, TrainingSession, User
 from models import event as events
 from models import peer as peers
+from models import pool as pools
 from models import session as sessions
 from models.db import utcnow
 from models.session import FAILED, FEDERATED, INTERRUPTED, PENDING, FederatedSettings, SearchState
@@ -84,18 +86,20 @@ def start(user: User, form: dict[str, Any], file: FileStorage) -> TrainingSessio
 def _start(user: User, form: dict[str, Any], upload: Upload) -> TrainingSession:
     # Which rows are held out is the platform's secret: no peer learns this seed (its `seed` is the user's).
     split_seed = secrets.randbelow(2**31)
+    among = pool_filter(user, form.get("pool") or "public")
     table = inspect_upload(upload, form, split_seed)
     wanted = form["num_peers"]
     session_id = ObjectId()
     stale_after = timedelta(seconds=current_app.config["PEER_TIMEOUT_SECONDS"])
-    names = peers.claim(session_id, wanted, stale_after=stale_after)
+    names = peers.claim(session_id, wanted, stale_after=stale_after, among=among)
     if not names:
         # The peers the claim could take: one not heard from within the silence limit may be gone.
-        online = peers.online_count(stale_after)
+        online = peers.online_count(stale_after, among=among)
+        where = "" if form.get("pool", "public") == "public" else f" in pool {form['pool']!r}"
         abort(
             400,
-            message=f"not enough peers: {wanted} requested, {online} online and free",
-            errors={"num_peers": [f"only {online} peer(s) online and free"]},
+            message=f"not enough peers: {wanted} requested, {online} online and free{where}",
+            errors={"num_peers": [f"only {online} peer(s) online and free{where}"]},
         )
     saved = False
     try:
@@ -123,6 +127,20 @@ def _start(user: User, form: dict[str, Any], upload: Upload) -> TrainingSession:
     log.info("session %s started by %s: %s on %s; follow it at %s", session_id, user.username, form["mode"],
              ", ".join(names), dashboard_link(session_id))
     return session
+
+
+def pool_filter(user: User, pool: str) -> Q:
+    """The peers a session of `user`'s may claim in `pool`; aborts with 400 for a pool the user is not in."""
+    if pool == "public":
+        return peers.public()
+    if pool == "mine":
+        return peers.owned_by(user.id)
+    found = pools.named(pool)
+    if found is None or not found.admits(user.id):
+        # Not found and not a member read alike: a pool's existence is its members' business.
+        abort(400, message=f"no pool named {pool!r} that you own or belong to",
+              errors={"pool": ["`public`, `mine`, or the name of a pool you own or belong to (GET /pools)"]})
+    return found.peer_filter()
 
 
 def dashboard_link(session_id: Any) -> str:
@@ -185,6 +203,7 @@ def _document(session_id: ObjectId, user: User, form: dict[str, Any], table: Tab
         id=session_id,
         owner_id=user.id,
         mode=form["mode"],
+        pool=form.get("pool") or "public",
         task=form["task"],
         target=table.target,
         features=table.features,

@@ -118,6 +118,75 @@ class PeerSchema(ma.Schema):
     last_rejection = fields.String(allow_none=True)
     quarantined_at = UTCDateTime(allow_none=True, metadata={
         "description": "when its updates had been refused in three sessions running; an operator restores it"})
+    owner = fields.String(allow_none=True, metadata={
+        "description": "the username of the user who enrolled it; null: the platform's (registered by an operator)"})
+    mine = fields.Boolean(metadata={"description": "whether you own it (and so may share, pause or remove it)"})
+    public = fields.Boolean(metadata={"description": "an owned peer its owner shared with everyone"})
+    paused = fields.Boolean(metadata={"description": "its owner keeps it out of sessions; it stays connected"})
+    pools = fields.List(fields.String(), metadata={"description": "your pools that share it (only for its owner)"})
+
+
+class PeerSessionSchema(ma.Schema):
+    session_id = fields.String(attribute="id")
+    status = fields.String()
+    mode = fields.String()
+    created_at = UTCDateTime()
+    finished_at = UTCDateTime(allow_none=True)
+    outcome = fields.String(allow_none=True, metadata={"description": "how the peer's part ended"})
+
+
+class PeerDetailSchema(PeerSchema):
+    sessions = fields.List(fields.Nested(PeerSessionSchema), metadata={
+        "description": "the sessions it worked in, newest first (only its owner sees them)"})
+
+
+class EnrolSchema(StrictSchema):
+    name = fields.String(required=True, validate=validate.Length(min=1, max=64), metadata={
+        "description": "the machine's peer name: letters, digits, `-` and `_`; enrolling a name of yours again "
+                       "gives a new token"})
+
+
+class EnrolmentSchema(ma.Schema):
+    name = fields.String()
+    join_token = fields.String(metadata={"description": "one use, within the hour; shown only now"})
+    expires_at = UTCDateTime()
+    command = fields.String(metadata={"description": "what to run on the machine"})
+
+
+class JoinSchema(StrictSchema):
+    token = fields.String(required=True, validate=validate.Length(min=1, max=200))
+
+
+class JoinedSchema(ma.Schema):
+    name = fields.String()
+    environment = fields.Dict(keys=fields.String(), values=fields.String(), metadata={
+        "description": "the peer worker's environment: its own broker login and the exchanges it reports on"})
+    command = fields.String()
+
+
+class PeerPatchSchema(StrictSchema):
+    public = fields.Boolean(metadata={"description": "share it with everyone's sessions (true) or only yours"})
+    paused = fields.Boolean(metadata={"description": "keep it out of sessions (true) or let it take work again"})
+
+
+class PoolSchema(StrictSchema):
+    name = fields.String(required=True, validate=[validate.Length(min=1, max=64), validate.Regexp(
+        r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", error="letters, digits, `_`, `.` and `-`, starting with a letter or digit"),
+        validate.NoneOf(["public", "mine"], error="`public` and `mine` are what `pool` means without a pool")])
+    members = fields.List(fields.String(), load_default=list, metadata={
+        "description": "usernames of the users who may train on its peers (you always may)"})
+    peers = fields.List(fields.String(), load_default=list, metadata={"description": "names of your peers it shares"})
+    owner = fields.String(dump_only=True)
+    created_at = UTCDateTime(dump_only=True)
+
+
+class PoolPatchSchema(StrictSchema):
+    members = fields.List(fields.String())
+    peers = fields.List(fields.String())
+
+
+class PoolListSchema(ma.Schema):
+    pools = fields.List(fields.Nested(PoolSchema))
 
 
 class PeerListSchema(ma.Schema):
@@ -242,6 +311,9 @@ class StartSessionSchema(StrictSchema):
         "description": "fedprox: the proximal term's weight (default 0.01)"})
     server_lr = fields.Float(validate=validate.Range(min=0, max=10, min_inclusive=False), metadata={
         "description": "fedavgm, fedadam, fedyogi: the server optimizer's step (default 1.0, 0.01, 0.01)"})
+    pool = fields.String(load_default="public", validate=validate.Length(min=1, max=64), metadata={
+        "description": "whose peers train it: `public` (default: the platform's and those shared with everyone), "
+                       "`mine` (only your own) or the name of a pool you own or belong to"})
     # Either mode: how many peers must finish each round for the session to go on (default: all), and
     # how long a round may take before the peers still training are left out.
     min_peers = fields.Integer(validate=validate.Range(min=1, max=MAX_PEERS))
@@ -513,6 +585,7 @@ class SessionSchema(ma.Schema):
     status = fields.String(metadata={"enum": ["PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED",
                                               "INTERRUPTED"]})
     mode = fields.String()
+    pool = fields.String(dump_default="public", metadata={"description": "whose peers it was started on"})
     task = fields.String()
     target = fields.String()
     features = fields.List(fields.String())

@@ -200,15 +200,21 @@ export class TrialsPanel {
 
   renderRows() {
     const { key, descending } = this.sort;
+    const ranked = this.ranked();
+    // Equal values keep the ranking's order (its tie-breakers: held-out loss, then the earlier epoch), so that
+    // sorted by score the table's first row is the winner the heading names, even when trials tie on score.
+    const rank = new Map(ranked.map((t, i) => [t.number, i]));
+    const byRank = (a, b) => (rank.get(a.number) ?? Infinity) - (rank.get(b.number) ?? Infinity)
+      || a.number - b.number;
     const rows = [...this.trials.values()].sort((a, b) => {
       const x = this.valueOf(a, key);
       const y = this.valueOf(b, key);
-      if (x === y) return a.number - b.number;
+      if (x === y) return byRank(a, b);
       if (x === null || x === undefined) return 1; // unscored trials last either way
       if (y === null || y === undefined) return -1;
       return (x < y ? -1 : 1) * (descending ? -1 : 1);
     });
-    const best = this.ranked()[0];
+    const best = ranked[0];
     this.body.replaceChildren(...rows.map((t) => h("tr", {
       class: best && t.number === best.number ? "best" : "", dataset: { trial: String(t.number), status: t.status } },
     h("td", {}, best && t.number === best.number ? `${t.number} ★` : String(t.number)),
