@@ -99,7 +99,7 @@ class Api:
         response = self.http.request(method, path, **kwargs)
         if response.is_error:
             raise ApiError.from_response(response)
-        return response.json()
+        return response.json() if response.content else {}
 
     def signup(self, username: str, email: str, password: str) -> dict[str, Any]:
         return self._call("POST", "/auth/signup", json={"username": username, "email": email, "password": password})
@@ -109,6 +109,30 @@ class Api:
 
     def peers(self) -> dict[str, Any]:
         return self._call("GET", "/peers")
+
+    def enrol(self, name: str) -> dict[str, Any]:
+        return self._call("POST", "/peers", json={"name": name})
+
+    def join(self, token: str) -> dict[str, Any]:
+        return self._call("POST", "/peers/join", json={"token": token})
+
+    def peer(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/peers/{name}")
+
+    def change_peer(self, name: str, **fields: bool) -> dict[str, Any]:
+        return self._call("PATCH", f"/peers/{name}", json=fields)
+
+    def remove_peer(self, name: str) -> None:
+        self._call("DELETE", f"/peers/{name}")
+
+    def pools(self) -> dict[str, Any]:
+        return self._call("GET", "/pools")
+
+    def create_pool(self, name: str, members: list[str], peers: list[str]) -> dict[str, Any]:
+        return self._call("POST", "/pools", json={"name": name, "members": members, "peers": peers})
+
+    def delete_pool(self, name: str) -> None:
+        self._call("DELETE", f"/pools/{name}")
 
     def start(self, csv: Path, form: dict[str, str]) -> dict[str, Any]:
         with csv.open("rb") as file:

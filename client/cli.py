@@ -20,6 +20,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from client import machine
 from client.api import Api, ApiError
 from client.credentials import Credentials, Login
 from client.watch import StreamLost, display_for, metrics, result, trials_table, watch
@@ -212,14 +213,168 @@ def peers(state: State, as_json: bool) -> None:
     answer = state.api().peers()
     if as_json:
         return emit(answer)
-    table = Table("peer", "status", "host", "last seen", "session", "used", "refused", "timed out", "failed",
-                  "reputation", box=box.SIMPLE)
+    table = Table("peer", "owner", "status", "host", "last seen", "session", "used", "refused", "timed out",
+                  "failed", "reputation", box=box.SIMPLE)
     for p in answer["peers"]:
-        table.add_row(p["name"], p["status"], p.get("hostname") or "", _local(p.get("last_seen")),
+        owner = "platform" if not p.get("owner") else p["owner"] + ("" if p.get("public") else " (private)")
+        status = p["status"] + (" (paused)" if p.get("paused") else "")
+        table.add_row(p["name"], owner, status, p.get("hostname") or "", _local(p.get("last_seen")),
                       p.get("session_id") or "", str(p.get("accepted", 0)), str(p.get("rejected", 0)),
                       str(p.get("timed_out", 0)), str(p.get("failed", 0)), f"{p.get('reputation', 0.5):.2f}")
     state.console.print(table)
     state.console.print(f"{answer['total']} known, {answer['online']} online, {answer['free']} free to train")
+
+
+@main.group()
+def peer() -> None:
+    """Contribute a machine: enrol it, join it, run it; pause, share or remove your peers.
+
+    \b
+    On a signed-in computer:  peertrain peer add NAME        (prints a one-time token and the command)
+    On the machine itself:    peertrain peer join --url URL --token TOKEN && peertrain peer run
+    """
+
+
+@peer.command(name="add")
+@click.argument("name")
+@json_option
+@click.pass_obj
+def peer_add(state: State, name: str, as_json: bool) -> None:
+    """Enrol a machine as peer NAME: a join token, usable once within the hour."""
+    answer = state.api().enrol(name)
+    if as_json:
+        return emit(answer)
+    state.console.print(f"peer {name} enrolled; its join token works once, until {_local(answer['expires_at'])}.")
+    state.console.print("On that machine (with `pip install 'peertrain[peer]'` done), run:\n")
+    state.console.print(f"  {answer['command']}")
+
+
+@peer.command(name="join")
+@click.option("--url", "join_url", required=True, metavar="URL", help="The platform's address.")
+@click.option("--token", required=True, envvar="PEERTRAIN_JOIN_TOKEN", help="The join token `peer add` printed.")
+@click.option("--file", "path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to keep the peer's login (default: peer.env in your config directory, mode 0600).")
+@json_option
+def peer_join(join_url: str, token: str, path: Path | None, as_json: bool) -> None:
+    """Exchange a join token for this machine's peer login (no sign-in needed: the token is the credential)."""
+    url = join_url.rstrip("/")
+    api = Api(url)
+    try:
+        joined = api.join(token)
+    finally:
+        api.close()
+    path = path or machine.default_path()
+    machine.write(path, url, joined)
+    if as_json:
+        return emit({"name": joined["name"], "file": str(path)})
+    click.echo(f"joined {url} as peer {joined['name']}; its login is in {path} (readable by you only).")
+    click.echo("Start it with: peertrain peer run")
+
+
+@peer.command(name="run")
+@click.option("--file", "path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The peer file `peer join` wrote (default: peer.env in your config directory).")
+def peer_run(path: Path | None) -> None:
+    """Run this machine's peer worker in the foreground until Ctrl-C (which lets it stop cleanly)."""
+    path = path or machine.default_path()
+    try:
+        values = machine.read(path)
+        click.echo(f"peer {values[machine.NAME]} of {values.get(machine.URL, 'the platform')}: starting its worker "
+                   "(Ctrl-C stops it)", err=True)
+        machine.run(path)
+    except machine.PeerFileError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _change(state: State, name: str, as_json: bool, said: str, **fields: bool) -> None:
+    answer = state.api().change_peer(name, **fields)
+    if as_json:
+        return emit(answer)
+    state.console.print(f"peer {name} {said}")
+
+
+@peer.command(name="pause")
+@click.argument("name")
+@json_option
+@click.pass_obj
+def peer_pause(state: State, name: str, as_json: bool) -> None:
+    """Keep your peer NAME out of sessions (it stays connected)."""
+    _change(state, name, as_json, "paused: no session will claim it until you resume it", paused=True)
+
+
+@peer.command(name="resume")
+@click.argument("name")
+@json_option
+@click.pass_obj
+def peer_resume(state: State, name: str, as_json: bool) -> None:
+    """Let your paused peer NAME take work again."""
+    _change(state, name, as_json, "resumed: sessions may claim it again", paused=False)
+
+
+@peer.command(name="share")
+@click.argument("name")
+@click.option("--off", is_flag=True, help="Stop sharing it: only your sessions (and your pools') use it.")
+@json_option
+@click.pass_obj
+def peer_share(state: State, name: str, off: bool, as_json: bool) -> None:
+    """Share your peer NAME with everyone's sessions (`--off`: only yours again)."""
+    _change(state, name, as_json, "serves only you and your pools now" if off else "is shared with everyone",
+            public=not off)
+
+
+@peer.command(name="remove")
+@click.argument("name")
+@json_option
+@click.pass_obj
+def peer_remove(state: State, name: str, as_json: bool) -> None:
+    """Remove your peer NAME: its login stops working at once."""
+    state.api().remove_peer(name)
+    if as_json:
+        return emit({"name": name, "removed": True})
+    state.console.print(f"peer {name} removed; its login no longer works")
+
+
+@main.group()
+def pool() -> None:
+    """Share chosen peers of yours with chosen users; start a session on them with `start --pool NAME`."""
+
+
+@pool.command(name="list")
+@json_option
+@click.pass_obj
+def pool_list(state: State, as_json: bool) -> None:
+    """The pools you own or belong to."""
+    answer = state.api().pools()
+    if as_json:
+        return emit(answer)
+    table = Table("pool", "owner", "members", "peers", box=box.SIMPLE)
+    for p in answer["pools"]:
+        table.add_row(p["name"], p["owner"] or "", ", ".join(p["members"]), ", ".join(p["peers"]))
+    state.console.print(table)
+
+
+@pool.command(name="create")
+@click.argument("name")
+@click.option("--member", "members", multiple=True, metavar="USERNAME", help="A user who may train on it (repeat).")
+@click.option("--peer", "peers_", multiple=True, metavar="PEER", help="A peer of yours it shares (repeat).")
+@json_option
+@click.pass_obj
+def pool_create(state: State, name: str, members: tuple[str, ...], peers_: tuple[str, ...], as_json: bool) -> None:
+    """Create pool NAME sharing --peer peers of yours with --member users."""
+    answer = state.api().create_pool(name, list(members), list(peers_))
+    if as_json:
+        return emit(answer)
+    state.console.print(f"pool {name}: {', '.join(answer['peers']) or 'no peers'} shared with "
+                        f"{', '.join(answer['members']) or 'no one else'}")
+
+
+@pool.command(name="delete")
+@click.argument("name")
+@click.pass_obj
+def pool_delete(state: State, name: str) -> None:
+    """Delete your pool NAME (its peers stay yours)."""
+    state.api().delete_pool(name)
+    state.console.print(f"pool {name} deleted")
 
 
 FEDERATED_ONLY = ("rounds", "local_epochs", "partition", "alpha", "aggregation", "min_peers", "schedule",
@@ -308,6 +463,8 @@ def _hyperparameters(hp_json: str | None, num_peers: int, **overrides: Any) -> A
 @click.option("--sampler", type=click.Choice(["tpe", "random"]), help="Search: how trials are chosen (default tpe).")
 @click.option("--pruner", type=click.Choice(["asha", "median", "none"]),
               help="Search: how losing trials are stopped early (default asha: successive halving).")
+@click.option("--pool", help="Whose peers train it: public (default: the platform's and those shared with everyone), "
+                             "mine (only your own), or a pool you own or belong to (`peertrain pool list`).")
 @click.option("--detach", is_flag=True, help="Print the session's id and return instead of watching it.")
 @json_option
 @click.pass_obj
