@@ -393,3 +393,39 @@ def test_the_api_docs_render_offline(platform, browser):
         visit.check()
     finally:
         visit.close()
+
+
+def test_add_a_machine_shows_the_one_line_join_command_and_the_owner_manages_the_peer(platform, browser):
+    user = platform.user()
+    visit = Visit(browser, platform.base_url, LAPTOP, token=user.http.headers["Authorization"].split()[1])
+    page = visit.page
+    name = f"desk{uuid.uuid4().hex[:6]}"
+    try:
+        page.goto(platform.base_url + "/#/peers")
+        page.click("#add-machine-button")
+        page.fill("input[name=peer_name]", name)
+        page.click("#add-machine button[type=submit]")
+        page.wait_for_selector("#join-command")
+        command = page.inner_text("#join-command")
+        assert command.startswith(f"peertrain peer join --url {platform.base_url} --token ptj_")
+        assert command.endswith("&& peertrain peer run")
+        visit.shot("laptop-9-add-a-machine")
+        # Its own row: the owner pauses, shares and removes it from there.
+        row = f"#peers tbody tr[data-peer='{name}']"
+        page.wait_for_selector(f"{row} >> text=(you)")
+        page.click(f"{row} >> text=Pause")
+        page.wait_for_selector(f"{row} >> text=paused")
+        assert user.get(f"/peers/{name}").json()["paused"] is True
+        page.click(f"{row} >> text=Share with everyone")
+        page.wait_for_selector(f"{row} >> text=Stop sharing")
+        assert user.get(f"/peers/{name}").json()["public"] is True
+        page.click(f"{row} >> [data-action=remove]")
+        page.wait_for_selector(row, state="detached")
+        assert user.get(f"/peers/{name}").status_code == 404
+        # The new-session form starts on anyone's shared peers, or only the user's own.
+        page.goto(platform.base_url + "/#/new")
+        page.wait_for_selector("select[name=pool] option[value=mine]", state="attached")
+        assert page.eval_on_selector("select[name=pool]", "s => s.value") == "public"
+        visit.check()
+    finally:
+        visit.close()

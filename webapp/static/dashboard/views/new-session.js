@@ -149,6 +149,8 @@ export async function newSessionView(root, signal) {
   const peersInput = h("input", { type: "number", name: "num_peers", min: "1", max: "64", step: "1",
     value: String(state.peers), required: true });
   const peersHint = h("small", { class: "hint" });
+  const poolSelect = h("select", { name: "pool" }, h("option", { value: "public" }, "public"),
+    h("option", { value: "mine" }, "mine (only my machines)"));
   const modeControl = h("div", { class: "segmented", role: "radiogroup" },
     [["sweep", "Sweep: the best settings, a model per trial"], ["federated", "Federated: one model, data split"]].map(
       ([value, label]) => h("label", {}, h("input", { type: "radio", name: "mode", value,
@@ -236,7 +238,7 @@ export async function newSessionView(root, signal) {
     h("section", { class: "card" }, h("h2", {}, "Training"),
       modeControl,
       h("div", { class: "grid" }, h("label", { class: "field" }, h("span", { class: "label" }, "Peers"), peersInput,
-        peersHint)),
+        peersHint), field("Whose peers", poolSelect, "public: the platform's and those shared with everyone")),
       federated,
       sweepStyle,
       search,
@@ -284,6 +286,7 @@ export async function newSessionView(root, signal) {
     data.append("mode", state.mode);
     data.append("task", state.task);
     data.append("target", state.target);
+    if (poolSelect.value !== "public") data.append("pool", poolSelect.value);
     if (state.features) data.append("features", JSON.stringify(state.features));
     if (!isFederated && state.searching) {
       data.append("search", form.elements.search.value);
@@ -316,7 +319,8 @@ export async function newSessionView(root, signal) {
     }
   });
 
-  const peers = await request("/peers", { signal });
+  const [peers, pools] = await Promise.all([request("/peers", { signal }), request("/pools", { signal })]);
+  poolSelect.append(...pools.pools.map((p) => h("option", { value: p.name }, `pool ${p.name} (${p.owner})`)));
   const { free } = peers;
   peersHint.textContent = `${free} of ${peers.total} peer${peers.total === 1 ? "" : "s"} free to train now`;
   if (free > 0) {
