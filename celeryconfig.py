@@ -13,7 +13,8 @@ from settings import Settings
 
 # The coordinator's tasks: only the platform's own processes can send them (peers cannot publish to its queue).
 COORDINATOR_TASKS = ("peertrain.run_session", "peertrain.aggregate", "peertrain.update", "peertrain.peer_lost",
-                     "peertrain.deadline", "peertrain.deliver", "peertrain.round_failed", "peertrain.cancel_session")
+                     "peertrain.deadline", "peertrain.deliver", "peertrain.round_failed", "peertrain.cancel_session",
+                     "peertrain.recruit")
 
 
 def _broker_tls(settings: Settings) -> dict | bool:

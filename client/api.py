@@ -114,7 +114,7 @@ class Api:
         return self._call("POST", "/peers", json={"name": name})
 
     def join(self, token: str) -> dict[str, Any]:
-        return self._call("POST", "/peers/join", json={"token": token})
+        return self._call("POST", "/join", json={"token": token})
 
     def peer(self, name: str) -> dict[str, Any]:
         return self._call("GET", f"/peers/{name}")

@@ -161,6 +161,11 @@ def claimable(among: Q | None = None) -> Q:
     return Q(status=ONLINE) & Q(paused__ne=True) & (public() if among is None else among)
 
 
+def anyone_free() -> bool:
+    """Whether any peer at all is ONLINE and not paused (before asking whose it is)."""
+    return Peer.objects(status=ONLINE, paused__ne=True).only("name").first() is not None
+
+
 def online_count(stale_after: timedelta | None = None, among: Q | None = None) -> int:
     """Peers a claim could take: ONLINE (free), not paused, within `among` (default: public), and heard from
     within `stale_after` if given."""
@@ -199,6 +204,27 @@ def claim(session_id: ObjectId, count: int, stale_after: timedelta | None = None
                 return claimed
     release(session_id, claimed)
     return []
+
+
+def claim_up_to(session_id: ObjectId, count: int, among: Q, stale_after: timedelta | None = None,
+                exclude: list[str] = ()) -> list[str]:
+    """Move up to `count` ONLINE peers within `among` (not paused, not in `exclude`) to TRAINING for a running
+    `session_id`, the most reputable first; returns those taken (a session growing takes what there is)."""
+    if count < 1:
+        return []
+    query = Peer.objects(claimable(among) & Q(name__nin=list(exclude)))
+    if stale_after is not None:
+        query = query.filter(last_seen__gte=utcnow() - stale_after)
+    candidates = sorted((-reputation(record), random.random(), record["name"])
+                        for record in query.only("name", *COUNTERS).as_pymongo())
+    taken: list[str] = []
+    for _, _, name in candidates:
+        if Peer.objects(name=name, status=ONLINE, paused__ne=True).update_one(
+                set__status=TRAINING, set__session_id=session_id):
+            taken.append(name)
+            if len(taken) == count:
+                break
+    return taken
 
 
 def claim_named(session_id: ObjectId, names: list[str], stale_after: timedelta | None = None) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from bson import ObjectId
 from mongoengine import DateTimeField, Document, ListField, ObjectIdField, Q, StringField
 
+from models import peer as peers
 from models.db import utcnow
 
 # A pool's name is chosen by its owner; `public` and `mine` are what `pool` means without one.
@@ -49,3 +50,16 @@ def shared_with(user_id: ObjectId) -> Q:
     for pool in pools:
         query = query | pool.peer_filter()
     return query
+
+
+def peers_for(user_id: ObjectId, pool: str) -> Q | None:
+    """The peers a session of `user_id`'s may claim in `pool` (`public`, `mine`, or a pool's name); None when
+    the user owns or belongs to no such pool."""
+    if pool == "public":
+        return peers.public()
+    if pool == "mine":
+        return peers.owned_by(user_id)
+    found = named(pool)
+    if found is None or not found.admits(user_id):
+        return None
+    return found.peer_filter()

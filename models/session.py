@@ -204,6 +204,8 @@ class TrainingSession(Document):
     status = StringField(required=True, choices=STATUSES, default=PENDING)
     mode = StringField(required=True, choices=MODES, default=SWEEP)
     pool = StringField(default="public")  # whose peers it claims: public, mine, or a pool's name
+    elastic = BooleanField(default=False)  # peers that come online while it runs join it (up to max_peers)
+    max_peers = IntField(min_value=1)
     task = StringField(required=True, choices=("classification", "regression"), default="classification")
     target = StringField(required=True)
     features = ListField(StringField())
@@ -560,3 +562,40 @@ def record_peer_result(session_id: ObjectId, peer: str, status: str, **fields: A
     updates = {f"set__peers__S__{name}": value for name, value in fields.items()}
     if TrainingSession.objects(id=session_id, peers__name=peer).update_one(set__peers__S__status=status, **updates):
         events.append_new(session_id, [events.peer(peer, status, fields.get("error"))])
+
+
+# --- elastic sessions: peers that come online while one runs join it ----------------------------------------
+
+def wanting_peers() -> list[dict[str, Any]]:
+    """Running elastic sessions with room for more peers, the oldest first (each: its id, owner, pool, max_peers
+    and its runs' names)."""
+    found = _collection().find({"status": RUNNING, "elastic": True},
+                               {"owner_id": 1, "pool": 1, "max_peers": 1, "peers.name": 1, "created_at": 1})
+    return [doc for doc in sorted(found, key=lambda d: d.get("created_at") or datetime.min)
+            if len(doc.get("peers") or []) < (doc.get("max_peers") or 0)]
+
+
+def add_runs(session_id: ObjectId, runs: list[PeerRun], plan: dict[str, Any] | None = None) -> bool:
+    """Add the runs of peers that joined a running session (and the plan's entries for them, `plan`: field ->
+    value under `plan.`), once; False if it ended, has one of them already, or another addition came first.
+
+    Its quorum stays what it was: a session that needed all its peers to finish each round needs as many as it
+    had before it grew (so losing a newcomer, or an early peer once newcomers are in, does not end it)."""
+    session = TrainingSession.objects(id=session_id).only("peers", "min_peers", "status").first()
+    names = [run.name for run in runs]
+    if session is None or session.status != RUNNING or any(run.name in names for run in session.peers):
+        return False
+    count = len(session.peers)
+    sets: dict[str, Any] = {f"plan.{key}": value for key, value in (plan or {}).items()}
+    sets["min_peers"] = session.min_peers or count
+    done = _collection().update_one(
+        {"_id": session_id, "status": RUNNING, "peers": {"$size": count}},
+        {"$push": {"peers": {"$each": [run.to_mongo().to_dict() for run in runs]}}, "$set": sets}).modified_count
+    if done:
+        events.append(session_id, [events.peer(name, PENDING) for name in names])
+    return bool(done)
+
+
+def set_plan(session_id: ObjectId, fields: dict[str, Any]) -> None:
+    """Change parts of a session's plan (`fields`: field -> value under `plan.`), e.g. re-split shards."""
+    _collection().update_one({"_id": session_id}, {"$set": {f"plan.{key}": value for key, value in fields.items()}})

@@ -169,6 +169,25 @@ class AsyncFederated(Federated):
         self._send([updates.of_task(session.id, seq)], global_url)
         return True
 
+    def on_joined(self, names: list[str]) -> None:
+        """Peers that came online: the training rows are split again among every peer in play, and each newcomer
+        gets its next task at once, while the budget lasts (safe to run twice: an admitted peer with a task out
+        gets no second one)."""
+        if not self.session.elastic:
+            super().on_joined(names)
+            return
+        admitted = self.admit(names)
+        if not admitted:
+            return
+        in_play = [run.name for run in self.session.in_play()]
+        if any(name not in self.session.plan.shards for name in in_play):
+            self.reshard(in_play)
+        enrolment.declare_queues(self.app, admitted)
+        busy = updates.busy_peers(self.session.id)
+        for name in admitted:
+            if name not in busy and not self.dispatch(name):
+                peers.release(self.session.id, [name])  # nothing left to hand out: free for other sessions
+
     # --- a peer reported -------------------------------------------------------------------------------
 
     def on_result(self, round_: int, outcomes: list[Outcome]) -> None:
@@ -252,9 +271,11 @@ class AsyncFederated(Federated):
         return True
 
     def _done(self) -> bool:
-        """No task is out, and none will be sent."""
+        """No task is out, and none will be sent: the budget or the time is spent, or no peer in play may take
+        one (each had REFUSALS updates refused: waiting would only wait for the session's deadline)."""
         state = self.session.asynchronous
         spent = state.remaining <= 0 or (state.stop_at is not None and self.clock.now() >= state.stop_at)
+        spent = spent or not any((run.rejected or 0) < REFUSALS for run in self.session.in_play())
         return spent and updates.count(self.session.id, updates.TRAINING) == 0
 
     def _waiting(self) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from bson import ObjectId
 from celery import Celery
 from celery.result import AsyncResult
 from celery.signals import worker_init, worker_process_init, worker_ready
@@ -25,6 +26,7 @@ from kombu.exceptions import OperationalError
 
 import models
 from models import assignment as assignments
+from models import peer as peers
 from models import session as sessions
 from settings import Settings
 from tasks import celery as platform
@@ -148,6 +150,16 @@ def register(app: Celery, services: Services) -> None:
             return
         error = AsyncResult(task_id, app=app).result
         found.end(sessions.FAILED, f"aggregating round {body.round} failed: {type(error).__name__}: {error}")
+
+    @app.task(name="peertrain.recruit", **RELIABLE, **TRANSIENT)
+    def recruit(session_id: str, names: list[str]) -> None:
+        """Peers that came online were claimed for a running elastic session: it gives them work (or, ended
+        meanwhile, lets them go)."""
+        found = strategy(session_id)
+        if found is None:
+            peers.release(ObjectId(session_id), names)
+            return
+        found.on_joined(names)
 
     @app.task(name="peertrain.cancel_session", **RELIABLE)
     def cancel_session(session_id: str) -> None:

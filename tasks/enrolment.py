@@ -1,5 +1,5 @@
 """Issuing and revoking a peer's broker login: what `tasks.registry` (an operator) and the API's enrolment
-(`POST /peers/join`, a user's machine) both do. Only the broker and its management API: no coordinator
+(`POST /join`, a user's machine) both do. Only the broker and its management API: no coordinator
 code, so the web process may use it.
 """
 

@@ -25,7 +25,7 @@ from models import event as events
 from models import peer as peers
 from models import session as sessions
 from models.session import History, Plan
-from tasks import gate
+from tasks import enrolment, gate
 from tasks.gate import Outcome
 from tasks.storage import LocalStorage
 from tasks.strategy import RoundStrategy, Strategy, split_seed
@@ -129,6 +129,28 @@ class Federated(Strategy):
             normalization=normalization.to_dict(), classes=table.classes, model=config.to_dict(), initial_url=initial,
             global_url=initial)
         sessions.record_plan(session.id, session.plan)
+
+    def reshard(self, names: list[str]) -> None:
+        """Split the training rows again, one shard per peer of `names` (peers joined the session): the held-out
+        rows stay what they were, and each peer's next task trains on its new shard. Keyed by how many runs the
+        session has, so that a step run twice writes the same shards."""
+        session = self.session
+        generation = len(session.peers)
+        folder = f"{self.prefix}/shards/n{generation}/peers"
+        split: dict[str, np.ndarray] = {}
+
+        def shards(table: Table, train_rows: np.ndarray) -> dict[str, np.ndarray]:
+            parts = shard(train_rows, table.y, len(names), self.settings.partition, alpha=self.settings.alpha,
+                          seed=split_seed(session) + generation)
+            split.update(zip(names, parts, strict=True))
+            return {f"{folder}/{name}.csv": split[name] for name in names}
+
+        _, urls = self.store_split(shards)
+        plan = session.plan
+        plan.shards = {**plan.shards, **{name: urls[f"{folder}/{name}.csv"] for name in names}}
+        plan.shard_rows = {**plan.shard_rows, **{name: len(rows) for name, rows in split.items()}}
+        sessions.set_plan(session.id, {"shards": plan.shards, "shard_rows": plan.shard_rows})
+        log.info("session %s: training rows split again for %d peers", session.id, len(names))
 
     def spec(self, peer: str, round_: int, task_id: str, initial_url: str, key: str,
              last_round: bool, version: int | None = None) -> dict[str, Any]:
@@ -410,6 +432,20 @@ class SyncFederated(Federated, RoundStrategy):
         session.rounds.append(round_doc)
         plan.global_url, plan.server_url = global_url, server_url
         self.next_round(round_, merged)
+
+    def on_joined(self, names: list[str]) -> None:
+        """Elastic: peers that came online train from the next round on (`before_round` gives them shards)."""
+        launch = self.session.launch
+        if not self.session.elastic or (launch is not None and launch.round + 1 >= self.rounds):
+            super().on_joined(names)  # not elastic, or its last round is out: nothing left to join
+            return
+        if admitted := self.admit(names):
+            enrolment.declare_queues(self.app, admitted)
+
+    def before_round(self, names: list[str]) -> None:
+        """A round with peers that have no shard yet (they joined): the training rows are split again among all."""
+        if any(name not in self.session.plan.shards for name in names):
+            self.reshard(names)
 
     def _global_key(self, round_: int) -> str:
         return f"{self.prefix}/rounds/{round_}/global.safetensors"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from bson import ObjectId
 from celery import Celery
@@ -16,6 +16,7 @@ from celery import Celery
 from models import TrainingSession, utcnow
 from models import assignment as assignments
 from models import peer as peers
+from models import pool as pools
 from models import session as sessions
 from models import trial as trials
 from models import update as updates
@@ -82,3 +83,24 @@ def _strike(runs: list[sessions.PeerRun], at: datetime) -> None:
     spared = [run.name for run in runs if run.accepted > run.rejected]
     for name in peers.strike(struck, spared, at):
         log.warning("peer %s is QUARANTINED: its updates were refused in %d sessions running", name, peers.STRIKES)
+
+
+def recruit(app: Celery, stale_after: timedelta | None = None) -> dict[str, list[str]]:
+    """Hand free peers to running elastic sessions with room for them, the oldest session first, each within
+    its pool (never a peer its owner did not share with the session's owner), and tell the coordinator
+    (`peertrain.recruit`), which gives them work; returns session id -> the peers handed to it."""
+    wanting = sessions.wanting_peers()
+    if not wanting or not peers.anyone_free():
+        return {}
+    handed: dict[str, list[str]] = {}
+    for doc in wanting:
+        among = pools.peers_for(doc["owner_id"], doc.get("pool") or "public")
+        if among is None:
+            continue  # its pool was deleted: it goes on with the peers it has
+        have = [run["name"] for run in doc.get("peers") or []]
+        names = peers.claim_up_to(doc["_id"], doc["max_peers"] - len(have), among, stale_after, exclude=have)
+        if names:
+            handed[str(doc["_id"])] = names
+            log.info("session %s takes peer(s) %s, which came online", doc["_id"], ", ".join(names))
+            app.send_task("peertrain.recruit", args=[str(doc["_id"]), names])
+    return handed

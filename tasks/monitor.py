@@ -55,6 +55,7 @@ ASSIGNMENT_SECONDS = 1.0  # how long a task's assignment, as read, answers for i
 # the slowest of its fellows that finished (models.assignment.tighten), looked at every TIGHTEN_EVERY s.
 DEADLINE_FACTOR = 3.0
 TIGHTEN_EVERY = 5.0
+RECRUIT_EVERY = 1.0  # seconds between looks for free peers that running elastic sessions could take
 BEHIND_CHECKS = 50  # silent peers whose queue of events a sweep looks into (a broker round trip each)
 
 
@@ -86,6 +87,7 @@ class Monitor:
         self._looked = float("-inf")
         self.deadline_floor = deadline_floor
         self._tightened = float("-inf")
+        self._recruited = float("-inf")
         self.gate = Gate(storage=None, clock=self.clock, lookup=self._assignment)
         self.dropped = self.gate.dropped
         # Monotonic time since which the monitor has been receiving events (None: not connected), and
@@ -267,6 +269,11 @@ class Monitor:
             for name in lost:
                 self._lost(name, f"went offline (no heartbeat for {self.peer_timeout.total_seconds():g} s)")
         lost += self._look(now)
+        if caught_up and self.app is not None and self.clock.monotonic() >= self._recruited + RECRUIT_EVERY:
+            # Peers that came online go to running elastic sessions with room (once the monitor knows who is
+            # online: not while it is behind).
+            self._recruited = self.clock.monotonic()
+            lifecycle.recruit(self.app, self.peer_timeout)
         if self.clock.monotonic() >= self._tightened + TIGHTEN_EVERY:
             self._tightened = self.clock.monotonic()
             assignments.tighten(DEADLINE_FACTOR, self.deadline_floor)

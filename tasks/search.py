@@ -258,6 +258,22 @@ class Search(Sweep):
             self._send(trials.of_task(session.id, seq))
         return True
 
+    def on_joined(self, names: list[str]) -> None:
+        """Peers that came online: each trains on the training rows every peer has, and gets the next trial."""
+        if not self.session.elastic:
+            super().on_joined(names)
+            return
+        plan = self.session.plan
+        url, rows = next(iter(plan.shards.values())), next(iter(plan.shard_rows.values()))
+        entries = {f"{field}.{name}": value for name in names
+                   for field, value in (("shards", url), ("shard_rows", rows))}
+        admitted = self.admit(names, entries)
+        if admitted:
+            enrolment.declare_queues(self.app, admitted)
+        for name in admitted:
+            self.keep_busy(name)
+        self.finish_if_done()
+
     def _idle(self, peer: str) -> None:
         """`peer` has no trial left to run in this session: it is done, and free for other sessions."""
         run = self.session.peer(peer)

@@ -118,6 +118,37 @@ class Strategy:
     def finish(self) -> None:
         raise NotImplementedError
 
+    def on_joined(self, names: list[str]) -> None:
+        """Peers that came online were claimed for this (elastic) session; a mode that cannot grow lets them go."""
+        peers.release(self.session.id, names)
+
+    def admit(self, names: list[str], plan: dict[str, Any] | None = None) -> list[str]:
+        """Add runs for peers `names` claimed for this running session (with `plan` entries for them), once;
+        those of them it has now. If it ended or grew past `max_peers` meanwhile, the rest are let go."""
+        session = self.session
+        for _ in range(5):  # another addition may come first: read again and retry
+            session.reload()
+            have = {run.name for run in session.peers}
+            new = [name for name in names if name not in have]
+            room = (session.max_peers or len(have)) - len(have)
+            if session.finished or not new or room < len(new):
+                break
+            template = session.peers[0]
+            runs = [sessions.PeerRun(name=name, hyperparameters=dict(template.hyperparameters),
+                                     epochs=template.epochs) for name in new]
+            if sessions.add_runs(session.id, runs, plan):
+                session.reload()
+                break
+        admitted = [name for name in names if name in {run.name for run in session.peers}]
+        if session.finished:
+            admitted = []
+        refused = [name for name in names if name not in admitted]
+        if refused:
+            peers.release(session.id, refused)
+        if admitted:
+            log.info("session %s: peer(s) %s joined", session.id, ", ".join(admitted))
+        return admitted
+
     def stalled(self) -> bool:
         """True while work waits on another coordinator (which may have died): ask again `retry_after` s later."""
         return False
@@ -269,6 +300,9 @@ class RoundStrategy(Strategy):
     def prepare(self) -> None:
         """Whatever the first round needs (safe to run twice)."""
 
+    def before_round(self, names: list[str]) -> None:
+        """Whatever a round of peers `names` needs before it is recorded (safe to run twice)."""
+
     def epochs(self, run: Any) -> int:
         """Epochs a task of `run`'s trains."""
         raise NotImplementedError
@@ -306,6 +340,7 @@ class RoundStrategy(Strategy):
         session = self.session
         if session.launch is None or session.launch.round != round_:
             names = [run.name for run in session.in_play()]
+            self.before_round(names)
             now = self.clock.now()
             body = protocol.TaskId(str(session.id), round_, f"aggregate-{uuid()}")
             launch = Launch(round=round_, group=uuid(), body=str(body), peers=names, started_at=now, sent=False)

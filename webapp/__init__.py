@@ -48,6 +48,7 @@ def create_app(test_config: dict[str, Any] | None = None, settings: Settings | N
     from webapp.health import blp as health
     from webapp.peers import SETTINGS
     from webapp.peers import blp as peers
+    from webapp.peers import join_blp as join
     from webapp.peers import pools_blp as pools
     from webapp.schemas import HyperparametersSchema
     from webapp.sessions import blp as sessions
@@ -55,7 +56,7 @@ def create_app(test_config: dict[str, Any] | None = None, settings: Settings | N
     throttling.init_app(app, auth)
     api.spec.components.schema("Hyperparameters", schema=HyperparametersSchema)  # see schemas.HYPERPARAMETERS_REF
     app.extensions[SETTINGS] = settings  # enrolment issues broker logins as `tasks.registry` does
-    for blueprint in (auth, peers, pools, sessions, datasets, health):
+    for blueprint in (auth, peers, join, pools, sessions, datasets, health):
         api.register_blueprint(blueprint)
     from webapp import objects
 

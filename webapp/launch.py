@@ -35,6 +35,7 @@ from trainer.split import VALIDATION_FRACTION, shard
 from trainer.table import DatasetError, Table, read_table, split_indices
 from webapp import outages
 from webapp.extensions import dispatcher, storage
+from webapp.schemas import MAX_PEERS
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +132,12 @@ def _start(user: User, form: dict[str, Any], upload: Upload) -> TrainingSession:
 
 def pool_filter(user: User, pool: str) -> Q:
     """The peers a session of `user`'s may claim in `pool`; aborts with 400 for a pool the user is not in."""
-    if pool == "public":
-        return peers.public()
-    if pool == "mine":
-        return peers.owned_by(user.id)
-    found = pools.named(pool)
-    if found is None or not found.admits(user.id):
+    among = pools.peers_for(user.id, pool)
+    if among is None:
         # Not found and not a member read alike: a pool's existence is its members' business.
         abort(400, message=f"no pool named {pool!r} that you own or belong to",
               errors={"pool": ["`public`, `mine`, or the name of a pool you own or belong to (GET /pools)"]})
-    return found.peer_filter()
+    return among
 
 
 def dashboard_link(session_id: Any) -> str:
@@ -204,6 +201,8 @@ def _document(session_id: ObjectId, user: User, form: dict[str, Any], table: Tab
         owner_id=user.id,
         mode=form["mode"],
         pool=form.get("pool") or "public",
+        elastic=form.get("elastic", False),
+        max_peers=(form.get("max_peers") or MAX_PEERS) if form.get("elastic") else None,
         task=form["task"],
         target=table.target,
         features=table.features,

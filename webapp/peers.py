@@ -1,7 +1,7 @@
 """The peers: which ones a user may train on, and enrolling, sharing, pausing and removing one's own machines.
 
 A signed-in user enrols a machine with `POST /peers` (a one-time join token, an hour to use it); on the
-machine, `peertrain peer join` exchanges it at `POST /peers/join` for the peer's own broker login, the
+machine, `peertrain peer join` exchanges it at `POST /join` for the peer's own broker login, the
 same one `python -m tasks.registry add` issues. The user owns that peer: it serves only the owner's
 sessions until the owner shares it with everyone (`PATCH /peers/<name>` `public`) or through a pool
 (`/pools`), and the owner may pause, resume or remove it.
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 blp = Blueprint("peers", __name__, url_prefix="/peers", description="Peer workers: the machines that train")
 pools_blp = Blueprint("pools", __name__, url_prefix="/pools", description="Pools: sharing your peers with chosen users")
+join_blp = Blueprint("join", __name__, url_prefix="/join", description="A machine joins with its one-time token")
 
 SETTINGS = "peertrain.settings"
 TOKEN_PREFIX = "ptj_"  # recognisable in logs and secret scanners, like GitHub's ghp_
@@ -135,12 +136,13 @@ class Peers(MethodView):
                 "command": f"peertrain peer join --url {url} --token {token} && peertrain peer run"}
 
 
-@blp.route("/join")
+@join_blp.route("")
 class Join(MethodView):
-    @blp.arguments(JoinSchema)
-    @blp.response(200, JoinedSchema)
-    @blp.alt_response(401, description="the token is not one the platform issued (mistyped, tampered, replaced)")
-    @blp.alt_response(410, description="the token was used already or has expired")
+    @join_blp.arguments(JoinSchema)
+    @join_blp.response(200, JoinedSchema)
+    @join_blp.alt_response(401, description="the token is not one the platform issued (mistyped, tampered, replaced)")
+    @join_blp.alt_response(410, description="the token was used already or has expired")
+    @join_blp.alt_response(503, description="the broker did not answer; the token still works")
     def post(self, body: dict[str, Any]):
         """A machine exchanges its join token, once, for its peer's own broker login (no sign-in: the token is
         the credential)."""

@@ -25,7 +25,7 @@ from models.session import (
 )
 from models.user import email_error
 from settings import Settings
-from tasks.protocol import task_queue
+from tasks.protocol import NAME_PATTERN, task_queue
 from trainer import search as search_space
 from trainer.search import MAX_TRIALS, PRUNERS, SAMPLERS
 
@@ -140,10 +140,22 @@ class PeerDetailSchema(PeerSchema):
         "description": "the sessions it worked in, newest first (only its owner sees them)"})
 
 
+class StrictBoolean(fields.Boolean):
+    """A JSON `true` or `false`, nothing else (not 0, 1 or "yes")."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        return value
+
+
+PEER_NAME = validate.Regexp(NAME_PATTERN, error="1-63 letters, digits, `_` or `-`, starting with a letter or digit")
+
+
 class EnrolSchema(StrictSchema):
-    name = fields.String(required=True, validate=validate.Length(min=1, max=64), metadata={
-        "description": "the machine's peer name: letters, digits, `-` and `_`; enrolling a name of yours again "
-                       "gives a new token"})
+    name = fields.String(required=True, validate=PEER_NAME, metadata={
+        "description": "the machine's peer name: 1-63 letters, digits, `-` and `_`; enrolling a name of yours "
+                       "again gives a new token"})
 
 
 class EnrolmentSchema(ma.Schema):
@@ -165,24 +177,25 @@ class JoinedSchema(ma.Schema):
 
 
 class PeerPatchSchema(StrictSchema):
-    public = fields.Boolean(metadata={"description": "share it with everyone's sessions (true) or only yours"})
-    paused = fields.Boolean(metadata={"description": "keep it out of sessions (true) or let it take work again"})
+    public = StrictBoolean(metadata={"description": "share it with everyone's sessions (true) or only yours"})
+    paused = StrictBoolean(metadata={"description": "keep it out of sessions (true) or let it take work again"})
 
 
 class PoolSchema(StrictSchema):
     name = fields.String(required=True, validate=[validate.Length(min=1, max=64), validate.Regexp(
         r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", error="letters, digits, `_`, `.` and `-`, starting with a letter or digit"),
         validate.NoneOf(["public", "mine"], error="`public` and `mine` are what `pool` means without a pool")])
-    members = fields.List(fields.String(), load_default=list, metadata={
+    members = fields.List(fields.String(validate=validate.Length(min=1, max=40)), load_default=list, metadata={
         "description": "usernames of the users who may train on its peers (you always may)"})
-    peers = fields.List(fields.String(), load_default=list, metadata={"description": "names of your peers it shares"})
+    peers = fields.List(fields.String(validate=PEER_NAME), load_default=list,
+                        metadata={"description": "names of your peers it shares"})
     owner = fields.String(dump_only=True)
     created_at = UTCDateTime(dump_only=True)
 
 
 class PoolPatchSchema(StrictSchema):
-    members = fields.List(fields.String())
-    peers = fields.List(fields.String())
+    members = fields.List(fields.String(validate=validate.Length(min=1, max=40)))
+    peers = fields.List(fields.String(validate=PEER_NAME))
 
 
 class PoolListSchema(ma.Schema):
@@ -314,6 +327,14 @@ class StartSessionSchema(StrictSchema):
     pool = fields.String(load_default="public", validate=validate.Length(min=1, max=64), metadata={
         "description": "whose peers train it: `public` (default: the platform's and those shared with everyone), "
                        "`mine` (only your own) or the name of a pool you own or belong to"})
+    elastic = fields.Boolean(metadata={
+        "description": "whether peers that come online while it runs join it (up to `max_peers`): an asynchronous "
+                       "federated session hands a newcomer its next task at once, a searching sweep its next trial, "
+                       "a synchronous federated session adds it at the next round (its shard re-split from the "
+                       "training rows). Default: true for asynchronous sessions and searches, false for synchronous "
+                       "ones; a sweep of fixed settings cannot grow"})
+    max_peers = fields.Integer(validate=validate.Range(min=1, max=MAX_PEERS), metadata={
+        "description": "elastic: the most peers it may have (default: the platform's limit per session)"})
     # Either mode: how many peers must finish each round for the session to go on (default: all), and
     # how long a round may take before the peers still training are left out.
     min_peers = fields.Integer(validate=validate.Range(min=1, max=MAX_PEERS))
@@ -381,6 +402,22 @@ class StartSessionSchema(StrictSchema):
             self._federated(data)
         self._algorithm(data)
         self._schedule(data)
+        self._elastic(data)
+
+    @staticmethod
+    def _elastic(data: dict[str, Any]) -> None:
+        """Which sessions take peers that come online while they run, and how many they may have."""
+        growing = data.get("search") is not None or (data.get("mode") == FEDERATED and data.get("schedule") == ASYNC)
+        if data.get("mode") == SWEEP and data.get("search") is None:
+            if data.get("elastic"):
+                raise ma.ValidationError("a sweep of fixed settings (one per peer) cannot take more peers; a sweep "
+                                         "that searches (`search`) and federated sessions can", "elastic")
+        data["elastic"] = data.get("elastic", growing)
+        if "max_peers" in data:
+            if not data["elastic"]:
+                raise ma.ValidationError("only for elastic sessions (elastic=true)", "max_peers")
+            if data.get("num_peers") is not None and data["max_peers"] < data["num_peers"]:
+                raise ma.ValidationError(f"at least num_peers ({data['num_peers']})", "max_peers")
 
     @staticmethod
     def _search(data: dict[str, Any], fixed: dict[str, Any] | None) -> None:
@@ -586,6 +623,9 @@ class SessionSchema(ma.Schema):
                                               "INTERRUPTED"]})
     mode = fields.String()
     pool = fields.String(dump_default="public", metadata={"description": "whose peers it was started on"})
+    elastic = fields.Boolean(dump_default=False, metadata={
+        "description": "whether peers that come online while it runs join it"})
+    max_peers = fields.Integer(allow_none=True, dump_default=None)
     task = fields.String()
     target = fields.String()
     features = fields.List(fields.String())

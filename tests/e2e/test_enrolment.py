@@ -13,16 +13,19 @@ from pathlib import Path
 import pytest
 from kombu import Connection
 
-from harness.processes import peer_environment
+from harness.processes import PeerProcess, peer_environment
 from harness.waiting import wait_until
 from models import Peer
 from models.peer import ONLINE
+from tasks import protocol
 from tests import conftest
 from tests.client.test_cli import PEERTRAIN, run
 
 pytestmark = pytest.mark.e2e
 
 HP = json.dumps({"learning_rate": 0.01, "epochs": 2, "batch_size": 32, "hidden": [32]})
+# SGD: a fresh Adam per task overshoots from a good global model, and screening refuses such updates.
+FEDERATED_HP = json.dumps({"optimizer": "sgd", "learning_rate": 0.05, "batch_size": 32, "hidden": [64]})
 
 
 class Machine:
@@ -143,3 +146,64 @@ def test_the_worker_command_the_cli_runs_is_the_platforms():
     assert argv[1:4] == ["-m", "celery", "-A"] and "peer.x1" in argv
     with pytest.raises(machine.PeerFileError):
         machine.worker_argv("rm -rf /")
+
+
+def owned_peer(platform, user, name: str) -> str:
+    """A machine of `user`'s, enrolled and joined over HTTP, its worker started with only what joining gave."""
+    token = user.post("/peers", json={"name": name}).json()["join_token"]
+    joined = user.post("/join", json={"token": token})
+    assert joined.status_code == 200, joined.text
+    platform.logins.append(protocol.broker_user(name, platform.settings.broker_scope))
+    environment = peer_environment(**joined.json()["environment"], PEER_THREADS="1")
+    platform.peers[name] = PeerProcess(name, platform.log_dir, environment)
+    return name
+
+
+def online(names: list[str], timeout: float = 60) -> None:
+    wait_until(lambda: Peer.objects(name__in=names, status=ONLINE).count() == len(names), timeout,
+               f"{names} to come ONLINE", interval=0.25)
+
+
+def test_a_peer_that_comes_online_mid_session_is_used_by_an_asynchronous_and_an_elastic_synchronous_one(
+        platform, digits_csv):
+    user = platform.user()
+    first = owned_peer(platform, user, f"el1{conftest.RUN_ID}")
+    online([first])
+    late = f"el2{conftest.RUN_ID}"
+    try:
+        # Asynchronous: the newcomer is handed tasks as soon as it is online.
+        started = user.start(digits_csv, num_peers=1, pool="mine", mode="federated", schedule="async",
+                             buffer_size=1, max_updates=1000, time_budget=30, local_epochs=1,
+                             hyperparameters=FEDERATED_HP)
+        assert started.status_code == 202, started.text
+        session_id = started.json()["session_id"]
+        assert user.session(session_id)["elastic"] is True
+        owned_peer(platform, user, late)
+        wait_until(lambda: late in [p["name"] for p in user.session(session_id)["peers"]], 90,
+                   f"{late} to join the asynchronous session", interval=0.25)
+        done = user.wait_finished(session_id, timeout=180)
+        assert done["status"] == "COMPLETED", done
+        folded = {u["peer"] for version in done["rounds"] for u in version["updates"]}
+        assert folded == {first, late}, folded
+
+        # Synchronous and elastic: the second machine, paused, is left out of the start; resumed, it joins at
+        # the round after it comes back.
+        assert user.http.patch(f"{platform.base_url}/peers/{late}", json={"paused": True}).status_code == 200
+        online([late])
+        started = user.start(digits_csv, num_peers=1, pool="mine", mode="federated", rounds=40, local_epochs=1,
+                             elastic="true", max_peers=2, hyperparameters=FEDERATED_HP)
+        assert started.status_code == 202, started.text
+        session_id = started.json()["session_id"]
+        assert started.json()["assigned_peers"] == [first]
+        wait_until(lambda: len(user.session(session_id)["rounds"]) >= 1, 60, "a round without it")
+        assert user.http.patch(f"{platform.base_url}/peers/{late}", json={"paused": False}).status_code == 200
+        done = user.wait_finished(session_id, timeout=240)
+        assert done["status"] == "COMPLETED", done
+        rounds = [sorted(r["peers"]) for r in done["rounds"]]
+        assert rounds[0] == [first] and rounds[-1] == sorted([first, late]), rounds
+        joined_at = rounds.index(sorted([first, late]))
+        assert all(r == sorted([first, late]) for r in rounds[joined_at:])  # from then on, every round
+    finally:
+        for name in (first, late):
+            if name in platform.peers:
+                platform.stop_peer(name)

@@ -619,3 +619,14 @@ def test_an_asynchronous_scaffold_session_keeps_c_fold_by_fold(kit, aggregation)
     server = _state(kit, session, done.plan.server_url)
     assert all(torch.isfinite(v).all() for v in server.values()) and any(v.any() for v in server.values())
     assert done.results["algorithm"] == "scaffold"
+
+
+def test_an_asynchronous_session_whose_every_peer_is_refused_ends_at_once_rather_than_at_its_deadline(kit):
+    session = kit.session(**{**ASYNC, "max_updates": 40})
+    run_session(kit, session)
+    done = kit.run_to_end(session, spoil="nan")
+    assert done.status == sessions.FAILED and done.reason == "no peer returned a usable update"
+    # Each given up on after its third refused update (a task or so more: one was out while they were judged),
+    # far from the 40 the budget allowed; no task is out, none waits.
+    assert all(3 <= run.rejected <= 4 for run in done.peers)
+    assert sum(1 for _ in updates.for_session(session.id)) <= 8

@@ -68,7 +68,7 @@ def test_a_join_token_is_shown_once_stored_hashed_and_exchanged_once_for_the_pee
     assert stored.status == "OFFLINE" and stored.owner_id is not None
     assert token not in json.dumps(stored.to_mongo().to_dict(), default=str)  # only its hash
 
-    first = client.post("/peers/join", json={"token": token})
+    first = client.post("/join", json={"token": token})
     assert first.status_code == 200, first.json
     joined(name)
     environment = first.json["environment"]
@@ -78,24 +78,24 @@ def test_a_join_token_is_shown_once_stored_hashed_and_exchanged_once_for_the_pee
         login.ensure_connection(max_retries=1)
         assert login.userid == protocol.broker_user(name, Settings.from_env().broker_scope)
 
-    again = client.post("/peers/join", json={"token": token})
+    again = client.post("/join", json={"token": token})
     assert again.status_code == 410 and "used already" in again.json["message"]
-    tampered = client.post("/peers/join", json={"token": token[:-2] + ("AA" if token[-2:] != "AA" else "BB")})
+    tampered = client.post("/join", json={"token": token[:-2] + ("AA" if token[-2:] != "AA" else "BB")})
     assert tampered.status_code == 401 and "not valid" in tampered.json["message"]
-    assert client.post("/peers/join", json={}).status_code == 400
+    assert client.post("/join", json={}).status_code == 400
 
 
 def test_an_expired_token_is_refused_and_a_new_one_replaces_it(app, client, auth, broker):
     name = f"old{conftest.RUN_ID}"
     app.config["JOIN_TOKEN_SECONDS"] = 0
     stale = enrol(client, auth, name).json["join_token"]
-    answer = client.post("/peers/join", json={"token": stale})
+    answer = client.post("/join", json={"token": stale})
     assert answer.status_code == 410 and "expired" in answer.json["message"]
     app.config["JOIN_TOKEN_SECONDS"] = 3600
     fresh = enrol(client, auth, name)  # the same name again: the owner's new token
     assert fresh.status_code == 201
-    assert client.post("/peers/join", json={"token": stale}).status_code == 401  # replaced
-    assert client.post("/peers/join", json={"token": fresh.json["join_token"]}).status_code == 200
+    assert client.post("/join", json={"token": stale}).status_code == 401  # replaced
+    assert client.post("/join", json={"token": fresh.json["join_token"]}).status_code == 200
     joined(name)
     assert Peer.objects(name=name).count() == 1
 
@@ -108,7 +108,7 @@ def test_names_are_checked_and_anothers_name_is_not_taken_over(client, signup, b
     peers.register("platform1")
     assert enrol(client, bob, "platform1").status_code == 409
     bad = enrol(client, ann, "a.b")
-    assert bad.status_code == 400 and "a peer name is" in bad.json["message"]
+    assert bad.status_code == 400 and "letters, digits" in json.dumps(bad.json)
 
 
 def test_with_make_runs_in_process_broker_machines_cannot_join_and_are_told_how(db, storage_dir, signup):
@@ -221,7 +221,7 @@ def test_the_owner_sees_its_peers_history_and_removes_it_revoking_its_login(app,
     ann, bob = signup("ann"), signup("bob")
     name = f"rm{conftest.RUN_ID}"
     token = enrol(client, ann, name).json["join_token"]
-    environment = client.post("/peers/join", json={"token": token}).json["environment"]
+    environment = client.post("/join", json={"token": token}).json["environment"]
     joined(name)
     online(name)
     started = start(client, ann, csv_path, pool="mine")

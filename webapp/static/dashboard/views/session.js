@@ -120,17 +120,19 @@ class SessionPage {
       this.loss.define("global", { label: "global model (val)", ...global });
       this.metric.define("global", { label: "global model (val)", ...global });
     }
-    for (const [name, peer] of this.peers) {
-      const thin = this.federated ? 1 : 2;
-      this.loss.define(`${name}:train`, { label: `${name} train`, color: peer.color, width: thin });
-      if (!this.federated) this.loss.define(`${name}:val`, { label: `${name} val`, color: peer.color, dash: [6, 4] });
-      if (this.regression) {
-        this.metric.define(`${name}:val`, { label: `${name} val`, color: peer.color, width: thin, dash: [6, 4] });
-      } else {
-        this.metric.define(`${name}:train`, { label: `${name} train`, color: peer.color, width: thin });
-        if (!this.federated) {
-          this.metric.define(`${name}:val`, { label: `${name} val`, color: peer.color, dash: [6, 4] });
-        }
+    for (const [name, peer] of this.peers) this.definePeer(name, peer);
+  }
+
+  definePeer(name, peer) {
+    const thin = this.federated ? 1 : 2;
+    this.loss.define(`${name}:train`, { label: `${name} train`, color: peer.color, width: thin });
+    if (!this.federated) this.loss.define(`${name}:val`, { label: `${name} val`, color: peer.color, dash: [6, 4] });
+    if (this.regression) {
+      this.metric.define(`${name}:val`, { label: `${name} val`, color: peer.color, width: thin, dash: [6, 4] });
+    } else {
+      this.metric.define(`${name}:train`, { label: `${name} train`, color: peer.color, width: thin });
+      if (!this.federated) {
+        this.metric.define(`${name}:val`, { label: `${name} val`, color: peer.color, dash: [6, 4] });
       }
     }
   }
@@ -172,8 +174,14 @@ class SessionPage {
       this.loss.point("global", x, data.metrics.val_loss);
       this.metric.point("global", x, this.regression ? data.metrics.val_r2 : data.metrics.val_accuracy);
     } else if (type === "peer") {
-      const peer = this.peers.get(data.peer);
-      if (peer) Object.assign(peer, { status: data.status, error: data.error ?? peer.error });
+      let peer = this.peers.get(data.peer);
+      if (!peer) {
+        // A peer that joined the running session (elastic sessions take peers that come online).
+        peer = { name: data.peer, status: data.status, color: PALETTE[this.peers.size % PALETTE.length] };
+        this.peers.set(data.peer, peer);
+        this.definePeer(data.peer, peer);
+      }
+      Object.assign(peer, { status: data.status, error: data.error ?? peer.error });
       this.scheduleRows();
     } else if (type === "end") {
       Object.assign(this.session, { status: data.status, reason: data.reason });
