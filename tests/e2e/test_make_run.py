@@ -13,6 +13,7 @@ from harness.http import Api
 from harness.processes import make_target
 from harness.waiting import wait_until
 from settings import ROOT
+from tasks import protocol
 
 pytestmark = pytest.mark.e2e
 
@@ -50,6 +51,9 @@ def test_make_run_serves_a_session_on_the_sample_csv(tmp_path):
         assert f"session {session_id} COMPLETED" in banner
         assert "celery.app.trace" not in banner and "succeeded in" not in banner
         assert "<title>peertrain</title>" in user.get("/").text  # the dashboard, served by granian too
+        # No other machine can reach the in-process broker: enrolling one is refused, saying what to do.
+        refused = user.post("/peers", json={"name": "laptop"})
+        assert refused.status_code == 409 and "BROKER_URL" in refused.json()["message"]
 
 
 def running_with(marker: str) -> list[int]:
@@ -96,6 +100,12 @@ def test_make_run_stopped_mid_session_leaves_nothing_running_and_keeps_its_data(
         process = make_run(log)
         user = Api(base).sign_up_and_in("ann")
         wait_until(lambda: user.get("/peers").json()["free"] == 2, 60, "the two local peers")
+        if broker == "rabbitmq":  # with a broker, the embedded platform's API enrols machines itself
+            name = f"mr{conftest.RUN_ID}"
+            token = user.post("/peers", json={"name": name}).json()["join_token"]
+            joined = user.post("/join", json={"token": token})
+            assert joined.status_code == 200 and joined.json()["environment"]["BROKER_URL"].startswith("amqp://")
+            conftest.PEER_USERS.append(protocol.broker_user(name, conftest.VHOST))
         long = json.dumps({"learning_rate": 0.001, "epochs": 1000})
         session_id = user.start(ROOT / "samples" / "wine.csv", num_peers=2, hyperparameters=long).json()["session_id"]
         wait_until(lambda: len(user.heartbeats(session_id)) >= 12, 60, "both peers to be training")
