@@ -99,8 +99,13 @@ def recruit(app: Celery, stale_after: timedelta | None = None) -> dict[str, list
             continue  # its pool was deleted: it goes on with the peers it has
         have = [run["name"] for run in doc.get("peers") or []]
         names = peers.claim_up_to(doc["_id"], doc["max_peers"] - len(have), among, stale_after, exclude=have)
-        if names:
-            handed[str(doc["_id"])] = names
-            log.info("session %s takes peer(s) %s, which came online", doc["_id"], ", ".join(names))
+        if not names:
+            continue
+        try:
             app.send_task("peertrain.recruit", args=[str(doc["_id"]), names])
+        except Exception:
+            peers.release(doc["_id"], names)  # the coordinator will not hear of them: free them again now
+            raise
+        handed[str(doc["_id"])] = names
+        log.info("session %s takes peer(s) %s, which came online", doc["_id"], ", ".join(names))
     return handed

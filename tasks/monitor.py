@@ -273,7 +273,10 @@ class Monitor:
             # Peers that came online go to running elastic sessions with room (once the monitor knows who is
             # online: not while it is behind).
             self._recruited = self.clock.monotonic()
-            lifecycle.recruit(self.app, self.peer_timeout)
+            try:
+                lifecycle.recruit(self.app, self.peer_timeout)
+            except Exception as exc:  # the broker is away: the peers were freed again, the next look retries
+                log.warning("could not hand new peers to elastic sessions (%s)", exc)
         if self.clock.monotonic() >= self._tightened + TIGHTEN_EVERY:
             self._tightened = self.clock.monotonic()
             assignments.tighten(DEADLINE_FACTOR, self.deadline_floor)

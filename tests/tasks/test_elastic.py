@@ -144,3 +144,22 @@ def test_a_peer_claimed_for_a_session_that_ended_meanwhile_is_let_go(kit):
     kit.coordinate()
     assert Peer.objects.get(name=kit.peer(4)).status == peers.ONLINE
     assert kit.peer(4) not in {run.name for run in kit.reload(session).peers}
+
+
+def test_a_peer_claimed_while_the_broker_is_away_is_freed_again(kit, monkeypatch):
+    import pytest
+    from kombu.exceptions import OperationalError
+
+    session = elastic(kit, kit.session(**ASYNC))
+    run_session(kit, session)
+    comes_online(kit.peer(6))
+
+    def away(*args, **kwargs):
+        raise OperationalError("the broker is away")
+
+    monkeypatch.setattr(kit.app, "send_task", away)
+    with pytest.raises(OperationalError):
+        lifecycle.recruit(kit.app)
+    assert Peer.objects.get(name=kit.peer(6)).status == peers.ONLINE
+    monkeypatch.undo()
+    assert lifecycle.recruit(kit.app) == {str(session.id): [kit.peer(6)]}  # the next look takes it

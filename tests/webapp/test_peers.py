@@ -16,6 +16,7 @@ from models.peer import ONLINE, TRAINING
 from settings import Settings
 from tasks import protocol
 from tests import conftest, services
+from tests.webapp.test_sessions import start as start_session
 from webapp.extensions import DISPATCHER, Dispatcher
 
 
@@ -25,10 +26,7 @@ def csv_path(tmp_path: Path) -> Path:
 
 
 def start(client, headers, path: Path, **form):
-    data = {"num_peers": "1", **{k: v if isinstance(v, str) else json.dumps(v) for k, v in form.items()}}
-    with path.open("rb") as f:
-        data["file"] = (f, path.name)
-        return client.post("/sessions/start", headers=headers, data=data, content_type="multipart/form-data")
+    return start_session(client, headers, path, **{"num_peers": "1", **form})
 
 
 def enrol(client, headers, name: str):
