@@ -227,12 +227,13 @@ def claim_up_to(session_id: ObjectId, count: int, among: Q, stale_after: timedel
     return taken
 
 
-def claim_named(session_id: ObjectId, names: list[str], stale_after: timedelta | None = None) -> list[str]:
-    """Move the peers `names` (ONLINE, and heard from within `stale_after`) to TRAINING for `session_id`, all of
-    them or none; returns those that could not be taken (none: all were)."""
+def claim_named(session_id: ObjectId, names: list[str], stale_after: timedelta | None = None,
+                among: Q | None = None) -> list[str]:
+    """Move the peers `names` (ONLINE, not paused, within `among` if given, and heard from within `stale_after`)
+    to TRAINING for `session_id`, all of them or none; returns those that could not be taken (none: all were)."""
     taken: list[str] = []
     for name in names:
-        query = Peer.objects(name=name, status=ONLINE, paused__ne=True)
+        query = Peer.objects(Q(name=name, status=ONLINE, paused__ne=True) & (among or Q()))
         if stale_after is not None:
             query = query.filter(last_seen__gte=utcnow() - stale_after)
         if query.update_one(set__status=TRAINING, set__session_id=session_id):

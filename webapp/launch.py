@@ -163,10 +163,24 @@ def resume(session: TrainingSession) -> None:
         raise Unresumable(409, f"only an INTERRUPTED session can be resumed; session {session.id} is {session.status}")
     names = [run.name for run in session.in_play()]
     stale_after = timedelta(seconds=current_app.config["PEER_TIMEOUT_SECONDS"])
-    missing = peers.claim_named(session.id, names, stale_after=stale_after)
+    # Still within its pool: an owner who stopped sharing a peer meanwhile has taken it back.
+    among = pools.peers_for(session.owner_id, session.pool or "public")
+    if among is None:
+        raise Unresumable(409, f"the session's pool {session.pool!r} is gone, or you are no longer in it",
+                          {"pool": [session.pool]})
+    missing = peers.claim_named(session.id, names, stale_after=stale_after, among=among)
     if missing:
-        found = {p.name: p.status for p in peers.Peer.objects(name__in=missing).only("name", "status")}
-        busy = ", ".join(f"{name} is {found.get(name, 'not registered')}" for name in missing)
+        found = {p.name: p for p in peers.Peer.objects(name__in=missing).only("name", "status", "paused")}
+        shared = {p.name for p in peers.Peer.objects(Q(name__in=missing) & among).only("name")}
+
+        def why(name: str) -> str:
+            if name not in found:
+                return "not registered"
+            if name not in shared:
+                return "no longer shared with you"
+            return "paused by its owner" if found[name].paused else found[name].status
+
+        busy = ", ".join(f"{name} is {why(name)}" for name in missing)
         raise Unresumable(409, f"the session goes on with the peers it had, and they must be online and free: {busy};"
                                " try again when they are", {"peers": [busy]})
     if not sessions.resume(session.id, utcnow()):

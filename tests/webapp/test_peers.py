@@ -239,3 +239,30 @@ def test_the_owner_sees_its_peers_history_and_removes_it_revoking_its_login(app,
         with Connection(environment["BROKER_URL"], connect_timeout=5) as login:
             login.ensure_connection(max_retries=1)
     assert Peer.objects(status=ONLINE).count() == 0
+
+
+def test_an_interrupted_session_resumes_only_on_peers_still_shared_with_its_owner(client, signup, csv_path):
+    from bson import ObjectId
+
+    from models import session as sessions
+
+    ann, bob = signup("ann"), signup("bob")
+    peers.enrol("anns-gpu", User.objects.get(username="ann").id, "t", datetime.now(UTC))
+    online("anns-gpu")
+    assert client.patch("/peers/anns-gpu", headers=ann, json={"public": True}).status_code == 200
+    started = start(client, bob, csv_path)
+    assert started.status_code == 202 and started.json["assigned_peers"] == ["anns-gpu"]
+    session_id = ObjectId(started.json["session_id"])
+    peers.release(session_id)
+    assert sessions.finish(session_id, sessions.INTERRUPTED, "make run was stopped")
+
+    # Ann stops sharing it meanwhile: Bob's session cannot take it back.
+    assert client.patch("/peers/anns-gpu", headers=ann, json={"public": False}).status_code == 200
+    refused = client.post(f"/sessions/{session_id}/resume", headers=bob)
+    assert refused.status_code == 409 and "anns-gpu is no longer shared with you" in refused.json["message"]
+    assert Peer.objects.get(name="anns-gpu").status == ONLINE
+    assert client.patch("/peers/anns-gpu", headers=ann, json={"public": True, "paused": True}).status_code == 200
+    paused = client.post(f"/sessions/{session_id}/resume", headers=bob)
+    assert paused.status_code == 409 and "anns-gpu is paused by its owner" in paused.json["message"]
+    assert client.patch("/peers/anns-gpu", headers=ann, json={"paused": False}).status_code == 200
+    assert client.post(f"/sessions/{session_id}/resume", headers=bob).status_code == 202
