@@ -173,7 +173,7 @@ def test_a_peer_that_comes_online_mid_session_is_used_by_an_asynchronous_and_an_
     try:
         # Asynchronous: the newcomer is handed tasks as soon as it is online.
         started = user.start(digits_csv, num_peers=1, pool="mine", mode="federated", schedule="async",
-                             buffer_size=1, max_updates=1000, time_budget=30, local_epochs=1,
+                             buffer_size=1, max_updates=1000, time_budget=45, local_epochs=1,
                              hyperparameters=FEDERATED_HP)
         assert started.status_code == 202, started.text
         session_id = started.json()["session_id"]
