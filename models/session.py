@@ -236,7 +236,8 @@ class TrainingSession(Document):
 
     meta = {
         "collection": "sessions",
-        "indexes": [("owner_id", "-created_at"), "status", "peers.task_id"],
+        # peers.name: a peer's history for its owner (GET /peers/<name>) without reading every session.
+        "indexes": [("owner_id", "-created_at"), "status", "peers.task_id", "peers.name"],
         "ordering": ["-created_at"],
     }
 

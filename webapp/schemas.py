@@ -11,6 +11,7 @@ from flask_smorest.fields import Upload
 from marshmallow import fields, validate
 from werkzeug.datastructures import FileStorage
 
+from models.pool import RESERVED
 from models.session import (
     AGGREGATIONS,
     ALGORITHMS,
@@ -184,7 +185,7 @@ class PeerPatchSchema(StrictSchema):
 class PoolSchema(StrictSchema):
     name = fields.String(required=True, validate=[validate.Length(min=1, max=64), validate.Regexp(
         r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", error="letters, digits, `_`, `.` and `-`, starting with a letter or digit"),
-        validate.NoneOf(["public", "mine"], error="`public` and `mine` are what `pool` means without a pool")])
+        validate.NoneOf(RESERVED, error="`public` and `mine` are what `pool` means without a pool")])
     members = fields.List(fields.String(validate=validate.Length(min=1, max=40)), load_default=list, metadata={
         "description": "usernames of the users who may train on its peers (you always may)"})
     peers = fields.List(fields.String(validate=PEER_NAME), load_default=list,
