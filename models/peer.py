@@ -161,11 +161,6 @@ def claimable(among: Q | None = None) -> Q:
     return Q(status=ONLINE) & Q(paused__ne=True) & (public() if among is None else among)
 
 
-def anyone_free() -> bool:
-    """Whether any peer at all is ONLINE and not paused (before asking whose it is)."""
-    return Peer.objects(status=ONLINE, paused__ne=True).only("name").first() is not None
-
-
 def online_count(stale_after: timedelta | None = None, among: Q | None = None) -> int:
     """Peers a claim could take: ONLINE (free), not paused, within `among` (default: public), and heard from
     within `stale_after` if given."""

@@ -90,7 +90,7 @@ def recruit(app: Celery, stale_after: timedelta | None = None) -> dict[str, list
     its pool (never a peer its owner did not share with the session's owner), and tell the coordinator
     (`peertrain.recruit`), which gives them work; returns session id -> the peers handed to it."""
     wanting = sessions.wanting_peers()
-    if not wanting or not peers.anyone_free():
+    if not wanting:
         return {}
     handed: dict[str, list[str]] = {}
     for doc in wanting:
@@ -98,7 +98,12 @@ def recruit(app: Celery, stale_after: timedelta | None = None) -> dict[str, list
         if among is None:
             continue  # its pool was deleted: it goes on with the peers it has
         have = [run["name"] for run in doc.get("peers") or []]
-        names = peers.claim_up_to(doc["_id"], doc["max_peers"] - len(have), among, stale_after, exclude=have)
+        # Claimed for it by an earlier look whose word never reached the coordinator (this process died between
+        # the claim and the send): told again, with any new ones (the coordinator adds each peer once).
+        told_of = list(peers.Peer.objects(status=peers.TRAINING, session_id=doc["_id"], name__nin=have)
+                       .scalar("name"))
+        room = doc["max_peers"] - len(have) - len(told_of)
+        names = told_of + peers.claim_up_to(doc["_id"], room, among, stale_after, exclude=have + told_of)
         if not names:
             continue
         try:

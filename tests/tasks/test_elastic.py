@@ -163,3 +163,18 @@ def test_a_peer_claimed_while_the_broker_is_away_is_freed_again(kit, monkeypatch
     assert Peer.objects.get(name=kit.peer(6)).status == peers.ONLINE
     monkeypatch.undo()
     assert lifecycle.recruit(kit.app) == {str(session.id): [kit.peer(6)]}  # the next look takes it
+
+
+def test_a_peer_claimed_by_a_look_that_died_before_telling_the_coordinator_is_told_of_at_the_next(kit):
+    session = elastic(kit, kit.session(**ASYNC))
+    run_session(kit, session)
+    stray = kit.peer(11)
+    comes_online(stray)
+    # What a monitor killed between its claim and its message leaves: the peer TRAINING for a session that
+    # does not know it.
+    Peer.objects(name=stray).update_one(set__status=peers.TRAINING, set__session_id=session.id)
+    assert lifecycle.recruit(kit.app) == {str(session.id): [stray]}
+    kit.coordinate()
+    assert stray in {run.name for run in kit.reload(session).peers}
+    assert len(tasks_of(kit, stray)) == 1
+    assert lifecycle.recruit(kit.app) == {}  # known now: nothing more to tell
