@@ -145,7 +145,10 @@ def test_a_result_for_a_task_the_peer_was_not_given_is_dropped(platform, two_pee
     session = user.wait_finished(session_id, timeout=120)
     assert session["status"] == "COMPLETED", session
     for run in session["peers"]:
-        assert run["status"] == "COMPLETED" and run["final"]["val_accuracy"] != 1.0
+        # The peer's own result, not the forged one: an honest peer may well score 1.0 on its share of the digits
+        # (it did, once in a full run), but its loss is never exactly 0 and its epochs were all reported.
+        assert run["status"] == "COMPLETED" and run["final"]["val_loss"] > 0.0
+        assert run["final"].get("samples_per_sec")  # the forged final had none
         assert len(user.heartbeats(session_id, peer=run["name"])) == EPOCHS
     assert session["results"]["best_value"] < 1.0
 
