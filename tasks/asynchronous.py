@@ -38,7 +38,6 @@ from tasks.federated import Federated, combine
 from tasks.gate import Outcome
 from trainer import screening
 from trainer.staleness import Contribution, applied
-from trainer.weights import state_to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -346,8 +345,7 @@ class AsyncFederated(Federated):
                 for name, u, c in zip(kept, used, contributions, strict=True)])
         model = self.loaded(merged)
         metrics = self.evaluate_held_out(model)
-        url = self.storage.put_bytes(f"{self.prefix}/versions/{version + 1}.safetensors",
-                                     state_to_bytes(merged, {"version": version + 1}))
+        url = self.put_state(f"{self.prefix}/versions/{version + 1}.safetensors", merged, {"version": version + 1})
         folded = [{"seq": u.seq, "peer": u.peer, "staleness": c.staleness, "weight": round(c.weight, 4)}
                   for u, c in zip(used, contributions, strict=True)]
         now = self.clock.now()

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from tasks import protocol
+from tasks import protocol, transfer
 from tasks.services import Clock
 from tasks.storage import Storage, StorageError
 
@@ -230,16 +230,22 @@ class Gate:
         return self.train_time_limit + GRANT_SLACK_SECONDS
 
     def grants(self, task_id: str, data_url: str, weights_key: str, config: Any,
-               initial_url: str | None = None) -> dict[str, Any]:
-        """Task `task_id`'s doors to storage: read its data (and its starting weights), write its weights, nothing
-        else; each ends with the task where storage can end it (local storage: webapp/objects.py)."""
+               initial_url: str | None = None, initial: bytes | None = None) -> dict[str, Any]:
+        """Task `task_id`'s doors to storage: read its data (and its starting weights: `initial`, the object at
+        `initial_url` when given, travels in the task itself), write its weights, nothing else; each ends with the
+        task where storage can end it (local storage: webapp/objects.py)."""
         from trainer.weights import max_state_bytes
 
         seconds = self.grant_seconds
+        starting = None
+        if initial is not None:
+            starting = transfer.inline(initial)
+        elif initial_url:
+            starting = self.storage.grant_read(initial_url, seconds, task=task_id)
         return {
             "data": self.storage.grant_read(data_url, seconds, task=task_id),
             "data_id": data_url,  # names the object for the peer's cache; opens nothing
-            "initial_weights": self.storage.grant_read(initial_url, seconds, task=task_id) if initial_url else None,
+            "initial_weights": starting,
             "weights": self.storage.grant_write(weights_key, seconds, max_state_bytes(config), task=task_id),
         }
 

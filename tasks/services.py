@@ -67,9 +67,13 @@ class Remembered:
             if key in self._values:
                 self._values.move_to_end(key)
                 return self._values[key]
-        value = make()
+        return self.put(key, make())
+
+    def put(self, key: Any, value: Any) -> Any:
+        """Remember `value` as `key`'s (made elsewhere, e.g. as it was written)."""
         with self._lock:
             self._values[key] = value
+            self._values.move_to_end(key)
             while len(self._values) > self.keep:
                 self._values.popitem(last=False)
         return value
@@ -85,6 +89,7 @@ class Services:
     clock: Clock = field(default_factory=Clock)
     tables: Remembered = field(default_factory=lambda: Remembered(8))  # held-out rows, by object
     states: Remembered = field(default_factory=lambda: Remembered(16))  # global weights, by object
+    blobs: Remembered = field(default_factory=lambda: Remembered(16))  # global weights as stored, by object
     _gate: Gate | None = field(default=None, repr=False)
 
     @property

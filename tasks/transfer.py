@@ -9,6 +9,8 @@ Transient failures (a refused connection, a 5xx) are retried a few times with ba
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import os
 import ssl
@@ -24,6 +26,8 @@ CHUNK = 1 << 20
 OCTET_STREAM = "application/octet-stream"
 TIMEOUT = 60.0
 RETRIES = (0.5, 1.0, 2.0)
+# An object small enough to travel in the task itself (RFC 2397): no storage round trip before training.
+INLINE = "data:application/octet-stream;base64,"
 
 T = TypeVar("T")
 
@@ -32,8 +36,15 @@ class TransferError(RuntimeError):
     """An object could not be read or written through its grant."""
 
 
+def inline(data: bytes) -> str:
+    """A grant that holds `data` itself: what `fetch` reads from it is `data`, with no request."""
+    return INLINE + base64.b64encode(data).decode("ascii")
+
+
 def where(url: str) -> str:
-    """A grant's URL without its query string (which holds the signature)."""
+    """A grant's URL without its query string (which holds the signature); an inline one, by its size."""
+    if url.startswith("data:"):
+        return f"the object in the task ({len(url)} characters)"
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
@@ -92,6 +103,8 @@ def download(url: str, path: str | os.PathLike, max_bytes: int) -> int:
 
 def fetch(url: str, max_bytes: int) -> bytes:
     """The object `url` grants, in memory (weights), refusing more than `max_bytes`."""
+    if url.startswith("data:"):
+        return _inline(url, max_bytes)
 
     def attempt() -> bytes:
         buffer = io.BytesIO()
@@ -100,6 +113,21 @@ def fetch(url: str, max_bytes: int) -> bytes:
         return buffer.getvalue()
 
     return _retrying("read", url, attempt)
+
+
+def _inline(url: str, max_bytes: int) -> bytes:
+    if not url.startswith(INLINE):
+        raise TransferError(f"{where(url)} is not base64-encoded bytes")
+    encoded = url[len(INLINE):]
+    if len(encoded) // 4 * 3 > max_bytes + 2:  # checked before decoding, as a download is while it reads
+        raise TransferError(f"{where(url)} holds more than the {max_bytes:,} bytes allowed")
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except binascii.Error as exc:
+        raise TransferError(f"{where(url)} is not valid base64: {exc}") from None
+    if len(data) > max_bytes:
+        raise TransferError(f"{where(url)} holds {len(data):,} bytes, more than the {max_bytes:,} allowed")
+    return data
 
 
 def upload(url: str, data: bytes, retry: bool = True) -> None:

@@ -27,7 +27,7 @@ from models import Dataset, PeerRun, TrainingSession
 from models import peer as peers
 from models import session as sessions
 from settings import Settings
-from tasks import protocol
+from tasks import protocol, transfer
 from tasks.collector import Collector
 from tasks.services import FrozenClock
 from tasks.storage import LocalGrants, LocalStorage
@@ -121,6 +121,12 @@ class Kit:
     def _key(self, grant: str) -> str:
         return unquote(urlsplit(grant).path.split("/objects/", 1)[1])
 
+    def granted(self, grant: str, max_bytes: int) -> bytes:
+        """What a read grant opens: the object in the task itself (a small model's weights), or in storage."""
+        if grant.startswith("data:"):
+            return transfer.fetch(grant, max_bytes)
+        return self.storage.get_bytes(self.storage.url(self._key(grant)), max_bytes)
+
     def answer(self, message: dict[str, Any], peer: str, spoil: str | None = None, fail: str | None = None,
                via: Collector | None = None) -> bool:
         """Play peer `peer` answering task `message`: its weights where the grant says, its result reported."""
@@ -133,8 +139,7 @@ class Kit:
         config = ModelConfig(len(spec["features"]), len(spec["classes"]), tuple(hp["hidden"]), hp["dropout"],
                              spec["task"])
         if spec["initial_weights"]:
-            start = state_from_bytes(self.storage.get_bytes(self.storage.url(self._key(spec["initial_weights"])),
-                                                            max_state_bytes(config)), config)
+            start = state_from_bytes(self.granted(spec["initial_weights"], max_state_bytes(config)), config)
         else:
             from trainer.model import SimpleDNN
 

@@ -534,8 +534,11 @@ def test_fedprox_peers_are_told_the_proximal_terms_weight(kit, algorithm, mu):
 
 def _state(kit, session, key_or_url):
     from tasks.federated import Federated
+    from trainer.weights import max_state_bytes, state_from_bytes
 
     strategy = Federated(kit.reload(session), kit.services)
+    if key_or_url.startswith("data:"):  # a grant holding the object itself
+        return state_from_bytes(kit.granted(key_or_url, max_state_bytes(strategy.config)), strategy.config)
     url = key_or_url if "://" in key_or_url or key_or_url.startswith("/") else kit.storage.url(key_or_url)
     return strategy._read(url)
 
@@ -551,7 +554,7 @@ def test_scaffold_peers_are_sent_c_minus_their_own_control_which_the_coordinator
     # Round 0: no control variate yet, a correction of zeros.
     for name, message in first.items():
         spec = protocol.train_spec(message["args"][0])
-        assert all(not v.any() for v in _state(kit, session, kit._key(spec["correction"])).values())
+        assert all(not v.any() for v in _state(kit, session, spec["correction"]).values())
         kit.answer(message, name)
     kit.coordinate()
     done = kit.reload(session)
@@ -573,7 +576,7 @@ def test_scaffold_peers_are_sent_c_minus_their_own_control_which_the_coordinator
     # Round 1: each peer is sent c − c_i.
     for name, found in kit.trains(session).items():
         spec = protocol.train_spec(found[0]["args"][0])
-        correction = _state(kit, session, kit._key(spec["correction"]))
+        correction = _state(kit, session, spec["correction"])
         assert all(torch.allclose(correction[k], server[k] - controls[name][k], atol=1e-6) for k in server)
 
 
@@ -602,7 +605,7 @@ def test_a_scaffold_peer_whose_update_is_refused_moves_no_control_and_is_sent_c_
     server = _state(kit, session, done.plan.server_url)
     assert any(v.any() for v in server.values())
     spec = protocol.train_spec(kit.trains(session)[spoiled][0]["args"][0])
-    correction = _state(kit, session, kit._key(spec["correction"]))
+    correction = _state(kit, session, spec["correction"])
     assert all(torch.equal(correction[k], server[k]) for k in server)  # c − 0: it has no control variate
 
 
@@ -630,3 +633,24 @@ def test_an_asynchronous_session_whose_every_peer_is_refused_ends_at_once_rather
     # far from the 40 the budget allowed; no task is out, none waits.
     assert all(3 <= run.rejected <= 4 for run in done.peers)
     assert sum(1 for _ in updates.for_session(session.id)) <= 8
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_a_small_models_global_weights_travel_in_the_task_and_a_large_ones_behind_a_grant(kit, monkeypatch, inline):
+    from tasks import federated
+
+    if not inline:
+        monkeypatch.setattr(federated, "INLINE_BYTES", 1024)  # the test's model is larger than this
+    session = kit.session(mode=sessions.FEDERATED, rounds=2)
+    run_session(kit, session)
+    for name, found in kit.trains(session).items():
+        kit.answer(found[0], name)
+    kit.coordinate()
+    done = kit.reload(session)
+    assert len(done.rounds) == 1
+    specs = [protocol.train_spec(found[-1]["args"][0]) for found in kit.trains(session).values()]
+    assert len(specs) == 2 and {s["round"] for s in specs} == {1}
+    stored = kit.storage.get_bytes(done.plan.global_url)  # round 0's aggregate: what round 1 starts from
+    for spec in specs:
+        assert spec["initial_weights"].startswith("data:") is inline
+        assert kit.granted(spec["initial_weights"], len(stored)) == stored

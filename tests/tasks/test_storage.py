@@ -146,3 +146,17 @@ def test_local_grants_open_one_object_for_one_purpose_until_they_expire(tmp_path
         store.grant_write("../outside", 60, 10)
     with pytest.raises(StorageError, match="cannot grant"):
         LocalStorage(tmp_path / "objects").grant_read(store.url("a"), 60)
+
+
+def test_an_object_sent_in_the_task_is_read_as_a_grant_is_capped_and_never_named_in_full():
+    from tasks import transfer
+
+    grant = transfer.inline(b"\x00weights\xff" * 100)
+    assert transfer.fetch(grant, 900) == b"\x00weights\xff" * 100  # 900 bytes
+    with pytest.raises(transfer.TransferError, match="more than the 899 allowed") as refused:
+        transfer.fetch(grant, 899)
+    assert grant[40:] not in str(refused.value) and "in the task" in str(refused.value)
+    with pytest.raises(transfer.TransferError, match="not valid base64"):
+        transfer.fetch(grant[:-3] + "!!=", 1000)
+    with pytest.raises(transfer.TransferError, match="not base64-encoded"):
+        transfer.fetch("data:text/plain,hello", 1000)
