@@ -11,12 +11,16 @@ session's start) less the slowest peer's own training time in it (its epochs' `s
 training itself, measured in the same run. The timeline splits each round (median over the rounds after the
 first of every session but the first) from the task events, heartbeats and result timestamps (one clock).
 
-Run: .venv/bin/python -m bench.rounds [--sessions 3] [--rounds 5] [--local-epochs 2]
+`--steps` also times the coordinator's own steps of each round (wall and the thread's CPU, median over the
+rounds of every session but the first), by wrapping the product's functions for the run.
+
+Run: .venv/bin/python -m bench.rounds [--sessions 3] [--rounds 5] [--local-epochs 2] [--steps]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -27,6 +31,7 @@ from pathlib import Path
 from celery.result import AsyncResult
 
 from bench import session as base  # the environment and the platform
+from bench.steps import STEPS, timed_steps
 from harness.datasets import tabular_csv
 from models import Heartbeat, TrainingSession
 
@@ -86,7 +91,9 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument("--steps", action="store_true", help="time the coordinator's steps of each round")
     args = parser.parse_args()
+    times: dict[str, list[tuple[float, float]]] = {}
     assert base.os.environ["BROKER_URL"].startswith("amqp://"), "needs RabbitMQ"
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per poll and grant would clutter
     began = time.perf_counter()
@@ -98,7 +105,9 @@ def main() -> None:
             print(f"platform up in {time.perf_counter() - began:.1f} s; {PEERS} peers;"
                   f" {csv.stat().st_size / 1e6:.1f} MB CSV (20,000 x 40, 7 classes);"
                   f" {args.rounds} rounds x {args.local_epochs} local epochs, MLP 128-64")
-            runs = [federated(platform, csv, args.rounds, args.local_epochs) for _ in range(args.sessions)]
+            runs = [federated(platform, csv, args.rounds, args.local_epochs)]
+            with timed_steps(times) if args.steps else contextlib.nullcontext():
+                runs += [federated(platform, csv, args.rounds, args.local_epochs) for _ in range(args.sessions - 1)]
         finally:
             platform.stack.close()
     print(f"\n{'session':>7} {'wall':>7} {'sum(train)':>10} {'overhead/round':>15}   per round: wall / slowest peer's"
@@ -117,6 +126,12 @@ def main() -> None:
         print("\ntimeline of a round (median, rounds 2.. of sessions 2..), ms after the previous round was recorded:")
         for key, what in TIMELINE:
             print(f"  {statistics.median(p[key] for p in points) * 1000:7.0f}  {what}")
+    if times:
+        print("\nthe coordinator's steps (sessions 2..), median ms per call: wall / the thread's CPU")
+        for _, _, label in STEPS:
+            if found := times.get(label):
+                print(f"  {statistics.median(w for w, _ in found) * 1000:6.1f} / "
+                      f"{statistics.median(c for _, c in found) * 1000:5.1f}  {label} ({len(found)} calls)")
     mean = statistics.mean(overheads) if overheads else float("nan")
     ratio = runs[0]["wall"] / runs[1]["wall"] if len(runs) > 1 else float("nan")
     later = [r["wall"] - r["train"] for run in runs[1:] for r in run["rounds"][1:]]

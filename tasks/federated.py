@@ -286,7 +286,7 @@ class Federated(Strategy):
     @functools.cached_property
     def model(self) -> SimpleDNN:
         """The one model this strategy loads weights into to evaluate them (built, and initialised, once)."""
-        return SimpleDNN(self.config)
+        return SimpleDNN(self.config).eval()  # it is never trained here
 
     def loaded(self, state: dict[str, torch.Tensor]) -> SimpleDNN:
         self.model.load_state_dict(state)

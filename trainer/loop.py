@@ -189,7 +189,8 @@ def _measure(model: SimpleDNN, x: torch.Tensor, y: torch.Tensor) -> dict[str, An
     if rows == 0:
         return {"loss": None, "accuracy" if task == "classification" else "r2": None, "samples": 0}
     was_training = model.training
-    model.eval()
+    if was_training:  # setting it walks every module: a screening's evaluations ran it twice each
+        model.eval()
     try:
         total = torch.zeros((), dtype=torch.float64, device=x.device)
         correct = torch.zeros((), dtype=torch.int64, device=x.device)
@@ -200,7 +201,8 @@ def _measure(model: SimpleDNN, x: torch.Tensor, y: torch.Tensor) -> dict[str, An
             if task == "classification":
                 correct += (output.argmax(dim=1) == target).sum()
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     if task == "classification":
         return {"loss": _plain(total.item() / rows), "accuracy": correct.item() / rows, "samples": rows}
     residual = total.item()  # sum of squared errors
