@@ -11,7 +11,7 @@ session's start) less the slowest peer's own training time in it (its epochs' `s
 training itself, measured in the same run. The timeline splits each round (median over the rounds after the
 first of every session but the first) from the task events, heartbeats and result timestamps (one clock).
 
-`--steps` also times the coordinator's own steps of each round (wall and the thread's CPU, median over the
+`--steps` (harness/steps.py) also times the coordinator's own steps of each round (wall and the thread's CPU, median over the
 rounds of every session but the first), by wrapping the product's functions for the run.
 
 Run: .venv/bin/python -m bench.rounds [--sessions 3] [--rounds 5] [--local-epochs 2] [--steps]
@@ -31,8 +31,8 @@ from pathlib import Path
 from celery.result import AsyncResult
 
 from bench import session as base  # the environment and the platform
-from bench.steps import STEPS, timed_steps
 from harness.datasets import tabular_csv
+from harness.steps import STEPS, timed_steps
 from models import Heartbeat, TrainingSession
 
 PEERS = 3

@@ -1,17 +1,17 @@
-"""bench/rounds.py --steps times the product's own functions: each it names must exist, and be put back."""
+"""bench/rounds.py --steps times the product's own functions (harness/steps.py): each must exist, and be put back."""
 
 from __future__ import annotations
 
 import torch
 
-from bench.steps import STEPS, owner_of, timed_steps
+from harness.steps import STEPS, owner_of, timed_steps
 
 
 def test_the_round_bench_times_functions_the_product_has_and_puts_them_back():
     originals = []
     for where, name, _ in STEPS:
         owner = owner_of(where)
-        assert name in owner.__dict__, f"{where}.{name} is gone: bench/steps.py must follow the product"
+        assert name in owner.__dict__, f"{where}.{name} is gone: harness/steps.py must follow the product"
         originals.append((owner, name, owner.__dict__[name]))
     times: dict[str, list] = {}
     with timed_steps(times):
