@@ -11,8 +11,8 @@ session's start) less the slowest peer's own training time in it (its epochs' `s
 training itself, measured in the same run. The timeline splits each round (median over the rounds after the
 first of every session but the first) from the task events, heartbeats and result timestamps (one clock).
 
-`--steps` (harness/steps.py) also times the coordinator's own steps of each round (wall and the thread's CPU, median over the
-rounds of every session but the first), by wrapping the product's functions for the run.
+`--steps` (harness/steps.py) also times the coordinator's own steps of each round (wall and the thread's CPU,
+median over the rounds of every session but the first), by wrapping the product's functions for the run.
 
 Run: .venv/bin/python -m bench.rounds [--sessions 3] [--rounds 5] [--local-epochs 2] [--steps]
 """

@@ -57,9 +57,12 @@ READERS = 8
 HISTORY = 32
 # The server optimizer's state: two moments per weight, far below this for any model the limits allow.
 SERVER_STATE_BYTES = 2 << 30
-# Weights up to this size travel in the task itself, not through a storage grant: a round starts without the
-# peer's request for them (measured on the 20,000 x 40 job: 10-15 ms of the round; 1 MiB is ~1.4 MB in base64).
+# Weights up to this size travel in the task itself, not through a storage grant: a peer starts training without
+# asking storage for them (bench/rounds.py: 18 ms sooner, on localhost; 1 MiB is ~1.4 MB in base64)...
 INLINE_BYTES = 1 << 20
+# ... while a round's copies of them, one per peer, each carried by the broker, add up to no more than this: past it
+# (a thousand peers of a 126 KB model), storage serves them, as it is built to.
+ROUND_INLINE_BYTES = 32 << 20
 # A peer's update as SCAFFOLD reads it: the peer, the weights it was sent, its weights, the key they came to.
 Trained = tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor], str]
 
@@ -183,10 +186,14 @@ class Federated(Strategy):
     def small(self, url: str) -> bytes | None:
         """The weights at `url` as stored, when a model of the session's shape is small enough for them to travel
         in a task (read once per process: a version never changes once written); else None."""
-        limit = max_state_bytes(self.config)
-        if limit > INLINE_BYTES:
+        if not self.inline_fits():
             return None
-        return self.services.blobs.get(url, lambda: self.storage.get_bytes(url, limit))
+        return self.services.blobs.get(url, lambda: self.storage.get_bytes(url, max_state_bytes(self.config)))
+
+    def inline_fits(self) -> bool:
+        """Whether a model-shaped state travels in the task: small enough, and the round's copies of it too."""
+        limit = max_state_bytes(self.config)
+        return limit <= INLINE_BYTES and limit * len(self.session.peers) <= ROUND_INLINE_BYTES
 
     def put_state(self, key: str, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> str:
         """Store global weights the peers start from; kept here too, to send them inline."""
@@ -231,7 +238,7 @@ class Federated(Strategy):
             self.session.reload()
         data = state_to_bytes(scaffold.correction(*self.controls(peer, version)), {"task": task_id})
         url = self.storage.put_bytes(correction_key(key), data)  # scaffold_step reads it back
-        return {"correction": transfer.inline(data) if max_state_bytes(self.config) <= INLINE_BYTES
+        return {"correction": transfer.inline(data) if self.inline_fits()
                 else self.storage.grant_read(url, self.gate.grant_seconds, task=task_id)}
 
     def scaffold_step(self, number: int, used: list[Trained]) -> str:

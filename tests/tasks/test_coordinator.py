@@ -635,14 +635,19 @@ def test_an_asynchronous_session_whose_every_peer_is_refused_ends_at_once_rather
     assert sum(1 for _ in updates.for_session(session.id)) <= 8
 
 
-@pytest.mark.parametrize("inline", [True, False])
-def test_a_small_models_global_weights_travel_in_the_task_and_a_large_ones_behind_a_grant(kit, monkeypatch, inline):
+@pytest.mark.parametrize("sent", ["in the task", "a large model", "many peers"])
+def test_a_small_models_global_weights_travel_in_the_task_and_a_large_ones_behind_a_grant(kit, monkeypatch, sent):
     from tasks import federated
+    from trainer.weights import max_state_bytes
 
-    if not inline:
+    inline = sent == "in the task"
+    if sent == "a large model":
         monkeypatch.setattr(federated, "INLINE_BYTES", 1024)  # the test's model is larger than this
     session = kit.session(mode=sessions.FEDERATED, rounds=2)
     run_session(kit, session)
+    if sent == "many peers":  # room for one peer's copy of the weights, not for the round's two
+        config = federated.ModelConfig.from_dict(kit.reload(session).plan.model)
+        monkeypatch.setattr(federated, "ROUND_INLINE_BYTES", max_state_bytes(config) + 1)
     for name, found in kit.trains(session).items():
         kit.answer(found[0], name)
     kit.coordinate()
