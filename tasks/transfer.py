@@ -4,22 +4,27 @@ Peers hold no storage credentials: a grant (an S3 presigned URL, or a signed URL
 `/objects/` route for local storage) is the only door, and it opens one object until it expires.
 Grants are credentials, so messages and logs name only the object's address, never the query string.
 Transient failures (a refused connection, a 5xx) are retried a few times with backoff; a refusal
-(expired or forged grant, missing object) is not.
+(expired or forged grant, missing object) is not. Each thread keeps its connection to each server open
+between transfers (HTTP/1.1 keep-alive), so a peer's round costs no new TCP or TLS handshake; through a
+proxy (http_proxy, https_proxy) transfers go urllib's way, one connection each.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import os
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 CHUNK = 1 << 20
@@ -56,10 +61,86 @@ def _context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
-def _open(request: str | urllib.request.Request):
+class _Connections(threading.local):
+    """This thread's open connection to each server it reached: a peer writes its weights every round, and a new
+    connection costs a round trip (two more with TLS) that one kept open does not."""
+
+    def __init__(self) -> None:
+        self.open: dict[tuple[str, str], http.client.HTTPConnection] = {}
+
+
+_connections = _Connections()
+# A forked child shares its parent's sockets: it opens its own.
+os.register_at_fork(after_in_child=lambda: _connections.open.clear())
+
+
+@contextmanager
+def _open(request: str | urllib.request.Request) -> Iterator[Any]:
+    """The response to `request` (a URL: GET), over this thread's kept connection to its server; an HTTP error
+    status raises `urllib.error.HTTPError`, as urllib would. Through a proxy, urllib's own way."""
     url = request if isinstance(request, str) else request.full_url
-    context = _context() if url.startswith("https:") else None
-    return urllib.request.urlopen(request, timeout=TIMEOUT, context=context)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or _proxied(parts):
+        # An opener of its own: it reads the proxy settings as they are now.
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=_context()))
+        with opener.open(request, timeout=TIMEOUT) as response:
+            yield response
+        return
+    method, body, headers = "GET", None, {}
+    if not isinstance(request, str):
+        method, body, headers = request.get_method(), request.data, dict(request.header_items())
+    key = (parts.scheme, parts.netloc)
+    response = _exchange(key, parts, method, parts.path + (f"?{parts.query}" if parts.query else ""), body, headers)
+    try:
+        if response.status >= 300:  # grants name objects, never a redirect: anything but success is an error
+            response.read()
+            raise urllib.error.HTTPError(url, response.status, response.reason, response.headers, None)
+        yield response
+        if not response.isclosed():  # the caller stopped short of the end: the connection is mid-response
+            _forget(key)
+    except BaseException:
+        _forget(key)
+        raise
+
+
+def _exchange(key: tuple[str, str], parts: Any, method: str, target: str, body: bytes | None,
+              headers: dict[str, str]) -> http.client.HTTPResponse:
+    """Send one request on the kept connection (a new one if none). A kept one the server closed while it was
+    idle is replaced at once, once (a grant's GET and PUT may be sent twice); any other failure is the caller's."""
+    for attempt in range(2):
+        connection = _connections.open.get(key)
+        reused = connection is not None
+        if connection is None:
+            connection = _connections.open[key] = _connect(parts)
+        try:
+            connection.request(method, target, body=body, headers=headers)
+            return connection.getresponse()
+        except ConnectionError:  # RemoteDisconnected, a reset, a broken pipe
+            _forget(key)
+            if not reused or attempt:
+                raise
+        except BaseException:
+            _forget(key)
+            raise
+    raise AssertionError("unreachable")
+
+
+def _connect(parts: Any) -> http.client.HTTPConnection:
+    if parts.scheme == "https":
+        return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=TIMEOUT, context=_context())
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT)
+
+
+def _forget(key: tuple[str, str]) -> None:
+    connection = _connections.open.pop(key, None)
+    if connection is not None:
+        connection.close()
+
+
+def _proxied(parts: Any) -> bool:
+    """Whether urllib would reach this URL through a proxy (http_proxy, https_proxy, no_proxy in the environment)."""
+    proxies = urllib.request.getproxies()
+    return parts.scheme in proxies and not urllib.request.proxy_bypass(parts.hostname or "")
 
 
 def _retrying(action: str, url: str, attempt: Callable[[], T], sleep: Callable[[float], None] = time.sleep,
@@ -70,7 +151,7 @@ def _retrying(action: str, url: str, attempt: Callable[[], T], sleep: Callable[[
         except urllib.error.HTTPError as exc:
             if exc.code < 500 or pause is None:
                 raise TransferError(f"could not {action} {where(url)}: HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, TLS, a garbled reply
             if pause is None:
                 reason = getattr(exc, "reason", exc)
                 raise TransferError(f"could not {action} {where(url)}: {reason}") from None
