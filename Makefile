@@ -46,6 +46,7 @@ bench: build-dev
 	$(BIN)/python -m bench.session
 	$(BIN)/python -m bench.rounds
 	$(BIN)/python -m bench.transfer
+	$(BIN)/python -m bench.screening --alpha 0.1
 	$(BIN)/python -m bench.federated
 	$(BIN)/python -m bench.async_rounds
 	$(BIN)/python -m bench.scale --private-broker
