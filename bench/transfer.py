@@ -110,15 +110,10 @@ def rounds(port: int, size: int, count: int, kept: bool) -> list[float]:
         began = time.perf_counter()
         for work in ((lambda: transfer.upload(grant, data)), (lambda: transfer.fetch(grant, size))):
             if not kept:
-                forget_all()  # every transfer on a new connection, as before connections were kept
+                transfer.close_connections()  # every transfer on a new connection, as before connections were kept
             work()
         times.append(time.perf_counter() - began)
     return times
-
-
-def forget_all() -> None:
-    for key in list(transfer._connections.open):
-        transfer._forget(key)
 
 
 def measure(label: str, run: Callable[[bool], list[float]]) -> None:
@@ -144,7 +139,7 @@ def main() -> None:
             port = server.server_address[1] if rtt == 0 else delaying_proxy(server.server_address[1], rtt / 2000)
             measure(f"round trip {rtt:g} ms" + (" (direct)" if rtt == 0 else " (delaying proxy)"),
                     lambda kept, port=port: rounds(port, args.size, args.rounds, kept))
-        forget_all()
+        transfer.close_connections()
         server.shutdown()
 
 

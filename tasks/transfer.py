@@ -93,7 +93,7 @@ def _open(request: str | urllib.request.Request) -> Iterator[Any]:
     response = _exchange(key, parts, method, parts.path + (f"?{parts.query}" if parts.query else ""), body, headers)
     try:
         if response.status >= 300:  # grants name objects, never a redirect: anything but success is an error
-            response.read()
+            # Unread, whatever its size: the connection is dropped below, not left mid-response.
             raise urllib.error.HTTPError(url, response.status, response.reason, response.headers, None)
         yield response
         if not response.isclosed():  # the caller stopped short of the end: the connection is mid-response
@@ -129,6 +129,12 @@ def _connect(parts: Any) -> http.client.HTTPConnection:
     if parts.scheme == "https":
         return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=TIMEOUT, context=_context())
     return http.client.HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT)
+
+
+def close_connections() -> None:
+    """Close this thread's kept connections (the next transfer to each server opens a new one)."""
+    for key in list(_connections.open):
+        _forget(key)
 
 
 def _forget(key: tuple[str, str]) -> None:

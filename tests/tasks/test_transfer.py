@@ -56,8 +56,7 @@ def server():
     yield httpd
     httpd.shutdown()
     httpd.server_close()
-    for key in list(transfer._connections.open):
-        transfer._forget(key)
+    transfer.close_connections()
 
 
 def url(server, path: str) -> str:
@@ -128,8 +127,7 @@ def test_over_tls_one_handshake_serves_every_round_and_an_unknown_certificate_is
             assert transfer.fetch(grant, 100) == b"weights %d" % round_
         assert httpd.connections == 1  # one handshake for every round (the refused one never got a connection)
     finally:
-        for key in list(transfer._connections.open):
-            transfer._forget(key)
+        transfer.close_connections()
         transfer._context.cache_clear()
         httpd.shutdown()
         httpd.server_close()
